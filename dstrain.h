@@ -1,0 +1,1664 @@
+/*
+dstrain.h: the runtime shared by the CPU trainer (train_gpt.c) and the GPU trainer
+(train_gpt.cu). Everything a trainer needs that is not model math lives here once:
+
+    utilities ........ checked wrappers, errors that name the file, timers, RNG
+    json ............. a small JSON reader that reports line and column
+    ds_config ........ DeepSpeed's ds_config.json: keys, defaults, validation
+    batch ............ DeepSpeed's batch arithmetic (train/micro batch, accumulation)
+    schedules ........ WarmupLR, WarmupDecayLR, WarmupCosineLR, constant
+    loss scaler ...... DeepSpeed's dynamic/static fp16 loss scaling
+    step logic ....... overflow skip, clipping factor, Adam step count, schedule step
+    model config ..... architecture description recorded in checkpoint headers
+    tokens ........... token shards (llm.c format) and the prefetching data loader
+    tokenizer ........ GPT-2 decode-only tokenizer (llm.c format)
+    checkpoints ...... a folder per step, atomic `latest`, resumable bit for bit
+    logging .......... per-step lines and a JSON-lines log
+    command line ..... flags shared by both trainers, every value checked
+
+Header-only: include it in exactly one translation unit.
+*/
+#ifndef DSTRAIN_H
+#define DSTRAIN_H
+
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <glob.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// ----------------------------------------------------------------------------
+// utilities
+
+// A fatal error: message to stderr, non-zero exit. Every message names what is wrong.
+static void fatal(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(1);
+}
+
+// Formats into an error buffer and returns -1, so validators can `return fail(...)`.
+static int fail(char* err, size_t errlen, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static void* malloc_check(size_t size, const char* file, int line) {
+    void* p = malloc(size ? size : 1);
+    if (p == NULL) { fatal("out of memory allocating %zu bytes (%s:%d)", size, file, line); }
+    return p;
+}
+#define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
+
+static void* calloc_check(size_t n, size_t size, const char* file, int line) {
+    void* p = calloc(n ? n : 1, size ? size : 1);
+    if (p == NULL) { fatal("out of memory allocating %zu x %zu bytes (%s:%d)", n, size, file, line); }
+    return p;
+}
+#define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
+
+static FILE* fopen_check(const char* path, const char* mode, const char* file, int line) {
+    FILE* f = fopen(path, mode);
+    if (f == NULL) { fatal("cannot open '%s' (mode %s): %s (%s:%d)", path, mode, strerror(errno), file, line); }
+    return f;
+}
+#define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
+
+// Reads exactly n items or fails naming the file: a short read means a truncated file.
+static void fread_check(void* ptr, size_t size, size_t n, FILE* f, const char* path) {
+    if (fread(ptr, size, n, f) != n) { fatal("'%s' is truncated or unreadable (wanted %zu bytes more)", path, size * n); }
+}
+
+static void fwrite_check(const void* ptr, size_t size, size_t n, FILE* f, const char* path) {
+    if (fwrite(ptr, size, n, f) != n) { fatal("cannot write '%s': %s", path, strerror(errno)); }
+}
+
+// snprintf for paths: a path that does not fit is an error, never silently cut.
+static void format_path(char* out, size_t n, const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int len = vsnprintf(out, n, fmt, ap);
+    va_end(ap);
+    if (len < 0 || (size_t)len >= n) fatal("path too long (over %zu bytes): %.80s...", n - 1, out);
+}
+#define PATH_LEN 4096
+
+static long long file_size(const char* path) {
+    struct stat st;
+    return stat(path, &st) == 0 ? (long long)st.st_size : -1;
+}
+
+static char* strdup_check(const char* s) {
+    char* d = (char*)mallocCheck(strlen(s) + 1);
+    strcpy(d, s);
+    return d;
+}
+
+static double wall_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// "1h02m", "3m05s", "12s": for ETAs
+static void format_duration(double seconds, char* out, size_t n) {
+    long s = seconds > 0 ? (long)(seconds + 0.5) : 0;
+    if (s >= 3600) { snprintf(out, n, "%ldh%02ldm", s / 3600, (s % 3600) / 60); }
+    else if (s >= 60) { snprintf(out, n, "%ldm%02lds", s / 60, s % 60); }
+    else { snprintf(out, n, "%lds", s); }
+}
+
+// xoshiro256**: small, fast, and its whole state fits in a checkpoint (4 x u64).
+typedef struct { uint64_t s[4]; } Rng;
+
+static uint64_t rng_splitmix(uint64_t* x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static void rng_seed(Rng* r, uint64_t seed) {
+    for (int i = 0; i < 4; i++) { r->s[i] = rng_splitmix(&seed); }
+}
+
+static uint64_t rng_next(Rng* r) {
+    uint64_t* s = r->s;
+    uint64_t result = s[1] * 5;
+    result = ((result << 7) | (result >> 57)) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = (s[3] << 45) | (s[3] >> 19);
+    return result;
+}
+
+// uniform in [0, 1) with 24 random bits (exact in float)
+static float rng_uniform(Rng* r) { return (rng_next(r) >> 40) * (1.0f / 16777216.0f); }
+
+// uniform integer in [0, n) without modulo bias
+static uint64_t rng_below(Rng* r, uint64_t n) {
+    uint64_t limit = UINT64_MAX - UINT64_MAX % n;
+    uint64_t x;
+    do { x = rng_next(r); } while (x >= limit);
+    return x % n;
+}
+
+// standard normal samples (Box-Muller, both values used)
+static void rng_normal_fill(Rng* r, float* out, size_t n, float std) {
+    for (size_t i = 0; i < n; i += 2) {
+        double u1 = (rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+        double u2 = (rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
+        double radius = sqrt(-2.0 * log(1.0 - u1)); // 1 - u1 in (0, 1]: log is finite
+        out[i] = (float)(std * radius * cos(2.0 * M_PI * u2));
+        if (i + 1 < n) { out[i + 1] = (float)(std * radius * sin(2.0 * M_PI * u2)); }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// json: a small reader for configuration files. Errors carry line and column.
+
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
+
+typedef struct JsonValue {
+    JsonType type;
+    int line, col;           // where the value starts, for error messages
+    int boolean;
+    double number;
+    char* string;
+    int count;               // array items or object members
+    char** keys;             // object member names
+    struct JsonValue* items; // array items or object member values
+} JsonValue;
+
+typedef struct {
+    const char* text;
+    size_t pos;
+    int line, col;
+    char* err;
+    size_t errlen;
+    int depth;
+} JsonParser;
+
+static const char* json_type_name(JsonType t) {
+    static const char* names[] = {"null", "a boolean", "a number", "a string", "an array", "an object"};
+    return names[t];
+}
+
+static int json_error(JsonParser* p, const char* what) {
+    return fail(p->err, p->errlen, "line %d, column %d: %s", p->line, p->col, what);
+}
+
+static void json_advance(JsonParser* p) {
+    if (p->text[p->pos] == '\n') { p->line++; p->col = 1; } else { p->col++; }
+    p->pos++;
+}
+
+static void json_skip_space(JsonParser* p) {
+    while (p->text[p->pos] == ' ' || p->text[p->pos] == '\t' || p->text[p->pos] == '\n' || p->text[p->pos] == '\r') {
+        json_advance(p);
+    }
+}
+
+static int json_parse_value(JsonParser* p, JsonValue* v);
+
+static int json_parse_string(JsonParser* p, char** out) {
+    json_advance(p); // opening quote
+    size_t cap = 16, len = 0;
+    char* s = (char*)mallocCheck(cap);
+    for (;;) {
+        char c = p->text[p->pos];
+        if (c == '\0') { free(s); return json_error(p, "unterminated string"); }
+        if ((unsigned char)c < 0x20) { free(s); return json_error(p, "control character inside a string"); }
+        if (c == '"') { json_advance(p); break; }
+        if (c == '\\') {
+            json_advance(p);
+            char e = p->text[p->pos];
+            const char* simple = strchr("\"\\/bfnrt", e);
+            if (e == '\0' || simple == NULL) {
+                if (e == 'u') { free(s); return json_error(p, "\\u escapes are not supported in configuration strings"); }
+                free(s);
+                return json_error(p, "invalid escape in string");
+            }
+            static const char decoded[] = "\"\\/\b\f\n\r\t";
+            c = decoded[simple - "\"\\/bfnrt"];
+        }
+        if (len + 2 > cap) { cap *= 2; char* t = (char*)realloc(s, cap); if (!t) { fatal("out of memory"); } s = t; }
+        s[len++] = c;
+        json_advance(p);
+    }
+    s[len] = '\0';
+    *out = s;
+    return 0;
+}
+
+static int json_parse_number(JsonParser* p, JsonValue* v) {
+    const char* start = p->text + p->pos;
+    const char* q = start;
+    // JSON grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+    if (*q == '-') q++;
+    if (*q == '0') { q++; }
+    else if (*q >= '1' && *q <= '9') { while (isdigit((unsigned char)*q)) q++; }
+    else { return json_error(p, "invalid number"); }
+    if (*q == '.') { q++; if (!isdigit((unsigned char)*q)) return json_error(p, "invalid number: digit expected after '.'"); while (isdigit((unsigned char)*q)) q++; }
+    if (*q == 'e' || *q == 'E') {
+        q++;
+        if (*q == '+' || *q == '-') q++;
+        if (!isdigit((unsigned char)*q)) return json_error(p, "invalid number: digit expected in exponent");
+        while (isdigit((unsigned char)*q)) q++;
+    }
+    v->type = JSON_NUMBER;
+    v->number = strtod(start, NULL);
+    while (p->text + p->pos < q) json_advance(p);
+    return 0;
+}
+
+static int json_parse_literal(JsonParser* p, JsonValue* v) {
+    static const struct { const char* word; JsonType type; int value; } literals[] = {
+        {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0},
+        {"NaN", JSON_NUMBER, 0}, {"Infinity", JSON_NUMBER, 1}, {"-Infinity", JSON_NUMBER, -1},
+    };
+    for (size_t i = 0; i < sizeof(literals) / sizeof(literals[0]); i++) {
+        size_t n = strlen(literals[i].word);
+        if (strncmp(p->text + p->pos, literals[i].word, n) == 0 && !isalnum((unsigned char)p->text[p->pos + n])) {
+            v->type = literals[i].type;
+            v->boolean = literals[i].value;
+            // Python's json.dump writes NaN and Infinity; accept them so they can be refused by key
+            if (v->type == JSON_NUMBER) { v->number = literals[i].value == 0 ? NAN : literals[i].value * INFINITY; }
+            for (size_t k = 0; k < n; k++) json_advance(p);
+            return 0;
+        }
+    }
+    return json_error(p, "unexpected character (expected a value: object, array, string, number, true, false or null)");
+}
+
+static int json_parse_container(JsonParser* p, JsonValue* v, int is_object) {
+    char close = is_object ? '}' : ']';
+    v->type = is_object ? JSON_OBJECT : JSON_ARRAY;
+    if (++p->depth > 64) return json_error(p, "nesting deeper than 64 levels");
+    json_advance(p);
+    json_skip_space(p);
+    int cap = 0;
+    if (p->text[p->pos] == close) { json_advance(p); p->depth--; return 0; }
+    for (;;) {
+        if (v->count == cap) {
+            cap = cap ? cap * 2 : 8;
+            v->items = (JsonValue*)realloc(v->items, cap * sizeof(JsonValue));
+            if (is_object) v->keys = (char**)realloc(v->keys, cap * sizeof(char*));
+            if (!v->items || (is_object && !v->keys)) fatal("out of memory");
+        }
+        JsonValue* item = &v->items[v->count];
+        memset(item, 0, sizeof(*item));
+        json_skip_space(p);
+        if (is_object) {
+            if (p->text[p->pos] != '"') return json_error(p, "expected a member name in double quotes");
+            if (json_parse_string(p, &v->keys[v->count])) return -1;
+            for (int i = 0; i < v->count; i++) {
+                if (strcmp(v->keys[i], v->keys[v->count]) == 0) {
+                    char msg[300]; snprintf(msg, sizeof msg, "duplicate key \"%s\"", v->keys[i]);
+                    free(v->keys[v->count]);
+                    return json_error(p, msg);
+                }
+            }
+            json_skip_space(p);
+            if (p->text[p->pos] != ':') { free(v->keys[v->count]); return json_error(p, "expected ':' after member name"); }
+            json_advance(p);
+            json_skip_space(p);
+        }
+        v->count++; // counted before parsing so json_free releases a partly parsed item
+        if (json_parse_value(p, item)) return -1;
+        json_skip_space(p);
+        char c = p->text[p->pos];
+        if (c == ',') { json_advance(p); continue; }
+        if (c == close) { json_advance(p); p->depth--; return 0; }
+        return json_error(p, is_object ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+static int json_parse_value(JsonParser* p, JsonValue* v) {
+    json_skip_space(p);
+    v->line = p->line;
+    v->col = p->col;
+    char c = p->text[p->pos];
+    if (c == '{' || c == '[') return json_parse_container(p, v, c == '{');
+    if (c == '"') { v->type = JSON_STRING; return json_parse_string(p, &v->string); }
+    if (c == '-' && p->text[p->pos + 1] == 'I') return json_parse_literal(p, v);
+    if (c == '-' || isdigit((unsigned char)c)) return json_parse_number(p, v);
+    if (c == '\0') return json_error(p, "unexpected end of input");
+    return json_parse_literal(p, v);
+}
+
+static void json_free(JsonValue* v) {
+    free(v->string);
+    for (int i = 0; i < v->count; i++) {
+        json_free(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    memset(v, 0, sizeof(*v));
+}
+
+// Parses a whole document; trailing content is an error.
+static int json_parse(const char* text, JsonValue* out, char* err, size_t errlen) {
+    JsonParser p = {text, 0, 1, 1, err, errlen, 0};
+    memset(out, 0, sizeof(*out));
+    if (json_parse_value(&p, out)) { json_free(out); return -1; }
+    json_skip_space(&p);
+    if (text[p.pos] != '\0') { json_free(out); return json_error(&p, "unexpected content after the end of the document"); }
+    return 0;
+}
+
+// Reads a whole text file into a NUL-terminated buffer; NULL with err set on failure.
+static char* read_text_file(const char* path, char* err, size_t errlen) {
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) { fail(err, errlen, "cannot open '%s': %s", path, strerror(errno)); return NULL; }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    if (n < 0) { fclose(f); fail(err, errlen, "cannot read '%s'", path); return NULL; }
+    char* text = (char*)mallocCheck((size_t)n + 1);
+    if (fread(text, 1, (size_t)n, f) != (size_t)n) { fclose(f); free(text); fail(err, errlen, "cannot read '%s'", path); return NULL; }
+    fclose(f);
+    text[n] = '\0';
+    if (strlen(text) != (size_t)n) { free(text); fail(err, errlen, "'%s' contains a NUL byte: not a text file", path); return NULL; }
+    return text;
+}
+
+// ----------------------------------------------------------------------------
+// ds_config: DeepSpeed's ds_config.json. Keys, defaults and meaning follow DeepSpeed
+// (see README "Configuration"); a known key with a value of the wrong type is an
+// error naming the key, an unknown key is warned about once and ignored.
+
+enum { SCHED_NONE, SCHED_WARMUP_LR, SCHED_WARMUP_DECAY_LR, SCHED_WARMUP_COSINE_LR };
+enum { WARMUP_LOG, WARMUP_LINEAR };
+
+typedef struct {
+    char path[512];                 // the file it came from ("(defaults)" if none)
+    // fp16 / bf16
+    int fp16_enabled;               // false
+    double fp16_loss_scale;         // 0 = dynamic
+    int64_t fp16_initial_scale_power; // 16
+    int64_t fp16_loss_scale_window; // 1000
+    int64_t fp16_hysteresis;        // 2
+    int fp16_consecutive_hysteresis; // false
+    double fp16_min_loss_scale;     // 1
+    int bf16_enabled;               // false
+    // optimizer
+    char optimizer_type[32];        // "AdamW"
+    double lr;                      // 1e-3
+    double betas[2];                // 0.9, 0.999
+    double eps;                     // 1e-8
+    double weight_decay;            // 0
+    int adam_w_mode;                // true: decoupled decay (AdamW), also for type "Adam"
+    // scheduler
+    int scheduler;                  // SCHED_NONE: constant lr
+    char scheduler_type[32];
+    double warmup_min_lr;           // 0
+    double warmup_max_lr;           // NAN = not given (WarmupLR: optimizer lr; WarmupDecayLR: 0.001)
+    int64_t warmup_num_steps;       // 1000
+    int64_t total_num_steps;        // required by WarmupDecayLR and WarmupCosineLR
+    int warmup_type;                // WARMUP_LOG
+    char warmup_type_name[16];
+    double warmup_min_ratio;        // 0
+    double cos_min_ratio;           // 1e-4
+    // clipping
+    double gradient_clipping;       // 1.0 (current DeepSpeed); 0 = off
+    // ZeRO
+    int64_t zero_stage;             // 0
+    int64_t reduce_bucket_size;     // 5e8 elements
+    int64_t allgather_bucket_size;  // 5e8 elements
+    int overlap_comm;               // false
+    int contiguous_gradients;       // true
+    int reduce_scatter;             // true
+    int allgather_partitions;       // true
+    // logging
+    int64_t steps_per_print;        // 0 = never
+    int wall_clock_breakdown;       // false
+    // batch: -1 = not given; resolved by ds_resolve_batch
+    int64_t train_batch_size;
+    int64_t micro_batch;            // train_micro_batch_size_per_gpu
+    int64_t grad_accum;             // gradient_accumulation_steps
+} DSConfig;
+
+static void ds_config_defaults(DSConfig* c) {
+    memset(c, 0, sizeof(*c));
+    strcpy(c->path, "(defaults)");
+    c->fp16_initial_scale_power = 16;
+    c->fp16_loss_scale_window = 1000;
+    c->fp16_hysteresis = 2;
+    c->fp16_min_loss_scale = 1.0;
+    strcpy(c->optimizer_type, "AdamW");
+    c->lr = 1e-3;
+    c->betas[0] = 0.9;
+    c->betas[1] = 0.999;
+    c->eps = 1e-8;
+    c->adam_w_mode = 1;
+    strcpy(c->scheduler_type, "none");
+    c->warmup_max_lr = NAN;
+    c->warmup_num_steps = 1000;
+    c->total_num_steps = -1;
+    strcpy(c->warmup_type_name, "log");
+    c->cos_min_ratio = 1e-4;
+    c->gradient_clipping = 1.0;
+    c->reduce_bucket_size = 500000000;
+    c->allgather_bucket_size = 500000000;
+    c->contiguous_gradients = 1;
+    c->reduce_scatter = 1;
+    c->allgather_partitions = 1;
+    c->train_batch_size = c->micro_batch = c->grad_accum = -1;
+}
+
+typedef enum { KEY_SECTION, KEY_BOOL, KEY_INT, KEY_FLOAT, KEY_STRING, KEY_PAIR } KeyKind;
+typedef struct { const char* path; KeyKind kind; size_t offset; size_t size; } ConfigKey;
+
+#define CFG(path, kind, field) {path, kind, offsetof(DSConfig, field), sizeof(((DSConfig*)0)->field)}
+static const ConfigKey DS_CONFIG_KEYS[] = {
+    {"fp16", KEY_SECTION, 0, 0},
+    CFG("fp16.enabled", KEY_BOOL, fp16_enabled),
+    CFG("fp16.loss_scale", KEY_FLOAT, fp16_loss_scale),
+    CFG("fp16.initial_scale_power", KEY_INT, fp16_initial_scale_power),
+    CFG("fp16.loss_scale_window", KEY_INT, fp16_loss_scale_window),
+    CFG("fp16.hysteresis", KEY_INT, fp16_hysteresis),
+    CFG("fp16.consecutive_hysteresis", KEY_BOOL, fp16_consecutive_hysteresis),
+    CFG("fp16.min_loss_scale", KEY_FLOAT, fp16_min_loss_scale),
+    {"bf16", KEY_SECTION, 0, 0},
+    CFG("bf16.enabled", KEY_BOOL, bf16_enabled),
+    {"optimizer", KEY_SECTION, 0, 0},
+    CFG("optimizer.type", KEY_STRING, optimizer_type),
+    {"optimizer.params", KEY_SECTION, 0, 0},
+    CFG("optimizer.params.lr", KEY_FLOAT, lr),
+    CFG("optimizer.params.betas", KEY_PAIR, betas),
+    CFG("optimizer.params.eps", KEY_FLOAT, eps),
+    CFG("optimizer.params.weight_decay", KEY_FLOAT, weight_decay),
+    CFG("optimizer.params.adam_w_mode", KEY_BOOL, adam_w_mode),
+    {"scheduler", KEY_SECTION, 0, 0},
+    CFG("scheduler.type", KEY_STRING, scheduler_type),
+    {"scheduler.params", KEY_SECTION, 0, 0},
+    CFG("scheduler.params.warmup_min_lr", KEY_FLOAT, warmup_min_lr),
+    CFG("scheduler.params.warmup_max_lr", KEY_FLOAT, warmup_max_lr),
+    CFG("scheduler.params.warmup_num_steps", KEY_INT, warmup_num_steps),
+    CFG("scheduler.params.total_num_steps", KEY_INT, total_num_steps),
+    CFG("scheduler.params.warmup_type", KEY_STRING, warmup_type_name),
+    CFG("scheduler.params.warmup_min_ratio", KEY_FLOAT, warmup_min_ratio),
+    CFG("scheduler.params.cos_min_ratio", KEY_FLOAT, cos_min_ratio),
+    CFG("gradient_clipping", KEY_FLOAT, gradient_clipping),
+    {"zero_optimization", KEY_SECTION, 0, 0},
+    CFG("zero_optimization.stage", KEY_INT, zero_stage),
+    CFG("zero_optimization.reduce_bucket_size", KEY_INT, reduce_bucket_size),
+    CFG("zero_optimization.allgather_bucket_size", KEY_INT, allgather_bucket_size),
+    CFG("zero_optimization.overlap_comm", KEY_BOOL, overlap_comm),
+    CFG("zero_optimization.contiguous_gradients", KEY_BOOL, contiguous_gradients),
+    CFG("zero_optimization.reduce_scatter", KEY_BOOL, reduce_scatter),
+    CFG("zero_optimization.allgather_partitions", KEY_BOOL, allgather_partitions),
+    CFG("steps_per_print", KEY_INT, steps_per_print),
+    CFG("wall_clock_breakdown", KEY_BOOL, wall_clock_breakdown),
+    CFG("train_batch_size", KEY_INT, train_batch_size),
+    CFG("train_micro_batch_size_per_gpu", KEY_INT, micro_batch),
+    CFG("gradient_accumulation_steps", KEY_INT, grad_accum),
+};
+#undef CFG
+
+static const ConfigKey* ds_config_find_key(const char* path) {
+    for (size_t i = 0; i < sizeof(DS_CONFIG_KEYS) / sizeof(DS_CONFIG_KEYS[0]); i++) {
+        if (strcmp(DS_CONFIG_KEYS[i].path, path) == 0) return &DS_CONFIG_KEYS[i];
+    }
+    return NULL;
+}
+
+// Stores one JSON value into its field, checking the type. null means "use the default".
+static int ds_config_store(DSConfig* c, const ConfigKey* key, const JsonValue* v, char* err, size_t errlen) {
+    char* field = (char*)c + key->offset;
+    const char* where = c->path;
+    if (v->type == JSON_NULL) return 0;
+    switch (key->kind) {
+    case KEY_BOOL:
+        if (v->type != JSON_BOOL) return fail(err, errlen, "%s:%d:%d: key '%s' must be true or false, got %s", where, v->line, v->col, key->path, json_type_name(v->type));
+        *(int*)field = v->boolean;
+        return 0;
+    case KEY_INT:
+        if (v->type != JSON_NUMBER || !isfinite(v->number) || v->number != floor(v->number) || fabs(v->number) > 9.0e15) {
+            return fail(err, errlen, "%s:%d:%d: key '%s' must be an integer, got %s", where, v->line, v->col, key->path, v->type == JSON_NUMBER ? "a non-integer number" : json_type_name(v->type));
+        }
+        *(int64_t*)field = (int64_t)v->number;
+        return 0;
+    case KEY_FLOAT:
+        if (v->type != JSON_NUMBER) return fail(err, errlen, "%s:%d:%d: key '%s' must be a number, got %s", where, v->line, v->col, key->path, json_type_name(v->type));
+        *(double*)field = v->number;
+        return 0;
+    case KEY_STRING:
+        if (v->type != JSON_STRING) return fail(err, errlen, "%s:%d:%d: key '%s' must be a string, got %s", where, v->line, v->col, key->path, json_type_name(v->type));
+        if (strlen(v->string) >= key->size) return fail(err, errlen, "%s:%d:%d: key '%s': value \"%s\" is too long", where, v->line, v->col, key->path, v->string);
+        strcpy(field, v->string);
+        return 0;
+    case KEY_PAIR:
+        if (v->type != JSON_ARRAY || v->count != 2 || v->items[0].type != JSON_NUMBER || v->items[1].type != JSON_NUMBER) {
+            return fail(err, errlen, "%s:%d:%d: key '%s' must be an array of two numbers, like [0.9, 0.999]", where, v->line, v->col, key->path);
+        }
+        ((double*)field)[0] = v->items[0].number;
+        ((double*)field)[1] = v->items[1].number;
+        return 0;
+    case KEY_SECTION:
+        break;
+    }
+    return fail(err, errlen, "internal: key '%s' has no storage", key->path);
+}
+
+static int ds_config_walk(DSConfig* c, const JsonValue* obj, const char* prefix, char* err, size_t errlen) {
+    for (int i = 0; i < obj->count; i++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s%s%s", prefix, prefix[0] ? "." : "", obj->keys[i]);
+        const JsonValue* v = &obj->items[i];
+        if (strcmp(path, "optimizer.params.max_grad_norm") == 0) {
+            return fail(err, errlen, "%s:%d:%d: key '%s' is not supported: DeepSpeed clips with the top-level key 'gradient_clipping'", c->path, v->line, v->col, path);
+        }
+        const ConfigKey* key = ds_config_find_key(path);
+        if (key == NULL) {
+            fprintf(stderr, "warning: %s: unknown key '%s' ignored\n", c->path, path);
+            continue;
+        }
+        if (key->kind == KEY_SECTION) {
+            if (v->type == JSON_NULL) continue;
+            if (v->type != JSON_OBJECT) return fail(err, errlen, "%s:%d:%d: key '%s' must be an object, got %s", c->path, v->line, v->col, path, json_type_name(v->type));
+            if (ds_config_walk(c, v, path, err, errlen)) return -1;
+        } else if (ds_config_store(c, key, v, err, errlen)) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int str_ieq(const char* a, const char* b) {
+    for (; *a && *b; a++, b++) { if (tolower((unsigned char)*a) != tolower((unsigned char)*b)) return 0; }
+    return *a == *b;
+}
+
+// Checks value ranges and the combinations DeepSpeed refuses. Called after command-line
+// overrides, so a bad value from either source is caught with the key's name.
+static int ds_config_validate(DSConfig* c, char* err, size_t errlen) {
+    const char* f = c->path;
+    if (c->fp16_enabled && c->bf16_enabled) return fail(err, errlen, "%s: bfloat16 and fp16 modes cannot be simultaneously enabled (fp16.enabled and bf16.enabled are both true)", f);
+    if (!(c->fp16_loss_scale >= 0) || isinf(c->fp16_loss_scale)) return fail(err, errlen, "%s: key 'fp16.loss_scale' must be 0 (dynamic) or a positive finite number, got %g", f, c->fp16_loss_scale);
+    if (c->fp16_initial_scale_power < 0 || c->fp16_initial_scale_power > 62) return fail(err, errlen, "%s: key 'fp16.initial_scale_power' must be in 0..62, got %lld", f, (long long)c->fp16_initial_scale_power);
+    if (c->fp16_loss_scale_window <= 0) return fail(err, errlen, "%s: key 'fp16.loss_scale_window' must be > 0, got %lld", f, (long long)c->fp16_loss_scale_window);
+    if (c->fp16_hysteresis < 1) return fail(err, errlen, "%s: key 'fp16.hysteresis' must be >= 1, got %lld", f, (long long)c->fp16_hysteresis);
+    if (!(c->fp16_min_loss_scale > 0) || isinf(c->fp16_min_loss_scale)) return fail(err, errlen, "%s: key 'fp16.min_loss_scale' must be > 0, got %g", f, c->fp16_min_loss_scale);
+    if (!str_ieq(c->optimizer_type, "Adam") && !str_ieq(c->optimizer_type, "AdamW")) return fail(err, errlen, "%s: key 'optimizer.type': \"%s\" is not supported (use \"Adam\" or \"AdamW\")", f, c->optimizer_type);
+    if (!(c->lr >= 0) || isinf(c->lr)) return fail(err, errlen, "%s: key 'optimizer.params.lr' must be >= 0, got %g", f, c->lr);
+    for (int i = 0; i < 2; i++) {
+        if (!(c->betas[i] >= 0 && c->betas[i] < 1)) return fail(err, errlen, "%s: key 'optimizer.params.betas' must be two numbers in [0, 1), got [%g, %g]", f, c->betas[0], c->betas[1]);
+    }
+    if (!(c->eps > 0) || isinf(c->eps)) return fail(err, errlen, "%s: key 'optimizer.params.eps' must be > 0, got %g", f, c->eps);
+    if (!(c->weight_decay >= 0) || isinf(c->weight_decay)) return fail(err, errlen, "%s: key 'optimizer.params.weight_decay' must be >= 0, got %g", f, c->weight_decay);
+    if (!(c->gradient_clipping >= 0) || isinf(c->gradient_clipping)) return fail(err, errlen, "%s: key 'gradient_clipping' must be >= 0 (0 = off), got %g", f, c->gradient_clipping);
+    // scheduler
+    if (str_ieq(c->scheduler_type, "none")) c->scheduler = SCHED_NONE;
+    else if (strcmp(c->scheduler_type, "WarmupLR") == 0) c->scheduler = SCHED_WARMUP_LR;
+    else if (strcmp(c->scheduler_type, "WarmupDecayLR") == 0) c->scheduler = SCHED_WARMUP_DECAY_LR;
+    else if (strcmp(c->scheduler_type, "WarmupCosineLR") == 0) c->scheduler = SCHED_WARMUP_COSINE_LR;
+    else return fail(err, errlen, "%s: key 'scheduler.type': \"%s\" is not supported (use WarmupLR, WarmupDecayLR or WarmupCosineLR)", f, c->scheduler_type);
+    if (strcmp(c->warmup_type_name, "log") == 0) c->warmup_type = WARMUP_LOG;
+    else if (strcmp(c->warmup_type_name, "linear") == 0) c->warmup_type = WARMUP_LINEAR;
+    else return fail(err, errlen, "%s: key 'scheduler.params.warmup_type' must be \"log\" or \"linear\", got \"%s\"", f, c->warmup_type_name);
+    if (c->warmup_num_steps < 0) return fail(err, errlen, "%s: key 'scheduler.params.warmup_num_steps' must be >= 0, got %lld", f, (long long)c->warmup_num_steps);
+    if ((c->scheduler == SCHED_WARMUP_DECAY_LR || c->scheduler == SCHED_WARMUP_COSINE_LR) && c->total_num_steps <= 0) {
+        return fail(err, errlen, "%s: key 'scheduler.params.total_num_steps' is required by %s and must be > 0", f, c->scheduler_type);
+    }
+    if (!(c->warmup_min_lr >= 0) || isinf(c->warmup_min_lr)) return fail(err, errlen, "%s: key 'scheduler.params.warmup_min_lr' must be >= 0, got %g", f, c->warmup_min_lr);
+    if (!isnan(c->warmup_max_lr) && (!(c->warmup_max_lr >= 0) || isinf(c->warmup_max_lr))) return fail(err, errlen, "%s: key 'scheduler.params.warmup_max_lr' must be >= 0, got %g", f, c->warmup_max_lr);
+    if (!(c->warmup_min_ratio >= 0 && c->warmup_min_ratio <= 1)) return fail(err, errlen, "%s: key 'scheduler.params.warmup_min_ratio' must be in [0, 1], got %g", f, c->warmup_min_ratio);
+    if (!(c->cos_min_ratio >= 0 && c->cos_min_ratio <= 1)) return fail(err, errlen, "%s: key 'scheduler.params.cos_min_ratio' must be in [0, 1], got %g", f, c->cos_min_ratio);
+    // ZeRO
+    if (c->zero_stage == 3) return fail(err, errlen, "%s: key 'zero_optimization.stage': stage 3 is not supported yet (use 0, 1 or 2)", f);
+    if (c->zero_stage < 0 || c->zero_stage > 3) return fail(err, errlen, "%s: key 'zero_optimization.stage' must be 0, 1 or 2, got %lld", f, (long long)c->zero_stage);
+    if (c->reduce_bucket_size <= 0) return fail(err, errlen, "%s: key 'zero_optimization.reduce_bucket_size' must be > 0, got %lld", f, (long long)c->reduce_bucket_size);
+    if (c->allgather_bucket_size <= 0 || c->allgather_bucket_size % 2) return fail(err, errlen, "%s: key 'zero_optimization.allgather_bucket_size' must be a positive even number, got %lld", f, (long long)c->allgather_bucket_size);
+    if (c->steps_per_print < 0) return fail(err, errlen, "%s: key 'steps_per_print' must be >= 0, got %lld", f, (long long)c->steps_per_print);
+    return 0;
+}
+
+// Loads a ds_config.json over the defaults. Returns 0, or -1 with err naming file, line and key.
+static int ds_config_load(DSConfig* c, const char* path, char* err, size_t errlen) {
+    ds_config_defaults(c);
+    snprintf(c->path, sizeof c->path, "%s", path);
+    char* text = read_text_file(path, err, errlen);
+    if (text == NULL) return -1;
+    JsonValue root;
+    char jerr[400];
+    int rc = json_parse(text, &root, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "%s: malformed JSON: %s", path, jerr);
+    if (root.type != JSON_OBJECT) { json_free(&root); return fail(err, errlen, "%s: the top level must be a JSON object, got %s", path, json_type_name(root.type)); }
+    rc = ds_config_walk(c, &root, "", err, errlen);
+    json_free(&root);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// batch: DeepSpeed's rules (DEEPSPEED.md section 2) with floor division, then its
+// checks in its order, each error saying what to change.
+
+static int ds_resolve_batch(DSConfig* c, int world_size, char* err, size_t errlen) {
+    int64_t tb = c->train_batch_size, mb = c->micro_batch, ga = c->grad_accum, ws = world_size;
+    int has_tb = tb != -1, has_mb = mb != -1, has_ga = ga != -1;
+    if (!has_tb && !has_mb) return fail(err, errlen, "%s: Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided", c->path);
+    if (has_tb && has_mb && !has_ga) ga = (mb != 0 && ws != 0) ? tb / mb / ws : 0;
+    else if (has_tb && !has_mb && has_ga) mb = (ga != 0) ? tb / ws / ga : 0;
+    else if (!has_tb && has_mb && has_ga) tb = mb * ga * ws;
+    else if (has_tb && !has_mb && !has_ga) { ga = 1; mb = tb / ws; }
+    else if (!has_tb && has_mb && !has_ga) { ga = 1; tb = mb * ws; }
+    c->train_batch_size = tb; c->micro_batch = mb; c->grad_accum = ga;
+    if (tb <= 0) return fail(err, errlen, "%s: Train batch size: %lld has to be greater than 0", c->path, (long long)tb);
+    if (mb <= 0) {
+        return fail(err, errlen, "%s: Micro batch size per gpu: %lld has to be greater than 0 (with %lld ranks and %lld accumulation steps, train_batch_size must be at least %lld; or lower gradient_accumulation_steps)",
+                    c->path, (long long)mb, (long long)ws, (long long)(ga > 0 ? ga : 1), (long long)(ws * (ga > 0 ? ga : 1)));
+    }
+    if (ga <= 0) {
+        return fail(err, errlen, "%s: Gradient accumulation steps: %lld has to be greater than 0 (train_batch_size %lld is smaller than micro batch %lld x %lld ranks = %lld; raise train_batch_size to at least %lld)",
+                    c->path, (long long)ga, (long long)tb, (long long)mb, (long long)ws, (long long)(mb * ws), (long long)(mb * ws));
+    }
+    if (tb != mb * ga * ws) {
+        int64_t unit = mb * ws;
+        return fail(err, errlen, "%s: Check batch related parameters. train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size %lld != %lld * %lld * %lld (train_batch_size must be a multiple of %lld here, for example %lld)",
+                    c->path, (long long)tb, (long long)mb, (long long)ga, (long long)ws, (long long)unit, (long long)(unit * ((tb + unit - 1) / unit)));
+    }
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// schedules: the learning rate for schedule iteration `it`. DeepSpeed starts a schedule
+// at it = -1 and steps it once after every applied optimizer step, so update k uses
+// lr_at(k - 1). Formulas: DEEPSPEED.md section 4.
+
+static double warmup_gamma(const DSConfig* c, int64_t it, int64_t W) {
+    if (c->warmup_type == WARMUP_LOG) return log((double)(it + 1)) / log((double)W);
+    return (double)it / (double)W;
+}
+
+static double lr_at(const DSConfig* c, int64_t it) {
+    int64_t W = c->warmup_num_steps > 2 ? c->warmup_num_steps : 2;
+    double max_lr = !isnan(c->warmup_max_lr) ? c->warmup_max_lr : (c->scheduler == SCHED_WARMUP_DECAY_LR ? 0.001 : c->lr);
+    double min_lr = c->warmup_min_lr;
+    switch (c->scheduler) {
+    case SCHED_WARMUP_LR:
+        if (it < 0) return min_lr;
+        return min_lr + (max_lr - min_lr) * (it < W ? warmup_gamma(c, it, W) : 1.0);
+    case SCHED_WARMUP_DECAY_LR: {
+        if (it < 0) return min_lr;
+        if (it < W) return min_lr + (max_lr - min_lr) * warmup_gamma(c, it, W);
+        int64_t T = c->total_num_steps;
+        double decay = (double)(T - it) / (double)(T - W > 1 ? T - W : 1);
+        return min_lr + (max_lr - min_lr) * (decay > 0 ? decay : 0.0);
+    }
+    case SCHED_WARMUP_COSINE_LR: {
+        if (it < 0) return 0.0; // DeepSpeed: "scheduler before it has started" gives 0
+        double ratio;
+        if (it < W) {
+            ratio = c->warmup_min_ratio + warmup_gamma(c, it, W) * (1.0 - c->warmup_min_ratio);
+        } else {
+            int64_t T = c->total_num_steps;
+            double p = (double)(it - W + 1) / (double)(T - W > 1 ? T - W : 1);
+            if (p > 1) p = 1;
+            ratio = c->cos_min_ratio + (1.0 - c->cos_min_ratio) * (1.0 + cos(M_PI * p)) / 2.0;
+            if (ratio < 0) ratio = 0;
+        }
+        return c->lr * ratio;
+    }
+    default:
+        return c->lr;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// loss scaler: DeepSpeed's dynamic loss scaling (DEEPSPEED.md section 3), and the static
+// scale for fp16.loss_scale > 0. Without fp16 the scale is 1 and nothing is skipped.
+
+typedef struct {
+    int enabled;                // fp16 on: scale the loss, check gradients for inf/nan
+    int dynamic;                // loss_scale == 0
+    double scale;               // current scale S
+    double min_scale;
+    int64_t window;
+    int64_t hysteresis;         // configured hysteresis
+    int consecutive_hysteresis;
+    int64_t cur_iter;           // optimizer steps seen (applied or skipped)
+    int64_t last_overflow_iter; // -1 = never
+    int64_t hyst;               // overflows still tolerated before the scale halves
+} LossScaler;
+
+static void loss_scaler_init(LossScaler* s, const DSConfig* c) {
+    memset(s, 0, sizeof(*s));
+    s->enabled = c->fp16_enabled;
+    s->dynamic = c->fp16_enabled && c->fp16_loss_scale == 0;
+    s->scale = !c->fp16_enabled ? 1.0 : (s->dynamic ? ldexp(1.0, (int)c->fp16_initial_scale_power) : c->fp16_loss_scale);
+    s->min_scale = c->fp16_min_loss_scale;
+    s->window = c->fp16_loss_scale_window;
+    s->hysteresis = c->fp16_hysteresis;
+    s->consecutive_hysteresis = c->fp16_consecutive_hysteresis;
+    s->last_overflow_iter = -1;
+    s->hyst = c->fp16_hysteresis;
+}
+
+// One optimizer step's update of the scale, with the same `overflow` on every rank.
+// Returns -1 when the scale is already at its minimum (DeepSpeed's fatal error).
+static int loss_scaler_update(LossScaler* s, int overflow, int verbose) {
+    if (!s->dynamic) { s->cur_iter++; return 0; }
+    if (overflow) {
+        if (s->hysteresis == 1 || s->hyst == 1) {
+            if (s->scale == s->min_scale) return -1;
+            double next = s->scale / 2 > s->min_scale ? s->scale / 2 : s->min_scale;
+            if (verbose) printf("OVERFLOW! Rank 0 Skipping step. Attempted loss scale: %g, reducing to %g\n", s->scale, next);
+            s->scale = next;
+        } else {
+            if (verbose) printf("OVERFLOW! Rank 0 Skipping step. Attempted loss scale: %g, but hysteresis is %lld. Reducing hysteresis to %lld\n", s->scale, (long long)s->hyst, (long long)(s->hyst - 1));
+            s->hyst--;
+        }
+        s->last_overflow_iter = s->cur_iter;
+    } else {
+        if (s->consecutive_hysteresis) s->hyst = s->hysteresis;
+        int64_t stable = s->cur_iter - s->last_overflow_iter - 1;
+        if (stable > 0 && stable % s->window == 0) {
+            if (!s->consecutive_hysteresis) s->hyst = s->hysteresis;
+            s->scale *= 2;
+        }
+    }
+    s->cur_iter++;
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// step logic: what happens after the gradients of an optimizer step are complete
+// (DEEPSPEED.md section 4). The trainer measures (overflow, sum of squares of the
+// scaled gradients, both already combined over ranks), asks step_plan what to do,
+// applies it with its own kernels, then calls step_finish.
+
+typedef struct {
+    int64_t step;          // optimizer steps taken, applied or skipped
+    int64_t adam_t;        // applied steps: Adam's t (bias correction) after this step
+    int64_t sched_it;      // schedule iteration; DeepSpeed starts at -1
+    int64_t skipped;       // skipped steps (overflow)
+    LossScaler scaler;
+} TrainState;
+
+typedef struct {
+    int skip;              // overflow: zero the gradients, no optimizer step, no schedule step
+    int overflow;
+    double scale;          // loss scale used in this step's backward
+    double grad_norm;      // true (unscaled) global norm, before clipping
+    float grad_factor;     // multiply the gradients by this: 1 / (S * clip factor)
+    float lr;
+    int64_t adam_t;        // t for this update (1-based)
+} StepPlan;
+
+static void train_state_init(TrainState* st, const DSConfig* c) {
+    memset(st, 0, sizeof(*st));
+    st->sched_it = -1;
+    loss_scaler_init(&st->scaler, c);
+}
+
+static StepPlan step_plan(const TrainState* st, const DSConfig* c, int overflow, double scaled_sumsq) {
+    StepPlan p;
+    memset(&p, 0, sizeof(p));
+    p.scale = st->scaler.scale;
+    p.overflow = st->scaler.enabled && overflow;
+    p.skip = p.overflow;
+    if (p.skip) { p.grad_norm = NAN; return p; }
+    double norm = sqrt(scaled_sumsq) / p.scale;
+    double combined = p.scale;
+    if (c->gradient_clipping > 0) {
+        double clip = (norm + 1e-6) / c->gradient_clipping;
+        if (clip > 1) combined *= clip;
+    }
+    p.grad_norm = norm;
+    p.grad_factor = (float)(1.0 / combined);
+    p.lr = (float)lr_at(c, st->sched_it);
+    p.adam_t = st->adam_t + 1;
+    return p;
+}
+
+// Advances counters, schedule and scaler. Returns -1 if the loss scale cannot go lower.
+static int step_finish(TrainState* st, const StepPlan* p, int verbose) {
+    st->step++;
+    if (p->skip) { st->skipped++; }
+    else { st->adam_t = p->adam_t; st->sched_it++; }
+    return loss_scaler_update(&st->scaler, p->overflow, verbose);
+}
+
+// ----------------------------------------------------------------------------
+// model config: what a checkpoint header records. GPT-2 now; the LLaMA-style
+// DeepSeek-LLM fields (kv heads, FFN width) are recorded already so checkpoints of
+// both architectures share one format.
+
+enum { ARCH_GPT2 = 1, ARCH_LLAMA = 2 };
+enum { DTYPE_FP32 = 0, DTYPE_FP16 = 1, DTYPE_BF16 = 2 };
+
+typedef struct {
+    int arch;
+    int max_seq_len;       // learned positions (GPT-2) / rotary context (LLaMA)
+    int vocab_size;        // real tokens, 50257 for GPT-2
+    int padded_vocab_size; // rows of the embedding, a multiple of 128
+    int num_layers;
+    int num_heads;
+    int num_kv_heads;      // = num_heads for GPT-2
+    int channels;
+    int ffn_hidden;        // 4 * channels for GPT-2
+} ModelConfig;
+
+static const char* arch_name(int arch) { return arch == ARCH_GPT2 ? "gpt2" : arch == ARCH_LLAMA ? "llama" : "unknown"; }
+
+static int model_config_check(const ModelConfig* m, char* err, size_t errlen) {
+    if (m->arch != ARCH_GPT2) return fail(err, errlen, "architecture %d (%s) is not supported by this trainer yet", m->arch, arch_name(m->arch));
+    if (m->num_layers < 1 || m->num_layers > 1024) return fail(err, errlen, "layers must be in 1..1024, got %d", m->num_layers);
+    if (m->num_heads < 1 || m->channels < 1 || m->channels % m->num_heads) return fail(err, errlen, "dim (%d) must be a positive multiple of heads (%d)", m->channels, m->num_heads);
+    if (m->num_kv_heads != m->num_heads) return fail(err, errlen, "GPT-2 needs num_kv_heads == num_heads (%d != %d)", m->num_kv_heads, m->num_heads);
+    if (m->max_seq_len < 1 || m->max_seq_len > 1 << 20) return fail(err, errlen, "sequence length must be in 1..%d, got %d", 1 << 20, m->max_seq_len);
+    if (m->vocab_size < 1 || m->vocab_size > 65536) return fail(err, errlen, "vocab size must be in 1..65536 (tokens are stored as uint16), got %d", m->vocab_size);
+    if (m->padded_vocab_size < m->vocab_size || m->padded_vocab_size % 128) return fail(err, errlen, "padded vocab size %d must be a multiple of 128 and >= vocab size %d", m->padded_vocab_size, m->vocab_size);
+    if (m->ffn_hidden != 4 * m->channels) return fail(err, errlen, "GPT-2 needs ffn_hidden == 4 * dim (%d != %d)", m->ffn_hidden, 4 * m->channels);
+    return 0;
+}
+
+static ModelConfig gpt2_config(int layers, int heads, int dim, int seq_len, int vocab_size) {
+    ModelConfig m = {ARCH_GPT2, seq_len, vocab_size, (vocab_size + 127) / 128 * 128, layers, heads, heads, dim, 4 * dim};
+    return m;
+}
+
+// ----------------------------------------------------------------------------
+// tokens: llm.c's shard format (int32 header[256]: magic 20240520, version 1, token
+// count; then uint16 tokens), memory-mapped, validated on open.
+
+#define SHARD_MAGIC 20240520
+#define SHARD_HEADER_BYTES (256 * sizeof(int32_t))
+
+typedef struct {
+    char* path;
+    void* map;
+    size_t map_bytes;
+    const uint16_t* tokens;
+    size_t num_tokens;
+} TokenShard;
+
+static int shard_open(TokenShard* s, const char* path, int vocab_size, char* err, size_t errlen) {
+    memset(s, 0, sizeof(*s));
+    long long bytes = file_size(path);
+    if (bytes < 0) return fail(err, errlen, "data shard '%s': %s", path, strerror(errno));
+    if (bytes < (long long)SHARD_HEADER_BYTES) return fail(err, errlen, "data shard '%s': %lld bytes, shorter than the 1024-byte header (truncated or not a shard)", path, bytes);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail(err, errlen, "data shard '%s': %s", path, strerror(errno));
+    void* map = mmap(NULL, (size_t)bytes, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return fail(err, errlen, "data shard '%s': mmap failed: %s", path, strerror(errno));
+    const int32_t* header = (const int32_t*)map;
+    int rc = 0;
+    if (header[0] != SHARD_MAGIC) rc = fail(err, errlen, "data shard '%s': bad magic %d (expected %d): not a token shard", path, header[0], SHARD_MAGIC);
+    else if (header[1] != 1) rc = fail(err, errlen, "data shard '%s': unsupported version %d (expected 1)", path, header[1]);
+    else if (header[2] <= 0) rc = fail(err, errlen, "data shard '%s': header says %d tokens", path, header[2]);
+    else if ((long long)SHARD_HEADER_BYTES + 2LL * header[2] != bytes) {
+        rc = fail(err, errlen, "data shard '%s': header says %d tokens (%lld bytes) but the file has %lld bytes (truncated?)", path, header[2], (long long)SHARD_HEADER_BYTES + 2LL * header[2], bytes);
+    }
+    if (rc) { munmap(map, (size_t)bytes); return rc; }
+    s->path = strdup_check(path);
+    s->map = map;
+    s->map_bytes = (size_t)bytes;
+    s->tokens = (const uint16_t*)((const char*)map + SHARD_HEADER_BYTES);
+    s->num_tokens = (size_t)header[2];
+    // every token id must index the vocabulary: find the first one that does not
+    size_t first_bad = s->num_tokens;
+    #pragma omp parallel for reduction(min:first_bad)
+    for (size_t i = 0; i < s->num_tokens; i++) {
+        if (s->tokens[i] >= vocab_size && i < first_bad) first_bad = i;
+    }
+    if (first_bad < s->num_tokens) {
+        rc = fail(err, errlen, "data shard '%s': token id %d at position %zu is outside the vocabulary (size %d)", path, s->tokens[first_bad], first_bad, vocab_size);
+        munmap(map, (size_t)bytes);
+        free(s->path);
+        memset(s, 0, sizeof(*s));
+    }
+    return rc;
+}
+
+static void shard_close(TokenShard* s) {
+    if (s->map) munmap(s->map, s->map_bytes);
+    free(s->path);
+    memset(s, 0, sizeof(*s));
+}
+
+// ----------------------------------------------------------------------------
+// data loader. The data is a list of sequences of T+1 tokens (stride T, never crossing
+// a shard boundary). Each epoch visits a seeded permutation of them (or the natural
+// order for validation). An optimizer step consumes `global_batch` consecutive
+// sequences of the order, as ga micro batches of world x B; rank r takes its own B of
+// each, so ranks are disjoint and the step's set of sequences is the same for every
+// split of the global batch into ranks, micro batches and accumulation steps. The tail
+// of an epoch shorter than a global batch is dropped. The next micro batch is gathered
+// on a background thread while the current step runs.
+
+typedef struct {
+    int B, T, rank, world;
+    size_t global_batch;       // sequences per optimizer step, all ranks
+    int num_shards;
+    TokenShard* shards;
+    size_t* first_seq;         // first global sequence index of each shard (+ total)
+    size_t num_seqs;
+    size_t seqs_per_epoch;     // num_seqs rounded down to whole global batches
+    int shuffle;
+    uint64_t seed;
+    int64_t epoch;             // position of the next micro batch to hand out
+    size_t cursor;             // index into the epoch's order of its first sequence (rank 0)
+    uint32_t* perm;            // the order of perm_epoch (shuffle only)
+    int64_t perm_epoch;
+    int* inputs;               // (B, T) the batch handed out by dataloader_next
+    int* targets;              // (B, T)
+    // prefetch of the micro batch at (epoch, cursor)
+    pthread_t thread;
+    int prefetching;
+    int* next_inputs;
+    int* next_targets;
+    double last_wait;          // seconds the last dataloader_next waited for the prefetch
+} DataLoader;
+
+static void dataloader_permute(DataLoader* L, int64_t epoch) {
+    if (!L->shuffle || L->perm_epoch == epoch) return;
+    for (size_t i = 0; i < L->num_seqs; i++) L->perm[i] = (uint32_t)i;
+    Rng rng;
+    rng_seed(&rng, L->seed * 0x100000001B3ull + (uint64_t)epoch);
+    for (size_t i = L->num_seqs - 1; i > 0; i--) {
+        size_t j = (size_t)rng_below(&rng, i + 1);
+        uint32_t t = L->perm[i]; L->perm[i] = L->perm[j]; L->perm[j] = t;
+    }
+    L->perm_epoch = epoch;
+}
+
+// copies sequence `seq` (global index) into (inputs, targets) rows of length T
+static void dataloader_copy_sequence(const DataLoader* L, size_t seq, int* inputs, int* targets) {
+    int lo = 0, hi = L->num_shards - 1;
+    while (lo < hi) { int mid = (lo + hi + 1) / 2; if (L->first_seq[mid] <= seq) lo = mid; else hi = mid - 1; }
+    const uint16_t* tok = L->shards[lo].tokens + (seq - L->first_seq[lo]) * (size_t)L->T;
+    for (int t = 0; t < L->T; t++) { inputs[t] = tok[t]; targets[t] = tok[t + 1]; }
+}
+
+static void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
+    dataloader_permute(L, L->epoch);
+    for (int b = 0; b < L->B; b++) {
+        size_t k = L->cursor + (size_t)L->rank * L->B + b;
+        size_t seq = L->shuffle ? L->perm[k] : k;
+        dataloader_copy_sequence(L, seq, inputs + (size_t)b * L->T, targets + (size_t)b * L->T);
+    }
+}
+
+static void* dataloader_prefetch_main(void* arg) {
+    DataLoader* L = (DataLoader*)arg;
+    dataloader_gather(L, L->next_inputs, L->next_targets);
+    return NULL;
+}
+
+static void dataloader_start_prefetch(DataLoader* L) {
+    if (pthread_create(&L->thread, NULL, dataloader_prefetch_main, L) != 0) fatal("data loader: cannot start the prefetch thread");
+    L->prefetching = 1;
+}
+
+static void dataloader_join(DataLoader* L) {
+    if (L->prefetching) { pthread_join(L->thread, NULL); L->prefetching = 0; }
+}
+
+// Opens every shard matching `pattern` (a glob, sorted). global_batch = sequences per
+// optimizer step over all ranks (train) or world * B (validation).
+static int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int rank, int world, size_t global_batch,
+                           int shuffle, uint64_t seed, int vocab_size, char* err, size_t errlen) {
+    memset(L, 0, sizeof(*L));
+    L->B = B; L->T = T; L->rank = rank; L->world = world;
+    L->global_batch = global_batch; L->shuffle = shuffle; L->seed = seed;
+    L->perm_epoch = -1;
+    glob_t g;
+    int grc = glob(pattern, 0, NULL, &g);
+    if (grc != 0 || g.gl_pathc == 0) {
+        if (grc == 0) globfree(&g);
+        return fail(err, errlen, "no data shards match '%s' (prepare data with `make data`, or pass --train-data/--val-data)", pattern);
+    }
+    L->num_shards = (int)g.gl_pathc;
+    L->shards = (TokenShard*)callocCheck(L->num_shards, sizeof(TokenShard));
+    L->first_seq = (size_t*)callocCheck(L->num_shards + 1, sizeof(size_t));
+    for (int i = 0; i < L->num_shards; i++) {
+        if (shard_open(&L->shards[i], g.gl_pathv[i], vocab_size, err, errlen)) { globfree(&g); return -1; }
+        size_t seqs = L->shards[i].num_tokens > (size_t)T ? (L->shards[i].num_tokens - 1) / T : 0;
+        L->first_seq[i + 1] = L->first_seq[i] + seqs;
+    }
+    globfree(&g);
+    L->num_seqs = L->first_seq[L->num_shards];
+    L->seqs_per_epoch = L->num_seqs / global_batch * global_batch;
+    if (L->seqs_per_epoch == 0) {
+        size_t tokens = 0;
+        for (int i = 0; i < L->num_shards; i++) tokens += L->shards[i].num_tokens;
+        return fail(err, errlen, "'%s': %zu tokens make %zu sequences of %d+1 tokens, fewer than one batch of %zu sequences", pattern, tokens, L->num_seqs, T, global_batch);
+    }
+    if (L->num_seqs > UINT32_MAX) return fail(err, errlen, "'%s': %zu sequences is more than the loader's 2^32 limit", pattern, L->num_seqs);
+    if (shuffle) L->perm = (uint32_t*)mallocCheck(L->num_seqs * sizeof(uint32_t));
+    size_t n = (size_t)B * T;
+    L->inputs = (int*)mallocCheck(n * sizeof(int));
+    L->targets = (int*)mallocCheck(n * sizeof(int));
+    L->next_inputs = (int*)mallocCheck(n * sizeof(int));
+    L->next_targets = (int*)mallocCheck(n * sizeof(int));
+    dataloader_start_prefetch(L);
+    return 0;
+}
+
+// Moves to (epoch, cursor): the start for validation, or a checkpoint's position.
+static void dataloader_seek(DataLoader* L, int64_t epoch, size_t cursor) {
+    dataloader_join(L);
+    L->epoch = epoch;
+    L->cursor = cursor;
+    dataloader_start_prefetch(L);
+}
+
+// Hands out the next micro batch in L->inputs / L->targets (B, T).
+static void dataloader_next(DataLoader* L) {
+    double t0 = wall_seconds();
+    dataloader_join(L);
+    L->last_wait = wall_seconds() - t0;
+    int* t;
+    t = L->inputs; L->inputs = L->next_inputs; L->next_inputs = t;
+    t = L->targets; L->targets = L->next_targets; L->next_targets = t;
+    L->cursor += (size_t)L->world * L->B;
+    if (L->cursor >= L->seqs_per_epoch) { L->epoch++; L->cursor = 0; }
+    dataloader_start_prefetch(L);
+}
+
+static void dataloader_free(DataLoader* L) {
+    dataloader_join(L);
+    for (int i = 0; i < L->num_shards; i++) shard_close(&L->shards[i]);
+    free(L->shards); free(L->first_seq); free(L->perm);
+    free(L->inputs); free(L->targets); free(L->next_inputs); free(L->next_targets);
+    memset(L, 0, sizeof(*L));
+}
+
+static size_t dataloader_num_tokens(const DataLoader* L) {
+    size_t n = 0;
+    for (int i = 0; i < L->num_shards; i++) n += L->shards[i].num_tokens;
+    return n;
+}
+
+// ----------------------------------------------------------------------------
+// tokenizer: decode only, llm.c's format (uint32 header[256]: magic 20240328, version
+// 2, vocab size, EOT id; then per token a uint8 length and its bytes).
+
+typedef struct {
+    int vocab_size;
+    int eot_token;
+    char** tokens;
+} Tokenizer;
+
+static int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t errlen) {
+    memset(tk, 0, sizeof(*tk));
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) return fail(err, errlen, "tokenizer '%s': %s (prepare it with `make data`)", path, strerror(errno));
+    uint32_t header[256];
+    int rc = 0;
+    if (fread(header, sizeof(uint32_t), 256, f) != 256) rc = fail(err, errlen, "tokenizer '%s': truncated header", path);
+    else if (header[0] != 20240328) rc = fail(err, errlen, "tokenizer '%s': bad magic %u (expected 20240328)", path, header[0]);
+    else if (header[1] != 2) rc = fail(err, errlen, "tokenizer '%s': unsupported version %u (expected 2)", path, header[1]);
+    else if (header[2] < 1 || header[2] > 1u << 20 || header[3] >= header[2]) rc = fail(err, errlen, "tokenizer '%s': bad vocab size %u or EOT id %u", path, header[2], header[3]);
+    if (rc) { fclose(f); return rc; }
+    tk->vocab_size = (int)header[2];
+    tk->eot_token = (int)header[3];
+    tk->tokens = (char**)callocCheck(tk->vocab_size, sizeof(char*));
+    for (int i = 0; i < tk->vocab_size && rc == 0; i++) {
+        unsigned char len;
+        if (fread(&len, 1, 1, f) != 1 || len == 0) { rc = fail(err, errlen, "tokenizer '%s': truncated or invalid at token %d", path, i); break; }
+        tk->tokens[i] = (char*)mallocCheck(len + 1);
+        if (fread(tk->tokens[i], 1, len, f) != len) rc = fail(err, errlen, "tokenizer '%s': truncated at token %d", path, i);
+        tk->tokens[i][len] = '\0';
+    }
+    if (rc == 0 && fgetc(f) != EOF) rc = fail(err, errlen, "tokenizer '%s': unexpected bytes after %d tokens", path, tk->vocab_size);
+    fclose(f);
+    return rc;
+}
+
+static const char* tokenizer_decode(const Tokenizer* tk, int token) {
+    if (token < 0 || token >= tk->vocab_size) return "";
+    return tk->tokens[token];
+}
+
+// Prints a token's bytes, leaving out control bytes that would garble a terminal.
+static void print_token_safely(FILE* out, const char* piece) {
+    if (piece[0] != '\0' && piece[1] == '\0' && !isprint((unsigned char)piece[0]) && !isspace((unsigned char)piece[0]) && (unsigned char)piece[0] < 0x80) return;
+    fputs(piece, out);
+}
+
+static void tokenizer_free(Tokenizer* tk) {
+    for (int i = 0; i < tk->vocab_size; i++) free(tk->tokens[i]);
+    free(tk->tokens);
+    memset(tk, 0, sizeof(*tk));
+}
+
+// ----------------------------------------------------------------------------
+// checkpoints: DIR/step_00000100/{model.bin, optim_rank0000_of_0001.bin, state.bin}
+// and DIR/latest naming the newest folder. A folder is written under a temporary
+// name, every file fsync'ed, then renamed; `latest` is replaced atomically last. A
+// crash at any point leaves the previous checkpoint intact and `latest` pointing at a
+// complete folder.
+//
+// Every file starts with int64 header[128] (1024 bytes): magic, version, then fields.
+//   model.bin   [2] arch [3] dtype [4] max_seq_len [5] vocab [6] padded vocab [7] layers
+//               [8] heads [9] kv heads [10] channels [11] ffn hidden [12] num_params;
+//               then num_params fp32 master weights
+//   optim_*.bin [2] rank [3] world [4] offset [5] count [6] num_params; then the
+//               partition [offset, offset + count) of fp32 master, Adam m, Adam v
+//   state.bin   counters, loss scaler, data-loader position, RNG (CheckpointState)
+
+#define CKPT_MODEL_MAGIC 20261101
+#define CKPT_OPTIM_MAGIC 20261102
+#define CKPT_STATE_MAGIC 20261103
+#define CKPT_VERSION 1
+#define CKPT_HEADER_WORDS 128
+
+typedef struct {
+    TrainState train;
+    int64_t loader_epoch;
+    int64_t loader_cursor;
+    int64_t seq_len;
+    int64_t train_seqs;       // sequences in the training data: must match on resume
+    int64_t global_batch;
+    int64_t world_size;
+    uint64_t seed;
+    Rng rng;                  // the trainer's sampling RNG
+} CheckpointState;
+
+static void fsync_path(const char* path) {
+    int fd = open(path, O_RDONLY);
+    if (fd >= 0) { fsync(fd); close(fd); }
+}
+
+// Writes header + arrays to path via path.tmp, fsync, rename.
+static void write_file_atomic(const char* path, const int64_t* header, const float* const* arrays, const size_t* counts, int num_arrays) {
+    char tmp[PATH_LEN];
+    format_path(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* f = fopenCheck(tmp, "wb");
+    fwrite_check(header, sizeof(int64_t), CKPT_HEADER_WORDS, f, tmp);
+    for (int i = 0; i < num_arrays; i++) fwrite_check(arrays[i], sizeof(float), counts[i], f, tmp);
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) fatal("cannot write '%s': %s", tmp, strerror(errno));
+    fclose(f);
+    if (rename(tmp, path) != 0) fatal("cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+}
+
+// Opens a checkpoint file, checks magic, version and exact size; returns it positioned after the header.
+static FILE* open_checked(const char* path, int64_t magic, int64_t* header, long long payload_floats_per_count, int count_word, char* err, size_t errlen) {
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) { fail(err, errlen, "checkpoint file '%s': %s", path, strerror(errno)); return NULL; }
+    long long bytes = file_size(path);
+    const char* problem = NULL;
+    if (fread(header, sizeof(int64_t), CKPT_HEADER_WORDS, f) != CKPT_HEADER_WORDS) problem = "truncated header";
+    else if (header[0] != magic) problem = "bad magic (not this kind of checkpoint file)";
+    else if (header[1] != CKPT_VERSION) problem = "unsupported version";
+    else if (count_word >= 0 && (header[count_word] < 0 || bytes != (long long)(CKPT_HEADER_WORDS * 8) + 4LL * payload_floats_per_count * header[count_word])) {
+        problem = "size does not match its header (truncated or corrupt)";
+    }
+    if (problem) { fclose(f); fail(err, errlen, "checkpoint file '%s': %s", path, problem); return NULL; }
+    return f;
+}
+
+static void model_header(int64_t* h, const ModelConfig* m, size_t num_params) {
+    memset(h, 0, CKPT_HEADER_WORDS * sizeof(int64_t));
+    h[0] = CKPT_MODEL_MAGIC; h[1] = CKPT_VERSION; h[2] = m->arch; h[3] = DTYPE_FP32;
+    h[4] = m->max_seq_len; h[5] = m->vocab_size; h[6] = m->padded_vocab_size; h[7] = m->num_layers;
+    h[8] = m->num_heads; h[9] = m->num_kv_heads; h[10] = m->channels; h[11] = m->ffn_hidden; h[12] = (int64_t)num_params;
+}
+
+// Reads a model file's configuration (and parameter count) without the weights.
+static int model_file_config(const char* path, ModelConfig* m, size_t* num_params, char* err, size_t errlen) {
+    int64_t h[CKPT_HEADER_WORDS];
+    FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, 12, err, errlen);
+    if (f == NULL) return -1;
+    fclose(f);
+    if (h[3] != DTYPE_FP32) return fail(err, errlen, "checkpoint file '%s': weights dtype %lld, expected fp32 master weights", path, (long long)h[3]);
+    for (int i = 4; i <= 11; i++) {
+        if (h[i] < 0 || h[i] > INT32_MAX) return fail(err, errlen, "checkpoint file '%s': header field %d out of range", path, i);
+    }
+    ModelConfig c = {(int)h[2], (int)h[4], (int)h[5], (int)h[6], (int)h[7], (int)h[8], (int)h[9], (int)h[10], (int)h[11]};
+    char merr[300];
+    if (model_config_check(&c, merr, sizeof merr)) return fail(err, errlen, "checkpoint file '%s': %s", path, merr);
+    *m = c;
+    *num_params = (size_t)h[12];
+    return 0;
+}
+
+static int model_file_read(const char* path, float* params, size_t num_params, char* err, size_t errlen) {
+    int64_t h[CKPT_HEADER_WORDS];
+    FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, 12, err, errlen);
+    if (f == NULL) return -1;
+    if ((size_t)h[12] != num_params) { fclose(f); return fail(err, errlen, "checkpoint file '%s': %lld parameters, the model has %zu", path, (long long)h[12], num_params); }
+    fread_check(params, sizeof(float), num_params, f, path);
+    fclose(f);
+    return 0;
+}
+
+static void model_file_write(const char* path, const ModelConfig* m, const float* params, size_t num_params) {
+    int64_t h[CKPT_HEADER_WORDS];
+    model_header(h, m, num_params);
+    const float* arrays[1] = {params};
+    size_t counts[1] = {num_params};
+    write_file_atomic(path, h, arrays, counts, 1);
+}
+
+static void state_file_write(const char* path, const CheckpointState* s) {
+    int64_t h[CKPT_HEADER_WORDS];
+    memset(h, 0, sizeof h);
+    const TrainState* t = &s->train;
+    const LossScaler* ls = &t->scaler;
+    h[0] = CKPT_STATE_MAGIC; h[1] = CKPT_VERSION;
+    h[2] = t->step; h[3] = t->adam_t; h[4] = t->sched_it; h[5] = t->skipped;
+    h[6] = s->loader_epoch; h[7] = s->loader_cursor; h[8] = s->seq_len; h[9] = s->train_seqs;
+    h[10] = s->global_batch; h[11] = s->world_size; memcpy(&h[12], &s->seed, 8);
+    memcpy(&h[16], s->rng.s, 32);
+    memcpy(&h[20], &ls->scale, 8); h[21] = ls->cur_iter; h[22] = ls->last_overflow_iter; h[23] = ls->hyst;
+    write_file_atomic(path, h, NULL, NULL, 0);
+}
+
+static int state_file_read(const char* path, CheckpointState* s, char* err, size_t errlen) {
+    int64_t h[CKPT_HEADER_WORDS];
+    FILE* f = open_checked(path, CKPT_STATE_MAGIC, h, 0, -1, err, errlen);
+    if (f == NULL) return -1;
+    fclose(f);
+    if (file_size(path) != CKPT_HEADER_WORDS * 8) return fail(err, errlen, "checkpoint file '%s': wrong size", path);
+    TrainState* t = &s->train;
+    LossScaler* ls = &t->scaler; // the scaler's configuration comes from the config, its state from here
+    t->step = h[2]; t->adam_t = h[3]; t->sched_it = h[4]; t->skipped = h[5];
+    s->loader_epoch = h[6]; s->loader_cursor = h[7]; s->seq_len = h[8]; s->train_seqs = h[9];
+    s->global_batch = h[10]; s->world_size = h[11]; memcpy(&s->seed, &h[12], 8);
+    memcpy(s->rng.s, &h[16], 32);
+    memcpy(&ls->scale, &h[20], 8); ls->cur_iter = h[21]; ls->last_overflow_iter = h[22]; ls->hyst = h[23];
+    if (t->step < 0 || t->adam_t < 0 || t->adam_t > t->step || t->sched_it != t->adam_t - 1 || s->loader_epoch < 0 || s->loader_cursor < 0 || !(ls->scale > 0)) {
+        return fail(err, errlen, "checkpoint file '%s': inconsistent counters (corrupt file)", path);
+    }
+    return 0;
+}
+
+static void optim_file_name(char* out, size_t n, const char* folder, int rank, int world) {
+    format_path(out, n, "%s/optim_rank%04d_of_%04d.bin", folder, rank, world);
+}
+
+static void optim_file_write(const char* folder, int rank, int world, size_t offset, size_t count, size_t num_params,
+                             const float* master, const float* m, const float* v) {
+    char path[PATH_LEN];
+    optim_file_name(path, sizeof path, folder, rank, world);
+    int64_t h[CKPT_HEADER_WORDS];
+    memset(h, 0, sizeof h);
+    h[0] = CKPT_OPTIM_MAGIC; h[1] = CKPT_VERSION; h[2] = rank; h[3] = world; h[4] = (int64_t)offset; h[5] = (int64_t)count; h[6] = (int64_t)num_params;
+    const float* arrays[3] = {master, m, v};
+    size_t counts[3] = {count, count, count};
+    write_file_atomic(path, h, arrays, counts, 3);
+}
+
+// Fills the partition [offset, offset + count) of master/m/v from the optimizer files of
+// a checkpoint saved by `saved_world` ranks: partitions are contiguous ranges of one
+// flat buffer, so any number of ranks can load any other number's files.
+static int optim_files_read(const char* folder, int saved_world, size_t offset, size_t count, size_t num_params,
+                            float* master, float* m, float* v, char* err, size_t errlen) {
+    // padding at the end of the flat buffer is zero and not stored
+    size_t end = offset + count < num_params ? offset + count : num_params;
+    size_t needed = end > offset ? end - offset : 0, covered = 0;
+    memset(master, 0, count * sizeof(float)); memset(m, 0, count * sizeof(float)); memset(v, 0, count * sizeof(float));
+    for (int r = 0; r < saved_world; r++) {
+        char path[PATH_LEN];
+        optim_file_name(path, sizeof path, folder, r, saved_world);
+        int64_t h[CKPT_HEADER_WORDS];
+        FILE* f = open_checked(path, CKPT_OPTIM_MAGIC, h, 3, 5, err, errlen);
+        if (f == NULL) return -1;
+        if (h[2] != r || h[3] != saved_world || (size_t)h[6] != num_params || h[4] < 0 || (size_t)(h[4] + h[5]) > num_params + 2 * (size_t)saved_world) {
+            fclose(f);
+            return fail(err, errlen, "checkpoint file '%s': header does not match (rank %lld of %lld, %lld params; expected rank %d of %d, %zu params)", path, (long long)h[2], (long long)h[3], (long long)h[6], r, saved_world, num_params);
+        }
+        size_t lo = (size_t)h[4], hi = lo + (size_t)h[5];
+        size_t a = lo > offset ? lo : offset, b = hi < end ? hi : end;
+        if (a < b) {
+            float* dst[3] = {master, m, v};
+            for (int k = 0; k < 3; k++) {
+                if (fseek(f, (long)(CKPT_HEADER_WORDS * 8 + 4 * ((size_t)k * (hi - lo) + (a - lo))), SEEK_SET) != 0) fatal("cannot seek in '%s'", path);
+                fread_check(dst[k] + (a - offset), sizeof(float), b - a, f, path);
+            }
+            covered += b - a;
+        }
+        fclose(f);
+    }
+    if (covered != needed) return fail(err, errlen, "checkpoint '%s': optimizer files cover %zu of the %zu values this rank needs", folder, covered, needed);
+    return 0;
+}
+
+static void checkpoint_folder(char* out, size_t n, const char* dir, int64_t step) {
+    format_path(out, n, "%s/step_%08lld", dir, (long long)step);
+}
+
+static void make_dirs(const char* path) {
+    char buf[PATH_LEN];
+    format_path(buf, sizeof buf, "%s", path);
+    for (char* p = buf + 1; *p; p++) {
+        if (*p == '/') { *p = '\0'; mkdir(buf, 0755); *p = '/'; }
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST) fatal("cannot create directory '%s': %s", path, strerror(errno));
+}
+
+// Removes a checkpoint folder (flat: files only).
+static void remove_folder(const char* path) {
+    DIR* d = opendir(path);
+    if (d == NULL) return;
+    struct dirent* e;
+    char file[PATH_LEN];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        format_path(file, sizeof file, "%s/%s", path, e->d_name);
+        unlink(file);
+    }
+    closedir(d);
+    rmdir(path);
+}
+
+// Step 1 of a save: an empty temporary folder for the files of every rank.
+static void checkpoint_begin(const char* dir, int64_t step, char* tmp_folder, size_t n) {
+    char folder[PATH_LEN];
+    checkpoint_folder(folder, sizeof folder, dir, step);
+    format_path(tmp_folder, n, "%s.tmp", folder);
+    make_dirs(dir);
+    remove_folder(tmp_folder); // a leftover of a crashed save
+    make_dirs(tmp_folder);
+}
+
+// Last step of a save, once every rank's files are in the temporary folder.
+static void checkpoint_commit(const char* dir, int64_t step, const char* tmp_folder) {
+    char folder[PATH_LEN], old[1100], latest[1100], latest_tmp[1100];
+    checkpoint_folder(folder, sizeof folder, dir, step);
+    fsync_path(tmp_folder);
+    format_path(old, sizeof old, "%s.old", folder);
+    remove_folder(old);
+    int replaced = rename(folder, old) == 0; // a checkpoint of the same step saved before
+    if (rename(tmp_folder, folder) != 0) fatal("cannot rename '%s' to '%s': %s", tmp_folder, folder, strerror(errno));
+    format_path(latest, sizeof latest, "%s/latest", dir);
+    format_path(latest_tmp, sizeof latest_tmp, "%s/latest.tmp", dir);
+    FILE* f = fopenCheck(latest_tmp, "w");
+    fprintf(f, "step_%08lld\n", (long long)step);
+    if (fflush(f) != 0 || fsync(fileno(f)) != 0) fatal("cannot write '%s': %s", latest_tmp, strerror(errno));
+    fclose(f);
+    if (rename(latest_tmp, latest) != 0) fatal("cannot rename '%s' to '%s': %s", latest_tmp, latest, strerror(errno));
+    fsync_path(dir);
+    if (replaced) remove_folder(old);
+}
+
+// Finds the folder DIR/latest names. Returns 0 with the folder path, or -1.
+static int checkpoint_latest(const char* dir, char* folder, size_t n, char* err, size_t errlen) {
+    char latest[PATH_LEN], tag[256] = {0};
+    format_path(latest, sizeof latest, "%s/latest", dir);
+    FILE* f = fopen(latest, "r");
+    if (f == NULL) return fail(err, errlen, "--resume: no checkpoint in '%s' ('%s': %s)", dir, latest, strerror(errno));
+    if (fgets(tag, sizeof tag, f) == NULL) tag[0] = '\0';
+    fclose(f);
+    tag[strcspn(tag, "\r\n")] = '\0';
+    long long step;
+    char extra;
+    if (sscanf(tag, "step_%lld%c", &step, &extra) != 1 || step < 0) return fail(err, errlen, "'%s' does not name a checkpoint folder (got \"%s\")", latest, tag);
+    checkpoint_folder(folder, n, dir, step);
+    struct stat st;
+    if (stat(folder, &st) != 0 || !S_ISDIR(st.st_mode)) return fail(err, errlen, "'%s' names '%s', which does not exist", latest, folder);
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// logging: one line per step on stdout, the same as a JSON object per line in --log.
+
+typedef struct {
+    FILE* jsonl;
+    double start_time;
+    int64_t first_step;     // step the run started (or resumed) at, for the ETA
+} Logger;
+
+static void logger_open(Logger* lg, const char* path, int append, int64_t first_step) {
+    memset(lg, 0, sizeof(*lg));
+    lg->start_time = wall_seconds();
+    lg->first_step = first_step;
+    if (path) lg->jsonl = fopenCheck(path, append ? "a" : "w");
+}
+
+typedef struct {
+    int64_t step, total_steps;
+    double loss, lr, grad_norm, ms, tokens_per_s, data_wait_ms;
+    int fp16;
+    double loss_scale;
+    int64_t skipped;
+    int overflow;
+} StepLog;
+
+static void log_step(Logger* lg, const StepLog* s) {
+    double elapsed = wall_seconds() - lg->start_time;
+    int64_t done = s->step - lg->first_step;
+    char eta[32];
+    format_duration(done > 0 ? elapsed / done * (s->total_steps - s->step) : 0, eta, sizeof eta);
+    printf("step %5lld/%lld | loss %.6f | lr %.3e | norm %8.4f | %7.1f ms | %7.0f tok/s | data %.1f ms",
+           (long long)s->step, (long long)s->total_steps, s->loss, s->lr, s->grad_norm, s->ms, s->tokens_per_s, s->data_wait_ms);
+    if (s->fp16) printf(" | scale %g | skipped %lld%s", s->loss_scale, (long long)s->skipped, s->overflow ? " (overflow)" : "");
+    printf(" | eta %s\n", eta);
+    fflush(stdout);
+    if (lg->jsonl) {
+        fprintf(lg->jsonl, "{\"type\": \"train\", \"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"data_wait_ms\": %.3f",
+                (long long)s->step, s->loss, s->lr, isfinite(s->grad_norm) ? s->grad_norm : -1.0, s->ms, s->tokens_per_s, s->data_wait_ms);
+        if (s->fp16) fprintf(lg->jsonl, ", \"loss_scale\": %.9g, \"skipped\": %lld, \"overflow\": %s", s->loss_scale, (long long)s->skipped, s->overflow ? "true" : "false");
+        fprintf(lg->jsonl, "}\n");
+        fflush(lg->jsonl);
+    }
+}
+
+static void log_val(Logger* lg, int64_t step, double val_loss, int batches) {
+    printf("step %5lld | val loss %.6f (%d batches)\n", (long long)step, val_loss, batches);
+    fflush(stdout);
+    if (lg->jsonl) {
+        fprintf(lg->jsonl, "{\"type\": \"val\", \"step\": %lld, \"val_loss\": %.9g, \"batches\": %d}\n", (long long)step, val_loss, batches);
+        fflush(lg->jsonl);
+    }
+}
+
+static void logger_close(Logger* lg) {
+    if (lg->jsonl) fclose(lg->jsonl);
+    lg->jsonl = NULL;
+}
+
+// ----------------------------------------------------------------------------
+// command line: the flags both trainers take. Every value is checked and a bad one
+// names the flag. Flags that set a ds_config key override the file.
+
+typedef struct {
+    const char* config_path;   // -c / --deepspeed_config
+    const char* train_data;
+    const char* val_data;
+    const char* tokenizer_path;
+    const char* init_from;     // model.bin to start from instead of random weights
+    const char* checkpoint_dir;
+    const char* log_path;
+    int64_t steps;
+    uint64_t seed;
+    int64_t save_every;        // 0: save only at the end
+    int resume;
+    int layers, heads, dim, seq_len;
+    int64_t val_every, val_batches, sample_tokens;
+    // ds_config overrides (NAN / -1: not given)
+    double lr, weight_decay, grad_clip;
+    int64_t micro_batch, grad_accum, train_batch_size;
+} Options;
+
+static void options_defaults(Options* o) {
+    memset(o, 0, sizeof(*o));
+    o->train_data = "data/wikitext/wikitext_train_*.bin";
+    o->val_data = "data/wikitext/wikitext_val_*.bin";
+    o->tokenizer_path = "data/gpt2_tokenizer.bin";
+    o->checkpoint_dir = "checkpoints";
+    o->steps = 300;
+    o->seed = 1337;
+    o->layers = 4; o->heads = 4; o->dim = 128; o->seq_len = 128;
+    o->val_every = 50; o->val_batches = 16; o->sample_tokens = 64;
+    o->lr = o->weight_decay = o->grad_clip = NAN;
+    o->micro_batch = o->grad_accum = o->train_batch_size = -1;
+}
+
+static void print_usage(const char* prog) {
+    Options d;
+    options_defaults(&d);
+    printf("usage: %s [options]\n\n"
+           "Trains a GPT-2 model the way DeepSpeed does, from a ds_config.json.\n\n"
+           "  -c, --deepspeed_config FILE  DeepSpeed config (default: built-in: DeepSpeed's defaults, micro batch 8)\n"
+           "  --train-data PATTERN        training shards, a glob (default %s)\n"
+           "  --val-data PATTERN          validation shards (default %s; \"\" = none)\n"
+           "  --tokenizer FILE            GPT-2 tokenizer for the sample (default %s)\n"
+           "  --steps N                   optimizer steps to train to (default %lld)\n"
+           "  --seed N                    seed for weights and data order (default %llu)\n"
+           "  --layers N --heads N --dim N --seq-len N\n"
+           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from\n"
+           "  --init-from FILE            start from the weights of a checkpoint's model.bin\n"
+           "  --checkpoint-dir DIR        where checkpoints go (default %s; \"\" = never save)\n"
+           "  --save-every N              also save every N steps (default 0: only at the end)\n"
+           "  --resume                    continue from DIR/latest, bit for bit\n"
+           "  --log FILE                  JSON-lines log, one object per step\n"
+           "  --val-every N               validation loss every N steps (default %lld; 0 = only at the end)\n"
+           "  --val-batches N             batches per validation (default %lld; 0 = the whole split)\n"
+           "  --sample-tokens N           tokens sampled at the end (default %lld; 0 = none)\n"
+           "  overrides of ds_config keys:\n"
+           "  --lr X                      optimizer.params.lr\n"
+           "  --weight-decay X            optimizer.params.weight_decay\n"
+           "  --grad-clip X               gradient_clipping\n"
+           "  --micro-batch N             train_micro_batch_size_per_gpu\n"
+           "  --grad-accum N              gradient_accumulation_steps\n"
+           "  --train-batch-size N        train_batch_size\n"
+           "  -h, --help                  this text\n",
+           prog, d.train_data, d.val_data, d.tokenizer_path, (long long)d.steps, (unsigned long long)d.seed,
+           d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
+}
+
+static int64_t parse_int_flag(const char* flag, const char* value, int64_t min, int64_t max) {
+    char* end;
+    errno = 0;
+    long long v = strtoll(value, &end, 10);
+    if (value[0] == '\0' || *end != '\0' || errno != 0 || v < min || v > max) {
+        fatal("%s: expected an integer in %lld..%lld, got '%s'", flag, (long long)min, (long long)max, value);
+    }
+    return v;
+}
+
+static double parse_float_flag(const char* flag, const char* value, double min) {
+    char* end;
+    double v = strtod(value, &end);
+    if (value[0] == '\0' || *end != '\0' || !isfinite(v) || v < min) fatal("%s: expected a number >= %g, got '%s'", flag, min, value);
+    return v;
+}
+
+static void parse_args(Options* o, int argc, char** argv) {
+    options_defaults(o);
+    for (int i = 1; i < argc; i++) {
+        char flag[128];
+        const char* arg = argv[i];
+        const char* value = NULL;
+        const char* eq = strchr(arg, '=');
+        if (strncmp(arg, "--", 2) == 0 && eq) { // --flag=value
+            snprintf(flag, sizeof flag, "%.*s", (int)(eq - arg), arg);
+            value = eq + 1;
+        } else {
+            snprintf(flag, sizeof flag, "%s", arg);
+        }
+        const char* f = flag;
+        if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) { print_usage(argv[0]); exit(0); }
+        if (strcmp(f, "--resume") == 0) { if (value) fatal("--resume takes no value"); o->resume = 1; continue; }
+        if (f[0] != '-') fatal("unexpected argument '%s' (see --help)", arg);
+        if (value == NULL) {
+            if (i + 1 >= argc) fatal("%s needs a value (see --help)", f);
+            value = argv[++i];
+        }
+        if (strcmp(f, "-c") == 0 || strcmp(f, "--deepspeed_config") == 0 || strcmp(f, "--deepspeed-config") == 0) o->config_path = value;
+        else if (strcmp(f, "--train-data") == 0) o->train_data = value;
+        else if (strcmp(f, "--val-data") == 0) o->val_data = value;
+        else if (strcmp(f, "--tokenizer") == 0) o->tokenizer_path = value;
+        else if (strcmp(f, "--init-from") == 0) o->init_from = value;
+        else if (strcmp(f, "--checkpoint-dir") == 0) o->checkpoint_dir = value;
+        else if (strcmp(f, "--log") == 0) o->log_path = value;
+        else if (strcmp(f, "--steps") == 0) o->steps = parse_int_flag(f, value, 0, INT64_C(1) << 40);
+        else if (strcmp(f, "--seed") == 0) o->seed = (uint64_t)parse_int_flag(f, value, 0, INT64_MAX);
+        else if (strcmp(f, "--save-every") == 0) o->save_every = parse_int_flag(f, value, 0, INT64_C(1) << 40);
+        else if (strcmp(f, "--layers") == 0) o->layers = (int)parse_int_flag(f, value, 1, 1024);
+        else if (strcmp(f, "--heads") == 0) o->heads = (int)parse_int_flag(f, value, 1, 1024);
+        else if (strcmp(f, "--dim") == 0) o->dim = (int)parse_int_flag(f, value, 1, 1 << 16);
+        else if (strcmp(f, "--seq-len") == 0) o->seq_len = (int)parse_int_flag(f, value, 1, 1 << 20);
+        else if (strcmp(f, "--val-every") == 0) o->val_every = parse_int_flag(f, value, 0, INT64_C(1) << 40);
+        else if (strcmp(f, "--val-batches") == 0) o->val_batches = parse_int_flag(f, value, 0, INT64_C(1) << 40);
+        else if (strcmp(f, "--sample-tokens") == 0) o->sample_tokens = parse_int_flag(f, value, 0, 1 << 20);
+        else if (strcmp(f, "--lr") == 0) o->lr = parse_float_flag(f, value, 0);
+        else if (strcmp(f, "--weight-decay") == 0) o->weight_decay = parse_float_flag(f, value, 0);
+        else if (strcmp(f, "--grad-clip") == 0) o->grad_clip = parse_float_flag(f, value, 0);
+        else if (strcmp(f, "--micro-batch") == 0) o->micro_batch = parse_int_flag(f, value, 1, 1 << 20);
+        else if (strcmp(f, "--grad-accum") == 0) o->grad_accum = parse_int_flag(f, value, 1, 1 << 20);
+        else if (strcmp(f, "--train-batch-size") == 0) o->train_batch_size = parse_int_flag(f, value, 1, 1 << 30);
+        else fatal("unknown option '%s' (see --help)", f);
+    }
+    if (o->heads > 0 && o->dim % o->heads != 0) fatal("--dim (%d) must be a multiple of --heads (%d)", o->dim, o->heads);
+}
+
+// The effective DeepSpeed configuration: file (or built-in defaults), then flags,
+// validated, with the batch sizes resolved for world_size ranks. Exits on error.
+static void load_effective_config(DSConfig* c, const Options* o, int world_size) {
+    char err[1024];
+    if (o->config_path) {
+        if (ds_config_load(c, o->config_path, err, sizeof err)) fatal("%s", err);
+    } else {
+        ds_config_defaults(c);
+        c->micro_batch = 8; // DeepSpeed requires a batch size; the built-in default is 8 sequences
+    }
+    if (!isnan(o->lr)) c->lr = o->lr;
+    if (!isnan(o->weight_decay)) c->weight_decay = o->weight_decay;
+    if (!isnan(o->grad_clip)) c->gradient_clipping = o->grad_clip;
+    if (o->micro_batch != -1) c->micro_batch = o->micro_batch;
+    if (o->grad_accum != -1) c->grad_accum = o->grad_accum;
+    if (o->train_batch_size != -1) c->train_batch_size = o->train_batch_size;
+    if (ds_config_validate(c, err, sizeof err)) fatal("%s", err);
+    if (ds_resolve_batch(c, world_size, err, sizeof err)) fatal("%s", err);
+}
+
+static void print_config(const DSConfig* c, int world_size) {
+    printf("config: %s\n", c->path);
+    printf("  batch: train_batch_size %lld = micro batch %lld x %lld accumulation steps x %d ranks\n",
+           (long long)c->train_batch_size, (long long)c->micro_batch, (long long)c->grad_accum, world_size);
+    printf("  optimizer: %s lr %g betas [%g, %g] eps %g weight_decay %g (%s)\n", c->optimizer_type, c->lr, c->betas[0], c->betas[1], c->eps,
+           c->weight_decay, c->adam_w_mode ? "decoupled, adam_w_mode true" : "L2 added to the gradient, adam_w_mode false");
+    if (c->scheduler == SCHED_NONE) printf("  scheduler: none (constant lr)\n");
+    else printf("  scheduler: %s warmup_num_steps %lld (%s) warmup_min_lr %g warmup_max_lr %g total_num_steps %lld warmup_min_ratio %g cos_min_ratio %g\n",
+                c->scheduler_type, (long long)c->warmup_num_steps, c->warmup_type_name, c->warmup_min_lr,
+                !isnan(c->warmup_max_lr) ? c->warmup_max_lr : (c->scheduler == SCHED_WARMUP_DECAY_LR ? 0.001 : c->lr),
+                (long long)c->total_num_steps, c->warmup_min_ratio, c->cos_min_ratio);
+    printf("  gradient_clipping: %g%s\n", c->gradient_clipping, c->gradient_clipping > 0 ? "" : " (off)");
+    if (c->fp16_enabled) {
+        if (c->fp16_loss_scale == 0) printf("  fp16: dynamic loss scale 2^%lld, window %lld, hysteresis %lld%s, min %g\n", (long long)c->fp16_initial_scale_power,
+                                            (long long)c->fp16_loss_scale_window, (long long)c->fp16_hysteresis, c->fp16_consecutive_hysteresis ? " (consecutive)" : "", c->fp16_min_loss_scale);
+        else printf("  fp16: static loss scale %g\n", c->fp16_loss_scale);
+    } else {
+        printf("  precision: %s\n", c->bf16_enabled ? "bf16" : "fp32");
+    }
+    printf("  zero_optimization: stage %lld, reduce_bucket_size %lld, allgather_bucket_size %lld, overlap_comm %s, contiguous_gradients %s\n",
+           (long long)c->zero_stage, (long long)c->reduce_bucket_size, (long long)c->allgather_bucket_size,
+           c->overlap_comm ? "true" : "false", c->contiguous_gradients ? "true" : "false");
+    if (c->steps_per_print) printf("  steps_per_print: %lld\n", (long long)c->steps_per_print);
+}
+
+#endif // DSTRAIN_H

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# test_cli.sh: the CPU trainer as a user runs it: command-line and config errors,
+# the sample ds_config.json, training that lowers the loss on WikiText, checkpoints,
+# and resume bit for bit. Needs ./train_gpt_cpu and the prepared data (make data).
+set -u
+cd "$(dirname "$0")/.."
+BIN=./train_gpt_cpu
+TMP=tests/tmp/cli
+rm -rf "$TMP"; mkdir -p "$TMP"
+passed=0; failed=0
+
+ok()   { passed=$((passed + 1)); echo "ok   $1"; }
+bad()  { failed=$((failed + 1)); echo "FAIL $1"; shift; for line in "$@"; do echo "    $line"; done; }
+
+# expect_error NAME "text the error must contain" command...: non-zero exit and the text on stderr
+expect_error() {
+    local name=$1 want=$2; shift 2
+    local out rc
+    out=$("$@" 2>&1 >/dev/null); rc=$?
+    if [ $rc -ne 0 ] && [ $rc -lt 128 ] && grep -qF -- "$want" <<<"$out"; then ok "$name"
+    else bad "$name" "exit $rc, wanted an error containing: $want" "got: $out"; fi
+}
+
+# a tiny model on the real WikiText shards, so every run takes seconds
+TINY=(--layers 2 --heads 2 --dim 32 --seq-len 32 --val-every 0 --sample-tokens 0)
+
+# --- command line and config errors -------------------------------------------------
+out=$($BIN --help); rc=$?
+if [ $rc -eq 0 ] && grep -q -- "--deepspeed_config" <<<"$out" && grep -q -- "--resume" <<<"$out"; then ok "help"; else bad "help" "exit $rc"; fi
+expect_error "unknown flag named"        "unknown option '--stepz'"                 $BIN --stepz 3
+expect_error "bad integer names flag"    "--steps: expected an integer"             $BIN --steps abc
+expect_error "negative value names flag" "--micro-batch: expected an integer in 1"  $BIN --micro-batch -2
+expect_error "bad float names flag"      "--lr: expected a number >= 0, got 'fast'" $BIN --lr fast
+expect_error "flag without value"        "--seed needs a value"                     $BIN --seed
+expect_error "dim not multiple of heads" "--dim (65) must be a multiple of --heads (4)" $BIN --dim 65 --heads 4
+expect_error "missing config file"       "cannot open '$TMP/none.json'"             $BIN -c $TMP/none.json
+printf '{\n  "train_batch_size": 8,\n  "fp16": {"enabled": tru}\n}\n' > $TMP/malformed.json
+expect_error "malformed config: line and column" "$TMP/malformed.json: malformed JSON: line 3, column 23" $BIN -c $TMP/malformed.json
+printf '{"train_batch_size": 8, "zero_optimization": {"stage": "two"}}\n' > $TMP/wrongtype.json
+expect_error "wrong type names the key"  "key 'zero_optimization.stage' must be an integer, got a string" $BIN -c $TMP/wrongtype.json
+printf '{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}\n' > $TMP/batch.json
+expect_error "batch error says what to change" "10 != 4 * 2 * 1 (train_batch_size must be a multiple of 4 here, for example 12)" $BIN -c $TMP/batch.json
+expect_error "missing data names pattern" "no data shards match '$TMP/nothing_*.bin'" $BIN --train-data "$TMP/nothing_*.bin"
+expect_error "several ranks refused for now" "multi-rank ZeRO is not implemented yet" env OMPI_COMM_WORLD_SIZE=2 $BIN --steps 1
+expect_error "resume without checkpoint" "--resume: no checkpoint in '$TMP/empty'" $BIN --resume --checkpoint-dir $TMP/empty
+
+# --- the sample DeepSpeed config, unchanged ---------------------------------------------
+out=$($BIN -c ../shared/configs/ds_config.json "${TINY[@]}" --steps 2 --checkpoint-dir "" 2>&1); rc=$?
+if [ $rc -eq 0 ] && grep -qF "train_batch_size 16 = micro batch 4 x 4 accumulation steps x 1 ranks" <<<"$out" \
+   && grep -qF "fp16: dynamic loss scale 2^16, window 1000, hysteresis 2, min 1" <<<"$out" \
+   && grep -qF "zero_optimization.stage 2 with 1 rank" <<<"$out" && grep -q "step     2/2" <<<"$out"; then
+    ok "sample ds_config.json: micro batch 4, 4 accumulation steps"
+else bad "sample ds_config.json: micro batch 4, 4 accumulation steps" "exit $rc" "$(tail -5 <<<"$out")"; fi
+
+# --- training lowers training and validation loss on WikiText -------------------------
+out=$($BIN --layers 2 --heads 2 --dim 64 --seq-len 64 --micro-batch 8 --lr 3e-3 --steps 60 --val-every 20 --val-batches 8 \
+      --sample-tokens 16 --checkpoint-dir "" --log $TMP/learn.jsonl 2>&1); rc=$?
+verdict=$(python3 - $TMP/learn.jsonl <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+train = [r["loss"] for r in rows if r["type"] == "train"]
+val = [r["val_loss"] for r in rows if r["type"] == "val"]
+fields = all({"step", "loss", "lr", "grad_norm", "ms", "tokens_per_s"} <= r.keys() for r in rows if r["type"] == "train")
+first, last = sum(train[:5]) / 5, sum(train[-5:]) / 5
+print("ok" if fields and len(val) == 3 and last < first - 2.0 and val[2] < val[0] else f"train {first:.3f} -> {last:.3f}, val {val}, fields {fields}")
+PY
+)
+if [ $rc -eq 0 ] && [ "$verdict" = ok ] && grep -q "^sample (16 tokens" <<<"$out"; then ok "training lowers train and val loss, prints a sample"
+else bad "training lowers train and val loss, prints a sample" "exit $rc: $verdict" "$(tail -5 <<<"$out")"; fi
+
+# --- checkpoints and resume bit for bit -----------------------------------------------
+cat > $TMP/resume.json <<'JSON'
+{
+  "train_micro_batch_size_per_gpu": 2,
+  "gradient_accumulation_steps": 2,
+  "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.95], "weight_decay": 0.1}},
+  "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 3, "total_num_steps": 8}},
+  "gradient_clipping": 0.5
+}
+JSON
+$BIN -c $TMP/resume.json "${TINY[@]}" --steps 6 --save-every 3 --checkpoint-dir $TMP/straight --log $TMP/straight.jsonl >/dev/null 2>&1
+$BIN -c $TMP/resume.json "${TINY[@]}" --steps 3 --checkpoint-dir $TMP/resumed --log $TMP/resumed.jsonl >/dev/null 2>&1
+out=$($BIN -c $TMP/resume.json "${TINY[@]}" --steps 6 --resume --checkpoint-dir $TMP/resumed --log $TMP/resumed.jsonl 2>&1); rc=$?
+same=1
+for f in model.bin optim_rank0000_of_0001.bin state.bin; do
+    cmp -s $TMP/straight/step_00000006/$f $TMP/resumed/step_00000006/$f || same=0
+done
+losses_straight=$(grep '"train"' $TMP/straight.jsonl | sed 's/.*"loss": \([^,]*\),.*/\1/' | tail -3)
+losses_resumed=$(grep '"train"' $TMP/resumed.jsonl | sed 's/.*"loss": \([^,]*\),.*/\1/' | tail -3)
+if [ $rc -eq 0 ] && [ $same -eq 1 ] && [ "$losses_straight" = "$losses_resumed" ] && grep -q "resumed from $TMP/resumed/step_00000003" <<<"$out"; then
+    ok "resume continues bit for bit (weights, Adam moments, state, losses)"
+else bad "resume continues bit for bit (weights, Adam moments, state, losses)" "exit $rc, files identical: $same" "straight: $losses_straight" "resumed: $losses_resumed"; fi
+if [ "$(cat $TMP/straight/latest)" = "step_00000006" ] && [ -d $TMP/straight/step_00000003 ] && ! ls $TMP/straight | grep -q tmp; then
+    ok "latest names the newest complete checkpoint, no temporary folders left"
+else bad "latest names the newest complete checkpoint, no temporary folders left" "$(ls $TMP/straight)"; fi
+
+# a damaged checkpoint is refused by name, and nothing saved before is touched
+cp -r $TMP/straight $TMP/damaged
+truncate -s -100 $TMP/damaged/step_00000006/optim_rank0000_of_0001.bin
+expect_error "truncated checkpoint refused" "optim_rank0000_of_0001.bin': size does not match its header" \
+    $BIN -c $TMP/resume.json "${TINY[@]}" --steps 9 --resume --checkpoint-dir $TMP/damaged
+echo "step_00000042" > $TMP/damaged/latest
+expect_error "latest naming a missing folder refused" "names '$TMP/damaged/step_00000042', which does not exist" \
+    $BIN -c $TMP/resume.json "${TINY[@]}" --steps 9 --resume --checkpoint-dir $TMP/damaged
+if cmp -s $TMP/straight/step_00000003/model.bin $TMP/damaged/step_00000003/model.bin; then ok "earlier checkpoint untouched"; else bad "earlier checkpoint untouched"; fi
+expect_error "resume on other data refused" "resuming would not continue the same run" \
+    $BIN -c $TMP/resume.json "${TINY[@]}" --steps 9 --resume --checkpoint-dir $TMP/straight --train-data 'data/wikitext/wikitext_val_*.bin'
+
+# fine-tuning from a model file: weights load, the model size comes from the file
+out=$($BIN "${TINY[@]}" --layers 7 --steps 1 --init-from $TMP/straight/step_00000006/model.bin --checkpoint-dir "" 2>&1); rc=$?
+if [ $rc -eq 0 ] && grep -q "model: GPT-2, 2 layers, 2 heads, 32 channels, sequence length 32" <<<"$out" && grep -q "weights: from" <<<"$out"; then ok "init-from takes the model size from the file"
+else bad "init-from takes the model size from the file" "exit $rc" "$(tail -3 <<<"$out")"; fi
+
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]

@@ -1,0 +1,643 @@
+/*
+test_dstrain.c: tests of the shared runtime (dstrain.h) that need no model: config
+reading and validation, DeepSpeed's batch rules, LR schedules against an independent
+Python implementation, the loss scaler and step logic against traces worked out from
+DeepSpeed's algorithm, the data loader, checkpoint files and the tokenizer.
+
+    make test_dstrain && ./test_dstrain tests/tmp
+(tests/tmp/sched is written by tests/schedule_reference.py first; `make test` does both)
+*/
+#include "../dstrain.h"
+#include "test.h"
+
+static const char* TMP = "tests/tmp";
+static char err[2048];
+
+static const char* write_tmp(const char* name, const char* text) {
+    static char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/%s", TMP, name);
+    FILE* f = fopenCheck(path, "w");
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+static int load_text_config(DSConfig* c, const char* json) {
+    err[0] = '\0';
+    int rc = ds_config_load(c, write_tmp("config.json", json), err, sizeof err);
+    if (rc == 0) rc = ds_config_validate(c, err, sizeof err);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// config
+
+static void test_sample_config_loads_unchanged(void) {
+    DSConfig c;
+    int rc = ds_config_load(&c, "../shared/configs/ds_config.json", err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    rc = ds_config_validate(&c, err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    CHECK(c.fp16_enabled == 1 && c.fp16_loss_scale == 0 && c.fp16_initial_scale_power == 16, "fp16 section");
+    CHECK(c.fp16_loss_scale_window == 1000 && c.fp16_hysteresis == 2 && c.fp16_min_loss_scale == 1, "fp16 scaler keys");
+    CHECK(str_ieq(c.optimizer_type, "AdamW") && c.lr == 5e-5 && c.betas[0] == 0.9 && c.betas[1] == 0.999, "optimizer");
+    CHECK(c.eps == 1e-8 && c.weight_decay == 3e-7 && c.adam_w_mode == 1, "optimizer params");
+    CHECK(c.zero_stage == 2 && c.reduce_bucket_size == 500000000 && c.allgather_bucket_size == 500000000, "zero sizes");
+    CHECK(c.overlap_comm == 1 && c.contiguous_gradients == 1 && c.reduce_scatter == 1 && c.allgather_partitions == 1, "zero flags");
+    CHECK(c.steps_per_print == 2000 && c.wall_clock_breakdown == 0, "logging keys");
+    CHECK(c.train_batch_size == 16 && c.grad_accum == 4 && c.micro_batch == -1, "batch keys");
+    CHECK(c.gradient_clipping == 1.0 && c.scheduler == SCHED_NONE, "defaults: clipping 1.0 and no scheduler");
+    // section 2: mb 4 on one rank, 2 on two, refused on eight
+    DSConfig c1 = c, c2 = c, c8 = c;
+    CHECK(ds_resolve_batch(&c1, 1, err, sizeof err) == 0 && c1.micro_batch == 4 && c1.grad_accum == 4, "1 rank: mb %lld", (long long)c1.micro_batch);
+    CHECK(ds_resolve_batch(&c2, 2, err, sizeof err) == 0 && c2.micro_batch == 2 && c2.grad_accum == 4, "2 ranks: mb %lld", (long long)c2.micro_batch);
+    rc = ds_resolve_batch(&c8, 8, err, sizeof err);
+    CHECK_ERR(rc, err, "Micro batch size per gpu: 0 has to be greater than 0");
+    CHECK(strstr(err, "train_batch_size must be at least 32") != NULL, "hint says what to change: %s", err);
+}
+
+static void test_malformed_json_names_line_and_column(void) {
+    DSConfig c;
+    int rc = load_text_config(&c, "{\n  \"fp16\": {\n    \"enabled\": true,\n  }\n}\n");
+    CHECK_ERR(rc, err, "line 4, column 3");
+    CHECK(strstr(err, "config.json") != NULL && strstr(err, "malformed JSON") != NULL, "%s", err);
+    rc = load_text_config(&c, "{\"train_batch_size\": 8");
+    CHECK_ERR(rc, err, "expected ',' or '}'");
+    rc = load_text_config(&c, "{\"a\": tru}");
+    CHECK_ERR(rc, err, "line 1, column 7");
+    rc = load_text_config(&c, "{\"a\": 1} x");
+    CHECK_ERR(rc, err, "unexpected content after the end");
+    rc = load_text_config(&c, "{\"a\": 01}");
+    CHECK_ERR(rc, err, "expected ',' or '}'");
+    rc = load_text_config(&c, "{\"a\": \"x\n\"}");
+    CHECK_ERR(rc, err, "control character");
+    rc = load_text_config(&c, "{\"a\": 1, \"a\": 2}");
+    CHECK_ERR(rc, err, "duplicate key \"a\"");
+    rc = load_text_config(&c, "[1, 2]");
+    CHECK_ERR(rc, err, "top level must be a JSON object");
+    rc = load_text_config(&c, "");
+    CHECK_ERR(rc, err, "unexpected end of input");
+    rc = ds_config_load(&c, "tests/tmp/does_not_exist.json", err, sizeof err);
+    CHECK_ERR(rc, err, "cannot open 'tests/tmp/does_not_exist.json'");
+}
+
+static void test_wrong_types_name_the_key(void) {
+    DSConfig c;
+    int rc = load_text_config(&c, "{\"fp16\": {\"enabled\": \"yes\"}}");
+    CHECK_ERR(rc, err, "key 'fp16.enabled' must be true or false, got a string");
+    rc = load_text_config(&c, "{\"train_batch_size\": 8.5}");
+    CHECK_ERR(rc, err, "key 'train_batch_size' must be an integer, got a non-integer number");
+    rc = load_text_config(&c, "{\"gradient_accumulation_steps\": \"4\"}");
+    CHECK_ERR(rc, err, "key 'gradient_accumulation_steps' must be an integer, got a string");
+    rc = load_text_config(&c, "{\"optimizer\": {\"params\": {\"lr\": [1]}}}");
+    CHECK_ERR(rc, err, "key 'optimizer.params.lr' must be a number, got an array");
+    rc = load_text_config(&c, "{\"optimizer\": {\"params\": {\"betas\": [0.9]}}}");
+    CHECK_ERR(rc, err, "key 'optimizer.params.betas' must be an array of two numbers");
+    rc = load_text_config(&c, "{\"zero_optimization\": 2}");
+    CHECK_ERR(rc, err, "key 'zero_optimization' must be an object, got a number");
+    rc = load_text_config(&c, "{\"optimizer\": {\"type\": 3}}");
+    CHECK_ERR(rc, err, "key 'optimizer.type' must be a string, got a number");
+}
+
+static void test_invalid_values_are_refused(void) {
+    DSConfig c;
+    struct { const char* json; const char* want; } cases[] = {
+        {"{\"fp16\": {\"enabled\": true}, \"bf16\": {\"enabled\": true}}", "bfloat16 and fp16 modes cannot be simultaneously enabled"},
+        {"{\"fp16\": {\"loss_scale\": -1}}", "key 'fp16.loss_scale' must be 0 (dynamic) or a positive finite number"},
+        {"{\"fp16\": {\"loss_scale\": NaN}}", "key 'fp16.loss_scale'"},
+        {"{\"fp16\": {\"loss_scale\": Infinity}}", "key 'fp16.loss_scale'"},
+        {"{\"fp16\": {\"loss_scale_window\": 0}}", "key 'fp16.loss_scale_window' must be > 0"},
+        {"{\"fp16\": {\"min_loss_scale\": 0}}", "key 'fp16.min_loss_scale' must be > 0"},
+        {"{\"fp16\": {\"hysteresis\": 0}}", "key 'fp16.hysteresis' must be >= 1"},
+        {"{\"optimizer\": {\"type\": \"SGD\"}}", "\"SGD\" is not supported"},
+        {"{\"optimizer\": {\"params\": {\"max_grad_norm\": 1.0}}}", "'gradient_clipping'"},
+        {"{\"optimizer\": {\"params\": {\"betas\": [0.9, 1.0]}}}", "key 'optimizer.params.betas' must be two numbers in [0, 1)"},
+        {"{\"optimizer\": {\"params\": {\"eps\": 0}}}", "key 'optimizer.params.eps' must be > 0"},
+        {"{\"optimizer\": {\"params\": {\"lr\": -0.1}}}", "key 'optimizer.params.lr' must be >= 0"},
+        {"{\"scheduler\": {\"type\": \"OneCycle\"}}", "\"OneCycle\" is not supported"},
+        {"{\"scheduler\": {\"type\": \"WarmupDecayLR\", \"params\": {}}}", "'scheduler.params.total_num_steps' is required by WarmupDecayLR"},
+        {"{\"scheduler\": {\"type\": \"WarmupLR\", \"params\": {\"warmup_type\": \"cubic\"}}}", "must be \"log\" or \"linear\""},
+        {"{\"gradient_clipping\": -1}", "key 'gradient_clipping' must be >= 0"},
+        {"{\"zero_optimization\": {\"stage\": 3}}", "stage 3 is not supported yet"},
+        {"{\"zero_optimization\": {\"stage\": 7}}", "must be 0, 1 or 2"},
+        {"{\"zero_optimization\": {\"allgather_bucket_size\": 3}}", "positive even number"},
+        {"{\"zero_optimization\": {\"reduce_bucket_size\": 0}}", "'zero_optimization.reduce_bucket_size' must be > 0"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        int rc = load_text_config(&c, cases[i].json);
+        CHECK_ERR(rc, err, cases[i].want);
+    }
+    // accepted: Adam in any case is AdamW-mode by default, unknown keys are ignored, null is the default
+    int rc = load_text_config(&c, "{\"optimizer\": {\"type\": \"adam\"}, \"some_future_key\": {\"x\": 1}, \"fp16\": {\"hysteresis\": null}}");
+    CHECK(rc == 0, "%s", err);
+    CHECK(c.adam_w_mode == 1 && c.fp16_hysteresis == 2, "adam_w_mode default true, null keeps the default");
+}
+
+// ----------------------------------------------------------------------------
+// batch: every row of DEEPSPEED.md section 2 and every error, in DeepSpeed's order
+
+static int resolve(int64_t tb, int64_t mb, int64_t ga, int ws, DSConfig* c) {
+    ds_config_defaults(c);
+    c->train_batch_size = tb; c->micro_batch = mb; c->grad_accum = ga;
+    err[0] = '\0';
+    return ds_resolve_batch(c, ws, err, sizeof err);
+}
+
+static void test_batch_table(void) {
+    DSConfig c;
+    const int64_t N = -1; // not given
+    struct { int64_t tb, mb, ga; int ws; int64_t want_tb, want_mb, want_ga; } rows[] = {
+        {32, 4, 2, 4, 32, 4, 2},   // tb, mb, ga: nothing derived
+        {32, 4, N, 2, 32, 4, 4},   // tb, mb: ga = tb // mb // ws
+        {30, 4, N, 2, 30, 4, 3},   //   floor division (then the product check fails, below)
+        {32, N, 2, 4, 32, 4, 2},   // tb, ga: mb = tb // ws // ga
+        {N, 3, 5, 2, 30, 3, 5},    // mb, ga: tb = mb * ga * ws
+        {24, N, N, 4, 24, 6, 1},   // tb: ga = 1, mb = tb // ws
+        {N, 7, N, 3, 21, 7, 1},    // mb: ga = 1, tb = mb * ws
+    };
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        int rc = resolve(rows[i].tb, rows[i].mb, rows[i].ga, rows[i].ws, &c);
+        CHECK(c.train_batch_size == rows[i].want_tb && c.micro_batch == rows[i].want_mb && c.grad_accum == rows[i].want_ga,
+              "row %zu: got tb %lld mb %lld ga %lld", i, (long long)c.train_batch_size, (long long)c.micro_batch, (long long)c.grad_accum);
+        if (i == 2) { CHECK_ERR(rc, err, "30 != 4 * 3 * 2"); }
+        else { CHECK(rc == 0, "row %zu: %s", i, err); }
+    }
+    int rc = resolve(N, N, 4, 1, &c);
+    CHECK_ERR(rc, err, "Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided");
+    rc = resolve(0, 0, N, 1, &c); // both bad: the train batch is checked first
+    CHECK_ERR(rc, err, "Train batch size: 0 has to be greater than 0");
+    rc = resolve(8, 0, 2, 1, &c);
+    CHECK_ERR(rc, err, "Micro batch size per gpu: 0 has to be greater than 0");
+    rc = resolve(16, N, 4, 8, &c); // the sample config on 8 ranks
+    CHECK_ERR(rc, err, "Micro batch size per gpu: 0 has to be greater than 0");
+    rc = resolve(2, 4, N, 1, &c);
+    CHECK_ERR(rc, err, "Gradient accumulation steps: 0 has to be greater than 0");
+    CHECK(strstr(err, "raise train_batch_size to at least 4") != NULL, "hint: %s", err);
+    rc = resolve(10, 4, 2, 1, &c);
+    CHECK_ERR(rc, err, "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size 10 != 4 * 2 * 1");
+    CHECK(strstr(err, "must be a multiple of 4 here, for example 12") != NULL, "hint: %s", err);
+}
+
+// ----------------------------------------------------------------------------
+// schedules: lr_at against tests/schedule_reference.py (an independent implementation)
+
+static void test_schedules_match_reference(void) {
+    char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/sched/expected.txt", TMP);
+    FILE* f = fopen(path, "r");
+    CHECK(f != NULL, "missing %s: run tests/schedule_reference.py first", path);
+    if (!f) return;
+    char name[64], loaded[64] = "";
+    long long it;
+    double want;
+    int compared = 0;
+    DSConfig c;
+    while (fscanf(f, "%63s %lld %lf", name, &it, &want) == 3) {
+        if (strcmp(name, loaded) != 0) {
+            char cpath[PATH_LEN];
+            format_path(cpath, sizeof cpath, "%s/sched/%s", TMP, name);
+            int rc = ds_config_load(&c, cpath, err, sizeof err);
+            if (rc == 0) rc = ds_config_validate(&c, err, sizeof err);
+            CHECK(rc == 0, "%s", err);
+            strcpy(loaded, name);
+        }
+        double got = lr_at(&c, it);
+        // double arithmetic on both sides, same formulas: agreement to a few ulps
+        CHECK(rel_err(got, want, 1e-300) < 1e-12 || (want == 0 && got == 0), "%s it %lld: got %.17g want %.17g", name, it, got, want);
+        compared++;
+    }
+    fclose(f);
+    CHECK(compared == 8 * 42, "compared %d values", compared);
+    // hand-checked anchors: WarmupLR's first two updates use warmup_min_lr; W = max(2, n)
+    ds_config_defaults(&c);
+    c.scheduler = SCHED_WARMUP_LR; c.warmup_min_lr = 0.25; c.warmup_max_lr = 1.0; c.warmup_num_steps = 4;
+    CHECK(lr_at(&c, -1) == 0.25 && lr_at(&c, 0) == 0.25, "first two updates at min");
+    CHECK(fabs(lr_at(&c, 1) - (0.25 + 0.75 * log(2) / log(4))) < 1e-15 && lr_at(&c, 4) == 1.0, "log warmup");
+}
+
+// ----------------------------------------------------------------------------
+// loss scaler and step logic: traces worked out by hand from DEEPSPEED.md section 3
+
+static DSConfig fp16_config(double loss_scale, int power, int window, int hysteresis, int consecutive, double min_scale) {
+    DSConfig c;
+    ds_config_defaults(&c);
+    c.fp16_enabled = 1; c.fp16_loss_scale = loss_scale; c.fp16_initial_scale_power = power;
+    c.fp16_loss_scale_window = window; c.fp16_hysteresis = hysteresis; c.fp16_consecutive_hysteresis = consecutive;
+    c.fp16_min_loss_scale = min_scale;
+    return c;
+}
+
+static void test_scaler_defaults_first_overflow_spends_hysteresis(void) {
+    DSConfig c = fp16_config(0, 16, 1000, 2, 0, 1);
+    LossScaler s;
+    loss_scaler_init(&s, &c);
+    CHECK(s.scale == 65536 && s.hyst == 2, "start 2^16, hysteresis 2");
+    loss_scaler_update(&s, 1, 0);
+    CHECK(s.scale == 65536 && s.hyst == 1 && s.last_overflow_iter == 0, "first overflow: scale kept, hyst 1");
+    loss_scaler_update(&s, 1, 0);
+    CHECK(s.scale == 32768 && s.hyst == 1 && s.last_overflow_iter == 1, "second overflow halves");
+    loss_scaler_update(&s, 1, 0);
+    CHECK(s.scale == 16384, "third overflow halves again");
+}
+
+static void test_scaler_window_growth_on_1001st_clean_step(void) {
+    DSConfig c = fp16_config(0, 16, 1000, 2, 0, 1);
+    LossScaler s;
+    loss_scaler_init(&s, &c);
+    for (int i = 0; i < 1000; i++) loss_scaler_update(&s, 0, 0);
+    CHECK(s.scale == 65536, "1000 clean steps: still 2^16 (got %g)", s.scale);
+    loss_scaler_update(&s, 0, 0);
+    CHECK(s.scale == 131072, "1001st clean step doubles (got %g)", s.scale);
+    for (int i = 0; i < 999; i++) loss_scaler_update(&s, 0, 0);
+    CHECK(s.scale == 131072, "next 999 keep it");
+    loss_scaler_update(&s, 0, 0);
+    CHECK(s.scale == 262144, "and the 1000th after doubles again");
+}
+
+static void test_scaler_hysteresis_refills_only_on_growth(void) {
+    DSConfig c = fp16_config(0, 16, 10, 2, 0, 1);
+    LossScaler s;
+    loss_scaler_init(&s, &c);
+    loss_scaler_update(&s, 1, 0);              // iter 0: overflow, hyst 2 -> 1
+    for (int i = 0; i < 5; i++) loss_scaler_update(&s, 0, 0); // iters 1..5 clean
+    CHECK(s.hyst == 1, "clean steps do not refill hysteresis (hyst %lld)", (long long)s.hyst);
+    loss_scaler_update(&s, 1, 0);              // iter 6: overflow with hyst 1 halves
+    CHECK(s.scale == 32768 && s.last_overflow_iter == 6, "halved at iter 6");
+    for (int i = 7; i <= 16; i++) loss_scaler_update(&s, 0, 0); // stable = i - 6 - 1: 10 at i = 17
+    CHECK(s.scale == 32768 && s.hyst == 1, "not yet grown at iter 16");
+    loss_scaler_update(&s, 0, 0);              // iter 17: stable 10 % 10 == 0 -> grow, refill
+    CHECK(s.scale == 65536 && s.hyst == 2, "grown and refilled at iter 17 (scale %g hyst %lld)", s.scale, (long long)s.hyst);
+}
+
+static void test_scaler_consecutive_hysteresis(void) {
+    DSConfig c = fp16_config(0, 16, 1000, 2, 1, 1);
+    LossScaler s;
+    loss_scaler_init(&s, &c);
+    loss_scaler_update(&s, 1, 0);
+    CHECK(s.hyst == 1 && s.scale == 65536, "overflow spends hysteresis");
+    loss_scaler_update(&s, 0, 0);
+    CHECK(s.hyst == 2, "a clean step refills it");
+    loss_scaler_update(&s, 1, 0);
+    loss_scaler_update(&s, 0, 0);
+    loss_scaler_update(&s, 1, 0);
+    CHECK(s.scale == 65536, "alternating overflows never halve with consecutive hysteresis");
+    loss_scaler_update(&s, 1, 0);
+    CHECK(s.scale == 32768, "two in a row do");
+}
+
+static void test_scaler_minimum_floor_and_fatal(void) {
+    DSConfig c = fp16_config(0, 2, 1000, 1, 0, 1.5); // S = 4, min 1.5, no hysteresis
+    LossScaler s;
+    loss_scaler_init(&s, &c);
+    CHECK(loss_scaler_update(&s, 1, 0) == 0 && s.scale == 2, "4 -> 2");
+    CHECK(loss_scaler_update(&s, 1, 0) == 0 && s.scale == 1.5, "2 -> max(1, 1.5) = 1.5");
+    CHECK(loss_scaler_update(&s, 1, 0) == -1, "at the minimum: fatal");
+}
+
+static void test_scaler_static_scale(void) {
+    DSConfig c = fp16_config(128, 16, 1000, 2, 0, 1);
+    TrainState st;
+    train_state_init(&st, &c);
+    CHECK(st.scaler.scale == 128 && !st.scaler.dynamic, "static 128");
+    StepPlan p = step_plan(&st, &c, 1, 0.0);
+    CHECK(p.skip && p.overflow, "an overflowing step is still skipped");
+    step_finish(&st, &p, 0);
+    for (int i = 0; i < 3000; i++) { p = step_plan(&st, &c, 0, 1.0); step_finish(&st, &p, 0); }
+    CHECK(st.scaler.scale == 128 && st.skipped == 1 && st.adam_t == 3000, "static scale never changes");
+}
+
+static void test_step_plan_skip_and_clip(void) {
+    DSConfig c = fp16_config(0, 10, 1000, 1, 0, 1); // S = 1024, no hysteresis
+    c.gradient_clipping = 0.5;
+    c.scheduler = SCHED_WARMUP_LR; c.warmup_min_lr = 0.0; c.warmup_max_lr = 1.0; c.warmup_num_steps = 10; c.warmup_type = WARMUP_LINEAR;
+    TrainState st;
+    train_state_init(&st, &c);
+    // applied step: true norm 2 (scaled sumsq = (2 * 1024)^2), clip 0.5 -> factor 1 / (1024 * (2 + 1e-6) / 0.5)
+    StepPlan p = step_plan(&st, &c, 0, 2048.0 * 2048.0);
+    CHECK(!p.skip && p.grad_norm == 2.0 && p.adam_t == 1 && p.lr == 0.0f, "norm %g t %lld lr %g", p.grad_norm, (long long)p.adam_t, p.lr);
+    CHECK(rel_err(p.grad_factor, 1.0 / (1024.0 * (2.0 + 1e-6) / 0.5), 0) < 1e-7, "factor %g", p.grad_factor);
+    step_finish(&st, &p, 0);
+    // overflow: skipped, t and schedule do not advance, the scale halves
+    p = step_plan(&st, &c, 1, 0.0);
+    CHECK(p.skip, "skip");
+    step_finish(&st, &p, 0);
+    CHECK(st.step == 2 && st.skipped == 1 && st.adam_t == 1 && st.sched_it == 0 && st.scaler.scale == 512, "counters after skip");
+    // below the clip threshold the factor is only the unscale
+    p = step_plan(&st, &c, 0, 0.1 * 0.1 * 512.0 * 512.0);
+    CHECK(p.adam_t == 2 && rel_err(p.grad_factor, 1.0 / 512.0, 0) < 1e-7 && rel_err(p.grad_norm, 0.1, 0) < 1e-12, "no clipping under threshold");
+    CHECK(p.lr == 0.0f, "schedule it 0 still gives the minimum lr, got %g", p.lr);
+    // without fp16, nothing is ever skipped and the scale is 1
+    DSConfig f32;
+    ds_config_defaults(&f32);
+    train_state_init(&st, &f32);
+    p = step_plan(&st, &f32, 1, 4.0);
+    CHECK(!p.skip && p.scale == 1 && p.grad_norm == 2.0, "fp32 does not skip");
+}
+
+// ----------------------------------------------------------------------------
+// data loader
+
+// Shard whose token i is `first + i` (mod 65536): a sequence is identified by its first token.
+static const char* write_shard(const char* name, int first, int n, int magic, int version, int header_count) {
+    static char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/%s", TMP, name);
+    FILE* f = fopenCheck(path, "wb");
+    int32_t header[256] = {0};
+    header[0] = magic; header[1] = version; header[2] = header_count;
+    fwrite(header, sizeof header, 1, f);
+    for (int i = 0; i < n; i++) { uint16_t t = (uint16_t)(first + i); fwrite(&t, 2, 1, f); }
+    fclose(f);
+    return path;
+}
+
+static void write_three_shards(void) {
+    write_shard("dl_a.bin", 0, 1000, SHARD_MAGIC, 1, 1000);     // 1000 tokens: 99 sequences of 10+1
+    write_shard("dl_b.bin", 20000, 501, SHARD_MAGIC, 1, 501);   // 50 sequences
+    write_shard("dl_c.bin", 40000, 305, SHARD_MAGIC, 1, 305);   // 30 sequences
+}
+
+static void test_loader_epoch_covers_each_sequence_once_and_ranks_are_disjoint(void) {
+    write_three_shards();
+    char pattern[PATH_LEN];
+    format_path(pattern, sizeof pattern, "%s/dl_*.bin", TMP);
+    const int T = 10, B = 2, ga = 3;
+    for (int world = 1; world <= 3; world++) {
+        size_t global = (size_t)B * ga * world;
+        static int seen[65536];
+        memset(seen, 0, sizeof seen);
+        size_t epoch_seqs = 0;
+        for (int rank = 0; rank < world; rank++) {
+            DataLoader L;
+            int rc = dataloader_init(&L, pattern, B, T, rank, world, global, 1, 42, 65536, err, sizeof err);
+            CHECK(rc == 0, "%s", err);
+            if (rc) return;
+            CHECK(L.num_seqs == 179, "179 sequences, got %zu", L.num_seqs);
+            epoch_seqs = L.seqs_per_epoch;
+            CHECK(epoch_seqs == 179 / global * global, "epoch drops the partial global batch");
+            size_t micro_batches = epoch_seqs / ((size_t)world * B);
+            for (size_t k = 0; k < micro_batches; k++) {
+                dataloader_next(&L);
+                for (int b = 0; b < B; b++) {
+                    int first = L.inputs[b * T];
+                    seen[first]++;
+                    int ok = (first % 10 == 0) || (first >= 20000 && (first - 20000) % 10 == 0) || (first >= 40000 && (first - 40000) % 10 == 0);
+                    CHECK(ok, "sequence starts on a stride boundary (token %d)", first);
+                    for (int t = 0; t < T; t++) {
+                        CHECK(L.inputs[b * T + t] == first + t && L.targets[b * T + t] == first + t + 1, "targets are inputs shifted by one");
+                    }
+                }
+            }
+            CHECK(L.epoch == 1 && L.cursor == 0, "one epoch consumed");
+            dataloader_free(&L);
+        }
+        size_t distinct = 0, repeated = 0;
+        for (int i = 0; i < 65536; i++) { distinct += seen[i] > 0; repeated += seen[i] > 1; }
+        CHECK(distinct == epoch_seqs && repeated == 0, "world %d: %zu distinct sequences (want %zu), %zu repeated", world, distinct, epoch_seqs, repeated);
+    }
+}
+
+// The sequences of an optimizer step do not depend on how the global batch is split.
+static void test_loader_step_contents_independent_of_split(void) {
+    write_three_shards();
+    char pattern[PATH_LEN];
+    format_path(pattern, sizeof pattern, "%s/dl_*.bin", TMP);
+    const int T = 10;
+    struct { int world, B, ga; } splits[] = {{1, 12, 1}, {2, 3, 2}, {3, 2, 2}, {4, 1, 3}};
+    long sums[4][5];
+    for (int s = 0; s < 4; s++) {
+        for (int step = 0; step < 5; step++) sums[s][step] = 0;
+        for (int rank = 0; rank < splits[s].world; rank++) {
+            DataLoader L;
+            dataloader_init(&L, pattern, splits[s].B, T, rank, splits[s].world, 12, 1, 7, 65536, err, sizeof err);
+            for (int step = 0; step < 5; step++) {
+                for (int g = 0; g < splits[s].ga; g++) {
+                    dataloader_next(&L);
+                    for (int b = 0; b < splits[s].B; b++) sums[s][step] += (long)L.inputs[b * T] * L.inputs[b * T] + L.inputs[b * T];
+                }
+            }
+            dataloader_free(&L);
+        }
+    }
+    for (int s = 1; s < 4; s++) {
+        for (int step = 0; step < 5; step++) CHECK(sums[s][step] == sums[0][step], "split %d step %d has other sequences", s, step);
+    }
+}
+
+static void test_loader_seek_resumes_and_epochs_reshuffle(void) {
+    write_three_shards();
+    char pattern[PATH_LEN];
+    format_path(pattern, sizeof pattern, "%s/dl_*.bin", TMP);
+    DataLoader a, b;
+    dataloader_init(&a, pattern, 4, 10, 0, 1, 8, 1, 3, 65536, err, sizeof err);
+    dataloader_init(&b, pattern, 4, 10, 0, 1, 8, 1, 3, 65536, err, sizeof err);
+    for (int i = 0; i < 7; i++) dataloader_next(&a);
+    dataloader_seek(&b, a.epoch, a.cursor);
+    int same = 1;
+    for (int i = 0; i < 50; i++) { // crosses into the next epoch
+        dataloader_next(&a); dataloader_next(&b);
+        same &= memcmp(a.inputs, b.inputs, 40 * sizeof(int)) == 0 && a.epoch == b.epoch && a.cursor == b.cursor;
+    }
+    CHECK(same, "a seek to a saved position continues identically");
+    // epoch 0 and epoch 1 visit the same sequences in a different order
+    dataloader_seek(&a, 0, 0);
+    dataloader_seek(&b, 1, 0);
+    int differ = 0;
+    long sum_a = 0, sum_b = 0;
+    for (int i = 0; i < 44; i++) { // 176 / 4
+        dataloader_next(&a); dataloader_next(&b);
+        for (int k = 0; k < 4; k++) { sum_a += a.inputs[k * 10]; sum_b += b.inputs[k * 10]; }
+        differ |= memcmp(a.inputs, b.inputs, 40 * sizeof(int)) != 0;
+    }
+    CHECK(differ, "each epoch has its own order");
+    CHECK(sum_a == sum_b || a.seqs_per_epoch != a.num_seqs, "same set when nothing is dropped");
+    dataloader_free(&a);
+    dataloader_free(&b);
+}
+
+static void test_loader_refuses_bad_data(void) {
+    DataLoader L;
+    char path[PATH_LEN];
+    int rc = dataloader_init(&L, "tests/tmp/nothing_*.bin", 1, 4, 0, 1, 1, 0, 0, 50257, err, sizeof err);
+    CHECK_ERR(rc, err, "no data shards match 'tests/tmp/nothing_*.bin'");
+    format_path(path, sizeof path, "%s", write_shard("bad_magic.bin", 0, 100, 12345, 1, 100));
+    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
+    CHECK_ERR(rc, err, "bad magic 12345");
+    format_path(path, sizeof path, "%s", write_shard("bad_version.bin", 0, 100, SHARD_MAGIC, 3, 100));
+    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
+    CHECK_ERR(rc, err, "unsupported version 3");
+    format_path(path, sizeof path, "%s", write_shard("truncated.bin", 0, 90, SHARD_MAGIC, 1, 100));
+    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
+    CHECK_ERR(rc, err, "header says 100 tokens (1224 bytes) but the file has 1204 bytes");
+    format_path(path, sizeof path, "%s", write_shard("range.bin", 50250, 100, SHARD_MAGIC, 1, 100));
+    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 50257, err, sizeof err);
+    CHECK_ERR(rc, err, "token id 50257 at position 7 is outside the vocabulary (size 50257)");
+    format_path(path, sizeof path, "%s", write_shard("small.bin", 0, 30, SHARD_MAGIC, 1, 30));
+    rc = dataloader_init(&L, path, 4, 8, 0, 1, 4, 0, 0, 65536, err, sizeof err);
+    CHECK_ERR(rc, err, "30 tokens make 3 sequences of 8+1 tokens, fewer than one batch of 4 sequences");
+    FILE* f = fopenCheck(write_tmp("tiny.bin", ""), "wb");
+    fwrite("abc", 1, 3, f);
+    fclose(f);
+    rc = dataloader_init(&L, "tests/tmp/tiny.bin", 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
+    CHECK_ERR(rc, err, "shorter than the 1024-byte header");
+}
+
+// ----------------------------------------------------------------------------
+// checkpoint files
+
+static void test_model_file_roundtrip_and_truncation(void) {
+    ModelConfig m = gpt2_config(2, 2, 8, 16, 300);
+    size_t n = 1234;
+    float* p = (float*)mallocCheck(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = (float)i * 0.5f - 3.0f;
+    char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/model.bin", TMP);
+    model_file_write(path, &m, p, n);
+    ModelConfig r;
+    size_t rn;
+    CHECK(model_file_config(path, &r, &rn, err, sizeof err) == 0, "%s", err);
+    CHECK(memcmp(&r, &m, sizeof m) == 0 && rn == n, "config round trip");
+    float* q = (float*)mallocCheck(n * sizeof(float));
+    CHECK(model_file_read(path, q, n, err, sizeof err) == 0 && memcmp(p, q, n * sizeof(float)) == 0, "weights round trip");
+    CHECK_ERR(model_file_read(path, q, n + 1, err, sizeof err), err, "1234 parameters, the model has 1235");
+    CHECK(truncate(path, 1024 + 4 * (off_t)n - 4) == 0, "truncate");
+    CHECK_ERR(model_file_config(path, &r, &rn, err, sizeof err), err, "size does not match its header");
+    CHECK_ERR(model_file_config("tests/tmp/none.bin", &r, &rn, err, sizeof err), err, "'tests/tmp/none.bin'");
+    free(p);
+    free(q);
+}
+
+// Optimizer state saved by 4 ranks loads on 1, 2 and 3 ranks with identical values.
+static void test_optimizer_partitions_load_on_any_world_size(void) {
+    size_t n = 1001, padded = 1008; // padded to a multiple of 2 * 4
+    float *master = (float*)callocCheck(padded, 4), *m = (float*)callocCheck(padded, 4), *v = (float*)callocCheck(padded, 4);
+    for (size_t i = 0; i < n; i++) { master[i] = (float)i; m[i] = (float)i * 0.001f; v[i] = (float)i * 1e-6f; }
+    char tmp[PATH_LEN];
+    checkpoint_begin("tests/tmp/ckpt", 5, tmp, sizeof tmp);
+    for (int r = 0; r < 4; r++) {
+        size_t off = padded / 4 * r, cnt = padded / 4;
+        optim_file_write(tmp, r, 4, off, cnt, n, master + off, m + off, v + off);
+    }
+    checkpoint_commit("tests/tmp/ckpt", 5, tmp);
+    char folder[PATH_LEN];
+    CHECK(checkpoint_latest("tests/tmp/ckpt", folder, sizeof folder, err, sizeof err) == 0, "%s", err);
+    CHECK(strstr(folder, "step_00000005") != NULL, "latest names step 5: %s", folder);
+    for (int world = 1; world <= 3; world++) {
+        size_t wpad = (n + 2 * world - 1) / (2 * world) * (2 * world);
+        for (int r = 0; r < world; r++) {
+            size_t off = wpad / world * r, cnt = wpad / world;
+            float *a = (float*)mallocCheck(cnt * 4), *b = (float*)mallocCheck(cnt * 4), *c = (float*)mallocCheck(cnt * 4);
+            int rc = optim_files_read(folder, 4, off, cnt, n, a, b, c, err, sizeof err);
+            CHECK(rc == 0, "%s", err);
+            int same = 1;
+            for (size_t i = 0; i < cnt; i++) {
+                size_t g = off + i;
+                float wm = g < n ? master[g] : 0.0f, wmm = g < n ? m[g] : 0.0f, wv = g < n ? v[g] : 0.0f;
+                same &= a[i] == wm && b[i] == wmm && c[i] == wv;
+            }
+            CHECK(same, "world %d rank %d partition differs", world, r);
+            free(a); free(b); free(c);
+        }
+    }
+    // a missing rank file is an error that names it
+    char victim[PATH_LEN];
+    optim_file_name(victim, sizeof victim, folder, 2, 4);
+    unlink(victim);
+    float* a = (float*)mallocCheck(padded * 4);
+    CHECK_ERR(optim_files_read(folder, 4, 0, padded, n, a, a, a, err, sizeof err), err, "optim_rank0002_of_0004.bin");
+    free(a); free(master); free(m); free(v);
+}
+
+static void test_checkpoint_commit_keeps_previous_on_crash(void) {
+    char tmp[PATH_LEN], folder[PATH_LEN];
+    float x = 1.0f;
+    ModelConfig mc = gpt2_config(1, 1, 4, 4, 10);
+    remove_folder("tests/tmp/ck2/step_00000001");
+    checkpoint_begin("tests/tmp/ck2", 1, tmp, sizeof tmp);
+    char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/model.bin", tmp);
+    model_file_write(path, &mc, &x, 1);
+    checkpoint_commit("tests/tmp/ck2", 1, tmp);
+    // a save of step 2 that "crashes" before its commit: latest still names step 1
+    checkpoint_begin("tests/tmp/ck2", 2, tmp, sizeof tmp);
+    format_path(path, sizeof path, "%s/model.bin", tmp);
+    model_file_write(path, &mc, &x, 1);
+    CHECK(checkpoint_latest("tests/tmp/ck2", folder, sizeof folder, err, sizeof err) == 0 && strstr(folder, "step_00000001"), "latest: %s", folder);
+    // a corrupt latest file is refused
+    write_tmp("ck2/latest", "../../etc\n");
+    CHECK_ERR(checkpoint_latest("tests/tmp/ck2", folder, sizeof folder, err, sizeof err), err, "does not name a checkpoint folder");
+}
+
+static void test_state_file_roundtrip(void) {
+    DSConfig c = fp16_config(0, 16, 1000, 2, 0, 1);
+    CheckpointState s, r;
+    memset(&s, 0, sizeof s);
+    memset(&r, 0, sizeof r);
+    train_state_init(&s.train, &c);
+    s.train.step = 9; s.train.adam_t = 7; s.train.sched_it = 6; s.train.skipped = 2;
+    s.train.scaler.scale = 16384; s.train.scaler.cur_iter = 9; s.train.scaler.last_overflow_iter = 5; s.train.scaler.hyst = 1;
+    s.loader_epoch = 3; s.loader_cursor = 96; s.seq_len = 64; s.train_seqs = 1000; s.global_batch = 16; s.world_size = 4; s.seed = 99;
+    rng_seed(&s.rng, 5);
+    char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/state.bin", TMP);
+    state_file_write(path, &s);
+    CHECK(state_file_read(path, &r, err, sizeof err) == 0, "%s", err);
+    CHECK(r.train.step == 9 && r.train.adam_t == 7 && r.train.sched_it == 6 && r.train.skipped == 2, "counters");
+    CHECK(r.train.scaler.scale == 16384 && r.train.scaler.cur_iter == 9 && r.train.scaler.last_overflow_iter == 5 && r.train.scaler.hyst == 1, "scaler");
+    CHECK(r.loader_epoch == 3 && r.loader_cursor == 96 && r.seq_len == 64 && r.train_seqs == 1000 && r.world_size == 4 && r.seed == 99, "position");
+    CHECK(memcmp(r.rng.s, s.rng.s, sizeof s.rng.s) == 0, "rng");
+}
+
+// ----------------------------------------------------------------------------
+// tokenizer
+
+static void test_tokenizer_reads_and_refuses_truncation(void) {
+    char path[PATH_LEN];
+    format_path(path, sizeof path, "%s/tok.bin", TMP);
+    FILE* f = fopenCheck(path, "wb");
+    uint32_t header[256] = {20240328, 2, 3, 2};
+    fwrite(header, sizeof header, 1, f);
+    const char* words[] = {"a", "bc", "<|end|>"};
+    for (int i = 0; i < 3; i++) { unsigned char n = (unsigned char)strlen(words[i]); fwrite(&n, 1, 1, f); fwrite(words[i], 1, n, f); }
+    fclose(f);
+    Tokenizer tk;
+    CHECK(tokenizer_load(&tk, path, err, sizeof err) == 0, "%s", err);
+    CHECK(tk.vocab_size == 3 && tk.eot_token == 2 && strcmp(tokenizer_decode(&tk, 1), "bc") == 0 && strcmp(tokenizer_decode(&tk, 7), "") == 0, "decode");
+    tokenizer_free(&tk);
+    CHECK(truncate(path, 1024 + 4) == 0, "truncate");
+    CHECK_ERR(tokenizer_load(&tk, path, err, sizeof err), err, "truncated at token 1");
+    tokenizer_free(&tk);
+    // the real GPT-2 tokenizer, where `make data` wrote it
+    if (tokenizer_load(&tk, "data/gpt2_tokenizer.bin", err, sizeof err) == 0) {
+        CHECK(tk.vocab_size == 50257 && tk.eot_token == 50256 && strcmp(tokenizer_decode(&tk, 50256), "<|endoftext|>") == 0, "GPT-2 EOT");
+        CHECK(strcmp(tokenizer_decode(&tk, 464), "The") == 0, "token 464 is 'The', got '%s'", tokenizer_decode(&tk, 464));
+        tokenizer_free(&tk);
+    }
+}
+
+int main(int argc, char** argv) {
+    if (argc > 1) TMP = argv[1];
+    make_dirs(TMP);
+    RUN(test_sample_config_loads_unchanged);
+    RUN(test_malformed_json_names_line_and_column);
+    RUN(test_wrong_types_name_the_key);
+    RUN(test_invalid_values_are_refused);
+    RUN(test_batch_table);
+    RUN(test_schedules_match_reference);
+    RUN(test_scaler_defaults_first_overflow_spends_hysteresis);
+    RUN(test_scaler_window_growth_on_1001st_clean_step);
+    RUN(test_scaler_hysteresis_refills_only_on_growth);
+    RUN(test_scaler_consecutive_hysteresis);
+    RUN(test_scaler_minimum_floor_and_fatal);
+    RUN(test_scaler_static_scale);
+    RUN(test_step_plan_skip_and_clip);
+    RUN(test_loader_epoch_covers_each_sequence_once_and_ranks_are_disjoint);
+    RUN(test_loader_step_contents_independent_of_split);
+    RUN(test_loader_seek_resumes_and_epochs_reshuffle);
+    RUN(test_loader_refuses_bad_data);
+    RUN(test_model_file_roundtrip_and_truncation);
+    RUN(test_optimizer_partitions_load_on_any_world_size);
+    RUN(test_checkpoint_commit_keeps_previous_on_crash);
+    RUN(test_state_file_roundtrip);
+    RUN(test_tokenizer_reads_and_refuses_truncation);
+    return test_summary();
+}
