@@ -886,6 +886,82 @@ static ModelConfig gpt2_config(int layers, int heads, int dim, int seq_len, int 
     return m;
 }
 
+// GPT-2's parameters in one flat buffer, layer by layer (a layer's gradients are
+// contiguous, so a ZeRO bucket covers whole layers). Matrices are (out, in) as in PyTorch:
+//   wte (Vp,C), wpe (maxT,C),
+//   per layer: ln1w (C), ln1b (C), qkvw (3C,C), qkvb (3C), attprojw (C,C), attprojb (C),
+//              ln2w (C), ln2b (C), fcw (4C,C), fcb (4C), fcprojw (C,4C), fcprojb (C),
+//   lnfw (C), lnfb (C)
+// One table describes it; trainers point into their buffers with it, checkpoints and
+// tests name tensors with it, and the initialisation walks it.
+
+enum { GPT2_LN1W, GPT2_LN1B, GPT2_QKVW, GPT2_QKVB, GPT2_ATTPROJW, GPT2_ATTPROJB,
+       GPT2_LN2W, GPT2_LN2B, GPT2_FCW, GPT2_FCB, GPT2_FCPROJW, GPT2_FCPROJB, GPT2_LAYER_TENSORS };
+
+typedef struct {
+    char name[32];
+    size_t offset, size;
+    float init_std;   // > 0: normal(0, init_std); 0: constant init_value
+    float init_value;
+    size_t init_rows; // rows initialised (the embedding's padding rows stay 0); 0 = all
+} ParamTensor;
+
+// Fills out[] (2 + 12 * layers + 2 entries) and returns the count.
+static int gpt2_param_tensors(const ModelConfig* c, ParamTensor* out) {
+    static const char* names[GPT2_LAYER_TENSORS] = {"ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
+                                                     "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"};
+    size_t C = c->channels, F = c->ffn_hidden;
+    size_t sizes[GPT2_LAYER_TENSORS] = {C, C, 3 * C * C, 3 * C, C * C, C, C, C, F * C, F, C * F, C};
+    float std = 0.02f, residual_std = 0.02f / sqrtf(2.0f * c->num_layers); // GPT-2: residual projections scaled
+    float stds[GPT2_LAYER_TENSORS] = {0, 0, std, 0, residual_std, 0, 0, 0, std, 0, residual_std, 0};
+    float values[GPT2_LAYER_TENSORS] = {1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0};
+    int n = 0;
+    size_t off = 0;
+    out[n] = (ParamTensor){"wte", off, (size_t)c->padded_vocab_size * C, std, 0, (size_t)c->vocab_size}; off += out[n++].size;
+    out[n] = (ParamTensor){"wpe", off, (size_t)c->max_seq_len * C, std, 0, 0}; off += out[n++].size;
+    for (int l = 0; l < c->num_layers; l++) {
+        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
+            out[n] = (ParamTensor){"", off, sizes[i], stds[i], values[i], 0};
+            snprintf(out[n].name, sizeof out[n].name, "layer%d.%s", l, names[i]);
+            off += out[n++].size;
+        }
+    }
+    out[n] = (ParamTensor){"lnfw", off, C, 0, 1, 0}; off += out[n++].size;
+    out[n] = (ParamTensor){"lnfb", off, C, 0, 0, 0}; off += out[n++].size;
+    return n;
+}
+
+static int gpt2_num_tensors(const ModelConfig* c) { return 4 + GPT2_LAYER_TENSORS * c->num_layers; }
+
+static size_t gpt2_num_params(const ModelConfig* c) {
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(c, t);
+    size_t total = t[n - 1].offset + t[n - 1].size;
+    free(t);
+    return total;
+}
+
+// GPT-2 initialisation from a seed: one RNG stream in layout order, so it does not depend
+// on threads or device. Normal(0, 0.02), residual projections 0.02 / sqrt(2 * layers),
+// biases 0, LayerNorm weights 1, embedding padding rows 0.
+static void gpt2_init_params(float* params, const ModelConfig* c, uint64_t seed) {
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(c, t);
+    Rng rng;
+    rng_seed(&rng, seed);
+    for (int i = 0; i < n; i++) {
+        float* p = params + t[i].offset;
+        if (t[i].init_std > 0) {
+            size_t rows_n = t[i].init_rows ? t[i].init_rows * c->channels : t[i].size;
+            rng_normal_fill(&rng, p, rows_n, t[i].init_std);
+            memset(p + rows_n, 0, (t[i].size - rows_n) * sizeof(float));
+        } else {
+            for (size_t k = 0; k < t[i].size; k++) p[k] = t[i].init_value;
+        }
+    }
+    free(t);
+}
+
 // ----------------------------------------------------------------------------
 // tokens: llm.c's shard format (int32 header[256]: magic 20240520, version 1, token
 // count; then uint16 tokens), memory-mapped, validated on open.
@@ -1445,6 +1521,8 @@ typedef struct {
     double loss_scale;
     int64_t skipped;
     int overflow;
+    double mfu;        // model FLOPs utilisation in [0, 1]; NAN where unknown (CPU, unknown GPU)
+    double memory_gb;  // device memory in use; NAN where not measured
 } StepLog;
 
 static void log_step(Logger* lg, const StepLog* s) {
@@ -1455,12 +1533,16 @@ static void log_step(Logger* lg, const StepLog* s) {
     printf("step %5lld/%lld | loss %.6f | lr %.3e | norm %8.4f | %7.1f ms | %7.0f tok/s | data %.1f ms",
            (long long)s->step, (long long)s->total_steps, s->loss, s->lr, s->grad_norm, s->ms, s->tokens_per_s, s->data_wait_ms);
     if (s->fp16) printf(" | scale %g | skipped %lld%s", s->loss_scale, (long long)s->skipped, s->overflow ? " (overflow)" : "");
+    if (isfinite(s->mfu)) printf(" | mfu %.1f%%", 100 * s->mfu);
+    if (isfinite(s->memory_gb)) printf(" | mem %.2f GB", s->memory_gb);
     printf(" | eta %s\n", eta);
     fflush(stdout);
     if (lg->jsonl) {
         fprintf(lg->jsonl, "{\"type\": \"train\", \"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"data_wait_ms\": %.3f",
                 (long long)s->step, s->loss, s->lr, isfinite(s->grad_norm) ? s->grad_norm : -1.0, s->ms, s->tokens_per_s, s->data_wait_ms);
         if (s->fp16) fprintf(lg->jsonl, ", \"loss_scale\": %.9g, \"skipped\": %lld, \"overflow\": %s", s->loss_scale, (long long)s->skipped, s->overflow ? "true" : "false");
+        if (isfinite(s->mfu)) fprintf(lg->jsonl, ", \"mfu\": %.4f", s->mfu);
+        if (isfinite(s->memory_gb)) fprintf(lg->jsonl, ", \"memory_gb\": %.3f", s->memory_gb);
         fprintf(lg->jsonl, "}\n");
         fflush(lg->jsonl);
     }
@@ -1498,6 +1580,7 @@ typedef struct {
     int resume;
     int layers, heads, dim, seq_len;
     int64_t val_every, val_batches, sample_tokens;
+    int recompute;             // GPU: recompute GELU and LayerNorm outputs in backward
     // ds_config overrides (NAN / -1: not given)
     double lr, weight_decay, grad_clip;
     int64_t micro_batch, grad_accum, train_batch_size;
@@ -1538,6 +1621,7 @@ static void print_usage(const char* prog) {
            "  --val-every N               validation loss every N steps (default %lld; 0 = only at the end)\n"
            "  --val-batches N             batches per validation (default %lld; 0 = the whole split)\n"
            "  --sample-tokens N           tokens sampled at the end (default %lld; 0 = none)\n"
+           "  --recompute                 GPU: recompute GELU and LayerNorm outputs in backward (less memory)\n"
            "  overrides of ds_config keys:\n"
            "  --lr X                      optimizer.params.lr\n"
            "  --weight-decay X            optimizer.params.weight_decay\n"
@@ -1583,6 +1667,7 @@ static void parse_args(Options* o, int argc, char** argv) {
         const char* f = flag;
         if (strcmp(f, "-h") == 0 || strcmp(f, "--help") == 0) { print_usage(argv[0]); exit(0); }
         if (strcmp(f, "--resume") == 0) { if (value) fatal("--resume takes no value"); o->resume = 1; continue; }
+        if (strcmp(f, "--recompute") == 0) { if (value) fatal("--recompute takes no value"); o->recompute = 1; continue; }
         if (f[0] != '-') fatal("unexpected argument '%s' (see --help)", arg);
         if (value == NULL) {
             if (i + 1 >= argc) fatal("%s needs a value (see --help)", f);
@@ -1659,6 +1744,308 @@ static void print_config(const DSConfig* c, int world_size) {
            (long long)c->zero_stage, (long long)c->reduce_bucket_size, (long long)c->allgather_bucket_size,
            c->overlap_comm ? "true" : "false", c->contiguous_gradients ? "true" : "false");
     if (c->steps_per_print) printf("  steps_per_print: %lld\n", (long long)c->steps_per_print);
+}
+
+// ----------------------------------------------------------------------------
+// training driver: what `./train_gpt` does, for any trainer. A trainer supplies its
+// model through ModelOps (the math); the driver does the rest (DeepSpeed's step order,
+// data, validation, checkpoints, logs, sampling) the same way on every device.
+
+typedef struct {
+    float* params; // fp32 master weights (num_params)
+    float* m;      // Adam first moment
+    float* v;      // Adam second moment
+} HostState;
+
+typedef struct {
+    const char* name;                              // "CPU trainer (fp32)", printed at start
+    void* (*build)(const ModelConfig* c, int B, int T, const Options* opt); // activations for (B, T) at most
+    size_t (*num_params)(void* model);
+    HostState (*download)(void* model);            // host copies of master weights and moments
+    void (*upload)(void* model);                   // after the host copies were changed
+    float (*forward)(void* model, const int* inputs, const int* targets, int B, int T); // mean loss
+    void (*backward)(void* model, const int* inputs, const int* targets, int B, int T, float dloss_scale); // grads +=
+    void (*zero_grads)(void* model);
+    void (*grad_stats)(void* model, int* nonfinite, double* sumsq);
+    void (*adamw)(void* model, const StepPlan* plan, const DSConfig* c);
+    const float* (*probs)(void* model, int position); // softmax of the last forward at (0, position), host
+    void (*describe_memory)(void* model);          // start-up memory report
+    // optional (NULL on the CPU): MFU and device memory of the step just taken
+    void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb);
+    void (*free)(void* model);
+} ModelOps;
+
+typedef struct {
+    Options opt;
+    DSConfig cfg;
+    const ModelOps* ops;
+    void* model;
+    ModelConfig mc;
+    size_t num_params;
+    DataLoader train, val;
+    int has_val;
+    TrainState state;
+    Rng rng;                                 // sampling
+    Logger log;
+    int B, T, ga;
+    double forward_ms, backward_ms, step_ms; // this step's phases, for wall_clock_breakdown
+    double data_wait_ms;
+} Trainer;
+
+static double ms_since(double t0) { return (wall_seconds() - t0) * 1e3; }
+
+// DeepSpeed's step once the step's gradients are complete (DEEPSPEED.md section 4):
+// overflow check, global norm, one unscale-and-clip factor, AdamW, schedule, scaler.
+static StepPlan optimizer_step(const ModelOps* ops, void* model, TrainState* st, const DSConfig* c) {
+    int nonfinite;
+    double sumsq;
+    ops->grad_stats(model, &nonfinite, &sumsq);
+    StepPlan plan = step_plan(st, c, nonfinite, sumsq);
+    if (!plan.skip) ops->adamw(model, &plan, c);
+    if (step_finish(st, &plan, 1)) {
+        fatal("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run. (fp16 overflowed at the minimum scale %g: "
+              "this often happens when fine-tuning a model trained in bf16; try bf16, or a lower learning rate)", st->scaler.min_scale);
+    }
+    return plan;
+}
+
+// One optimizer step: ga micro batches forward and backward, then the optimizer step.
+// Returns the mean loss of the micro batches.
+static float train_step(Trainer* tr, StepPlan* plan) {
+    double loss_sum = 0.0, t0;
+    tr->forward_ms = tr->backward_ms = tr->data_wait_ms = 0.0;
+    tr->ops->zero_grads(tr->model);
+    float loss_scale = (float)tr->state.scaler.scale;
+    for (int micro = 0; micro < tr->ga; micro++) {
+        dataloader_next(&tr->train);
+        tr->data_wait_ms += tr->train.last_wait * 1e3;
+        t0 = wall_seconds();
+        loss_sum += tr->ops->forward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T);
+        tr->forward_ms += ms_since(t0);
+        t0 = wall_seconds();
+        // DeepSpeed backpropagates loss * scale / ga: the gradient of the step's mean loss, scaled
+        tr->ops->backward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T, loss_scale / tr->ga);
+        tr->backward_ms += ms_since(t0);
+    }
+    t0 = wall_seconds();
+    *plan = optimizer_step(tr->ops, tr->model, &tr->state, &tr->cfg);
+    tr->step_ms = ms_since(t0);
+    return (float)(loss_sum / tr->ga);
+}
+
+// Mean loss over the validation batches (the whole split with --val-batches 0).
+static float evaluate(Trainer* tr, int* batches_out) {
+    DataLoader* v = &tr->val;
+    int64_t available = (int64_t)(v->seqs_per_epoch / ((size_t)v->world * v->B));
+    int64_t batches = tr->opt.val_batches > 0 && tr->opt.val_batches < available ? tr->opt.val_batches : available;
+    dataloader_seek(v, 0, 0);
+    double sum = 0.0;
+    for (int64_t i = 0; i < batches; i++) {
+        dataloader_next(v);
+        sum += tr->ops->forward(tr->model, v->inputs, v->targets, v->B, v->T);
+    }
+    *batches_out = (int)batches;
+    return (float)(sum / batches);
+}
+
+// Samples text from the model, starting from the end-of-text token.
+static void sample_text(Trainer* tr, const Tokenizer* tok) {
+    int n = (int)tr->opt.sample_tokens, T = tr->T, V = tr->mc.vocab_size;
+    int* seq = (int*)mallocCheck(((size_t)n + 1) * sizeof(int));
+    seq[0] = tok->eot_token;
+    printf("sample (%d tokens, temperature 1):\n---\n", n);
+    for (int i = 1; i <= n; i++) {
+        int start = i > T ? i - T : 0, len = i - start; // the last T tokens of context
+        tr->ops->forward(tr->model, seq + start, NULL, 1, len);
+        const float* probs = tr->ops->probs(tr->model, len - 1);
+        float r = rng_uniform(&tr->rng), cdf = 0.0f;
+        int next = V - 1;
+        for (int k = 0; k < V; k++) { cdf += probs[k]; if (r < cdf) { next = k; break; } }
+        seq[i] = next;
+        print_token_safely(stdout, tokenizer_decode(tok, next));
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    free(seq);
+}
+
+static void save_checkpoint(Trainer* tr) {
+    const char* dir = tr->opt.checkpoint_dir;
+    double t0 = wall_seconds();
+    HostState h = tr->ops->download(tr->model);
+    char tmp[PATH_LEN], path[PATH_LEN];
+    checkpoint_begin(dir, tr->state.step, tmp, sizeof tmp);
+    format_path(path, sizeof path, "%s/model.bin", tmp);
+    model_file_write(path, &tr->mc, h.params, tr->num_params);
+    optim_file_write(tmp, 0, 1, 0, tr->num_params, tr->num_params, h.params, h.m, h.v);
+    CheckpointState s = {tr->state, tr->train.epoch, (int64_t)tr->train.cursor, tr->T, (int64_t)tr->train.num_seqs,
+                         (int64_t)tr->train.global_batch, 1, tr->opt.seed, tr->rng};
+    format_path(path, sizeof path, "%s/state.bin", tmp);
+    state_file_write(path, &s);
+    checkpoint_commit(dir, tr->state.step, tmp);
+    printf("saved checkpoint %s/step_%08lld (%.1f MB, %.0f ms)\n", dir, (long long)tr->state.step, tr->num_params * 16.0 / 1e6, ms_since(t0));
+}
+
+// Restores weights, optimizer moments, counters, loss scaler, data position and RNG.
+static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointState* s) {
+    char err[1024];
+    HostState h = tr->ops->download(tr->model);
+    if (optim_files_read(folder, (int)s->world_size, 0, tr->num_params, tr->num_params, h.params, h.m, h.v, err, sizeof err)) fatal("%s", err);
+    tr->ops->upload(tr->model);
+    if (s->seq_len != tr->T) fatal("checkpoint '%s' was trained with sequence length %lld, this run uses %d", folder, (long long)s->seq_len, tr->T);
+    if (s->train_seqs != (int64_t)tr->train.num_seqs) {
+        fatal("checkpoint '%s' was trained on data of %lld sequences, --train-data '%s' has %zu: resuming would not continue the same run",
+              folder, (long long)s->train_seqs, tr->opt.train_data, tr->train.num_seqs);
+    }
+    if (s->seed != tr->opt.seed) printf("note: resuming with the checkpoint's seed %llu (not --seed %llu)\n", (unsigned long long)s->seed, (unsigned long long)tr->opt.seed);
+    tr->opt.seed = s->seed;
+    tr->train.seed = s->seed;
+    // counters and the scaler's state from the checkpoint, the scaler's settings from this run's config
+    LossScaler configured = tr->state.scaler;
+    tr->state = s->train;
+    LossScaler* ls = &tr->state.scaler;
+    ls->enabled = configured.enabled; ls->dynamic = configured.dynamic; ls->min_scale = configured.min_scale;
+    ls->window = configured.window; ls->hysteresis = configured.hysteresis; ls->consecutive_hysteresis = configured.consecutive_hysteresis;
+    if (!configured.dynamic) ls->scale = configured.scale;
+    tr->rng = s->rng;
+    size_t cursor = (size_t)s->loader_cursor;
+    int64_t epoch = s->loader_epoch;
+    if (cursor >= tr->train.seqs_per_epoch) { epoch++; cursor = 0; }
+    dataloader_seek(&tr->train, epoch, cursor);
+    printf("resumed from %s: step %lld, %lld optimizer updates, %lld skipped, loss scale %g, data epoch %lld position %zu\n", folder,
+           (long long)tr->state.step, (long long)tr->state.adam_t, (long long)tr->state.skipped, ls->scale, (long long)epoch, cursor);
+}
+
+// Several ranks (mpirun, torchrun, Slurm) are not supported by this build yet: refuse
+// rather than have every rank train the same model alone.
+static void refuse_multiple_ranks(void) {
+    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char* v = getenv(vars[i]);
+        if (v && atoi(v) > 1) fatal("%s=%s: this trainer runs on a single rank for now (multi-rank ZeRO is not implemented yet)", vars[i], v);
+    }
+}
+
+// The model configuration: from the checkpoint being resumed, a model file, or the flags.
+static ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, CheckpointState* resume_state) {
+    char err[1024], path[PATH_LEN];
+    size_t file_params;
+    ModelConfig mc = gpt2_config(tr->opt.layers, tr->opt.heads, tr->opt.dim, tr->opt.seq_len, 50257);
+    if (tr->opt.resume) {
+        if (tr->opt.checkpoint_dir[0] == '\0') fatal("--resume needs --checkpoint-dir");
+        if (checkpoint_latest(tr->opt.checkpoint_dir, resume_folder, n, err, sizeof err)) fatal("%s", err);
+        format_path(path, sizeof path, "%s/state.bin", resume_folder);
+        if (state_file_read(path, resume_state, err, sizeof err)) fatal("%s", err);
+        format_path(path, sizeof path, "%s/model.bin", resume_folder);
+        if (model_file_config(path, &mc, &file_params, err, sizeof err)) fatal("%s", err);
+    } else if (tr->opt.init_from) {
+        if (model_file_config(tr->opt.init_from, &mc, &file_params, err, sizeof err)) fatal("%s", err);
+    }
+    if (model_config_check(&mc, err, sizeof err)) fatal("model: %s", err);
+    return mc;
+}
+
+static void open_data(Trainer* tr) {
+    char err[1024];
+    if (dataloader_init(&tr->train, tr->opt.train_data, tr->B, tr->T, 0, 1, (size_t)tr->cfg.train_batch_size, 1, tr->opt.seed, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
+    printf("train data: %s: %d shard(s), %zu tokens, %zu sequences of %d; %zu steps per epoch\n", tr->opt.train_data, tr->train.num_shards,
+           dataloader_num_tokens(&tr->train), tr->train.num_seqs, tr->T, tr->train.seqs_per_epoch / (size_t)tr->cfg.train_batch_size);
+    tr->has_val = tr->opt.val_data[0] != '\0';
+    if (tr->has_val) {
+        if (dataloader_init(&tr->val, tr->opt.val_data, tr->B, tr->T, 0, 1, (size_t)tr->B, 0, 0, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
+        printf("val data: %s: %zu tokens\n", tr->opt.val_data, dataloader_num_tokens(&tr->val));
+    }
+}
+
+static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
+    int64_t tokens_per_step = tr->cfg.train_batch_size * tr->T;
+    StepLog sl = {tr->state.step, tr->opt.steps, loss, plan->skip ? 0.0 : plan->lr, plan->grad_norm, ms, tokens_per_step / (ms / 1e3),
+                  tr->data_wait_ms, tr->cfg.fp16_enabled, plan->scale, tr->state.skipped, plan->overflow, NAN, NAN};
+    if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb);
+    log_step(&tr->log, &sl);
+    if (tr->cfg.wall_clock_breakdown) {
+        printf("time (ms) | forward: %.2f | backward: %.2f | backward_inner: %.2f | backward_allreduce: 0.00 | step: %.2f\n",
+               tr->forward_ms, tr->backward_ms, tr->backward_ms, tr->step_ms);
+    }
+    if (tr->cfg.steps_per_print && tr->state.step % tr->cfg.steps_per_print == 0) {
+        printf("step=%lld, skipped=%lld, lr=[%g], mom=[(%g, %g)]\n", (long long)tr->state.step, (long long)tr->state.skipped,
+               lr_at(&tr->cfg, tr->state.sched_it), tr->cfg.betas[0], tr->cfg.betas[1]);
+    }
+}
+
+// What `./train_gpt` does: configure, train to --steps, validate, save, sample.
+static int train_main(int argc, char** argv, const ModelOps* ops, void (*describe_run)(const DSConfig*)) {
+    Trainer tr;
+    memset(&tr, 0, sizeof tr);
+    tr.ops = ops;
+    parse_args(&tr.opt, argc, argv);
+    refuse_multiple_ranks();
+    load_effective_config(&tr.cfg, &tr.opt, 1);
+    printf("dstrain %s\n", ops->name);
+    print_config(&tr.cfg, 1);
+    describe_run(&tr.cfg);
+
+    char resume_folder[PATH_LEN] = {0}, err[1024];
+    CheckpointState resume_state;
+    memset(&resume_state, 0, sizeof resume_state);
+    tr.mc = choose_model_config(&tr, resume_folder, sizeof resume_folder, &resume_state);
+    tr.B = (int)tr.cfg.micro_batch;
+    tr.T = tr.mc.max_seq_len;
+    tr.ga = (int)tr.cfg.grad_accum;
+    tr.model = ops->build(&tr.mc, tr.B, tr.T, &tr.opt);
+    tr.num_params = ops->num_params(tr.model);
+    printf("model: GPT-2, %d layers, %d heads, %d channels, sequence length %d, vocabulary %d (padded %d): %.2fM parameters\n",
+           tr.mc.num_layers, tr.mc.num_heads, tr.mc.channels, tr.mc.max_seq_len, tr.mc.vocab_size, tr.mc.padded_vocab_size, tr.num_params / 1e6);
+    ops->describe_memory(tr.model);
+    open_data(&tr);
+
+    train_state_init(&tr.state, &tr.cfg);
+    rng_seed(&tr.rng, tr.opt.seed + 1);
+    if (tr.opt.resume) {
+        load_checkpoint(&tr, resume_folder, &resume_state);
+    } else {
+        HostState h = ops->download(tr.model);
+        if (tr.opt.init_from) {
+            if (model_file_read(tr.opt.init_from, h.params, tr.num_params, err, sizeof err)) fatal("%s", err);
+            printf("weights: from %s\n", tr.opt.init_from);
+        } else {
+            gpt2_init_params(h.params, &tr.mc, tr.opt.seed);
+            printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr.opt.seed);
+        }
+        memset(h.m, 0, tr.num_params * sizeof(float));
+        memset(h.v, 0, tr.num_params * sizeof(float));
+        ops->upload(tr.model);
+    }
+    logger_open(&tr.log, tr.opt.log_path, tr.opt.resume, tr.state.step);
+
+    printf("training: steps %lld to %lld, %lld tokens per step\n", (long long)tr.state.step + 1, (long long)tr.opt.steps, (long long)(tr.cfg.train_batch_size * tr.T));
+    while (tr.state.step < tr.opt.steps) {
+        double t0 = wall_seconds();
+        StepPlan plan;
+        float loss = train_step(&tr, &plan);
+        log_train_step(&tr, &plan, loss, ms_since(t0));
+        int last = tr.state.step == tr.opt.steps;
+        if (tr.has_val && (last || (tr.opt.val_every && tr.state.step % tr.opt.val_every == 0))) {
+            int batches;
+            float val_loss = evaluate(&tr, &batches);
+            log_val(&tr.log, tr.state.step, val_loss, batches);
+        }
+        if (tr.opt.checkpoint_dir[0] && (last || (tr.opt.save_every && tr.state.step % tr.opt.save_every == 0))) save_checkpoint(&tr);
+    }
+    if (tr.opt.sample_tokens > 0) {
+        Tokenizer tok;
+        if (tokenizer_load(&tok, tr.opt.tokenizer_path, err, sizeof err)) {
+            printf("no sample: %s\n", err);
+        } else {
+            sample_text(&tr, &tok);
+            tokenizer_free(&tok);
+        }
+    }
+    logger_close(&tr.log);
+    dataloader_free(&tr.train);
+    if (tr.has_val) dataloader_free(&tr.val);
+    ops->free(tr.model);
+    return 0;
 }
 
 #endif // DSTRAIN_H

@@ -102,28 +102,6 @@ static double tensor_rel_err(const float* a, const float* b, size_t rows, size_t
     return max_ref > 0 ? max_diff / max_ref : max_diff;
 }
 
-// Named tensors of the flat layout, for per-tensor reports.
-typedef struct { char name[32]; size_t offset, size; } NamedTensor;
-
-static int named_tensors(const ModelConfig* c, NamedTensor* out) {
-    static const char* layer_names[NUM_LAYER_TENSORS] = {"ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
-                                                         "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"};
-    size_t s[NUM_LAYER_TENSORS], off = 0;
-    layer_tensor_sizes(s, c);
-    int n = 0;
-    out[n] = (NamedTensor){"wte", off, (size_t)c->padded_vocab_size * c->channels}; off += out[n++].size;
-    out[n] = (NamedTensor){"wpe", off, (size_t)c->max_seq_len * c->channels}; off += out[n++].size;
-    for (int l = 0; l < c->num_layers; l++) {
-        for (int i = 0; i < NUM_LAYER_TENSORS; i++) {
-            snprintf(out[n].name, sizeof out[n].name, "layer%d.%s", l, layer_names[i]);
-            out[n].offset = off; out[n].size = s[i]; off += s[i]; n++;
-        }
-    }
-    out[n] = (NamedTensor){"lnfw", off, (size_t)c->channels}; off += out[n++].size;
-    out[n] = (NamedTensor){"lnfb", off, (size_t)c->channels}; off += out[n++].size;
-    return n;
-}
-
 static GPT2 model;
 
 static void test_layout_matches_reference(void) {
@@ -145,8 +123,8 @@ static void test_backward_every_gradient_tensor(void) {
     memset(model.grads, 0, model.num_params * sizeof(float));
     gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
     gpt2_backward(&model, ref.inputs, ref.targets, ref.B, ref.T, 1.0f);
-    NamedTensor t[4 + NUM_LAYER_TENSORS * 64];
-    int n = named_tensors(&model.config, t);
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(&model.config) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(&model.config, t);
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
@@ -155,6 +133,7 @@ static void test_backward_every_gradient_tensor(void) {
         if (e > worst) { worst = e; worst_name = t[i].name; }
     }
     printf("    %d gradient tensors, worst rel err %.2e (%s)\n", n, worst, worst_name);
+    free(t);
 }
 
 // Ten optimizer steps on the reference's micro batches, as train_step does them.
@@ -173,7 +152,7 @@ static void train_reference_run(int adam_w_mode, float* losses, float* norms, fl
             loss_sum += gpt2_forward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T);
             gpt2_backward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, 1.0f / ref.ga);
         }
-        StepPlan plan = optimizer_step(&model, &st, &cfg);
+        StepPlan plan = optimizer_step(&CPU_OPS, &model, &st, &cfg);
         losses[step] = (float)(loss_sum / ref.ga);
         norms[step] = (float)plan.grad_norm;
         lrs[step] = plan.lr;

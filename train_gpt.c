@@ -276,18 +276,11 @@ void softmax_crossentropy_backward(float* probs_to_dlogits, const int* targets, 
 }
 
 // ----------------------------------------------------------------------------
-// GPT-2: parameters in one flat buffer, laid out layer by layer (so a layer's
-// gradients are contiguous and a ZeRO bucket covers whole layers):
-//   wte (Vp,C), wpe (maxT,C),
-//   per layer: ln1w (C), ln1b (C), qkvw (3C,C), qkvb (3C), attprojw (C,C), attprojb (C),
-//              ln2w (C), ln2b (C), fcw (4C,C), fcb (4C), fcprojw (C,4C), fcprojb (C),
-//   lnfw (C), lnfb (C)
-
-#define NUM_LAYER_TENSORS 12
+// GPT-2 (parameter layout and initialisation: dstrain.h, gpt2_param_tensors)
 
 typedef struct {
     float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
-} LayerWeights;
+} LayerWeights; // GPT2_LAYER_TENSORS pointers, in layout order
 
 typedef struct {
     float* wte;
@@ -297,33 +290,20 @@ typedef struct {
     float* lnfb;
 } Weights;
 
-static void layer_tensor_sizes(size_t s[NUM_LAYER_TENSORS], const ModelConfig* c) {
-    size_t C = c->channels, F = c->ffn_hidden;
-    size_t sizes[NUM_LAYER_TENSORS] = {C, C, 3 * C * C, 3 * C, C * C, C, C, C, F * C, F, C * F, C};
-    memcpy(s, sizes, sizeof(sizes));
-}
-
-static size_t gpt2_num_params(const ModelConfig* c) {
-    size_t s[NUM_LAYER_TENSORS], per_layer = 0;
-    layer_tensor_sizes(s, c);
-    for (int i = 0; i < NUM_LAYER_TENSORS; i++) per_layer += s[i];
-    return (size_t)c->padded_vocab_size * c->channels + (size_t)c->max_seq_len * c->channels + c->num_layers * per_layer + 2 * (size_t)c->channels;
-}
-
 // Points w's tensors into the flat buffer `base` (params or grads).
 static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
-    size_t s[NUM_LAYER_TENSORS];
-    layer_tensor_sizes(s, c);
-    float* p = base;
-    w->wte = p; p += (size_t)c->padded_vocab_size * c->channels;
-    w->wpe = p; p += (size_t)c->max_seq_len * c->channels;
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(c, t);
+    w->wte = base + t[0].offset;
+    w->wpe = base + t[1].offset;
     w->layer = (LayerWeights*)callocCheck(c->num_layers, sizeof(LayerWeights));
     for (int l = 0; l < c->num_layers; l++) {
-        float** t = (float**)&w->layer[l]; // LayerWeights is NUM_LAYER_TENSORS pointers in layout order
-        for (int i = 0; i < NUM_LAYER_TENSORS; i++) { t[i] = p; p += s[i]; }
+        float** p = (float**)&w->layer[l];
+        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + t[2 + l * GPT2_LAYER_TENSORS + i].offset;
     }
-    w->lnfw = p; p += c->channels;
-    w->lnfb = p;
+    w->lnfw = base + t[n - 2].offset;
+    w->lnfb = base + t[n - 1].offset;
+    free(t);
 }
 
 // Activations saved by forward for backward; the gradient buffers reuse the layout
@@ -406,28 +386,6 @@ static void gpt2_free(GPT2* m) {
     free(m->params); free(m->grads); free(m->m); free(m->v);
     free(m->w.layer); free(m->g.layer);
     free(m->act.memory); free(m->dact.memory);
-}
-
-// GPT-2 initialisation: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * layers),
-// biases 0, LayerNorm weights 1; embedding padding rows 0. One RNG stream in layout order.
-static void gpt2_init_weights(GPT2* m, uint64_t seed) {
-    const ModelConfig* c = &m->config;
-    Rng rng;
-    rng_seed(&rng, seed);
-    size_t C = c->channels;
-    memset(m->params, 0, m->num_params * sizeof(float));
-    rng_normal_fill(&rng, m->w.wte, (size_t)c->vocab_size * C, 0.02f);
-    rng_normal_fill(&rng, m->w.wpe, (size_t)c->max_seq_len * C, 0.02f);
-    float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
-    for (int l = 0; l < c->num_layers; l++) {
-        LayerWeights* lw = &m->w.layer[l];
-        for (size_t i = 0; i < C; i++) { lw->ln1w[i] = 1.0f; lw->ln2w[i] = 1.0f; }
-        rng_normal_fill(&rng, lw->qkvw, 3 * C * C, 0.02f);
-        rng_normal_fill(&rng, lw->attprojw, C * C, residual_std);
-        rng_normal_fill(&rng, lw->fcw, (size_t)c->ffn_hidden * C, 0.02f);
-        rng_normal_fill(&rng, lw->fcprojw, C * c->ffn_hidden, residual_std);
-    }
-    for (size_t i = 0; i < C; i++) m->w.lnfw[i] = 1.0f;
 }
 
 // Runs the model on inputs (B,T); with targets, returns the mean loss. B, T <= capacity.
@@ -549,172 +507,39 @@ static void adamw_update(float* params, float* m, float* v, const float* grads, 
 }
 
 // ----------------------------------------------------------------------------
-// training
+// the trainer: the model behind dstrain.h's ModelOps; the training driver is train_main
 
-typedef struct {
-    Options opt;
-    DSConfig cfg;
-    GPT2 model;
-    DataLoader train, val;
-    int has_val;
-    TrainState state;
-    Rng rng;            // sampling
-    Logger log;
-    int B, T, ga;
-    double forward_ms, backward_ms, step_ms; // this step's phases, for wall_clock_breakdown
-} Trainer;
-
-static double ms_since(double t0) { return (wall_seconds() - t0) * 1e3; }
-
-// DeepSpeed's step once the step's gradients are complete: overflow check, global norm,
-// one combined unscale-and-clip factor, AdamW, schedule and loss-scaler update.
-static StepPlan optimizer_step(GPT2* m, TrainState* st, const DSConfig* c) {
-    int nonfinite;
-    double sumsq;
-    grad_stats(m->grads, m->num_params, &nonfinite, &sumsq);
-    StepPlan plan = step_plan(st, c, nonfinite, sumsq);
-    if (!plan.skip) adamw_update(m->params, m->m, m->v, m->grads, m->num_params, &plan, c);
-    if (step_finish(st, &plan, 1)) {
-        fatal("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run. (fp16 overflows at the minimum scale %g: "
-              "this often happens when fine-tuning a model trained in bf16; try bf16, or a lower learning rate)", st->scaler.min_scale);
-    }
-    return plan;
+static void* cpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
+    (void)opt; // --recompute saves GPU memory; the CPU trainer keeps every activation
+    GPT2* m = (GPT2*)mallocCheck(sizeof(GPT2));
+    gpt2_build(m, c, B, T);
+    return m;
 }
-
-// One optimizer step: ga micro batches forward and backward, then the optimizer step.
-// Returns the mean loss of the micro batches.
-static float train_step(Trainer* tr, StepPlan* plan) {
-    GPT2* m = &tr->model;
-    double data_wait = 0.0, loss_sum = 0.0, t0;
-    tr->forward_ms = tr->backward_ms = 0.0;
-    memset(m->grads, 0, m->num_params * sizeof(float));
-    float loss_scale = (float)tr->state.scaler.scale;
-    for (int micro = 0; micro < tr->ga; micro++) {
-        dataloader_next(&tr->train);
-        data_wait += tr->train.last_wait;
-        t0 = wall_seconds();
-        loss_sum += gpt2_forward(m, tr->train.inputs, tr->train.targets, tr->B, tr->T);
-        tr->forward_ms += ms_since(t0);
-        t0 = wall_seconds();
-        // DeepSpeed backpropagates loss * scale / ga: the gradient of the step's mean loss, scaled
-        gpt2_backward(m, tr->train.inputs, tr->train.targets, tr->B, tr->T, loss_scale / tr->ga);
-        tr->backward_ms += ms_since(t0);
-    }
-    t0 = wall_seconds();
-    *plan = optimizer_step(m, &tr->state, &tr->cfg);
-    tr->step_ms = ms_since(t0);
-    tr->train.last_wait = data_wait;
-    return (float)(loss_sum / tr->ga);
+static size_t cpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
+// on the CPU the weights are the fp32 master copy, so the host state is the model's own
+static HostState cpu_download(void* model) { GPT2* m = (GPT2*)model; HostState h = {m->params, m->m, m->v}; return h; }
+static void cpu_upload(void* model) { (void)model; }
+static float cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
+static void cpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale) { gpt2_backward((GPT2*)m, inputs, targets, B, T, dloss_scale); }
+static void cpu_zero_grads(void* model) { GPT2* m = (GPT2*)model; memset(m->grads, 0, m->num_params * sizeof(float)); }
+static void cpu_grad_stats(void* model, int* nonfinite, double* sumsq) { GPT2* m = (GPT2*)model; grad_stats(m->grads, m->num_params, nonfinite, sumsq); }
+static void cpu_adamw(void* model, const StepPlan* p, const DSConfig* c) { GPT2* m = (GPT2*)model; adamw_update(m->params, m->m, m->v, m->grads, m->num_params, p, c); }
+static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
+static void cpu_describe_memory(void* model) {
+    GPT2* m = (GPT2*)model;
+    printf("memory: parameters, gradients, Adam m and v %.1f MB each; activations %.1f MB\n", m->num_params * 4 / 1e6,
+           (m->act.num_floats + m->dact.num_floats) * 4 / 1e6);
 }
+static void cpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
 
-// Mean loss over the validation batches (all of the split with --val-batches 0).
-static float evaluate(Trainer* tr) {
-    DataLoader* v = &tr->val;
-    int64_t available = (int64_t)(v->seqs_per_epoch / ((size_t)v->world * v->B));
-    int64_t batches = tr->opt.val_batches > 0 && tr->opt.val_batches < available ? tr->opt.val_batches : available;
-    dataloader_seek(v, 0, 0);
-    double sum = 0.0;
-    for (int64_t i = 0; i < batches; i++) {
-        dataloader_next(v);
-        sum += gpt2_forward(&tr->model, v->inputs, v->targets, v->B, v->T);
-    }
-    return (float)(sum / batches);
-}
-
-// Samples text from the model, starting from the end-of-text token.
-static void sample_text(Trainer* tr, const Tokenizer* tok) {
-    GPT2* m = &tr->model;
-    int n = (int)tr->opt.sample_tokens, T = tr->T, V = m->config.vocab_size, Vp = m->config.padded_vocab_size;
-    int* seq = (int*)mallocCheck(((size_t)n + 1) * sizeof(int));
-    seq[0] = tok->eot_token;
-    printf("sample (%d tokens, temperature 1):\n---\n", n);
-    for (int i = 1; i <= n; i++) {
-        int start = i > T ? i - T : 0, len = i - start; // the last T tokens of context
-        gpt2_forward(m, seq + start, NULL, 1, len);
-        const float* probs = m->act.probs + (size_t)(len - 1) * Vp;
-        float r = rng_uniform(&tr->rng), cdf = 0.0f;
-        int next = V - 1;
-        for (int k = 0; k < V; k++) { cdf += probs[k]; if (r < cdf) { next = k; break; } }
-        seq[i] = next;
-        print_token_safely(stdout, tokenizer_decode(tok, next));
-        fflush(stdout);
-    }
-    printf("\n---\n");
-    free(seq);
-}
-
-static CheckpointState checkpoint_state(const Trainer* tr) {
-    CheckpointState s;
-    memset(&s, 0, sizeof s);
-    s.train = tr->state;
-    s.loader_epoch = tr->train.epoch;
-    s.loader_cursor = (int64_t)tr->train.cursor;
-    s.seq_len = tr->T;
-    s.train_seqs = (int64_t)tr->train.num_seqs;
-    s.global_batch = (int64_t)tr->train.global_batch;
-    s.world_size = 1;
-    s.seed = tr->opt.seed;
-    s.rng = tr->rng;
-    return s;
-}
-
-static void save_checkpoint(Trainer* tr) {
-    const char* dir = tr->opt.checkpoint_dir;
-    GPT2* m = &tr->model;
-    double t0 = wall_seconds();
-    char tmp[PATH_LEN];
-    checkpoint_begin(dir, tr->state.step, tmp, sizeof tmp);
-    char path[PATH_LEN];
-    format_path(path, sizeof path, "%s/model.bin", tmp);
-    model_file_write(path, &m->config, m->params, m->num_params);
-    optim_file_write(tmp, 0, 1, 0, m->num_params, m->num_params, m->params, m->m, m->v);
-    CheckpointState s = checkpoint_state(tr);
-    format_path(path, sizeof path, "%s/state.bin", tmp);
-    state_file_write(path, &s);
-    checkpoint_commit(dir, tr->state.step, tmp);
-    printf("saved checkpoint %s/step_%08lld (%.1f MB, %.0f ms)\n", dir, (long long)tr->state.step, m->num_params * 16.0 / 1e6, ms_since(t0));
-}
-
-// Restores weights, optimizer moments, counters, loss scaler, data position and RNG.
-static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointState* s) {
-    GPT2* m = &tr->model;
-    char err[1024];
-    if (optim_files_read(folder, (int)s->world_size, 0, m->num_params, m->num_params, m->params, m->m, m->v, err, sizeof err)) fatal("%s", err);
-    if (s->seq_len != tr->T) fatal("checkpoint '%s' was trained with sequence length %lld, this run uses %d", folder, (long long)s->seq_len, tr->T);
-    if (s->train_seqs != (int64_t)tr->train.num_seqs) {
-        fatal("checkpoint '%s' was trained on data of %lld sequences, --train-data '%s' has %zu: resuming would not continue the same run",
-              folder, (long long)s->train_seqs, tr->opt.train_data, tr->train.num_seqs);
-    }
-    if (s->seed != tr->opt.seed) printf("note: resuming with the checkpoint's seed %llu (not --seed %llu)\n", (unsigned long long)s->seed, (unsigned long long)tr->opt.seed);
-    tr->opt.seed = s->seed;
-    tr->train.seed = s->seed;
-    LossScaler configured = tr->state.scaler; // configuration from this run's config
-    tr->state = s->train;
-    tr->state.scaler.enabled = configured.enabled; tr->state.scaler.dynamic = configured.dynamic;
-    tr->state.scaler.min_scale = configured.min_scale; tr->state.scaler.window = configured.window;
-    tr->state.scaler.hysteresis = configured.hysteresis; tr->state.scaler.consecutive_hysteresis = configured.consecutive_hysteresis;
-    if (!configured.dynamic) tr->state.scaler.scale = configured.scale;
-    tr->rng = s->rng;
-    size_t cursor = (size_t)s->loader_cursor;
-    int64_t epoch = s->loader_epoch;
-    if (cursor >= tr->train.seqs_per_epoch) { epoch++; cursor = 0; }
-    dataloader_seek(&tr->train, epoch, cursor);
-    printf("resumed from %s: step %lld, %lld optimizer updates, %lld skipped, data epoch %lld position %zu\n", folder,
-           (long long)tr->state.step, (long long)tr->state.adam_t, (long long)tr->state.skipped, (long long)epoch, cursor);
-}
-
-// Several ranks (mpirun, torchrun, Slurm) are not supported by this build yet: refuse
-// rather than have every rank train the same model alone.
-static void refuse_multiple_ranks(void) {
-    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
-    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
-        const char* v = getenv(vars[i]);
-        if (v && atoi(v) > 1) fatal("%s=%s: this trainer runs on a single rank for now (multi-rank ZeRO is not implemented yet)", vars[i], v);
-    }
-}
+static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", cpu_build, cpu_num_params, cpu_download, cpu_upload, cpu_forward, cpu_backward,
+                                 cpu_zero_grads, cpu_grad_stats, cpu_adamw, cpu_probs, cpu_describe_memory, NULL, cpu_free};
 
 // Says plainly which configured features this run does without.
-static void print_limitations(const DSConfig* c) {
+static void cpu_describe_run(const DSConfig* c) {
+#ifdef _OPENMP
+    printf("threads: %d OpenMP threads\n", omp_get_max_threads());
+#endif
     if (c->zero_stage > 0) printf("note: zero_optimization.stage %lld with 1 rank: the one partition holds every parameter (same result as stage 0)\n", (long long)c->zero_stage);
     if (c->bf16_enabled) printf("note: bf16.enabled: the CPU trainer computes in fp32 (bf16 is a GPU trainer precision)\n");
     if (c->fp16_enabled) printf("note: fp16.enabled: the CPU trainer computes in fp32 and applies DeepSpeed's loss scaling to the fp32 gradients\n");
@@ -722,111 +547,6 @@ static void print_limitations(const DSConfig* c) {
 
 #ifndef TESTING
 int main(int argc, char** argv) {
-    Trainer tr;
-    memset(&tr, 0, sizeof tr);
-    parse_args(&tr.opt, argc, argv);
-    refuse_multiple_ranks();
-    load_effective_config(&tr.cfg, &tr.opt, 1);
-#ifdef _OPENMP
-    int threads = omp_get_max_threads();
-#else
-    int threads = 1;
-#endif
-    printf("dstrain CPU trainer (fp32, %d OpenMP threads)\n", threads);
-    print_config(&tr.cfg, 1);
-    print_limitations(&tr.cfg);
-    char err[1024];
-
-    // model configuration: from the checkpoint being resumed, a model file, or the flags
-    char resume_folder[PATH_LEN] = {0};
-    CheckpointState resume_state;
-    memset(&resume_state, 0, sizeof resume_state);
-    ModelConfig mc = gpt2_config(tr.opt.layers, tr.opt.heads, tr.opt.dim, tr.opt.seq_len, 50257);
-    const char* weights_from = NULL;
-    size_t file_params;
-    if (tr.opt.resume) {
-        if (tr.opt.checkpoint_dir[0] == '\0') fatal("--resume needs --checkpoint-dir");
-        if (checkpoint_latest(tr.opt.checkpoint_dir, resume_folder, sizeof resume_folder, err, sizeof err)) fatal("%s", err);
-        char path[PATH_LEN];
-        format_path(path, sizeof path, "%s/state.bin", resume_folder);
-        if (state_file_read(path, &resume_state, err, sizeof err)) fatal("%s", err);
-        format_path(path, sizeof path, "%s/model.bin", resume_folder);
-        if (model_file_config(path, &mc, &file_params, err, sizeof err)) fatal("%s", err);
-    } else if (tr.opt.init_from) {
-        weights_from = tr.opt.init_from;
-        if (model_file_config(weights_from, &mc, &file_params, err, sizeof err)) fatal("%s", err);
-    }
-    if (model_config_check(&mc, err, sizeof err)) fatal("model: %s", err);
-    tr.B = (int)tr.cfg.micro_batch;
-    tr.T = mc.max_seq_len;
-    tr.ga = (int)tr.cfg.grad_accum;
-    gpt2_build(&tr.model, &mc, tr.B, tr.T);
-    printf("model: GPT-2, %d layers, %d heads, %d channels, sequence length %d, vocabulary %d (padded %d): %.2fM parameters\n",
-           mc.num_layers, mc.num_heads, mc.channels, mc.max_seq_len, mc.vocab_size, mc.padded_vocab_size, tr.model.num_params / 1e6);
-    printf("memory: parameters, gradients, Adam m and v %.1f MB each; activations %.1f MB\n", tr.model.num_params * 4 / 1e6,
-           (tr.model.act.num_floats + tr.model.dact.num_floats) * 4 / 1e6);
-
-    // data
-    if (dataloader_init(&tr.train, tr.opt.train_data, tr.B, tr.T, 0, 1, (size_t)tr.cfg.train_batch_size, 1, tr.opt.seed, mc.vocab_size, err, sizeof err)) fatal("%s", err);
-    printf("train data: %s: %d shard(s), %zu tokens, %zu sequences of %d; %zu steps per epoch\n", tr.opt.train_data, tr.train.num_shards,
-           dataloader_num_tokens(&tr.train), tr.train.num_seqs, tr.T, tr.train.seqs_per_epoch / (size_t)tr.cfg.train_batch_size);
-    tr.has_val = tr.opt.val_data[0] != '\0';
-    if (tr.has_val) {
-        if (dataloader_init(&tr.val, tr.opt.val_data, tr.B, tr.T, 0, 1, (size_t)tr.B, 0, 0, mc.vocab_size, err, sizeof err)) fatal("%s", err);
-        printf("val data: %s: %zu tokens\n", tr.opt.val_data, dataloader_num_tokens(&tr.val));
-    }
-
-    // weights and state
-    train_state_init(&tr.state, &tr.cfg);
-    rng_seed(&tr.rng, tr.opt.seed + 1);
-    if (tr.opt.resume) {
-        load_checkpoint(&tr, resume_folder, &resume_state);
-    } else if (weights_from) {
-        if (model_file_read(weights_from, tr.model.params, tr.model.num_params, err, sizeof err)) fatal("%s", err);
-        printf("weights: from %s\n", weights_from);
-    } else {
-        gpt2_init_weights(&tr.model, tr.opt.seed);
-        printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr.opt.seed);
-    }
-    logger_open(&tr.log, tr.opt.log_path, tr.opt.resume, tr.state.step);
-
-    int64_t tokens_per_step = tr.cfg.train_batch_size * tr.T;
-    printf("training: steps %lld to %lld, %lld tokens per step\n", (long long)tr.state.step + 1, (long long)tr.opt.steps, (long long)tokens_per_step);
-    while (tr.state.step < tr.opt.steps) {
-        double t0 = wall_seconds();
-        StepPlan plan;
-        float loss = train_step(&tr, &plan);
-        double ms = ms_since(t0);
-        StepLog sl = {tr.state.step, tr.opt.steps, loss, plan.skip ? 0.0 : plan.lr, plan.grad_norm, ms, tokens_per_step / (ms / 1e3),
-                      tr.train.last_wait * 1e3, tr.cfg.fp16_enabled, plan.scale, tr.state.skipped, plan.overflow};
-        log_step(&tr.log, &sl);
-        if (tr.cfg.wall_clock_breakdown) {
-            printf("time (ms) | forward: %.2f | backward: %.2f | backward_inner: %.2f | backward_allreduce: 0.00 | step: %.2f\n",
-                   tr.forward_ms, tr.backward_ms, tr.backward_ms, tr.step_ms);
-        }
-        if (tr.cfg.steps_per_print && tr.state.step % tr.cfg.steps_per_print == 0) {
-            printf("step=%lld, skipped=%lld, lr=[%g], mom=[(%g, %g)]\n", (long long)tr.state.step, (long long)tr.state.skipped,
-                   lr_at(&tr.cfg, tr.state.sched_it), tr.cfg.betas[0], tr.cfg.betas[1]);
-        }
-        int last = tr.state.step == tr.opt.steps;
-        if (tr.has_val && (last || (tr.opt.val_every && tr.state.step % tr.opt.val_every == 0))) {
-            log_val(&tr.log, tr.state.step, evaluate(&tr), (int)(tr.opt.val_batches ? tr.opt.val_batches : 0));
-        }
-        if (tr.opt.checkpoint_dir[0] && (last || (tr.opt.save_every && tr.state.step % tr.opt.save_every == 0))) save_checkpoint(&tr);
-    }
-    if (tr.opt.sample_tokens > 0) {
-        Tokenizer tok;
-        if (tokenizer_load(&tok, tr.opt.tokenizer_path, err, sizeof err)) {
-            printf("no sample: %s\n", err);
-        } else {
-            sample_text(&tr, &tok);
-            tokenizer_free(&tok);
-        }
-    }
-    logger_close(&tr.log);
-    dataloader_free(&tr.train);
-    if (tr.has_val) dataloader_free(&tr.val);
-    gpt2_free(&tr.model);
-    return 0;
+    return train_main(argc, argv, &CPU_OPS, cpu_describe_run);
 }
 #endif
