@@ -825,6 +825,7 @@ static StepPlan step_plan(const TrainState* st, const DSConfig* c, int overflow,
     p.scale = st->scaler.scale;
     p.overflow = st->scaler.enabled && overflow;
     p.skip = p.overflow;
+    p.lr = (float)lr_at(c, st->sched_it); // on a skipped step: the lr that stays in force
     if (p.skip) { p.grad_norm = NAN; return p; }
     double norm = sqrt(scaled_sumsq) / p.scale;
     double combined = p.scale;
@@ -834,7 +835,6 @@ static StepPlan step_plan(const TrainState* st, const DSConfig* c, int overflow,
     }
     p.grad_norm = norm;
     p.grad_factor = (float)(1.0 / combined);
-    p.lr = (float)lr_at(c, st->sched_it);
     p.adam_t = st->adam_t + 1;
     return p;
 }
@@ -1538,8 +1538,10 @@ static void log_step(Logger* lg, const StepLog* s) {
     printf(" | eta %s\n", eta);
     fflush(stdout);
     if (lg->jsonl) {
-        fprintf(lg->jsonl, "{\"type\": \"train\", \"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"data_wait_ms\": %.3f",
-                (long long)s->step, s->loss, s->lr, isfinite(s->grad_norm) ? s->grad_norm : -1.0, s->ms, s->tokens_per_s, s->data_wait_ms);
+        char norm[32] = "null"; // a skipped step has no norm
+        if (isfinite(s->grad_norm)) snprintf(norm, sizeof norm, "%.9g", s->grad_norm);
+        fprintf(lg->jsonl, "{\"type\": \"train\", \"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %s, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"data_wait_ms\": %.3f",
+                (long long)s->step, s->loss, s->lr, norm, s->ms, s->tokens_per_s, s->data_wait_ms);
         if (s->fp16) fprintf(lg->jsonl, ", \"loss_scale\": %.9g, \"skipped\": %lld, \"overflow\": %s", s->loss_scale, (long long)s->skipped, s->overflow ? "true" : "false");
         if (isfinite(s->mfu)) fprintf(lg->jsonl, ", \"mfu\": %.4f", s->mfu);
         if (isfinite(s->memory_gb)) fprintf(lg->jsonl, ", \"memory_gb\": %.3f", s->memory_gb);
@@ -1769,11 +1771,54 @@ typedef struct {
     void (*grad_stats)(void* model, int* nonfinite, double* sumsq);
     void (*adamw)(void* model, const StepPlan* plan, const DSConfig* c);
     const float* (*probs)(void* model, int position); // softmax of the last forward at (0, position), host
+    void (*set_grad)(void* model, size_t index, float value); // test-only fault injection (DSTRAIN_INJECT_INF)
     void (*describe_memory)(void* model);          // start-up memory report
     // optional (NULL on the CPU): MFU and device memory of the step just taken
     void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb);
     void (*free)(void* model);
 } ModelOps;
+
+// Test-only fault injection, so overflow handling is tested through the whole trainer:
+//   DSTRAIN_INJECT_INF="STEP[@TENSOR],..."   e.g. "3,7@layer0.qkvw"
+// sets the first element of TENSOR's gradient (default wte) to +inf after the backward
+// passes of optimizer step STEP (1-based), as an fp16 overflow would.
+#define MAX_FAULTS 64
+typedef struct {
+    int count;
+    int64_t steps[MAX_FAULTS];
+    size_t index[MAX_FAULTS];
+    char names[MAX_FAULTS][32];
+} FaultPlan;
+
+static void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* mc) {
+    memset(f, 0, sizeof(*f));
+    if (spec == NULL || spec[0] == '\0') return;
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(mc) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(mc, t);
+    char* copy = strdup_check(spec);
+    for (char* item = strtok(copy, ","); item; item = strtok(NULL, ",")) {
+        if (f->count == MAX_FAULTS) fatal("DSTRAIN_INJECT_INF: more than %d faults", MAX_FAULTS);
+        char* at = strchr(item, '@');
+        const char* name = at ? at + 1 : "wte";
+        if (at) *at = '\0';
+        f->steps[f->count] = parse_int_flag("DSTRAIN_INJECT_INF (step)", item, 1, INT64_C(1) << 40);
+        int found = -1;
+        for (int i = 0; i < n; i++) if (strcmp(t[i].name, name) == 0) found = i;
+        if (found < 0) fatal("DSTRAIN_INJECT_INF: no parameter tensor named '%s' (names: wte, wpe, layer0.qkvw, ..., lnfb)", name);
+        f->index[f->count] = t[found].offset;
+        snprintf(f->names[f->count], sizeof f->names[0], "%s", name);
+        f->count++;
+    }
+    free(copy);
+    free(t);
+}
+
+// Injects the faults planned for optimizer step `step` (1-based).
+static void fault_plan_apply(const FaultPlan* f, const ModelOps* ops, void* model, int64_t step) {
+    for (int i = 0; i < f->count; i++) {
+        if (f->steps[i] == step) ops->set_grad(model, f->index[i], INFINITY);
+    }
+}
 
 typedef struct {
     Options opt;
@@ -1787,6 +1832,7 @@ typedef struct {
     TrainState state;
     Rng rng;                                 // sampling
     Logger log;
+    FaultPlan faults;                        // test-only, from DSTRAIN_INJECT_INF
     int B, T, ga;
     double forward_ms, backward_ms, step_ms; // this step's phases, for wall_clock_breakdown
     double data_wait_ms;
@@ -1827,6 +1873,7 @@ static float train_step(Trainer* tr, StepPlan* plan) {
         tr->ops->backward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T, loss_scale / tr->ga);
         tr->backward_ms += ms_since(t0);
     }
+    fault_plan_apply(&tr->faults, tr->ops, tr->model, tr->state.step + 1);
     t0 = wall_seconds();
     *plan = optimizer_step(tr->ops, tr->model, &tr->state, &tr->cfg);
     tr->step_ms = ms_since(t0);
@@ -1959,7 +2006,7 @@ static void open_data(Trainer* tr) {
 
 static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     int64_t tokens_per_step = tr->cfg.train_batch_size * tr->T;
-    StepLog sl = {tr->state.step, tr->opt.steps, loss, plan->skip ? 0.0 : plan->lr, plan->grad_norm, ms, tokens_per_step / (ms / 1e3),
+    StepLog sl = {tr->state.step, tr->opt.steps, loss, plan->lr, plan->grad_norm, ms, tokens_per_step / (ms / 1e3),
                   tr->data_wait_ms, tr->cfg.fp16_enabled, plan->scale, tr->state.skipped, plan->overflow, NAN, NAN};
     if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb);
     log_step(&tr->log, &sl);
@@ -1997,6 +2044,10 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
     printf("model: GPT-2, %d layers, %d heads, %d channels, sequence length %d, vocabulary %d (padded %d): %.2fM parameters\n",
            tr.mc.num_layers, tr.mc.num_heads, tr.mc.channels, tr.mc.max_seq_len, tr.mc.vocab_size, tr.mc.padded_vocab_size, tr.num_params / 1e6);
     ops->describe_memory(tr.model);
+    fault_plan_parse(&tr.faults, getenv("DSTRAIN_INJECT_INF"), &tr.mc);
+    for (int i = 0; i < tr.faults.count; i++) {
+        printf("test fault injection (DSTRAIN_INJECT_INF): +inf in the gradient of %s at step %lld\n", tr.faults.names[i], (long long)tr.faults.steps[i]);
+    }
     open_data(&tr);
 
     train_state_init(&tr.state, &tr.cfg);

@@ -136,27 +136,39 @@ static void test_backward_every_gradient_tensor(void) {
     free(t);
 }
 
-// Ten optimizer steps on the reference's micro batches, as train_step does them.
-static void train_reference_run(int adam_w_mode, float* losses, float* norms, float* lrs) {
-    DSConfig cfg = reference_ds_config(adam_w_mode);
+// Optimizer steps on the reference's micro batches, as the driver's train_step does them:
+// backward of loss * scale / ga, fault injection, optimizer_step. Steps listed in
+// `inject` (0-based) get +inf in the first gradient of wte, as an fp16 overflow would.
+static TrainState run_steps(const DSConfig* cfg, int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
     TrainState st;
-    train_state_init(&st, &cfg);
+    train_state_init(&st, cfg);
     memcpy(model.params, ref.params, model.num_params * sizeof(float));
     memset(model.m, 0, model.num_params * sizeof(float));
     memset(model.v, 0, model.num_params * sizeof(float));
+    FaultPlan faults = {0};
+    for (int i = 0; i < n_inject; i++) { faults.steps[i] = inject[i] + 1; faults.index[i] = 0; }
+    faults.count = n_inject;
     size_t bt = (size_t)ref.B * ref.T;
-    for (int step = 0; step < ref.steps; step++) {
-        memset(model.grads, 0, model.num_params * sizeof(float));
+    for (int step = 0; step < steps; step++) {
+        cpu_zero_grads(&model);
         double loss_sum = 0.0;
+        float scale = (float)st.scaler.scale;
         for (int micro = 0; micro < ref.ga; micro++) {
             loss_sum += gpt2_forward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T);
-            gpt2_backward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, 1.0f / ref.ga);
+            gpt2_backward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, scale / ref.ga);
         }
-        StepPlan plan = optimizer_step(&CPU_OPS, &model, &st, &cfg);
+        fault_plan_apply(&faults, &CPU_OPS, &model, st.step + 1);
+        StepPlan plan = optimizer_step(&CPU_OPS, &model, &st, cfg);
         losses[step] = (float)(loss_sum / ref.ga);
         norms[step] = (float)plan.grad_norm;
         lrs[step] = plan.lr;
     }
+    return st;
+}
+
+static void train_reference_run(int adam_w_mode, float* losses, float* norms, float* lrs) {
+    DSConfig cfg = reference_ds_config(adam_w_mode);
+    run_steps(&cfg, ref.steps, NULL, 0, losses, norms, lrs);
 }
 
 static void check_training_run(int run) {
@@ -189,6 +201,63 @@ static void test_two_runs_are_bit_identical(void) {
     free(first);
 }
 
+// The reference's configuration with DeepSpeed's fp16 dynamic loss scaling (2^16, hysteresis 2).
+static DSConfig reference_fp16_config(void) {
+    DSConfig c = reference_ds_config(1);
+    c.fp16_enabled = 1; c.fp16_loss_scale = 0; c.fp16_initial_scale_power = 16;
+    c.fp16_loss_scale_window = 1000; c.fp16_hysteresis = 2; c.fp16_min_loss_scale = 1;
+    return c;
+}
+
+// Loss scaling changes nothing but the representable range: the scale is a power of two,
+// so every gradient of the scaled backward is exactly S times the unscaled one, the norm
+// of the scaled gradients is exactly S times the true norm, and 1 / (S * clip) applied to
+// S * g is exactly g / clip. The run must therefore equal the fp32 run bit for bit (the
+// issue asks for "fp32 rounding"; exact equality is the stronger statement that holds).
+static void test_fp16_scaling_gives_the_fp32_update(void) {
+    float l32[64], n32[64], r32[64], l16[64], n16[64], r16[64];
+    DSConfig f32 = reference_ds_config(1), f16 = reference_fp16_config();
+    run_steps(&f32, ref.steps, NULL, 0, l32, n32, r32);
+    float* w32 = (float*)mallocCheck(model.num_params * sizeof(float));
+    memcpy(w32, model.params, model.num_params * sizeof(float));
+    TrainState st = run_steps(&f16, ref.steps, NULL, 0, l16, n16, r16);
+    CHECK(st.skipped == 0 && st.scaler.scale == 65536, "no overflow, scale 2^16");
+    for (int s = 0; s < ref.steps; s++) CHECK(n16[s] == n32[s], "step %d: logged norm %.9g is not the unscaled norm %.9g", s, n16[s], n32[s]);
+    CHECK(memcmp(w32, model.params, model.num_params * sizeof(float)) == 0, "weights of the scaled run differ from the fp32 run (rel err %.2e)",
+          tensor_rel_err(model.params, w32, 1, model.num_params, 0, 0));
+    free(w32);
+}
+
+// Steps with an overflow are skipped exactly: Adam's t and the schedule do not advance, so
+// 10 steps with 2 overflows end with the weights of 8 clean steps (every step of the
+// reference uses the same micro batches, so leaving out a step's micro batches is leaving
+// out the step).
+static void test_injected_overflows_skip_exactly_those_steps(void) {
+    float l[64], n[64], r[64], l8[64], n8[64], r8[64];
+    int inject[2] = {3, 7};
+    DSConfig f16 = reference_fp16_config(), f32 = reference_ds_config(1);
+    TrainState st = run_steps(&f16, ref.steps, inject, 2, l, n, r);
+    CHECK(st.step == 10 && st.skipped == 2 && st.adam_t == 8 && st.sched_it == 7, "step %lld skipped %lld t %lld sched_it %lld",
+          (long long)st.step, (long long)st.skipped, (long long)st.adam_t, (long long)st.sched_it);
+    // first overflow only spends the hysteresis; the second halves the scale
+    CHECK(st.scaler.scale == 32768 && st.scaler.hyst == 1 && st.scaler.last_overflow_iter == 7, "scaler: %g hyst %lld last %lld",
+          st.scaler.scale, (long long)st.scaler.hyst, (long long)st.scaler.last_overflow_iter);
+    CHECK(isnan(n[3]) && isnan(n[7]) && isfinite(n[4]), "skipped steps have no norm");
+    CHECK(r[3] == r[4] && r[7] == r[8], "a skipped step leaves the schedule where it was: the next applied step uses its lr");
+    float* w16 = (float*)mallocCheck(model.num_params * sizeof(float));
+    memcpy(w16, model.params, model.num_params * sizeof(float));
+    run_steps(&f32, ref.steps - 2, NULL, 0, l8, n8, r8);
+    int applied = 0;
+    for (int s = 0; s < ref.steps; s++) {
+        if (s == 3 || s == 7) continue;
+        CHECK(r[s] == r8[applied] && n[s] == n8[applied], "applied step %d: lr %g vs %g, norm %g vs %g", s, r[s], r8[applied], n[s], n8[applied]);
+        applied++;
+    }
+    CHECK(memcmp(w16, model.params, model.num_params * sizeof(float)) == 0, "weights differ from the run without the skipped steps (rel err %.2e)",
+          tensor_rel_err(w16, model.params, 1, model.num_params, 0, 0));
+    free(w16);
+}
+
 int main(int argc, char** argv) {
     const char* path = argc > 1 ? argv[1] : "dev/data/gpt2_reference.bin";
     reference_load(&ref, path);
@@ -201,6 +270,8 @@ int main(int argc, char** argv) {
     RUN(test_ten_adamw_steps_with_clipping_and_warmup);
     RUN(test_ten_adam_l2_steps_adam_w_mode_false);
     RUN(test_two_runs_are_bit_identical);
+    RUN(test_fp16_scaling_gives_the_fp32_update);
+    RUN(test_injected_overflows_skip_exactly_those_steps);
     gpt2_free(&model);
     return test_summary();
 }

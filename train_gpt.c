@@ -524,6 +524,7 @@ static void cpu_backward(void* m, const int* inputs, const int* targets, int B, 
 static void cpu_zero_grads(void* model) { GPT2* m = (GPT2*)model; memset(m->grads, 0, m->num_params * sizeof(float)); }
 static void cpu_grad_stats(void* model, int* nonfinite, double* sumsq) { GPT2* m = (GPT2*)model; grad_stats(m->grads, m->num_params, nonfinite, sumsq); }
 static void cpu_adamw(void* model, const StepPlan* p, const DSConfig* c) { GPT2* m = (GPT2*)model; adamw_update(m->params, m->m, m->v, m->grads, m->num_params, p, c); }
+static void cpu_set_grad(void* model, size_t index, float value) { ((GPT2*)model)->grads[index] = value; }
 static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {
     GPT2* m = (GPT2*)model;
@@ -533,7 +534,7 @@ static void cpu_describe_memory(void* model) {
 static void cpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
 
 static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", cpu_build, cpu_num_params, cpu_download, cpu_upload, cpu_forward, cpu_backward,
-                                 cpu_zero_grads, cpu_grad_stats, cpu_adamw, cpu_probs, cpu_describe_memory, NULL, cpu_free};
+                                 cpu_zero_grads, cpu_grad_stats, cpu_adamw, cpu_probs, cpu_set_grad, cpu_describe_memory, NULL, cpu_free};
 
 // Says plainly which configured features this run does without.
 static void cpu_describe_run(const DSConfig* c) {

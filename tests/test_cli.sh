@@ -111,5 +111,39 @@ out=$($BIN "${TINY[@]}" --layers 7 --steps 1 --init-from $TMP/straight/step_0000
 if [ $rc -eq 0 ] && grep -q "model: GPT-2, 2 layers, 2 heads, 32 channels, sequence length 32" <<<"$out" && grep -q "weights: from" <<<"$out"; then ok "init-from takes the model size from the file"
 else bad "init-from takes the model size from the file" "exit $rc" "$(tail -3 <<<"$out")"; fi
 
+# --- fp16 loss scaling through the trainer, with injected overflows (DSTRAIN_INJECT_INF) ---
+SAMPLE=../shared/configs/ds_config.json
+out=$(DSTRAIN_INJECT_INF=2,3,6 $BIN -c $SAMPLE "${TINY[@]}" --steps 8 --save-every 4 --checkpoint-dir $TMP/fp16 --log $TMP/fp16.jsonl 2>&1); rc=$?
+if [ $rc -eq 0 ] \
+   && grep -qF "OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 65536, but hysteresis is 2. Reducing hysteresis to 1" <<<"$out" \
+   && grep -qF "OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 65536, reducing to 32768" <<<"$out" \
+   && grep -qF "OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 32768, reducing to 16384" <<<"$out"; then
+    ok "DeepSpeed-style overflow lines"
+else bad "DeepSpeed-style overflow lines" "exit $rc" "$(grep -i overflow <<<"$out")"; fi
+trace=$(python3 - $TMP/fp16.jsonl <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
+print(" ".join(f'{r["step"]}:{r["loss_scale"]:g}:{r["skipped"]}:{int(r["overflow"])}:{"-" if r["grad_norm"] is None else "n"}' for r in rows))
+PY
+)
+want="1:65536:0:0:n 2:65536:1:1:- 3:65536:2:1:- 4:32768:2:0:n 5:32768:2:0:n 6:32768:3:1:- 7:16384:3:0:n 8:16384:3:0:n"
+if [ "$trace" = "$want" ]; then ok "skipped steps are exactly the injected ones; JSON log has loss_scale, skipped, overflow"
+else bad "skipped steps are exactly the injected ones; JSON log has loss_scale, skipped, overflow" "got:  $trace" "want: $want"; fi
+# resume from the checkpoint at step 4 (between overflows): same scale trajectory, same files
+DSTRAIN_INJECT_INF=2,3,6 $BIN -c $SAMPLE "${TINY[@]}" --steps 4 --checkpoint-dir $TMP/fp16r --log $TMP/fp16r.jsonl >/dev/null 2>&1
+out=$(DSTRAIN_INJECT_INF=2,3,6 $BIN -c $SAMPLE "${TINY[@]}" --steps 8 --resume --checkpoint-dir $TMP/fp16r --log $TMP/fp16r.jsonl 2>&1); rc=$?
+same=1
+for f in model.bin optim_rank0000_of_0001.bin state.bin; do cmp -s $TMP/fp16/step_00000008/$f $TMP/fp16r/step_00000008/$f || same=0; done
+if [ $rc -eq 0 ] && [ $same -eq 1 ] && cmp -s <(grep train $TMP/fp16.jsonl | sed 's/"ms".*"data_wait_ms": [0-9.]*,//') <(grep train $TMP/fp16r.jsonl | sed 's/"ms".*"data_wait_ms": [0-9.]*,//') \
+   && grep -qF "loss scale 32768" <<<"$out"; then
+    ok "resume between overflows continues the same scale trajectory"
+else bad "resume between overflows continues the same scale trajectory" "exit $rc, files identical $same" "$(grep -E 'resumed|OVERFLOW' <<<"$out")"; fi
+# an overflow at the minimum scale ends the run with DeepSpeed's message and a hint
+printf '{"train_batch_size": 2, "fp16": {"enabled": true, "initial_scale_power": 0, "hysteresis": 1}}\n' > $TMP/minscale.json
+expect_error "overflow at the minimum scale is fatal, with a hint" "Current loss scale already at minimum - cannot decrease scale anymore. Exiting run." \
+    env DSTRAIN_INJECT_INF=1 $BIN -c $TMP/minscale.json "${TINY[@]}" --steps 2 --checkpoint-dir ""
+expect_error "bad fault spec names the variable" "DSTRAIN_INJECT_INF: no parameter tensor named 'nope'" \
+    env DSTRAIN_INJECT_INF=2@nope $BIN "${TINY[@]}" --steps 2 --checkpoint-dir ""
+
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]
