@@ -13,6 +13,9 @@ PYTHON_TORCH ?= /usr/bin/python3
 # the Python with tiktoken, for data preparation
 PYTHON ?= python3
 
+# Open MPI for several ranks on the CPU: the CPU trainer is built with mpicc where it exists
+MPICC := $(shell command -v mpicc 2>/dev/null)
+CPU_CC := $(if $(MPICC),$(MPICC) -DUSE_MPI,$(CC))
 NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 HEADERS = dstrain.h
@@ -30,12 +33,12 @@ train_gpt: train_gpt.c $(HEADERS)
 		echo "building ./train_gpt from train_gpt.cu (nvcc: $(NVCC))"; \
 		$(MAKE) --no-print-directory train_gpt_cu && cp train_gpt_cu train_gpt; \
 	else \
-		echo "building ./train_gpt from train_gpt.c (CPU trainer: $(if $(NVCC),no GPU found,no nvcc))"; \
-		$(CC) $(CFLAGS) train_gpt.c $(LDLIBS) -o train_gpt; \
+		echo "building ./train_gpt from train_gpt.c (CPU trainer: $(if $(NVCC),no GPU found,no nvcc); $(if $(MPICC),with MPI,without MPI: one rank))"; \
+		$(CPU_CC) $(CFLAGS) train_gpt.c $(LDLIBS) -o train_gpt; \
 	fi
 
 train_gpt_cpu: train_gpt.c $(HEADERS)
-	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+	$(CPU_CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
 test_gpt: test_gpt.c train_gpt.c tests/test.h $(HEADERS)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@

@@ -1523,6 +1523,7 @@ typedef struct {
     int overflow;
     double mfu;        // model FLOPs utilisation in [0, 1]; NAN where unknown (CPU, unknown GPU)
     double memory_gb;  // device memory in use; NAN where not measured
+    double bytes_sent; // by this rank in the step's collectives; NAN on one rank
 } StepLog;
 
 static void log_step(Logger* lg, const StepLog* s) {
@@ -1535,6 +1536,7 @@ static void log_step(Logger* lg, const StepLog* s) {
     if (s->fp16) printf(" | scale %g | skipped %lld%s", s->loss_scale, (long long)s->skipped, s->overflow ? " (overflow)" : "");
     if (isfinite(s->mfu)) printf(" | mfu %.1f%%", 100 * s->mfu);
     if (isfinite(s->memory_gb)) printf(" | mem %.2f GB", s->memory_gb);
+    if (isfinite(s->bytes_sent)) printf(" | sent %.1f MB", s->bytes_sent / 1e6);
     printf(" | eta %s\n", eta);
     fflush(stdout);
     if (lg->jsonl) {
@@ -1545,6 +1547,7 @@ static void log_step(Logger* lg, const StepLog* s) {
         if (s->fp16) fprintf(lg->jsonl, ", \"loss_scale\": %.9g, \"skipped\": %lld, \"overflow\": %s", s->loss_scale, (long long)s->skipped, s->overflow ? "true" : "false");
         if (isfinite(s->mfu)) fprintf(lg->jsonl, ", \"mfu\": %.4f", s->mfu);
         if (isfinite(s->memory_gb)) fprintf(lg->jsonl, ", \"memory_gb\": %.3f", s->memory_gb);
+        if (isfinite(s->bytes_sent)) fprintf(lg->jsonl, ", \"bytes_sent\": %.0f", s->bytes_sent);
         fprintf(lg->jsonl, "}\n");
         fflush(lg->jsonl);
     }
@@ -1575,7 +1578,9 @@ typedef struct {
     const char* tokenizer_path;
     const char* init_from;     // model.bin to start from instead of random weights
     const char* checkpoint_dir;
+    const char* resume_from;   // checkpoint folder to resume from (default: checkpoint_dir)
     const char* log_path;
+    double comm_timeout;       // seconds a collective may take before the run ends
     int64_t steps;
     uint64_t seed;
     int64_t save_every;        // 0: save only at the end
@@ -1594,6 +1599,7 @@ static void options_defaults(Options* o) {
     o->val_data = "data/wikitext/wikitext_val_*.bin";
     o->tokenizer_path = "data/gpt2_tokenizer.bin";
     o->checkpoint_dir = "checkpoints";
+    o->comm_timeout = 300;
     o->steps = 300;
     o->seed = 1337;
     o->layers = 4; o->heads = 4; o->dim = 128; o->seq_len = 128;
@@ -1618,10 +1624,12 @@ static void print_usage(const char* prog) {
            "  --init-from FILE            start from the weights of a checkpoint's model.bin\n"
            "  --checkpoint-dir DIR        where checkpoints go (default %s; \"\" = never save)\n"
            "  --save-every N              also save every N steps (default 0: only at the end)\n"
-           "  --resume                    continue from DIR/latest, bit for bit\n"
+           "  --resume                    continue from DIR/latest, bit for bit (on any number of ranks)\n"
+           "  --resume-from DIR           with --resume: read the checkpoint from DIR instead of --checkpoint-dir\n"
+           "  --comm-timeout SECONDS      a collective taking longer ends the run with an error (default %.0f)\n"
            "  --log FILE                  JSON-lines log, one object per step\n"
            "  --val-every N               validation loss every N steps (default %lld; 0 = only at the end)\n"
-           "  --val-batches N             batches per validation (default %lld; 0 = the whole split)\n"
+           "  --val-batches N             micro batches per validation, over all ranks (default %lld; 0 = the whole split)\n"
            "  --sample-tokens N           tokens sampled at the end (default %lld; 0 = none)\n"
            "  --recompute                 GPU: recompute GELU and LayerNorm outputs in backward (less memory)\n"
            "  overrides of ds_config keys:\n"
@@ -1633,7 +1641,7 @@ static void print_usage(const char* prog) {
            "  --train-batch-size N        train_batch_size\n"
            "  -h, --help                  this text\n",
            prog, d.train_data, d.val_data, d.tokenizer_path, (long long)d.steps, (unsigned long long)d.seed,
-           d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
+           d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
 }
 
 static int64_t parse_int_flag(const char* flag, const char* value, int64_t min, int64_t max) {
@@ -1682,6 +1690,8 @@ static void parse_args(Options* o, int argc, char** argv) {
         else if (strcmp(f, "--init-from") == 0) o->init_from = value;
         else if (strcmp(f, "--checkpoint-dir") == 0) o->checkpoint_dir = value;
         else if (strcmp(f, "--log") == 0) o->log_path = value;
+        else if (strcmp(f, "--resume-from") == 0) o->resume_from = value;
+        else if (strcmp(f, "--comm-timeout") == 0) o->comm_timeout = parse_float_flag(f, value, 1);
         else if (strcmp(f, "--steps") == 0) o->steps = parse_int_flag(f, value, 0, INT64_C(1) << 40);
         else if (strcmp(f, "--seed") == 0) o->seed = (uint64_t)parse_int_flag(f, value, 0, INT64_MAX);
         else if (strcmp(f, "--save-every") == 0) o->save_every = parse_int_flag(f, value, 0, INT64_C(1) << 40);
@@ -1749,30 +1759,457 @@ static void print_config(const DSConfig* c, int world_size) {
 }
 
 // ----------------------------------------------------------------------------
-// training driver: what `./train_gpt` does, for any trainer. A trainer supplies its
-// model through ModelOps (the math); the driver does the rest (DeepSpeed's step order,
-// data, validation, checkpoints, logs, sampling) the same way on every device.
+// communication: the handful of collectives ZeRO needs, behind one interface.
+// Backends: "single" (one rank, nothing to do), "mpi" (host buffers; built with
+// -DUSE_MPI by mpicc), and NCCL for device buffers (in train_gpt.cu). Every rank enters
+// every collective in the same order; a wait that exceeds comm->timeout_s ends the run
+// with an error naming the collective and the rank, instead of hanging.
+// Buffers are float32 (reduce) or raw bytes (all-gather); counts may differ per rank.
+
+typedef struct Comm Comm;
+struct Comm {
+    const char* backend;
+    int rank, world_size, local_rank;
+    double timeout_s;
+    double bytes_sent;     // by this rank since the last reset (ring-algorithm volume), for the log
+    void* impl;
+    // dst = op(v over ranks), n doubles on the host; op_max: max instead of sum
+    void (*allreduce_f64)(Comm* c, double* v, int n, int op_max, const char* what);
+    // in place sum of n floats over ranks
+    void (*allreduce_f32)(Comm* c, float* buf, size_t n, const char* what);
+    // send (sum of counts floats) summed over ranks; rank k receives counts[k] of them in recv.
+    // Returns a request to finish with wait (so stage 2 can overlap it with backward).
+    void* (*reduce_scatter_start)(Comm* c, const float* send, float* recv, const size_t* counts, const char* what);
+    void (*wait)(Comm* c, void* request, const char* what);
+    // in place: rank k contributes counts[k] elements of elem_size bytes at displs[k]
+    void (*allgather)(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what);
+    void (*barrier)(Comm* c, const char* what);
+    void (*finalize)(Comm* c);
+};
+
+static void single_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) { (void)c; (void)v; (void)n; (void)op_max; (void)what; }
+static void single_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) { (void)c; (void)buf; (void)n; (void)what; }
+static void* single_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    (void)c; (void)what;
+    if (recv != send) memcpy(recv, send, counts[0] * sizeof(float));
+    return NULL;
+}
+static void single_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
+static void single_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    (void)c; (void)buf; (void)elem_size; (void)counts; (void)displs; (void)what;
+}
+static void single_barrier(Comm* c, const char* what) { (void)c; (void)what; }
+static void single_finalize(Comm* c) { (void)c; }
+
+static void comm_init_single(Comm* c) {
+    Comm s = {"single", 0, 1, 0, 300.0, 0.0, NULL, single_allreduce_f64, single_allreduce_f32, single_reduce_scatter_start,
+              single_wait, single_allgather, single_barrier, single_finalize};
+    *c = s;
+}
+
+// bytes a rank sends in a ring reduce-scatter or all-gather of `total` bytes; all-reduce is both
+static double ring_bytes(const Comm* c, double total) { return total * (c->world_size - 1) / c->world_size; }
+
+#ifdef USE_MPI
+#include <mpi.h>
+
+// Waits for a non-blocking MPI operation, giving up after the timeout: a rank that died or
+// took another path would otherwise leave the others waiting forever.
+static void mpi_wait_timeout(Comm* c, MPI_Request* req, const char* what) {
+    double start = wall_seconds();
+    for (long spins = 0;; spins++) {
+        int done = 0;
+        MPI_Test(req, &done, MPI_STATUS_IGNORE);
+        if (done) return;
+        if (wall_seconds() - start > c->timeout_s) {
+            fprintf(stderr, "error: rank %d: collective '%s' did not complete within %.0f s (another rank died, hangs, or took a different path); ending the run\n",
+                    c->rank, what, c->timeout_s);
+            fflush(stderr);
+            MPI_Abort(MPI_COMM_WORLD, 3);
+            exit(3);
+        }
+        if (spins > 1000) usleep(100); // keep polling cheap once the wait is clearly long
+    }
+}
+
+static void mpi_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) {
+    MPI_Request req;
+    MPI_Iallreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, op_max ? MPI_MAX : MPI_SUM, MPI_COMM_WORLD, &req);
+    mpi_wait_timeout(c, &req, what);
+    c->bytes_sent += 2 * ring_bytes(c, n * 8.0);
+}
+
+static void mpi_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
+    for (size_t done = 0; done < n;) { // MPI counts are int: chunks of at most 2^30
+        int chunk = (int)(n - done < (1u << 30) ? n - done : (1u << 30));
+        MPI_Request req;
+        MPI_Iallreduce(MPI_IN_PLACE, buf + done, chunk, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &req);
+        mpi_wait_timeout(c, &req, what);
+        done += chunk;
+    }
+    c->bytes_sent += 2 * ring_bytes(c, n * 4.0);
+}
+
+typedef struct { MPI_Request req; int* counts; } MpiRequest;
+
+static void* mpi_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    MpiRequest* r = (MpiRequest*)mallocCheck(sizeof(MpiRequest));
+    r->counts = (int*)mallocCheck(c->world_size * sizeof(int));
+    double total = 0;
+    for (int k = 0; k < c->world_size; k++) {
+        if (counts[k] > INT32_MAX) fatal("%s: %zu elements for one rank exceeds MPI's int count", what, counts[k]);
+        r->counts[k] = (int)counts[k];
+        total += counts[k];
+    }
+    MPI_Ireduce_scatter(send, recv, r->counts, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &r->req);
+    c->bytes_sent += ring_bytes(c, total * 4.0);
+    return r;
+}
+
+static void mpi_wait(Comm* c, void* request, const char* what) {
+    MpiRequest* r = (MpiRequest*)request;
+    mpi_wait_timeout(c, &r->req, what);
+    free(r->counts);
+    free(r);
+}
+
+static void mpi_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    int* cnt = (int*)mallocCheck(c->world_size * sizeof(int));
+    int* dsp = (int*)mallocCheck(c->world_size * sizeof(int));
+    double total = 0;
+    for (int k = 0; k < c->world_size; k++) {
+        if (counts[k] * elem_size > INT32_MAX || displs[k] * elem_size > INT32_MAX) fatal("%s: chunk too large for MPI's int counts (lower allgather_bucket_size)", what);
+        cnt[k] = (int)(counts[k] * elem_size);
+        dsp[k] = (int)(displs[k] * elem_size);
+        total += cnt[k];
+    }
+    MPI_Request req;
+    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, buf, cnt, dsp, MPI_BYTE, MPI_COMM_WORLD, &req);
+    mpi_wait_timeout(c, &req, what);
+    c->bytes_sent += ring_bytes(c, total);
+    free(cnt);
+    free(dsp);
+}
+
+static void mpi_barrier(Comm* c, const char* what) {
+    MPI_Request req;
+    MPI_Ibarrier(MPI_COMM_WORLD, &req);
+    mpi_wait_timeout(c, &req, what);
+}
+
+static void mpi_finalize(Comm* c) { (void)c; MPI_Finalize(); }
+
+static void comm_init_mpi(Comm* c, int* argc, char*** argv) {
+    MPI_Init(argc, argv);
+    Comm m = {"mpi", 0, 1, 0, 300.0, 0.0, NULL, mpi_allreduce_f64, mpi_allreduce_f32, mpi_reduce_scatter_start,
+              mpi_wait, mpi_allgather, mpi_barrier, mpi_finalize};
+    *c = m;
+    MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &c->world_size);
+    MPI_Comm local;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &local);
+    MPI_Comm_rank(local, &c->local_rank);
+    MPI_Comm_free(&local);
+}
+#endif
+
+// The world size a launcher announced: mpirun (Open MPI, MPICH), torchrun and the
+// DeepSpeed launcher (WORLD_SIZE), or Slurm (SLURM_NTASKS). 1 when run directly.
+static int launcher_world_size(const char** var) {
+    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char* v = getenv(vars[i]);
+        if (v && atoi(v) > 1) { *var = vars[i]; return atoi(v); }
+    }
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
+// ZeRO: DeepSpeed's stages 0, 1 and 2 (DEEPSPEED.md section 5), written once against
+// Comm and BufferOps (host loops on the CPU, kernels on the GPU).
+//
+// All parameters form one flat buffer padded to a multiple of 2 x ranks; rank k owns the
+// contiguous partition [k * n / ws, (k + 1) * n / ws) and keeps the fp32 master weights
+// and Adam moments of it (stage 0: every rank keeps everything).
+//   stage 0: full gradients accumulate over the micro batches; at the boundary an
+//            all-reduce averages them and every rank updates every parameter.
+//   stage 1: full gradients accumulate locally; at the boundary a reduce-scatter (in
+//            chunks of reduce_bucket_size) gives each rank the averaged gradient of its
+//            partition; each rank updates its partition; an all-gather (in chunks of
+//            allgather_bucket_size) restores the full weights.
+//   stage 2: during every backward pass the model hands over each region of gradients
+//            as soon as it is complete (GradSink); they are packed into buckets of
+//            reduce_bucket_size elements and each bucket is reduce-scattered at once
+//            (with overlap_comm while backward goes on); a rank keeps only its
+//            partition's gradient, accumulated over the micro batches.
+// The model releases gradient regions from the end of the flat buffer to its start
+// (final LayerNorm, last layer, ..., first layer, positions, token embedding), so a
+// bucket is always one contiguous range and its reduce-scatter is exact.
 
 typedef struct {
-    float* params; // fp32 master weights (num_params)
-    float* m;      // Adam first moment
-    float* v;      // Adam second moment
-} HostState;
+    int host;                                                  // buffers are host memory
+    void* (*alloc)(size_t bytes);                              // zero-filled
+    void (*release)(void* p);
+    void (*copy)(float* dst, const float* src, size_t n);
+    void (*zero)(float* dst, size_t n);
+    void (*add_scaled)(float* dst, const float* src, float scale, size_t n); // dst += scale * src
+    void (*scale)(float* dst, float s, size_t n);              // dst *= s
+    void (*stats)(const float* g, size_t n, int* nonfinite, double* sumsq);
+    void (*adamw)(float* master, float* m, float* v, const float* g, size_t n, const StepPlan* p, const DSConfig* c);
+    void (*to_host)(float* host_dst, const float* src, size_t n);
+    void (*from_host)(float* dst, const float* host_src, size_t n);
+} BufferOps;
+
+// Where the model's backward accumulates gradients: region() gives the buffer for the
+// parameters [offset, offset + n), done() says they are complete for this micro batch.
+typedef struct GradSink GradSink;
+struct GradSink {
+    float* (*region)(GradSink* s, size_t offset, size_t n);
+    void (*done)(GradSink* s, size_t offset, size_t n);
+    void* zero;
+};
 
 typedef struct {
-    const char* name;                              // "CPU trainer (fp32)", printed at start
+    int stage;
+    Comm* comm;
+    const BufferOps* buf;
+    size_t num_params, padded;
+    size_t* part_count;    // (world) elements each rank owns
+    size_t* part_start;    // (world) where each rank's partition starts
+    size_t lo, n;          // this rank's partition: [lo, lo + n) (stage 0: everything)
+    float* master;         // (n) fp32 master weights
+    float* m;              // (n) Adam first moment
+    float* v;              // (n) Adam second moment
+    float* grads;          // stage 0/1: (padded) full gradients; stage 2: (n) this partition's
+    // stage 2
+    size_t bucket_size;
+    float* bucket[2];      // contiguous_gradients: regions are copied into the bucket being filled
+    void* request[2];      // its reduce-scatter
+    int in_flight[2];
+    float* received[2];    // (max part) this rank's share of a bucket
+    size_t bucket_hi[2], bucket_lo[2]; // flat range the bucket covers, filled from hi down to lo
+    int current;
+    float* embedding_grad; // the tied embedding's gradient, held across the backward pass
+    float* region_grad;    // the gradient of the region being computed
+    size_t embedding_n, region_max;
+    GradSink sink;
+    int overlap;
+} Zero;
+
+static void zero_plan(Zero* z, size_t num_params, int world) {
+    z->num_params = num_params;
+    size_t unit = 2 * (size_t)world;
+    z->padded = (num_params + unit - 1) / unit * unit;
+    z->part_count = (size_t*)callocCheck(world, sizeof(size_t));
+    z->part_start = (size_t*)callocCheck(world, sizeof(size_t));
+    for (int k = 0; k < world; k++) { z->part_start[k] = z->padded / world * k; z->part_count[k] = z->padded / world; }
+}
+
+// rank k's share of the flat range [lo, hi)
+static void zero_shares(const Zero* z, size_t lo, size_t hi, size_t* counts) {
+    for (int k = 0; k < z->comm->world_size; k++) {
+        size_t a = z->part_start[k], b = a + z->part_count[k];
+        a = a > lo ? a : lo;
+        b = b < hi ? b : hi;
+        counts[k] = b > a ? b - a : 0;
+    }
+}
+
+// Stage 2: bucket i's buffer holds the flat range [base, base + bucket_size) below bucket_hi.
+static size_t zero_bucket_base(const Zero* z, int i) { return z->bucket_hi[i] > z->bucket_size ? z->bucket_hi[i] - z->bucket_size : 0; }
+
+// Stage 2: starts the reduce-scatter of bucket i's filled range [bucket_lo, bucket_hi).
+static void zero_bucket_launch(Zero* z, int i) {
+    size_t* counts = (size_t*)mallocCheck(z->comm->world_size * sizeof(size_t));
+    zero_shares(z, z->bucket_lo[i], z->bucket_hi[i], counts);
+    const float* send = z->bucket[i] + (z->bucket_lo[i] - zero_bucket_base(z, i));
+    z->request[i] = z->comm->reduce_scatter_start(z->comm, send, z->received[i], counts, "reduce-scatter of a gradient bucket");
+    z->in_flight[i] = 1;
+    free(counts);
+}
+
+// Stage 2: waits for bucket i's reduce-scatter and adds this rank's share, averaged over
+// the ranks, to the partition's gradient. The bucket is empty again afterwards.
+static void zero_bucket_finish(Zero* z, int i) {
+    if (!z->in_flight[i]) return;
+    z->comm->wait(z->comm, z->request[i], "reduce-scatter of a gradient bucket");
+    size_t a = z->lo > z->bucket_lo[i] ? z->lo : z->bucket_lo[i];
+    size_t b = z->lo + z->n < z->bucket_hi[i] ? z->lo + z->n : z->bucket_hi[i];
+    if (b > a) z->buf->add_scaled(z->grads + (a - z->lo), z->received[i], 1.0f / z->comm->world_size, b - a);
+    z->bucket_hi[i] = z->bucket_lo[i] = 0;
+    z->in_flight[i] = 0;
+}
+
+// Stage 2: the gradients of [offset, offset + n) are complete: copy them into the bucket
+// being filled (from its top down); a full bucket is reduce-scattered at once.
+static void zero_sink_done(GradSink* s, size_t offset, size_t n) {
+    Zero* z = (Zero*)s->zero;
+    const float* src = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
+    size_t hi = offset + n;
+    while (hi > offset) {
+        int i = z->current;
+        if (z->bucket_hi[i] == z->bucket_lo[i]) z->bucket_hi[i] = z->bucket_lo[i] = hi; // a new bucket starts at hi
+        if (z->bucket_lo[i] != hi) fatal("internal: gradient regions must be released from the end of the buffer to its start (got [%zu, %zu) after %zu)", offset, offset + n, z->bucket_lo[i]);
+        size_t base = zero_bucket_base(z, i);
+        size_t lo = offset > base ? offset : base;
+        z->buf->copy(z->bucket[i] + (lo - base), src + (lo - offset), hi - lo);
+        z->bucket_lo[i] = lo;
+        hi = lo;
+        if (lo == base) { // full: send it, and make the other buffer free to fill
+            zero_bucket_launch(z, i);
+            if (!z->overlap) zero_bucket_finish(z, i);
+            z->current ^= 1;
+            zero_bucket_finish(z, z->current);
+        }
+    }
+}
+
+static float* zero_sink_region(GradSink* s, size_t offset, size_t n) {
+    Zero* z = (Zero*)s->zero;
+    if (z->stage < 2) return z->grads + offset;
+    float* dst = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
+    if (dst == z->region_grad && n > z->region_max) fatal("internal: gradient region of %zu exceeds the %zu-element buffer", n, z->region_max);
+    z->buf->zero(dst, n);
+    return dst;
+}
+
+static void zero_sink_full_done(GradSink* s, size_t offset, size_t n) { (void)s; (void)offset; (void)n; }
+
+// embedding_n: the region held across backward (the tied embedding), region_max: the
+// largest other region the model hands over (a layer).
+static void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_params, size_t embedding_n, size_t region_max, const DSConfig* c) {
+    memset(z, 0, sizeof(*z));
+    z->stage = stage;
+    z->comm = comm;
+    z->buf = buf;
+    zero_plan(z, num_params, comm->world_size);
+    z->lo = stage == 0 ? 0 : z->part_start[comm->rank];
+    z->n = stage == 0 ? z->padded : z->part_count[comm->rank];
+    z->master = (float*)buf->alloc(z->n * sizeof(float));
+    z->m = (float*)buf->alloc(z->n * sizeof(float));
+    z->v = (float*)buf->alloc(z->n * sizeof(float));
+    z->grads = (float*)buf->alloc((stage == 2 ? z->n : z->padded) * sizeof(float));
+    z->sink.zero = z;
+    z->sink.region = zero_sink_region;
+    z->sink.done = stage == 2 ? zero_sink_done : zero_sink_full_done;
+    z->bucket_size = (size_t)c->reduce_bucket_size < z->padded ? (size_t)c->reduce_bucket_size : z->padded;
+    if (stage == 2) {
+        z->overlap = c->overlap_comm;
+        for (int i = 0; i < 2; i++) {
+            z->bucket[i] = (float*)buf->alloc(z->bucket_size * sizeof(float));
+            z->received[i] = (float*)buf->alloc(z->n * sizeof(float));
+        }
+        z->embedding_n = embedding_n;
+        z->region_max = region_max;
+        z->embedding_grad = (float*)buf->alloc(embedding_n * sizeof(float));
+        z->region_grad = (float*)buf->alloc(region_max * sizeof(float));
+    }
+}
+
+// Memory of model states on this rank, by buffer (bytes), for the start-up report and tests.
+typedef struct { double params, grads, master, moments, buckets, held_grads; } ZeroMemory;
+
+static ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
+    ZeroMemory m;
+    m.params = (double)z->padded * weight_bytes;
+    m.grads = (double)(z->stage == 2 ? z->n : z->padded) * 4;
+    m.master = (double)z->n * 4;
+    m.moments = (double)z->n * 8;
+    m.buckets = z->stage == 2 ? (double)(2 * z->bucket_size + 2 * z->n) * 4 : 0;
+    m.held_grads = z->stage == 2 ? (double)(z->embedding_n + z->region_max) * 4 : 0;
+    return m;
+}
+
+static void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_type) {
+    ZeroMemory m = zero_memory(z, weight_bytes);
+    int ws = z->comm->world_size;
+    double psi = (double)z->padded, MB = 1e6;
+    const char* formula[] = {"(w + 4 + 12) Psi: nothing partitioned", "(w + 4) Psi + 12 Psi / N: optimizer states partitioned",
+                             "w Psi + (4 + 12) Psi / N: gradients and optimizer states partitioned"};
+    printf("ZeRO stage %d on %d rank(s), Psi = %.0f parameters (padded to a multiple of %d), w = %zu bytes per %s weight: %s\n",
+           z->stage, ws, psi, 2 * ws, weight_bytes, weight_type, formula[z->stage]);
+    printf("  rank %d model states: weights %.1f MB, gradients %.1f MB, fp32 master %.1f MB, Adam moments %.1f MB = %.1f MB\n", z->comm->rank,
+           m.params / MB, m.grads / MB, m.master / MB, m.moments / MB, (m.params + m.grads + m.master + m.moments) / MB);
+    double fw = (double)weight_bytes, expect = z->stage == 0 ? (fw + 16) * psi : z->stage == 1 ? (fw + 4) * psi + 12 * psi / ws : fw * psi + 16 * psi / ws;
+    printf("  formula for stage %d: %.1f MB\n", z->stage, expect / MB);
+    if (z->stage == 2) {
+        printf("  plus buffers: 2 gradient buckets of %zu elements and their received shares %.1f MB; tied-embedding gradient held across backward %.1f MB; layer gradient %.1f MB\n",
+               z->bucket_size, m.buckets / MB, (double)z->embedding_n * 4 / MB, (double)z->region_max * 4 / MB);
+    }
+}
+
+// Start of an optimizer step: gradients from zero.
+static void zero_begin_step(Zero* z) {
+    z->buf->zero(z->grads, z->stage == 2 ? z->n : z->padded);
+    z->comm->bytes_sent = 0;
+}
+
+// After each micro batch's backward (stage 2: the last buckets).
+static void zero_end_backward(Zero* z) {
+    if (z->stage < 2) return;
+    int i = z->current;
+    if (z->bucket_hi[i] != z->bucket_lo[i] && !z->in_flight[i]) zero_bucket_launch(z, i); // the partly filled last bucket
+    zero_bucket_finish(z, 0);
+    zero_bucket_finish(z, 1);
+}
+
+// At the accumulation boundary: this rank's averaged gradient in z->grads (+ z->lo for stages 0/1).
+static float* zero_reduce_gradients(Zero* z) {
+    Comm* c = z->comm;
+    if (z->stage == 2) return z->grads;
+    float inv = 1.0f / c->world_size;
+    if (z->stage == 0) {
+        c->allreduce_f32(c, z->grads, z->padded, "all-reduce of the gradients");
+        if (c->world_size > 1) z->buf->scale(z->grads, inv, z->padded);
+        return z->grads;
+    }
+    // stage 1: reduce-scatter in chunks of reduce_bucket_size, each rank's share lands in its partition
+    size_t* counts = (size_t*)mallocCheck(c->world_size * sizeof(size_t));
+    size_t chunk = z->bucket_size;
+    float* mine = (float*)z->buf->alloc(z->n * sizeof(float));
+    for (size_t lo = 0; lo < z->padded; lo += chunk) {
+        size_t hi = lo + chunk < z->padded ? lo + chunk : z->padded;
+        zero_shares(z, lo, hi, counts);
+        void* r = c->reduce_scatter_start(c, z->grads + lo, mine, counts, "reduce-scatter of the gradients");
+        c->wait(c, r, "reduce-scatter of the gradients");
+        size_t a = z->lo > lo ? z->lo : lo, b = z->lo + z->n < hi ? z->lo + z->n : hi;
+        if (b > a) z->buf->copy(z->grads + a, mine, b - a);
+    }
+    z->buf->release(mine);
+    free(counts);
+    z->buf->scale(z->grads + z->lo, inv, z->n);
+    return z->grads + z->lo;
+}
+
+static void zero_free(Zero* z) {
+    const BufferOps* b = z->buf;
+    b->release(z->master); b->release(z->m); b->release(z->v); b->release(z->grads);
+    if (z->stage == 2) {
+        for (int i = 0; i < 2; i++) { b->release(z->bucket[i]); b->release(z->received[i]); }
+        b->release(z->embedding_grad);
+        b->release(z->region_grad);
+    }
+    free(z->part_count);
+    free(z->part_start);
+}
+
+// ----------------------------------------------------------------------------
+// training driver: what `./train_gpt` does, for any trainer and any number of ranks. A
+// trainer supplies its model through ModelOps (the math) and its buffer operations; the
+// driver does the rest (ZeRO and DeepSpeed's step order, data, validation, checkpoints,
+// logs, sampling) the same way on every device.
+
+typedef struct {
+    const char* name;                                      // "CPU trainer (fp32)", printed at start
+    const BufferOps* buf;                                  // arithmetic on the optimizer's buffers
     void* (*build)(const ModelConfig* c, int B, int T, const Options* opt); // activations for (B, T) at most
     size_t (*num_params)(void* model);
-    HostState (*download)(void* model);            // host copies of master weights and moments
-    void (*upload)(void* model);                   // after the host copies were changed
+    void* (*weights)(void* model, size_t* elem_size);      // the flat working weights (for the all-gather)
+    void (*set_weights)(void* model, size_t offset, const float* master, size_t n); // fp32 master -> working weights
     float (*forward)(void* model, const int* inputs, const int* targets, int B, int T); // mean loss
-    void (*backward)(void* model, const int* inputs, const int* targets, int B, int T, float dloss_scale); // grads +=
-    void (*zero_grads)(void* model);
-    void (*grad_stats)(void* model, int* nonfinite, double* sumsq);
-    void (*adamw)(void* model, const StepPlan* plan, const DSConfig* c);
-    const float* (*probs)(void* model, int position); // softmax of the last forward at (0, position), host
-    void (*set_grad)(void* model, size_t index, float value); // test-only fault injection (DSTRAIN_INJECT_INF)
-    void (*describe_memory)(void* model);          // start-up memory report
+    void (*backward)(void* model, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink);
+    const float* (*probs)(void* model, int position);      // softmax of the last forward at (0, position), host
+    void (*describe_memory)(void* model);                  // activations and other buffers of the model
     // optional (NULL on the CPU): MFU and device memory of the step just taken
     void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb);
     void (*free)(void* model);
@@ -1813,10 +2250,12 @@ static void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* 
     free(t);
 }
 
-// Injects the faults planned for optimizer step `step` (1-based).
-static void fault_plan_apply(const FaultPlan* f, const ModelOps* ops, void* model, int64_t step) {
+// Injects the faults planned for optimizer step `step` (1-based) into this rank's averaged
+// gradient g, which holds the parameters [lo, lo + n).
+static void fault_plan_apply(const FaultPlan* f, const BufferOps* buf, float* g, size_t lo, size_t n, int64_t step) {
+    const float inf = INFINITY;
     for (int i = 0; i < f->count; i++) {
-        if (f->steps[i] == step) ops->set_grad(model, f->index[i], INFINITY);
+        if (f->steps[i] == step && f->index[i] >= lo && f->index[i] < lo + n) buf->from_host(g + (f->index[i] - lo), &inf, 1);
     }
 }
 
@@ -1827,6 +2266,8 @@ typedef struct {
     void* model;
     ModelConfig mc;
     size_t num_params;
+    Comm comm;
+    Zero zero;
     DataLoader train, val;
     int has_val;
     TrainState state;
@@ -1834,33 +2275,70 @@ typedef struct {
     Logger log;
     FaultPlan faults;                        // test-only, from DSTRAIN_INJECT_INF
     int B, T, ga;
+    int64_t last_saved;                      // step of the last checkpoint this run wrote
     double forward_ms, backward_ms, step_ms; // this step's phases, for wall_clock_breakdown
     double data_wait_ms;
 } Trainer;
 
 static double ms_since(double t0) { return (wall_seconds() - t0) * 1e3; }
 
+// The updated master partitions become every rank's working weights: each rank writes its
+// own, then an all-gather in chunks of allgather_bucket_size elements.
+static void zero_share_weights(Trainer* tr) {
+    Zero* z = &tr->zero;
+    size_t end = z->lo + z->n < tr->num_params ? z->lo + z->n : tr->num_params; // padding has no weight
+    if (end > z->lo) tr->ops->set_weights(tr->model, z->lo, z->master, end - z->lo);
+    if (z->stage == 0 || tr->comm.world_size == 1) return;
+    size_t elem;
+    char* w = (char*)tr->ops->weights(tr->model, &elem);
+    int ws = tr->comm.world_size;
+    size_t* counts = (size_t*)mallocCheck(ws * sizeof(size_t));
+    size_t* displs = (size_t*)mallocCheck(ws * sizeof(size_t));
+    size_t chunk = (size_t)tr->cfg.allgather_bucket_size;
+    for (size_t lo = 0; lo < tr->num_params; lo += chunk) {
+        size_t hi = lo + chunk < tr->num_params ? lo + chunk : tr->num_params;
+        zero_shares(z, lo, hi, counts);
+        for (int k = 0; k < ws; k++) displs[k] = z->part_start[k] > lo ? (z->part_start[k] < hi ? z->part_start[k] - lo : hi - lo) : 0;
+        tr->comm.allgather(&tr->comm, w + lo * elem, elem, counts, displs, "all-gather of the updated weights");
+    }
+    free(counts);
+    free(displs);
+}
+
 // DeepSpeed's step once the step's gradients are complete (DEEPSPEED.md section 4):
-// overflow check, global norm, one unscale-and-clip factor, AdamW, schedule, scaler.
-static StepPlan optimizer_step(const ModelOps* ops, void* model, TrainState* st, const DSConfig* c) {
+// reduce, overflow check and global norm combined over ranks, one unscale-and-clip
+// factor, AdamW on this rank's partition, all-gather of the weights, schedule, scaler.
+static StepPlan optimizer_step(Trainer* tr) {
+    Zero* z = &tr->zero;
+    Comm* c = &tr->comm;
+    float* g = zero_reduce_gradients(z);
+    fault_plan_apply(&tr->faults, z->buf, g, z->lo, z->n, tr->state.step + 1);
     int nonfinite;
-    double sumsq;
-    ops->grad_stats(model, &nonfinite, &sumsq);
-    StepPlan plan = step_plan(st, c, nonfinite, sumsq);
-    if (!plan.skip) ops->adamw(model, &plan, c);
-    if (step_finish(st, &plan, 1)) {
+    double stats[2];
+    z->buf->stats(g, z->n, &nonfinite, &stats[1]);
+    stats[0] = nonfinite;
+    if (z->stage > 0 && c->world_size > 1) { // stage 0: every rank holds the same full gradient
+        c->allreduce_f64(c, &stats[0], 1, 1, "all-reduce (max) of the overflow flag");
+        c->allreduce_f64(c, &stats[1], 1, 0, "all-reduce (sum) of the gradient norm");
+    }
+    StepPlan plan = step_plan(&tr->state, &tr->cfg, stats[0] != 0, stats[1]);
+    if (!plan.skip) {
+        z->buf->adamw(z->master, z->m, z->v, g, z->n, &plan, &tr->cfg);
+        zero_share_weights(tr);
+    }
+    if (step_finish(&tr->state, &plan, c->rank == 0)) {
         fatal("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run. (fp16 overflowed at the minimum scale %g: "
-              "this often happens when fine-tuning a model trained in bf16; try bf16, or a lower learning rate)", st->scaler.min_scale);
+              "this often happens when fine-tuning a model trained in bf16; try bf16, or a lower learning rate)", tr->state.scaler.min_scale);
     }
     return plan;
 }
 
 // One optimizer step: ga micro batches forward and backward, then the optimizer step.
-// Returns the mean loss of the micro batches.
+// Returns the mean loss of the micro batches over all ranks.
 static float train_step(Trainer* tr, StepPlan* plan) {
     double loss_sum = 0.0, t0;
     tr->forward_ms = tr->backward_ms = tr->data_wait_ms = 0.0;
-    tr->ops->zero_grads(tr->model);
+    zero_begin_step(&tr->zero);
     float loss_scale = (float)tr->state.scaler.scale;
     for (int micro = 0; micro < tr->ga; micro++) {
         dataloader_next(&tr->train);
@@ -1870,32 +2348,38 @@ static float train_step(Trainer* tr, StepPlan* plan) {
         tr->forward_ms += ms_since(t0);
         t0 = wall_seconds();
         // DeepSpeed backpropagates loss * scale / ga: the gradient of the step's mean loss, scaled
-        tr->ops->backward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T, loss_scale / tr->ga);
+        tr->ops->backward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T, loss_scale / tr->ga, &tr->zero.sink);
+        zero_end_backward(&tr->zero);
         tr->backward_ms += ms_since(t0);
     }
-    fault_plan_apply(&tr->faults, tr->ops, tr->model, tr->state.step + 1);
     t0 = wall_seconds();
-    *plan = optimizer_step(tr->ops, tr->model, &tr->state, &tr->cfg);
+    *plan = optimizer_step(tr);
     tr->step_ms = ms_since(t0);
-    return (float)(loss_sum / tr->ga);
+    double loss = loss_sum / tr->ga;
+    tr->comm.allreduce_f64(&tr->comm, &loss, 1, 0, "all-reduce of the loss");
+    return (float)(loss / tr->comm.world_size);
 }
 
-// Mean loss over the validation batches (the whole split with --val-batches 0).
+// Mean validation loss over --val-batches micro batches in total (the whole split with 0),
+// shared among the ranks, so every world size validates on the same sequences.
 static float evaluate(Trainer* tr, int* batches_out) {
     DataLoader* v = &tr->val;
-    int64_t available = (int64_t)(v->seqs_per_epoch / ((size_t)v->world * v->B));
-    int64_t batches = tr->opt.val_batches > 0 && tr->opt.val_batches < available ? tr->opt.val_batches : available;
+    int ws = tr->comm.world_size;
+    int64_t available = (int64_t)(v->seqs_per_epoch / ((size_t)ws * v->B)); // per rank
+    int64_t wanted = (tr->opt.val_batches + ws - 1) / ws;
+    int64_t batches = tr->opt.val_batches > 0 && wanted < available ? wanted : available;
     dataloader_seek(v, 0, 0);
     double sum = 0.0;
     for (int64_t i = 0; i < batches; i++) {
         dataloader_next(v);
         sum += tr->ops->forward(tr->model, v->inputs, v->targets, v->B, v->T);
     }
-    *batches_out = (int)batches;
-    return (float)(sum / batches);
+    tr->comm.allreduce_f64(&tr->comm, &sum, 1, 0, "all-reduce of the validation loss");
+    *batches_out = (int)(batches * ws);
+    return (float)(sum / batches / tr->comm.world_size);
 }
 
-// Samples text from the model, starting from the end-of-text token.
+// Samples text from the model, starting from the end-of-text token (rank 0 only).
 static void sample_text(Trainer* tr, const Tokenizer* tok) {
     int n = (int)tr->opt.sample_tokens, T = tr->T, V = tr->mc.vocab_size;
     int* seq = (int*)mallocCheck(((size_t)n + 1) * sizeof(int));
@@ -1916,29 +2400,66 @@ static void sample_text(Trainer* tr, const Tokenizer* tok) {
     free(seq);
 }
 
+// Every rank writes its partition of the fp32 master weights and Adam moments; rank 0
+// also writes the full model (gathered from the partitions) and the training state.
+// Stage 0 keeps everything on every rank, so rank 0 alone writes one optimizer file.
 static void save_checkpoint(Trainer* tr) {
     const char* dir = tr->opt.checkpoint_dir;
+    Zero* z = &tr->zero;
+    Comm* c = &tr->comm;
+    const BufferOps* b = z->buf;
     double t0 = wall_seconds();
-    HostState h = tr->ops->download(tr->model);
     char tmp[PATH_LEN], path[PATH_LEN];
-    checkpoint_begin(dir, tr->state.step, tmp, sizeof tmp);
-    format_path(path, sizeof path, "%s/model.bin", tmp);
-    model_file_write(path, &tr->mc, h.params, tr->num_params);
-    optim_file_write(tmp, 0, 1, 0, tr->num_params, tr->num_params, h.params, h.m, h.v);
-    CheckpointState s = {tr->state, tr->train.epoch, (int64_t)tr->train.cursor, tr->T, (int64_t)tr->train.num_seqs,
-                         (int64_t)tr->train.global_batch, 1, tr->opt.seed, tr->rng};
-    format_path(path, sizeof path, "%s/state.bin", tmp);
-    state_file_write(path, &s);
-    checkpoint_commit(dir, tr->state.step, tmp);
-    printf("saved checkpoint %s/step_%08lld (%.1f MB, %.0f ms)\n", dir, (long long)tr->state.step, tr->num_params * 16.0 / 1e6, ms_since(t0));
+    int files = z->stage == 0 ? 1 : c->world_size;
+    if (c->rank == 0) checkpoint_begin(dir, tr->state.step, tmp, sizeof tmp);
+    else format_path(tmp, sizeof tmp, "%s/step_%08lld.tmp", dir, (long long)tr->state.step);
+    c->barrier(c, "checkpoint save (folder created)");
+    // the full fp32 master weights, for model.bin
+    float* full = z->master;
+    if (z->stage > 0) {
+        full = (float*)b->alloc(z->padded * sizeof(float));
+        b->copy(full + z->lo, z->master, z->n);
+        c->allgather(c, full, sizeof(float), z->part_count, z->part_start, "all-gather of the master weights for a checkpoint");
+    }
+    if (c->rank < files) {
+        float* host = (float*)mallocCheck(3 * z->n * sizeof(float));
+        b->to_host(host, z->master, z->n);
+        b->to_host(host + z->n, z->m, z->n);
+        b->to_host(host + 2 * z->n, z->v, z->n);
+        optim_file_write(tmp, c->rank, files, z->lo, z->n, tr->num_params, host, host + z->n, host + 2 * z->n);
+        free(host);
+    }
+    if (c->rank == 0) {
+        float* host = (float*)mallocCheck(tr->num_params * sizeof(float));
+        b->to_host(host, full, tr->num_params);
+        format_path(path, sizeof path, "%s/model.bin", tmp);
+        model_file_write(path, &tr->mc, host, tr->num_params);
+        free(host);
+        CheckpointState s = {tr->state, tr->train.epoch, (int64_t)tr->train.cursor, tr->T, (int64_t)tr->train.num_seqs,
+                             (int64_t)tr->train.global_batch, files, tr->opt.seed, tr->rng};
+        format_path(path, sizeof path, "%s/state.bin", tmp);
+        state_file_write(path, &s);
+    }
+    if (full != z->master) b->release(full);
+    c->barrier(c, "checkpoint save (files written)");
+    if (c->rank == 0) checkpoint_commit(dir, tr->state.step, tmp);
+    c->barrier(c, "checkpoint save (committed)");
+    tr->last_saved = tr->state.step;
+    printf("saved checkpoint %s/step_%08lld (%d optimizer file(s), %.0f ms)\n", dir, (long long)tr->state.step, files, ms_since(t0));
 }
 
-// Restores weights, optimizer moments, counters, loss scaler, data position and RNG.
+// Every rank reads its own partition from however many files the checkpoint has, so a
+// checkpoint saved on N ranks resumes on any M; then the weights are shared as after a step.
 static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointState* s) {
     char err[1024];
-    HostState h = tr->ops->download(tr->model);
-    if (optim_files_read(folder, (int)s->world_size, 0, tr->num_params, tr->num_params, h.params, h.m, h.v, err, sizeof err)) fatal("%s", err);
-    tr->ops->upload(tr->model);
+    Zero* z = &tr->zero;
+    float* host = (float*)mallocCheck(3 * z->n * sizeof(float));
+    if (optim_files_read(folder, (int)s->world_size, z->lo, z->n, tr->num_params, host, host + z->n, host + 2 * z->n, err, sizeof err)) fatal("%s", err);
+    z->buf->from_host(z->master, host, z->n);
+    z->buf->from_host(z->m, host + z->n, z->n);
+    z->buf->from_host(z->v, host + 2 * z->n, z->n);
+    free(host);
+    zero_share_weights(tr);
     if (s->seq_len != tr->T) fatal("checkpoint '%s' was trained with sequence length %lld, this run uses %d", folder, (long long)s->seq_len, tr->T);
     if (s->train_seqs != (int64_t)tr->train.num_seqs) {
         fatal("checkpoint '%s' was trained on data of %lld sequences, --train-data '%s' has %zu: resuming would not continue the same run",
@@ -1947,6 +2468,7 @@ static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointSta
     if (s->seed != tr->opt.seed) printf("note: resuming with the checkpoint's seed %llu (not --seed %llu)\n", (unsigned long long)s->seed, (unsigned long long)tr->opt.seed);
     tr->opt.seed = s->seed;
     tr->train.seed = s->seed;
+    if (s->global_batch != (int64_t)tr->train.global_batch) printf("note: the checkpoint used %lld sequences per step, this run %zu\n", (long long)s->global_batch, tr->train.global_batch);
     // counters and the scaler's state from the checkpoint, the scaler's settings from this run's config
     LossScaler configured = tr->state.scaler;
     tr->state = s->train;
@@ -1959,18 +2481,47 @@ static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointSta
     int64_t epoch = s->loader_epoch;
     if (cursor >= tr->train.seqs_per_epoch) { epoch++; cursor = 0; }
     dataloader_seek(&tr->train, epoch, cursor);
-    printf("resumed from %s: step %lld, %lld optimizer updates, %lld skipped, loss scale %g, data epoch %lld position %zu\n", folder,
-           (long long)tr->state.step, (long long)tr->state.adam_t, (long long)tr->state.skipped, ls->scale, (long long)epoch, cursor);
+    printf("resumed from %s (%lld optimizer file(s)) on %d rank(s): step %lld, %lld optimizer updates, %lld skipped, loss scale %g, data epoch %lld position %zu\n",
+           folder, (long long)s->world_size, tr->comm.world_size, (long long)tr->state.step, (long long)tr->state.adam_t, (long long)tr->state.skipped,
+           ls->scale, (long long)epoch, cursor);
 }
 
-// Several ranks (mpirun, torchrun, Slurm) are not supported by this build yet: refuse
-// rather than have every rank train the same model alone.
-static void refuse_multiple_ranks(void) {
-    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
-    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
-        const char* v = getenv(vars[i]);
-        if (v && atoi(v) > 1) fatal("%s=%s: this trainer runs on a single rank for now (multi-rank ZeRO is not implemented yet)", vars[i], v);
+// Fresh weights (GPT-2 initialisation or a model file) on every rank, the same everywhere.
+static void init_weights(Trainer* tr) {
+    char err[1024];
+    Zero* z = &tr->zero;
+    float* full = (float*)callocCheck(z->padded, sizeof(float));
+    if (tr->opt.init_from) {
+        if (model_file_read(tr->opt.init_from, full, tr->num_params, err, sizeof err)) fatal("%s", err);
+        printf("weights: from %s\n", tr->opt.init_from);
+    } else {
+        gpt2_init_params(full, &tr->mc, tr->opt.seed);
+        printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr->opt.seed);
     }
+    z->buf->from_host(z->master, full + z->lo, z->n);
+    free(full);
+    zero_share_weights(tr);
+}
+
+// The ranks: mpirun (MPI backend, in builds with MPI), or one.
+static void init_comm(Comm* c, int* argc, char*** argv) {
+    const char* var = NULL;
+    int launched = launcher_world_size(&var);
+#ifdef USE_MPI
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE")) { comm_init_mpi(c, argc, argv); return; }
+#else
+    (void)argc; (void)argv;
+#endif
+    if (launched > 1) {
+        fatal("%s=%d asks for several ranks, but this trainer %s: launch it with mpirun -np N", var, launched,
+#ifdef USE_MPI
+              "takes its ranks from MPI"
+#else
+              "was built without MPI (install Open MPI and rebuild with make)"
+#endif
+        );
+    }
+    comm_init_single(c);
 }
 
 // The model configuration: from the checkpoint being resumed, a model file, or the flags.
@@ -1979,8 +2530,9 @@ static ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t 
     size_t file_params;
     ModelConfig mc = gpt2_config(tr->opt.layers, tr->opt.heads, tr->opt.dim, tr->opt.seq_len, 50257);
     if (tr->opt.resume) {
-        if (tr->opt.checkpoint_dir[0] == '\0') fatal("--resume needs --checkpoint-dir");
-        if (checkpoint_latest(tr->opt.checkpoint_dir, resume_folder, n, err, sizeof err)) fatal("%s", err);
+        const char* dir = tr->opt.resume_from ? tr->opt.resume_from : tr->opt.checkpoint_dir;
+        if (dir[0] == '\0') fatal("--resume needs --checkpoint-dir or --resume-from");
+        if (checkpoint_latest(dir, resume_folder, n, err, sizeof err)) fatal("%s", err);
         format_path(path, sizeof path, "%s/state.bin", resume_folder);
         if (state_file_read(path, resume_state, err, sizeof err)) fatal("%s", err);
         format_path(path, sizeof path, "%s/model.bin", resume_folder);
@@ -1994,12 +2546,13 @@ static ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t 
 
 static void open_data(Trainer* tr) {
     char err[1024];
-    if (dataloader_init(&tr->train, tr->opt.train_data, tr->B, tr->T, 0, 1, (size_t)tr->cfg.train_batch_size, 1, tr->opt.seed, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
+    int rank = tr->comm.rank, ws = tr->comm.world_size;
+    if (dataloader_init(&tr->train, tr->opt.train_data, tr->B, tr->T, rank, ws, (size_t)tr->cfg.train_batch_size, 1, tr->opt.seed, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
     printf("train data: %s: %d shard(s), %zu tokens, %zu sequences of %d; %zu steps per epoch\n", tr->opt.train_data, tr->train.num_shards,
            dataloader_num_tokens(&tr->train), tr->train.num_seqs, tr->T, tr->train.seqs_per_epoch / (size_t)tr->cfg.train_batch_size);
     tr->has_val = tr->opt.val_data[0] != '\0';
     if (tr->has_val) {
-        if (dataloader_init(&tr->val, tr->opt.val_data, tr->B, tr->T, 0, 1, (size_t)tr->B, 0, 0, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
+        if (dataloader_init(&tr->val, tr->opt.val_data, tr->B, tr->T, rank, ws, (size_t)tr->B * ws, 0, 0, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
         printf("val data: %s: %zu tokens\n", tr->opt.val_data, dataloader_num_tokens(&tr->val));
     }
 }
@@ -2007,7 +2560,8 @@ static void open_data(Trainer* tr) {
 static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     int64_t tokens_per_step = tr->cfg.train_batch_size * tr->T;
     StepLog sl = {tr->state.step, tr->opt.steps, loss, plan->lr, plan->grad_norm, ms, tokens_per_step / (ms / 1e3),
-                  tr->data_wait_ms, tr->cfg.fp16_enabled, plan->scale, tr->state.skipped, plan->overflow, NAN, NAN};
+                  tr->data_wait_ms, tr->cfg.fp16_enabled, plan->scale, tr->state.skipped, plan->overflow, NAN, NAN,
+                  tr->comm.world_size > 1 ? tr->comm.bytes_sent : NAN};
     if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb);
     log_step(&tr->log, &sl);
     if (tr->cfg.wall_clock_breakdown) {
@@ -2020,17 +2574,33 @@ static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double
     }
 }
 
+// The regions of gradients the model hands to ZeRO: the tied embedding (held across the
+// backward pass) and the largest of the others (a layer, the positions, the final norm).
+static void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region_max) {
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(mc) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(mc, t);
+    size_t layer = 0;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) layer += t[2 + i].size;
+    *embedding_n = t[0].size;
+    *region_max = layer > t[1].size ? layer : t[1].size;
+    if (t[n - 2].size * 2 > *region_max) *region_max = t[n - 2].size * 2;
+    free(t);
+}
+
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.
-static int train_main(int argc, char** argv, const ModelOps* ops, void (*describe_run)(const DSConfig*)) {
+static int train_main(int argc, char** argv, const ModelOps* ops, void (*describe_run)(const DSConfig*, const Comm*)) {
     Trainer tr;
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
+    tr.last_saved = -1;
+    init_comm(&tr.comm, &argc, &argv);
+    if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
     parse_args(&tr.opt, argc, argv);
-    refuse_multiple_ranks();
-    load_effective_config(&tr.cfg, &tr.opt, 1);
-    printf("dstrain %s\n", ops->name);
-    print_config(&tr.cfg, 1);
-    describe_run(&tr.cfg);
+    tr.comm.timeout_s = tr.opt.comm_timeout;
+    load_effective_config(&tr.cfg, &tr.opt, tr.comm.world_size);
+    printf("dstrain %s, %d rank(s) (%s backend)\n", ops->name, tr.comm.world_size, tr.comm.backend);
+    print_config(&tr.cfg, tr.comm.world_size);
+    describe_run(&tr.cfg, &tr.comm);
 
     char resume_folder[PATH_LEN] = {0}, err[1024];
     CheckpointState resume_state;
@@ -2043,6 +2613,11 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
     tr.num_params = ops->num_params(tr.model);
     printf("model: GPT-2, %d layers, %d heads, %d channels, sequence length %d, vocabulary %d (padded %d): %.2fM parameters\n",
            tr.mc.num_layers, tr.mc.num_heads, tr.mc.channels, tr.mc.max_seq_len, tr.mc.vocab_size, tr.mc.padded_vocab_size, tr.num_params / 1e6);
+    size_t embedding_n, region_max, weight_bytes;
+    gradient_regions(&tr.mc, &embedding_n, &region_max);
+    zero_init(&tr.zero, (int)tr.cfg.zero_stage, &tr.comm, ops->buf, tr.num_params, embedding_n, region_max, &tr.cfg);
+    ops->weights(tr.model, &weight_bytes);
+    zero_print_memory(&tr.zero, weight_bytes, weight_bytes == 4 ? "fp32" : "16-bit");
     ops->describe_memory(tr.model);
     fault_plan_parse(&tr.faults, getenv("DSTRAIN_INJECT_INF"), &tr.mc);
     for (int i = 0; i < tr.faults.count; i++) {
@@ -2052,22 +2627,10 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
 
     train_state_init(&tr.state, &tr.cfg);
     rng_seed(&tr.rng, tr.opt.seed + 1);
-    if (tr.opt.resume) {
-        load_checkpoint(&tr, resume_folder, &resume_state);
-    } else {
-        HostState h = ops->download(tr.model);
-        if (tr.opt.init_from) {
-            if (model_file_read(tr.opt.init_from, h.params, tr.num_params, err, sizeof err)) fatal("%s", err);
-            printf("weights: from %s\n", tr.opt.init_from);
-        } else {
-            gpt2_init_params(h.params, &tr.mc, tr.opt.seed);
-            printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr.opt.seed);
-        }
-        memset(h.m, 0, tr.num_params * sizeof(float));
-        memset(h.v, 0, tr.num_params * sizeof(float));
-        ops->upload(tr.model);
-    }
-    logger_open(&tr.log, tr.opt.log_path, tr.opt.resume, tr.state.step);
+    if (tr.opt.resume) load_checkpoint(&tr, resume_folder, &resume_state);
+    else init_weights(&tr);
+    Logger* lg = &tr.log;
+    logger_open(lg, tr.comm.rank == 0 ? tr.opt.log_path : NULL, tr.opt.resume, tr.state.step);
 
     printf("training: steps %lld to %lld, %lld tokens per step\n", (long long)tr.state.step + 1, (long long)tr.opt.steps, (long long)(tr.cfg.train_batch_size * tr.T));
     while (tr.state.step < tr.opt.steps) {
@@ -2079,11 +2642,12 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
         if (tr.has_val && (last || (tr.opt.val_every && tr.state.step % tr.opt.val_every == 0))) {
             int batches;
             float val_loss = evaluate(&tr, &batches);
-            log_val(&tr.log, tr.state.step, val_loss, batches);
+            log_val(lg, tr.state.step, val_loss, batches);
         }
-        if (tr.opt.checkpoint_dir[0] && (last || (tr.opt.save_every && tr.state.step % tr.opt.save_every == 0))) save_checkpoint(&tr);
+        if (tr.opt.checkpoint_dir[0] && tr.opt.save_every && tr.state.step % tr.opt.save_every == 0) save_checkpoint(&tr);
     }
-    if (tr.opt.sample_tokens > 0) {
+    if (tr.opt.checkpoint_dir[0] && tr.last_saved != tr.state.step) save_checkpoint(&tr);
+    if (tr.opt.sample_tokens > 0 && tr.comm.rank == 0) {
         Tokenizer tok;
         if (tokenizer_load(&tok, tr.opt.tokenizer_path, err, sizeof err)) {
             printf("no sample: %s\n", err);
@@ -2092,10 +2656,12 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
             tokenizer_free(&tok);
         }
     }
-    logger_close(&tr.log);
+    logger_close(lg);
     dataloader_free(&tr.train);
     if (tr.has_val) dataloader_free(&tr.val);
+    zero_free(&tr.zero);
     ops->free(tr.model);
+    tr.comm.finalize(&tr.comm);
     return 0;
 }
 

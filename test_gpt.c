@@ -118,17 +118,40 @@ static void test_forward_logits_and_loss(void) {
     CHECK(e_loss <= 1e-5, "loss rel err %.3e > 1e-5", e_loss);
 }
 
+// The driver's state for one rank with the given ZeRO stage, weights set to the reference's.
+static Trainer tr;
+
+static void setup_run(const DSConfig* cfg, int stage) {
+    if (tr.zero.master) zero_free(&tr.zero);
+    memset(&tr, 0, sizeof tr);
+    tr.ops = &CPU_OPS;
+    tr.model = &model;
+    tr.mc = model.config;
+    tr.num_params = model.num_params;
+    tr.cfg = *cfg;
+    tr.cfg.zero_stage = stage;
+    comm_init_single(&tr.comm);
+    size_t embedding_n, region_max;
+    gradient_regions(&tr.mc, &embedding_n, &region_max);
+    zero_init(&tr.zero, stage, &tr.comm, &HOST_BUFFERS, tr.num_params, embedding_n, region_max, &tr.cfg);
+    train_state_init(&tr.state, &tr.cfg);
+    memcpy(tr.zero.master, ref.params, tr.num_params * sizeof(float));
+    zero_share_weights(&tr);
+}
+
 static void test_backward_every_gradient_tensor(void) {
-    memcpy(model.params, ref.params, model.num_params * sizeof(float));
-    memset(model.grads, 0, model.num_params * sizeof(float));
+    DSConfig cfg = reference_ds_config(1);
+    setup_run(&cfg, 0);
+    zero_begin_step(&tr.zero);
     gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
-    gpt2_backward(&model, ref.inputs, ref.targets, ref.B, ref.T, 1.0f);
+    gpt2_backward(&model, ref.inputs, ref.targets, ref.B, ref.T, 1.0f, &tr.zero.sink);
+    const float* grads = tr.zero.grads;
     ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(&model.config) * sizeof(ParamTensor));
     int n = gpt2_param_tensors(&model.config, t);
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
-        double e = tensor_rel_err(model.grads + t[i].offset, ref.grads + t[i].offset, 1, t[i].size, 0, 0);
+        double e = tensor_rel_err(grads + t[i].offset, ref.grads + t[i].offset, 1, t[i].size, 0, 0);
         CHECK(e <= 1e-4, "gradient of %s: rel err %.3e > 1e-4", t[i].name, e);
         if (e > worst) { worst = e; worst_name = t[i].name; }
     }
@@ -136,44 +159,39 @@ static void test_backward_every_gradient_tensor(void) {
     free(t);
 }
 
-// Optimizer steps on the reference's micro batches, as the driver's train_step does them:
-// backward of loss * scale / ga, fault injection, optimizer_step. Steps listed in
-// `inject` (0-based) get +inf in the first gradient of wte, as an fp16 overflow would.
-static TrainState run_steps(const DSConfig* cfg, int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
-    TrainState st;
-    train_state_init(&st, cfg);
-    memcpy(model.params, ref.params, model.num_params * sizeof(float));
-    memset(model.m, 0, model.num_params * sizeof(float));
-    memset(model.v, 0, model.num_params * sizeof(float));
-    FaultPlan faults = {0};
-    for (int i = 0; i < n_inject; i++) { faults.steps[i] = inject[i] + 1; faults.index[i] = 0; }
-    faults.count = n_inject;
+// Optimizer steps on the reference's micro batches, as the driver's train_step does them
+// (backward of loss * scale / ga into the ZeRO engine, then optimizer_step). Steps listed
+// in `inject` (0-based) get +inf in the first gradient of wte, as an fp16 overflow would.
+static TrainState run_steps(const DSConfig* cfg, int stage, int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
+    setup_run(cfg, stage);
+    for (int i = 0; i < n_inject; i++) { tr.faults.steps[i] = inject[i] + 1; tr.faults.index[i] = 0; }
+    tr.faults.count = n_inject;
     size_t bt = (size_t)ref.B * ref.T;
     for (int step = 0; step < steps; step++) {
-        cpu_zero_grads(&model);
+        zero_begin_step(&tr.zero);
         double loss_sum = 0.0;
-        float scale = (float)st.scaler.scale;
+        float scale = (float)tr.state.scaler.scale;
         for (int micro = 0; micro < ref.ga; micro++) {
             loss_sum += gpt2_forward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T);
-            gpt2_backward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, scale / ref.ga);
+            gpt2_backward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, scale / ref.ga, &tr.zero.sink);
+            zero_end_backward(&tr.zero);
         }
-        fault_plan_apply(&faults, &CPU_OPS, &model, st.step + 1);
-        StepPlan plan = optimizer_step(&CPU_OPS, &model, &st, cfg);
+        StepPlan plan = optimizer_step(&tr);
         losses[step] = (float)(loss_sum / ref.ga);
         norms[step] = (float)plan.grad_norm;
         lrs[step] = plan.lr;
     }
-    return st;
+    return tr.state;
 }
 
-static void train_reference_run(int adam_w_mode, float* losses, float* norms, float* lrs) {
+static void train_reference_run(int adam_w_mode, int stage, float* losses, float* norms, float* lrs) {
     DSConfig cfg = reference_ds_config(adam_w_mode);
-    run_steps(&cfg, ref.steps, NULL, 0, losses, norms, lrs);
+    run_steps(&cfg, stage, ref.steps, NULL, 0, losses, norms, lrs);
 }
 
-static void check_training_run(int run) {
+static void check_training_run(int run, int stage) {
     float losses[64], norms[64], lrs[64];
-    train_reference_run(run == 0, losses, norms, lrs);
+    train_reference_run(run == 0, stage, losses, norms, lrs);
     for (int s = 0; s < ref.steps; s++) {
         double e = rel_err(losses[s], ref.losses[run][s], 0);
         printf("    step %d: loss %.6f vs %.6f (rel err %.1e), norm %.5f vs %.5f, lr %.3e vs %.3e\n", s, losses[s], ref.losses[run][s], e,
@@ -187,15 +205,29 @@ static void check_training_run(int run) {
     CHECK(e <= 1e-4, "final weights rel err %.3e > 1e-4", e);
 }
 
-static void test_ten_adamw_steps_with_clipping_and_warmup(void) { check_training_run(0); }
-static void test_ten_adam_l2_steps_adam_w_mode_false(void) { check_training_run(1); }
+static void test_ten_adamw_steps_with_clipping_and_warmup(void) { check_training_run(0, 0); }
+static void test_ten_adam_l2_steps_adam_w_mode_false(void) { check_training_run(1, 0); }
+
+// ZeRO stage 2 hands gradients over region by region into buckets; with buckets of 1000
+// elements every region is split over many buckets and both buffers take turns.
+static void test_ten_steps_through_zero_stage2_small_buckets(void) {
+    DSConfig saved = reference_ds_config(1);
+    saved.reduce_bucket_size = 1000;
+    saved.overlap_comm = 1;
+    float losses[64], norms[64], lrs[64];
+    run_steps(&saved, 2, ref.steps, NULL, 0, losses, norms, lrs);
+    for (int s = 0; s < ref.steps; s++) CHECK(rel_err(losses[s], ref.losses[0][s], 0) <= 1e-5, "step %d loss %.7f vs %.7f", s, losses[s], ref.losses[0][s]);
+    double e = tensor_rel_err(model.params, ref.final[0], 1, model.num_params, 0, 0);
+    printf("    stage 2: final weights rel err %.2e\n", e);
+    CHECK(e <= 1e-4, "final weights rel err %.3e > 1e-4", e);
+}
 
 static void test_two_runs_are_bit_identical(void) {
     float l1[64], n1[64], r1[64], l2[64], n2[64], r2[64];
-    train_reference_run(1, l1, n1, r1);
+    train_reference_run(1, 0, l1, n1, r1);
     float* first = (float*)mallocCheck(model.num_params * sizeof(float));
     memcpy(first, model.params, model.num_params * sizeof(float));
-    train_reference_run(1, l2, n2, r2);
+    train_reference_run(1, 0, l2, n2, r2);
     CHECK(memcmp(first, model.params, model.num_params * sizeof(float)) == 0, "weights differ between identical runs");
     CHECK(memcmp(l1, l2, ref.steps * sizeof(float)) == 0, "losses differ between identical runs");
     free(first);
@@ -217,10 +249,10 @@ static DSConfig reference_fp16_config(void) {
 static void test_fp16_scaling_gives_the_fp32_update(void) {
     float l32[64], n32[64], r32[64], l16[64], n16[64], r16[64];
     DSConfig f32 = reference_ds_config(1), f16 = reference_fp16_config();
-    run_steps(&f32, ref.steps, NULL, 0, l32, n32, r32);
+    run_steps(&f32, 0, ref.steps, NULL, 0, l32, n32, r32);
     float* w32 = (float*)mallocCheck(model.num_params * sizeof(float));
     memcpy(w32, model.params, model.num_params * sizeof(float));
-    TrainState st = run_steps(&f16, ref.steps, NULL, 0, l16, n16, r16);
+    TrainState st = run_steps(&f16, 0, ref.steps, NULL, 0, l16, n16, r16);
     CHECK(st.skipped == 0 && st.scaler.scale == 65536, "no overflow, scale 2^16");
     for (int s = 0; s < ref.steps; s++) CHECK(n16[s] == n32[s], "step %d: logged norm %.9g is not the unscaled norm %.9g", s, n16[s], n32[s]);
     CHECK(memcmp(w32, model.params, model.num_params * sizeof(float)) == 0, "weights of the scaled run differ from the fp32 run (rel err %.2e)",
@@ -236,7 +268,7 @@ static void test_injected_overflows_skip_exactly_those_steps(void) {
     float l[64], n[64], r[64], l8[64], n8[64], r8[64];
     int inject[2] = {3, 7};
     DSConfig f16 = reference_fp16_config(), f32 = reference_ds_config(1);
-    TrainState st = run_steps(&f16, ref.steps, inject, 2, l, n, r);
+    TrainState st = run_steps(&f16, 0, ref.steps, inject, 2, l, n, r);
     CHECK(st.step == 10 && st.skipped == 2 && st.adam_t == 8 && st.sched_it == 7, "step %lld skipped %lld t %lld sched_it %lld",
           (long long)st.step, (long long)st.skipped, (long long)st.adam_t, (long long)st.sched_it);
     // first overflow only spends the hysteresis; the second halves the scale
@@ -246,7 +278,7 @@ static void test_injected_overflows_skip_exactly_those_steps(void) {
     CHECK(r[3] == r[4] && r[7] == r[8], "a skipped step leaves the schedule where it was: the next applied step uses its lr");
     float* w16 = (float*)mallocCheck(model.num_params * sizeof(float));
     memcpy(w16, model.params, model.num_params * sizeof(float));
-    run_steps(&f32, ref.steps - 2, NULL, 0, l8, n8, r8);
+    run_steps(&f32, 0, ref.steps - 2, NULL, 0, l8, n8, r8);
     int applied = 0;
     for (int s = 0; s < ref.steps; s++) {
         if (s == 3 || s == 7) continue;
@@ -269,6 +301,7 @@ int main(int argc, char** argv) {
     RUN(test_backward_every_gradient_tensor);
     RUN(test_ten_adamw_steps_with_clipping_and_warmup);
     RUN(test_ten_adam_l2_steps_adam_w_mode_false);
+    RUN(test_ten_steps_through_zero_stage2_small_buckets);
     RUN(test_two_runs_are_bit_identical);
     RUN(test_fp16_scaling_gives_the_fp32_update);
     RUN(test_injected_overflows_skip_exactly_those_steps);

@@ -290,7 +290,7 @@ typedef struct {
     float* lnfb;
 } Weights;
 
-// Points w's tensors into the flat buffer `base` (params or grads).
+// Points w's tensors into the flat parameter buffer `base`.
 static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
     ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
     int n = gpt2_param_tensors(c, t);
@@ -304,6 +304,16 @@ static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
     w->lnfw = base + t[n - 2].offset;
     w->lnfb = base + t[n - 1].offset;
     free(t);
+}
+
+// Points a layer's gradient tensors into `g`, the gradient of the layer's parameters
+// (the layer's tensors are contiguous in the flat layout).
+static void point_layer_grads(LayerWeights* lg, float* g, const ModelConfig* c, int l, const Weights* w) {
+    const float* first = w->layer[l].ln1w;
+    float** dst = (float**)lg;
+    float* const* src = (float* const*)&w->layer[l];
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = g + (src[i] - first);
+    (void)c;
 }
 
 // Activations saved by forward for backward; the gradient buffers reuse the layout
@@ -357,11 +367,9 @@ static void activations_alloc(Activations* a, const ModelConfig* c, int B, int T
 typedef struct {
     ModelConfig config;
     size_t num_params;
-    float* params;     // fp32 weights; on the CPU they are also the optimizer's master copy
-    float* grads;
-    float* m;          // AdamW first moment
-    float* v;          // AdamW second moment
-    Weights w, g;      // tensors inside params and grads
+    float* params;     // fp32 working weights (the fp32 master copy and Adam moments belong to ZeRO)
+    Weights w;         // tensors inside params
+    size_t layer_offset0, layer_size; // flat offset of layer 0 and the size of one layer
     Activations act, dact;
     int max_B, max_T;  // the activations' capacity
 } GPT2;
@@ -371,11 +379,9 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
     m->config = *c;
     m->num_params = gpt2_num_params(c);
     m->params = (float*)callocCheck(m->num_params, sizeof(float));
-    m->grads = (float*)callocCheck(m->num_params, sizeof(float));
-    m->m = (float*)callocCheck(m->num_params, sizeof(float));
-    m->v = (float*)callocCheck(m->num_params, sizeof(float));
     gpt2_point_weights(&m->w, m->params, c);
-    gpt2_point_weights(&m->g, m->grads, c);
+    m->layer_offset0 = (size_t)(m->w.layer[0].ln1w - m->params);
+    m->layer_size = c->num_layers > 1 ? (size_t)(m->w.layer[1].ln1w - m->w.layer[0].ln1w) : (size_t)(m->w.lnfw - m->w.layer[0].ln1w);
     activations_alloc(&m->act, c, B, T, 0);
     activations_alloc(&m->dact, c, B, T, 1);
     m->max_B = B;
@@ -383,8 +389,8 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
 }
 
 static void gpt2_free(GPT2* m) {
-    free(m->params); free(m->grads); free(m->m); free(m->v);
-    free(m->w.layer); free(m->g.layer);
+    free(m->params);
+    free(m->w.layer);
     free(m->act.memory); free(m->dact.memory);
 }
 
@@ -435,22 +441,32 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     return (float)(sum / BT);
 }
 
-// Accumulates into m->grads the gradient of dloss_scale * (mean loss of the last forward).
-static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B, int T, float dloss_scale) {
+// The gradient of dloss_scale * (mean loss of the last forward), accumulated (+=) into
+// the buffers the sink gives for each region of parameters, which are handed back from
+// the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0, positions,
+// and last the token embedding, which also receives the classifier's gradient first.
+static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
     const ModelConfig* c = &m->config;
     int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
     size_t BT = (size_t)B * T, cap = (size_t)m->max_B * m->max_T;
     Activations *a = &m->act, *d = &m->dact;
+    size_t wte_n = (size_t)Vp * C, wpe_off = (size_t)(m->w.wpe - m->params), wpe_n = (size_t)c->max_seq_len * C;
+    size_t lnf_off = (size_t)(m->w.lnfw - m->params);
     // gradients of activations are accumulated with +=, so start each backward from zero
     memset(d->memory, 0, d->num_floats * sizeof(float));
+    float* dwte = sink->region(sink, 0, wte_n);
+    float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
     softmax_crossentropy_backward(a->probs, targets, dloss_scale / (float)BT, BT, Vp);
-    matmul_backward(d->lnf, m->g.wte, NULL, a->probs, a->lnf, m->w.wte, BT, C, Vp);
+    matmul_backward(d->lnf, dwte, NULL, a->probs, a->lnf, m->w.wte, BT, C, Vp);
     float* dlast = d->residual3 + (L - 1) * cap * C;
     const float* last = a->residual3 + (L - 1) * cap * C;
-    layernorm_backward(dlast, m->g.lnfw, m->g.lnfb, d->lnf, last, m->w.lnfw, a->lnf_mean, a->lnf_rstd, BT, C);
+    layernorm_backward(dlast, dlnf, dlnf + C, d->lnf, last, m->w.lnfw, a->lnf_mean, a->lnf_rstd, BT, C);
+    sink->done(sink, lnf_off, 2 * (size_t)C);
     for (int l = L - 1; l >= 0; l--) {
         const LayerWeights* w = &m->w.layer[l];
-        LayerWeights* g = &m->g.layer[l];
+        LayerWeights g;
+        size_t layer_off = m->layer_offset0 + l * m->layer_size;
+        point_layer_grads(&g, sink->region(sink, layer_off, m->layer_size), c, l, &m->w);
         const float* residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * cap * C;
         float* dresidual = l == 0 ? d->encoded : d->residual3 + (l - 1) * cap * C;
         size_t o1 = l * cap, oC = l * cap * C, oF = l * cap * F;
@@ -458,25 +474,45 @@ static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B,
         float* dresidual3 = d->residual3 + oC;
         // residual3 = residual2 + fcproj
         residual_backward(d->residual2 + oC, d->fcproj + oC, dresidual3, BT * C);
-        matmul_backward(d->fch_gelu + oF, g->fcprojw, g->fcprojb, d->fcproj + oC, a->fch_gelu + oF, w->fcprojw, BT, F, C);
+        matmul_backward(d->fch_gelu + oF, g.fcprojw, g.fcprojb, d->fcproj + oC, a->fch_gelu + oF, w->fcprojw, BT, F, C);
         gelu_backward(d->fch + oF, a->fch + oF, d->fch_gelu + oF, BT * F);
-        matmul_backward(d->ln2 + oC, g->fcw, g->fcb, d->fch + oF, a->ln2 + oC, w->fcw, BT, C, F);
-        layernorm_backward(d->residual2 + oC, g->ln2w, g->ln2b, d->ln2 + oC, a->residual2 + oC, w->ln2w, a->ln2_mean + o1, a->ln2_rstd + o1, BT, C);
+        matmul_backward(d->ln2 + oC, g.fcw, g.fcb, d->fch + oF, a->ln2 + oC, w->fcw, BT, C, F);
+        layernorm_backward(d->residual2 + oC, g.ln2w, g.ln2b, d->ln2 + oC, a->residual2 + oC, w->ln2w, a->ln2_mean + o1, a->ln2_rstd + o1, BT, C);
         // residual2 = residual + attproj
         residual_backward(dresidual, d->attproj + oC, d->residual2 + oC, BT * C);
-        matmul_backward(d->atty + oC, g->attprojw, g->attprojb, d->attproj + oC, a->atty + oC, w->attprojw, BT, C, C);
+        matmul_backward(d->atty + oC, g.attprojw, g.attprojb, d->attproj + oC, a->atty + oC, w->attprojw, BT, C, C);
         attention_backward(d->qkv + l * cap * 3 * C, d->att + oatt, d->atty + oC, a->qkv + l * cap * 3 * C, a->att + oatt, B, T, C, NH);
-        matmul_backward(d->ln1 + oC, g->qkvw, g->qkvb, d->qkv + l * cap * 3 * C, a->ln1 + oC, w->qkvw, BT, C, 3 * C);
-        layernorm_backward(dresidual, g->ln1w, g->ln1b, d->ln1 + oC, residual, w->ln1w, a->ln1_mean + o1, a->ln1_rstd + o1, BT, C);
+        matmul_backward(d->ln1 + oC, g.qkvw, g.qkvb, d->qkv + l * cap * 3 * C, a->ln1 + oC, w->qkvw, BT, C, 3 * C);
+        layernorm_backward(dresidual, g.ln1w, g.ln1b, d->ln1 + oC, residual, w->ln1w, a->ln1_mean + o1, a->ln1_rstd + o1, BT, C);
+        sink->done(sink, layer_off, m->layer_size);
     }
-    encoder_backward(m->g.wte, m->g.wpe, d->encoded, inputs, B, T, C);
+    float* dwpe = sink->region(sink, wpe_off, wpe_n);
+    encoder_backward(dwte, dwpe, d->encoded, inputs, B, T, C);
+    sink->done(sink, wpe_off, wpe_n);
+    sink->done(sink, 0, wte_n);
 }
 
 // ----------------------------------------------------------------------------
-// optimizer
+// optimizer buffers: the arithmetic ZeRO does on gradients, master weights and moments
+// (dstrain.h's BufferOps), on host memory with OpenMP
 
-// Statistics the step logic needs: any inf/nan in the gradients, and their sum of squares.
-static void grad_stats(const float* g, size_t n, int* nonfinite, double* sumsq) {
+static void* host_alloc(size_t bytes) { return callocCheck(1, bytes); }
+static void host_release(void* p) { free(p); }
+static void host_copy(float* dst, const float* src, size_t n) { memmove(dst, src, n * sizeof(float)); }
+static void host_zero(float* dst, size_t n) { memset(dst, 0, n * sizeof(float)); }
+
+static void host_add_scaled(float* dst, const float* src, float scale, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) dst[i] += scale * src[i];
+}
+
+static void host_scale(float* dst, float s, size_t n) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) dst[i] *= s;
+}
+
+// any inf/nan in the gradients, and their sum of squares
+static void host_stats(const float* g, size_t n, int* nonfinite, double* sumsq) {
     int bad = 0;
     double ss = 0.0;
     #pragma omp parallel for reduction(|:bad) reduction(+:ss)
@@ -490,7 +526,7 @@ static void grad_stats(const float* g, size_t n, int* nonfinite, double* sumsq) 
 
 // AdamW with DeepSpeed's semantics (DEEPSPEED.md section 4, step 5) over n parameters.
 // The gradients are multiplied by p->grad_factor first: unscale and clip in one factor.
-static void adamw_update(float* params, float* m, float* v, const float* grads, size_t n, const StepPlan* p, const DSConfig* c) {
+static void host_adamw(float* params, float* m, float* v, const float* grads, size_t n, const StepPlan* p, const DSConfig* c) {
     float b1 = (float)c->betas[0], b2 = (float)c->betas[1], eps = (float)c->eps, wd = (float)c->weight_decay, lr = p->lr;
     float bc1 = 1.0f - powf(b1, (float)p->adam_t), bc2 = 1.0f - powf(b2, (float)p->adam_t);
     int decoupled = c->adam_w_mode;
@@ -506,6 +542,9 @@ static void adamw_update(float* params, float* m, float* v, const float* grads, 
     }
 }
 
+static const BufferOps HOST_BUFFERS = {1, host_alloc, host_release, host_copy, host_zero, host_add_scaled, host_scale,
+                                       host_stats, host_adamw, host_copy, host_copy};
+
 // ----------------------------------------------------------------------------
 // the trainer: the model behind dstrain.h's ModelOps; the training driver is train_main
 
@@ -516,32 +555,29 @@ static void* cpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
     return m;
 }
 static size_t cpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
-// on the CPU the weights are the fp32 master copy, so the host state is the model's own
-static HostState cpu_download(void* model) { GPT2* m = (GPT2*)model; HostState h = {m->params, m->m, m->v}; return h; }
-static void cpu_upload(void* model) { (void)model; }
+static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(float); return ((GPT2*)model)->params; }
+static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((GPT2*)model)->params + offset, master, n * sizeof(float)); }
 static float cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
-static void cpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale) { gpt2_backward((GPT2*)m, inputs, targets, B, T, dloss_scale); }
-static void cpu_zero_grads(void* model) { GPT2* m = (GPT2*)model; memset(m->grads, 0, m->num_params * sizeof(float)); }
-static void cpu_grad_stats(void* model, int* nonfinite, double* sumsq) { GPT2* m = (GPT2*)model; grad_stats(m->grads, m->num_params, nonfinite, sumsq); }
-static void cpu_adamw(void* model, const StepPlan* p, const DSConfig* c) { GPT2* m = (GPT2*)model; adamw_update(m->params, m->m, m->v, m->grads, m->num_params, p, c); }
-static void cpu_set_grad(void* model, size_t index, float value) { ((GPT2*)model)->grads[index] = value; }
+static void cpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
+    gpt2_backward((GPT2*)m, inputs, targets, B, T, dloss_scale, sink);
+}
 static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {
     GPT2* m = (GPT2*)model;
-    printf("memory: parameters, gradients, Adam m and v %.1f MB each; activations %.1f MB\n", m->num_params * 4 / 1e6,
-           (m->act.num_floats + m->dact.num_floats) * 4 / 1e6);
+    printf("  activations: %.1f MB (forward) + %.1f MB (their gradients)\n", m->act.num_floats * 4 / 1e6, m->dact.num_floats * 4 / 1e6);
 }
 static void cpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
 
-static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", cpu_build, cpu_num_params, cpu_download, cpu_upload, cpu_forward, cpu_backward,
-                                 cpu_zero_grads, cpu_grad_stats, cpu_adamw, cpu_probs, cpu_set_grad, cpu_describe_memory, NULL, cpu_free};
+static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", &HOST_BUFFERS, cpu_build, cpu_num_params, cpu_weights, cpu_set_weights,
+                                 cpu_forward, cpu_backward, cpu_probs, cpu_describe_memory, NULL, cpu_free};
 
 // Says plainly which configured features this run does without.
-static void cpu_describe_run(const DSConfig* c) {
+static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
 #ifdef _OPENMP
-    printf("threads: %d OpenMP threads\n", omp_get_max_threads());
+    printf("threads: %d OpenMP threads per rank\n", omp_get_max_threads());
 #endif
-    if (c->zero_stage > 0) printf("note: zero_optimization.stage %lld with 1 rank: the one partition holds every parameter (same result as stage 0)\n", (long long)c->zero_stage);
+    if (c->zero_stage > 0 && comm->world_size == 1) printf("note: zero_optimization.stage %lld with 1 rank: the one partition holds every parameter\n", (long long)c->zero_stage);
+    if (c->overlap_comm && comm->world_size > 1 && c->zero_stage == 2) printf("note: overlap_comm: gradient buckets are reduced with non-blocking MPI while backward goes on\n");
     if (c->bf16_enabled) printf("note: bf16.enabled: the CPU trainer computes in fp32 (bf16 is a GPU trainer precision)\n");
     if (c->fp16_enabled) printf("note: fp16.enabled: the CPU trainer computes in fp32 and applies DeepSpeed's loss scaling to the fp32 gradients\n");
 }

@@ -30,6 +30,7 @@ run() {
 run ./test_dstrain tests/tmp
 run ./test_gpt dev/data/gpt2_reference.bin
 run bash tests/test_cli.sh
+run bash tests/test_zero.sh
 
 echo
 echo "$passed passed, $failed failed"

@@ -41,7 +41,7 @@ expect_error "wrong type names the key"  "key 'zero_optimization.stage' must be 
 printf '{"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4}\n' > $TMP/batch.json
 expect_error "batch error says what to change" "10 != 4 * 2 * 1 (train_batch_size must be a multiple of 4 here, for example 12)" $BIN -c $TMP/batch.json
 expect_error "missing data names pattern" "no data shards match '$TMP/nothing_*.bin'" $BIN --train-data "$TMP/nothing_*.bin"
-expect_error "several ranks refused for now" "multi-rank ZeRO is not implemented yet" env OMPI_COMM_WORLD_SIZE=2 $BIN --steps 1
+expect_error "torchrun-style launch asks for mpirun" "WORLD_SIZE=2 asks for several ranks, but this trainer" env WORLD_SIZE=2 $BIN --steps 1
 expect_error "resume without checkpoint" "--resume: no checkpoint in '$TMP/empty'" $BIN --resume --checkpoint-dir $TMP/empty
 
 # --- the sample DeepSpeed config, unchanged ---------------------------------------------
