@@ -1,31 +1,47 @@
 """
 Turn raw text into GPT-2 token shards for dstrain, and write the decode-only tokenizer file.
 
-    python3 data/prepare.py                              # WikiText-2 (default)
+    python3 data/prepare.py                              # WikiText-2 raw (default)
+    python3 data/prepare.py --dataset wikitext-103       # WikiText-103 raw (540 MB of text)
     python3 data/prepare.py --dataset tinyshakespeare
     python3 data/prepare.py --text a.txt b.txt --name mytext
+    python3 data/prepare.py --dir corpus/                # every .txt file under corpus/
 
-Every document is preceded by the end-of-text token (llm.c's convention). File formats
-(llm.c's, so data prepared by either project works in both):
+Every document is preceded by the end-of-text token (llm.c's convention). WikiText is
+split into documents at its article headings (" = Title = " lines). Tokenization uses
+every core (a pool of worker processes, --workers to change) and gives the same shards
+for any number of workers. File formats (llm.c's, so data prepared by either project
+works in both):
   shard      int32 header[256] = {20240520, 1, num_tokens, 0...}, then num_tokens uint16
   tokenizer  uint32 header[256] = {20240328, 2, vocab_size, eot_id, 0...}, then for every
              token id: uint8 length, then that many bytes
-Needs tiktoken (python3 -m pip install tiktoken) but no network: the GPT-2 BPE files are
-read from a local folder when one has them.
+WikiText downloads: the original zip (sha256 checked), else the Hugging Face parquet
+files (sha256 from the hub; needs pyarrow); resumed when broken. Without a network,
+WikiText comes from local raw files. Needs tiktoken (python3 -m pip install tiktoken).
+More in data/README.md.
 """
 
 import argparse
 import glob
 import hashlib
-import io
+import http.client
+import json
+import mmap
+import multiprocessing
 import os
 import re
+import shutil
 import socket
+import struct
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from array import array
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 
 try:
     import tiktoken
@@ -35,7 +51,9 @@ except ImportError:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
-NETWORK_TIMEOUT = 5  # seconds; an offline machine fails at once and falls through
+NETWORK_TIMEOUT = 10  # seconds without a byte before a connection counts as broken
+DOWNLOAD_ATTEMPTS = 4  # per file: the first try and three resumes
+RETRY_WAIT = 2.0  # seconds before a resume (tests set 0)
 
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1
 TOKENIZER_MAGIC, TOKENIZER_VERSION = 20240328, 2
@@ -49,14 +67,282 @@ GPT2_FILES = {
 }
 GPT2_VOCAB_SIZE, EOT = 50257, 50256
 
-# WikiText-2 raw: the zip holds wikitext-2-raw/wiki.{train,valid,test}.raw
-WIKITEXT_URLS = [
-    "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
-    "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
+# WikiText raw. Each zip holds <folder>/wiki.{train,valid,test}.raw. The sha256 of the
+# zips are the ones that Apple's mlx-data (python/mlx/data/datasets/wikitext.py) and
+# JuliaText's CorpusLoaders.jl check for the same files; the WikiText-103 size is the one
+# recorded with them. The Hugging Face copy (dataset Salesforce/wikitext) is parquet,
+# one row per line; its sha256 come from the hub's file listing at download time.
+WIKITEXT = {
+    "wikitext": {
+        "title": "WikiText-2 raw",
+        "zip": "wikitext-2-raw-v1.zip",
+        "folder": "wikitext-2-raw",
+        "sha256": "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+        "size": None,
+        "hf_config": "wikitext-2-raw-v1",
+    },
+    "wikitext-103": {
+        "title": "WikiText-103 raw",
+        "zip": "wikitext-103-raw-v1.zip",
+        "folder": "wikitext-103-raw",
+        "sha256": "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
+        "size": 191_984_949,
+        "hf_config": "wikitext-103-raw-v1",
+    },
+}
+WIKITEXT_MIRRORS = [
+    "https://wikitext.smerity.com/",
+    "https://s3.amazonaws.com/research.metamind.io/wikitext/",
 ]
+HF_API = "https://huggingface.co/api/datasets/Salesforce/wikitext/tree/main/{config}"
+HF_FILE = "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/{config}/{name}"
 WIKITEXT_SPLITS = ("train", "valid", "test")
-# an article starts at a top-level heading " = Title = "; " = = Section = = " does not
-ARTICLE_HEADING = re.compile(r"^ = (?!=).*(?<!=) = $")
+HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+# an article starts at a title line " = Title = " between blank lines (see
+# article_starts); a section heading " = = Section = = " does not start one
+ARTICLE_TITLE = re.compile(rb"^ = (?!=).*(?<!=) = \r?$")
+
+# The tokenizer pool works on tasks of about TASK_BYTES bytes of text: byte ranges of the
+# input files, which the workers read themselves. A longer document is cut into pieces,
+# each cut made before a space that a printable ASCII character follows: GPT-2's
+# pre-tokenizer always starts a new piece there (the space goes with the word after it,
+# and a run of whitespace before it ends just before it), so the tokens of the pieces,
+# concatenated, are the tokens of the document. (In UTF-8 these two bytes are always
+# those characters, never part of a longer one.)
+TASK_BYTES = 1 << 20
+SAFE_CUT = re.compile(rb" (?=[!-~])")
+
+# ----------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """A progress line on stderr: label, amount done of the total, a bar, MB/s, ETA and an
+    optional extra rate. Redrawn in place at most 5 times a second on a terminal; elsewhere
+    (logs, CI) a new line every 10 seconds."""
+
+    def __init__(self, label, total_bytes=None, done_bytes=0):
+        self.label, self.total, self.done = label, total_bytes, done_bytes
+        self.start_done = done_bytes
+        self.t0 = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+        self.drawn = False
+
+    def update(self, nbytes, extra=""):
+        self.done += nbytes
+        now = time.time()
+        if now - self.last >= (0.2 if self.tty else 10.0):
+            self.last = now
+            self.draw(extra)
+
+    def line(self, extra=""):
+        seconds = max(time.time() - self.t0, 1e-9)
+        rate = (self.done - self.start_done) / seconds
+        text = f"{self.label}: {self.done / 1e6:,.1f}"
+        if self.total:
+            fraction = min(self.done / self.total, 1.0)
+            bar = "#" * int(fraction * 20)
+            text += f"/{self.total / 1e6:,.1f} MB {fraction:4.0%} [{bar:<20}]"
+        else:
+            text += " MB"
+        text += f" {rate / 1e6:,.1f} MB/s"
+        if extra:
+            text += f" {extra}"
+        if self.total and rate > 0:
+            eta = max(self.total - self.done, 0) / rate
+            text += f" ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        return text
+
+    def draw(self, extra=""):
+        if self.tty:
+            sys.stderr.write("\r" + self.line(extra) + "\033[K")
+        else:
+            sys.stderr.write(self.line(extra) + "\n")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def close(self, extra=""):
+        """Draws the final state (only where a line was drawn before) and ends the line."""
+        if self.drawn:
+            self.draw(extra)
+            if self.tty:
+                sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------
+# download
+
+
+class DownloadError(Exception):
+    pass
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, path, sha256=None, size=None, attempts=None, timeout=None):
+    """Fetch url into path. The bytes go to path + ".part" first; a .part left by an
+    earlier run or a broken connection is resumed with an HTTP Range request (up to
+    `attempts` tries in all). A progress bar goes to stderr. When the transfer is
+    complete, its size and sha256 are checked against the given values: a file that
+    differs is deleted (resuming cannot repair it) and DownloadError says so; a file that
+    matches is renamed to path."""
+    attempts = attempts or DOWNLOAD_ATTEMPTS
+    timeout = timeout or NETWORK_TIMEOUT
+    part = path + ".part"
+    label = os.path.basename(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    error = None
+    for attempt in range(attempts):
+        if attempt:
+            print(f"{label}: {error}; resuming (try {attempt + 1} of {attempts})", file=sys.stderr)
+            time.sleep(RETRY_WAIT)
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        if size is not None and have > size:
+            os.remove(part)
+            have = 0
+        if size is not None and have == size:
+            break  # complete: checked below
+        request = urllib.request.Request(url, headers={"User-Agent": "dstrain-data-prepare"})
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                total = response_total(response, have)
+                if have and response.status != 206:
+                    have = 0  # the server sent the whole file: start over
+                with open(part, "ab" if have else "wb") as f:
+                    progress = Progress(label, total, have)
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        progress.update(len(chunk))
+                    progress.close()
+            got = os.path.getsize(part)
+            if total is not None and got < total:
+                # http.client returns b"" when the server closes early, not an error
+                error = f"connection closed after {got:,} of {total:,} bytes"
+                continue
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:
+                break  # nothing after the bytes we have: the .part is complete
+            if e.code in (401, 403, 404, 410):
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+            error = f"HTTP {e.code} {e.reason}"
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
+            if have == 0 and not os.path.exists(part) and isinstance(e, urllib.error.URLError):
+                raise DownloadError(f"{url}: {e.reason}") from None  # no connection at all
+            error = f"{type(e).__name__}: {e}"
+    else:
+        raise DownloadError(f"{url}: {error} ({attempts} tries; {part} is kept, the next "
+                            "run resumes it)")
+    got = os.path.getsize(part)
+    if size is not None and got != size:
+        os.remove(part)
+        raise DownloadError(f"{url}: {got:,} bytes, expected {size:,}; deleted {part}")
+    if sha256 is not None:
+        digest = sha256_file(part)
+        if digest != sha256:
+            os.remove(part)
+            raise DownloadError(f"{url}: sha256 {digest}, expected {sha256} (corrupt or "
+                                f"not the published file); deleted {part}")
+    os.replace(part, path)
+
+
+def response_total(response, have):
+    """The whole file's size from a response's Content-Range or Content-Length, or None."""
+    content_range = response.headers.get("Content-Range")
+    if response.status == 206 and content_range:
+        match = re.match(r"bytes (\d+)-\d+/(\d+)", content_range)
+        if not match or int(match.group(1)) != have:
+            raise DownloadError(f"unexpected Content-Range {content_range!r} for bytes={have}-")
+        return int(match.group(2))
+    length = response.headers.get("Content-Length")
+    return int(length) if length is not None else None
+
+
+def download_wikitext_zip(info, raw_dir):
+    """The original zip (downloaded, or put into raw_dir by hand), checked against its
+    published sha256 and unpacked into raw_dir (zipfile also checks every member's CRC-32
+    as it reads). Returns where it came from."""
+    zip_path = os.path.join(raw_dir, info["zip"])
+    if os.path.isfile(zip_path):
+        digest = sha256_file(zip_path)
+        if digest != info["sha256"]:
+            raise DownloadError(f"{zip_path}: sha256 {digest}, expected {info['sha256']}")
+        where = f"{zip_path} (found there, sha256 ok)"
+    else:
+        reasons = []
+        for mirror in WIKITEXT_MIRRORS:
+            try:
+                download(mirror + info["zip"], zip_path, info["sha256"], info["size"])
+                break
+            except DownloadError as e:
+                reasons.append(str(e))
+        else:
+            raise DownloadError("; ".join(reasons))
+        where = f"{mirror}{info['zip']} (sha256 ok), kept in {raw_dir}"
+    with zipfile.ZipFile(zip_path) as archive:
+        for split in WIKITEXT_SPLITS:
+            target = os.path.join(raw_dir, f"wiki.{split}.raw")
+            with archive.open(f"{info['folder']}/wiki.{split}.raw") as src, \
+                    open(target + ".tmp", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(target + ".tmp", target)
+    return where
+
+
+def hf_parquet_files(config):
+    """(name, size, sha256 or None) of each parquet file of a config, from the hub's
+    listing; the sha256 is the file's Git LFS object id, which the hub computes."""
+    url = HF_API.format(config=config)
+    try:
+        with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response:
+            entries = json.load(response)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise DownloadError(f"{url}: {e}") from None
+    files = [(os.path.basename(e["path"]), e.get("size"), (e.get("lfs") or {}).get("oid"))
+             for e in entries if e.get("path", "").endswith(".parquet")]
+    if not files:
+        raise DownloadError(f"{url}: no parquet files listed")
+    return sorted(files)
+
+
+def download_wikitext_parquet(info, raw_dir):
+    """The Hugging Face copy (parquet, needs pyarrow), each file checked against the
+    sha256 the hub lists, rows written out as the raw files. Returns where it came from."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DownloadError("the Hugging Face copy is parquet, which needs pyarrow "
+                            "(python3 -m pip install pyarrow)") from None
+    config = info["hf_config"]
+    files = hf_parquet_files(config)
+    for name, size, sha256 in files:
+        path = os.path.join(raw_dir, config + "-" + name)
+        if not os.path.isfile(path):
+            if sha256 is None:
+                print(f"note: the hub lists no sha256 for {name}; checking its size only")
+            download(HF_FILE.format(config=config, name=name), path, sha256, size)
+    for split, hf_split in HF_SPLITS.items():
+        names = [name for name, _, _ in files if name.startswith(hf_split + "-")]
+        if not names:
+            raise DownloadError(f"{HF_API.format(config=config)}: no {hf_split} files")
+        target = os.path.join(raw_dir, f"wiki.{split}.raw")
+        with open(target + ".tmp", "w", encoding="utf-8", newline="") as out:
+            for name in names:
+                # a row is a line, "\n" included, except that the hub's rows hold blank
+                # lines as "": in WikiText every blank line is " \n", which this restores
+                parquet = pq.ParquetFile(os.path.join(raw_dir, config + "-" + name))
+                for batch in parquet.iter_batches(columns=["text"]):
+                    out.writelines(row or " \n" for row in batch.column(0).to_pylist())
+        os.replace(target + ".tmp", target)
+    return f"the Hugging Face hub (Salesforce/wikitext, {config}, sha256 checked), kept in {raw_dir}"
 
 
 # ----------------------------------------------------------------------------
@@ -108,6 +394,231 @@ def write_tokenizer(encoding, path):
 
 
 # ----------------------------------------------------------------------------
+# documents. A document is a byte range of a UTF-8 file. A file is one document, or is
+# split into WikiText articles or paragraphs; document_starts gives the byte offsets
+# where its documents start (the first is 0), found with a scan at C speed (mmap, re).
+
+
+def article_starts(buf):
+    """WikiText articles: an article starts at its title, a line " = Title = " with a
+    blank line (or the start of the file) before it and a blank line (or the end) after
+    it. A " = = Section = = " line, or a formula inside a paragraph that happens to look
+    like a title, does not start one. Lines before the first title belong to the first
+    article."""
+    starts = []
+    candidates = [0] if buf[:3] == b" = " else []
+    candidates += [m.start() + 1 for m in re.finditer(rb"\n = (?!=)", buf)]
+    for p in candidates:
+        end = buf.find(b"\n", p)
+        end = len(buf) if end < 0 else end
+        if not ARTICLE_TITLE.match(buf[p:end]):
+            continue
+        previous = buf[buf.rfind(b"\n", 0, p - 1) + 1:p] if p else b""
+        following_end = buf.find(b"\n", end + 1)
+        following = buf[end + 1:len(buf) if following_end < 0 else following_end]
+        if not previous.strip() and not following.strip():
+            starts.append(p)
+    return [0] + starts[1:]
+
+
+def paragraph_starts(buf):
+    """Paragraphs: each with the blank lines after it, so they join back to the text."""
+    return [0] + [m.end() for m in re.finditer(rb"\n\n+", buf) if m.end() < len(buf)]
+
+
+SPLITTERS = {"file": None, "wikitext": article_starts, "paragraphs": paragraph_starts}
+
+
+def document_starts(path, how):
+    """Byte offsets where the documents of a file start: [0] for a file that is one
+    document, else as `how` (a key of SPLITTERS) finds them."""
+    if SPLITTERS[how] is None or os.path.getsize(path) == 0:
+        return [0]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return SPLITTERS[how](buf)
+
+
+def read_documents(path, how):
+    """The documents of a file as strings (for tests and benchmarks; the tokenizer reads
+    byte ranges instead)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    starts = document_starts(path, how)
+    return [data[a:b].decode("utf-8") for a, b in zip(starts, starts[1:] + [len(data)])]
+
+
+# A split of a dataset: documents first..last-1 of `files`, a list of (path, document
+# starts), the documents numbered in order across the files.
+
+
+def split_documents(files, first, last):
+    """(path, start, end) of each document of a split."""
+    index = 0
+    for path, starts in files:
+        if index + len(starts) > first and index < last:
+            ends = starts[1:] + [os.path.getsize(path)]
+            for i in range(max(first - index, 0), min(last - index, len(starts))):
+                yield path, starts[i], ends[i]
+        index += len(starts)
+
+
+def split_bytes(files, first, last):
+    return sum(end - start for _, start, end in split_documents(files, first, last))
+
+
+def segments(files, first, last, task_bytes):
+    """(path, start, end, starts a document) for the documents of a split, documents
+    longer than task_bytes cut into pieces at safe places (see SAFE_CUT)."""
+    for path, start, end in split_documents(files, first, last):
+        if end - start <= task_bytes:
+            yield path, start, end, True
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            first_piece = True
+            while end - start > task_bytes:
+                cut = SAFE_CUT.search(buf, start + task_bytes, end)
+                if cut is None:
+                    break
+                yield path, start, cut.start(), first_piece
+                start, first_piece = cut.start(), False
+            yield path, start, end, first_piece
+
+
+# ----------------------------------------------------------------------------
+# parallel tokenization: tasks (lists of segments, about task_bytes each) go to a pool
+# of processes that read and tokenize them; their tokens come back and are written in
+# task order, so the output is the same for every number of workers
+
+
+def make_tasks(segment_stream, task_bytes):
+    task, size = [], 0
+    for segment in segment_stream:
+        task.append(segment)
+        size += segment[2] - segment[1]
+        if size >= task_bytes:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+# how this process encodes text into uint16 token bytes (set_encoding chooses)
+_encode = None
+EOT_BYTES = struct.pack("<H", EOT)
+# tiktoken can encode into a buffer of uint32 instead of a Python list (what its public
+# encode_to_numpy does): 6% faster than encode_ordinary, and converting the buffer to
+# uint16 with two byte slices takes 3 ns a token against 19 for array.fromlist on the
+# list, so the tokenizer ends up faster than encode_ordinary alone. Used where tiktoken
+# has it and the machine is little-endian; else encode_ordinary. Both give the same tokens
+# (encode with no special tokens allowed is encode_ordinary), which the tests check.
+USE_TOKEN_BUFFER = True
+
+
+def set_encoding(encoding):
+    global _encode
+    core = getattr(encoding, "_core_bpe", None)
+    if (USE_TOKEN_BUFFER and sys.byteorder == "little"
+            and hasattr(core, "encode_to_tiktoken_buffer")):
+        def _encode(text):
+            b = bytes(core.encode_to_tiktoken_buffer(text, set()))
+            tokens = bytearray(len(b) // 2)  # the low 2 bytes of every uint32 (ids < 65536)
+            tokens[0::2] = b[0::4]
+            tokens[1::2] = b[1::4]
+            return tokens
+    else:
+        def _encode(text):
+            tokens = array("H")
+            tokens.fromlist(encoding.encode_ordinary(text))  # twice as fast as extend
+            return little_endian(tokens)
+
+
+def encode_task(task):
+    """A task's tokens (EOT before every document) as little-endian uint16 bytes, and
+    the number of bytes of text read."""
+    parts = []
+    nbytes = 0
+    f, open_path = None, None
+    try:
+        for path, start, end, starts_document in task:
+            if path != open_path:
+                if f:
+                    f.close()
+                f, open_path = open(path, "rb"), path
+            f.seek(start)
+            data = f.read(end - start)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte "
+                                 f"{start + e.start})") from None
+            if starts_document:
+                parts.append(EOT_BYTES)
+            parts.append(_encode(text))
+            nbytes += len(data)
+    finally:
+        if f:
+            f.close()
+    return b"".join(parts), nbytes
+
+
+def encode_task_to_file(task, path):
+    """encode_task in a worker process: the tokens go to a file (handing them back
+    through the pool's pipe costs the main process 3 times more CPU)."""
+    data, nbytes = encode_task(task)
+    with open(path, "wb") as f:
+        f.write(data)
+    return nbytes
+
+
+def tokenize(encoding, files, first, last, workers, task_bytes=TASK_BYTES):
+    """Yield (token bytes, text bytes) for the tasks of a split, in order, tokenized by
+    `workers` processes (in this process when workers is 1). At most 2 tasks per worker
+    are in flight, so memory stays bounded however large the input is."""
+    tasks = make_tasks(segments(files, first, last, task_bytes), task_bytes)
+    if workers <= 1:
+        set_encoding(encoding)
+        yield from map(encode_task, tasks)
+        return
+    # fork where there is fork: workers start in milliseconds and share the encoding;
+    # elsewhere each worker receives a pickled copy. A worker that dies (out of memory,
+    # say) ends the run with BrokenProcessPool instead of a hang.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=set_encoding,
+                               initargs=(encoding,))
+    folder = tempfile.mkdtemp(prefix="dstrain-tokens-")
+    pending = deque()
+
+    def result():
+        path, future = pending.popleft()
+        nbytes = future.result()
+        with open(path, "rb") as f:
+            data = f.read()
+        os.remove(path)
+        return data, nbytes
+
+    try:
+        for i, task in enumerate(tasks):
+            path = os.path.join(folder, f"{i}.bin")
+            pending.append((path, pool.submit(encode_task_to_file, task, path)))
+            if len(pending) >= 2 * workers:
+                yield result()
+        while pending:
+            yield result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def default_workers():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------
 # shards
 
 
@@ -145,11 +656,13 @@ def shard_token_count(path):
 
 def existing_shards(out_dir, name, split, shard_size, inputs):
     """Token counts of a split's shards when they are complete (numbered 0, 1, ...; every
-    shard but the last holds shard_size tokens) and newer than every input; else None."""
+    shard but the last holds shard_size tokens) and newer than every input and than this
+    script; else None."""
+    inputs = list(inputs) + [os.path.abspath(__file__)]
     paths = split_shards(out_dir, name, split)
     if not paths or paths != [shard_path(out_dir, name, split, i) for i in range(len(paths))]:
         return None
-    if inputs and min(map(os.path.getmtime, paths)) <= max(map(os.path.getmtime, inputs)):
+    if min(map(os.path.getmtime, paths)) <= max(map(os.path.getmtime, inputs)):
         return None
     counts = [shard_token_count(p) for p in paths]
     if None in counts or any(c != shard_size for c in counts[:-1]) or counts[-1] > shard_size:
@@ -157,161 +670,190 @@ def existing_shards(out_dir, name, split, shard_size, inputs):
     return counts
 
 
-def write_shards(encoding, documents, out_dir, name, split, shard_size):
-    """Tokenize documents (each preceded by EOT) into shards of shard_size tokens, the last
-    one shorter. Returns the token counts of the shards written."""
-    for stale in split_shards(out_dir, name, split):
-        os.remove(stale)
-    counts = []
-    buffer = array("H")
+class ShardWriter:
+    """Writes a stream of tokens into shards of shard_size tokens (the last one shorter)
+    as it arrives. Shards are written under temporary names (a shard's header is filled
+    in when it is full) and all renamed at the end, so the shards that exist are always
+    a complete set from one run."""
 
-    def flush(tokens):
+    def __init__(self, out_dir, name, split, shard_size):
+        old = glob.glob(os.path.join(glob.escape(out_dir), f"{name}_{split}_*.bin.tmp"))
+        for stale in split_shards(out_dir, name, split) + old:
+            os.remove(stale)
+        self.out_dir, self.name, self.split, self.shard_size = out_dir, name, split, shard_size
+        self.counts = []
+        self.file = None
+        self.tokens = 0  # in the open shard
+
+    def write(self, data):
+        """Appends tokens given as little-endian uint16 bytes."""
+        data = memoryview(data)
+        while len(data):
+            if self.file is None:
+                self.file = open(self.temporary(len(self.counts)), "wb")
+                self.file.write(bytes(256 * 4))  # the header, filled in at the end
+                self.tokens = 0
+            n = min(len(data) // 2, self.shard_size - self.tokens)
+            self.file.write(data[:2 * n])
+            data = data[2 * n:]
+            self.tokens += n
+            if self.tokens == self.shard_size:
+                self.finish_shard()
+
+    def temporary(self, index):
+        return shard_path(self.out_dir, self.name, self.split, index) + ".tmp"
+
+    def finish_shard(self):
         header = array("i", [0] * 256)
-        header[:3] = array("i", [SHARD_MAGIC, SHARD_VERSION, len(tokens)])
-        path = shard_path(out_dir, name, split, len(counts))
-        with open(path + ".tmp", "wb") as f:
-            f.write(little_endian(header))
-            f.write(little_endian(tokens))
-        os.replace(path + ".tmp", path)
-        counts.append(len(tokens))
+        header[:3] = array("i", [SHARD_MAGIC, SHARD_VERSION, self.tokens])
+        self.file.seek(0)
+        self.file.write(little_endian(header))
+        self.file.close()
+        self.file = None
+        self.counts.append(self.tokens)
 
-    for document in documents:
-        buffer.append(EOT)
-        buffer.extend(encoding.encode_ordinary(document))
-        while len(buffer) >= shard_size:
-            flush(buffer[:shard_size])
-            del buffer[:shard_size]
-    if buffer:
-        flush(buffer)
-    return counts
+    def close(self):
+        """Finishes the last shard and renames them all; returns their token counts."""
+        if self.file is not None:
+            self.finish_shard()
+        for i in range(len(self.counts)):
+            os.replace(self.temporary(i), shard_path(self.out_dir, self.name, self.split, i))
+        return self.counts
+
+    def abandon(self):
+        """Removes this run's shards (after an error)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.counts.append(0)
+        for i in range(len(self.counts)):
+            os.remove(self.temporary(i))
+        self.counts = []
+
+
+def write_shards(encoding, files, first, last, out_dir, name, split, shard_size, workers=1,
+                 task_bytes=TASK_BYTES):
+    """Tokenize documents first..last-1 of files (each preceded by EOT) with up to
+    `workers` processes into shards of shard_size tokens, showing progress. Returns
+    (token counts of the shards, text bytes read, seconds, workers used)."""
+    total = split_bytes(files, first, last)
+    workers = max(1, min(workers, -(-total // task_bytes)))  # no more than the tasks
+    writer = ShardWriter(out_dir, name, split, shard_size)
+    progress = Progress(split, total)
+    tokens, t0 = 0, time.time()
+    try:
+        for data, nbytes in tokenize(encoding, files, first, last, workers, task_bytes):
+            writer.write(data)
+            tokens += len(data) // 2
+            progress.update(nbytes, f"{tokens / max(time.time() - t0, 1e-9) / 1e6:.2f}M tokens/s")
+    except BaseException:
+        writer.abandon()
+        raise
+    counts = writer.close()
+    seconds = time.time() - t0
+    progress.close(f"{tokens / max(seconds, 1e-9) / 1e6:.2f}M tokens/s")
+    return counts, progress.done, seconds, workers
 
 
 # ----------------------------------------------------------------------------
-# datasets: each gives its input files (for the up-to-date check) and, per split, its
-# documents as a lazy iterable (read only when the split's shards are written)
+# datasets
 
 
-def wikitext_articles(path):
-    """Yield the articles of a WikiText file, each from its " = Title = " line up to the
-    next one; lines before the first title belong to the first article."""
-    lines, seen_title = [], False
-    with open(path, encoding="utf-8", newline="") as f:
-        for line in f:
-            if ARTICLE_HEADING.match(line.rstrip("\r\n")):
-                if seen_title:
-                    yield "".join(lines)
-                    lines = []
-                seen_title = True
-            lines.append(line)
-    if lines:
-        yield "".join(lines)
-
-
-def download_wikitext(raw_dir):
-    """Fetch WikiText-2 raw into raw_dir; return (True, where from) or (False, why not)."""
-    reasons = []
-    try:
-        import datasets
-    except ImportError:
-        datasets = None
-    if datasets is not None:
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=NETWORK_TIMEOUT).close()
-            splits = datasets.load_dataset("wikitext", "wikitext-2-raw-v1")
-            os.makedirs(raw_dir, exist_ok=True)
-            for split, hf_split in zip(WIKITEXT_SPLITS, ("train", "validation", "test")):
-                with open(os.path.join(raw_dir, f"wiki.{split}.raw"), "w", encoding="utf-8") as f:
-                    f.writelines(splits[hf_split]["text"])  # one row per line, "\n" included
-            return True, "the Hugging Face hub (datasets: wikitext, wikitext-2-raw-v1)"
-        except Exception as e:
-            reasons.append(f"datasets.load_dataset: {e}")
-    for url in WIKITEXT_URLS:
-        try:
-            with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT) as response:
-                archive = zipfile.ZipFile(io.BytesIO(response.read()))
-            os.makedirs(raw_dir, exist_ok=True)
-            for split in WIKITEXT_SPLITS:
-                member = f"wikitext-2-raw/wiki.{split}.raw"
-                with open(os.path.join(raw_dir, f"wiki.{split}.raw"), "wb") as f:
-                    f.write(archive.read(member))
-            return True, url
-        except Exception as e:
-            reasons.append(f"{url}: {e}")
-    return False, "; ".join(reasons)
-
-
-def wikitext_source(out_dir):
-    """Find WikiText raw files: an earlier download in <out-dir>/raw, a fresh download,
-    $DSTRAIN_DATA_DIR, ../shared/data/wikitext. Returns (folder, splits to use)."""
+def wikitext_source(dataset, out_dir, offline):
+    """Find WikiText raw files: an earlier download in <out-dir>/raw; else a download (the
+    original zip, else the Hugging Face parquet files); else local raw files in
+    $DSTRAIN_DATA_DIR or ../shared/data/wikitext. Returns (folder, {split: file split})."""
+    info = WIKITEXT[dataset]
     raw_dir = os.path.join(out_dir, "raw")
 
     def has(folder, split):
         return os.path.isfile(os.path.join(folder, f"wiki.{split}.raw"))
 
     if all(has(raw_dir, s) for s in WIKITEXT_SPLITS):
-        print(f"source: {raw_dir} (WikiText-2 raw, downloaded earlier)")
-    else:
-        downloaded, detail = download_wikitext(raw_dir)
-        if downloaded:
-            print(f"source: WikiText-2 raw downloaded from {detail}, kept in {raw_dir}")
-        else:
-            print(f"network: no download ({detail})")
-            candidates = [os.environ.get("DSTRAIN_DATA_DIR"), os.path.join(SHARED_DATA, "wikitext")]
-            for folder in filter(None, candidates):
-                if has(folder, "valid") and (has(folder, "train") or has(folder, "test")):
-                    raw_dir = folder
-                    break
-                print(f"note: {folder} has no wiki.valid.raw with wiki.train.raw or wiki.test.raw")
-            else:
-                sys.exit("error: no WikiText found: no network, and neither $DSTRAIN_DATA_DIR nor "
-                         f"{os.path.join(SHARED_DATA, 'wikitext')} has the raw files")
-            print(f"source: {raw_dir} (local)")
-    if has(raw_dir, "train"):
+        print(f"source: {raw_dir} ({info['title']}, downloaded earlier)")
         return raw_dir, {"train": "train", "val": "valid"}
-    print("no wiki.train.raw: training on the test split, validating on the valid split")
-    return raw_dir, {"train": "test", "val": "valid"}
+    reasons = []
+    if offline:
+        reasons.append("--offline")
+    else:
+        os.makedirs(raw_dir, exist_ok=True)
+        for fetch in (download_wikitext_zip, download_wikitext_parquet):
+            try:
+                where = fetch(info, raw_dir)
+                print(f"source: {info['title']} from {where}")
+                return raw_dir, {"train": "train", "val": "valid"}
+            except DownloadError as e:
+                reasons.append(str(e))
+        if not os.listdir(raw_dir):
+            os.rmdir(raw_dir)
+    print(f"download: no {info['title']} ({'; '.join(reasons)})")
+    candidates = [os.environ.get("DSTRAIN_DATA_DIR"), os.path.join(SHARED_DATA, "wikitext")]
+    for folder in filter(None, candidates):
+        if has(folder, "valid") and (has(folder, "train") or has(folder, "test")):
+            break
+        print(f"note: {folder} has no wiki.valid.raw with wiki.train.raw or wiki.test.raw")
+    else:
+        sys.exit(f"error: no WikiText found: no download, and neither $DSTRAIN_DATA_DIR nor "
+                 f"{os.path.join(SHARED_DATA, 'wikitext')} has the raw files")
+    print(f"source: local raw files in {folder} (offline fallback: not downloaded, not "
+          "checked against a published digest)")
+    if has(folder, "train"):
+        return folder, {"train": "train", "val": "valid"}
+    print("no wiki.train.raw there: training on the test split, validating on the valid split"
+          + (" (WikiText-103's valid and test splits are WikiText-2's; only the train split"
+             " differs)" if dataset == "wikitext-103" else ""))
+    return folder, {"train": "test", "val": "valid"}
 
 
-def split_documents(documents, val_fraction):
-    """The last val_fraction of the documents (at least one when there are two or more
-    and val_fraction > 0) for validation, the rest for training."""
-    n_val = round(len(documents) * val_fraction)
-    if val_fraction > 0 and len(documents) >= 2:
-        n_val = min(max(n_val, 1), len(documents) - 1)
-    n_train = len(documents) - n_val
-    return {"train": documents[:n_train], "val": documents[n_train:]}
-
-
-def read_text(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
+def split_count(n, val_fraction):
+    """How many of n documents validate: the last val_fraction of them (at least one when
+    there are two or more and val_fraction > 0)."""
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    return n_val
 
 
 def dataset_splits(args):
-    """Resolve the dataset. Returns (name, out_dir, input files, {split: documents})."""
-    if args.text:
-        name = args.name
-        out_dir = args.out_dir or os.path.join(REPO, "data", name)
-        print(f"source: {len(args.text)} text file(s), one document each")
-        splits = split_documents(args.text, args.val_fraction)
-        return name, out_dir, args.text, {
-            split: map(read_text, paths) for split, paths in splits.items()}
-    name = args.dataset
+    """Resolve the dataset. Returns (name, out_dir, input files, {split: (files, first,
+    last)}): each split is documents first..last-1 of files, a list of (path, document
+    starts)."""
+    if args.dir:
+        paths = sorted(glob.glob(os.path.join(glob.escape(args.dir), "**", "*.txt"),
+                                 recursive=True))
+        if not paths:
+            sys.exit(f"error: no .txt files under {args.dir}")
+        name = args.name or os.path.basename(os.path.normpath(args.dir)) or "text"
+    elif args.text:
+        paths, name = args.text, args.name or "text"
+    else:
+        name = args.dataset
     out_dir = args.out_dir or os.path.join(REPO, "data", name)
-    if name == "tinyshakespeare":
-        path = os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")
-        if not os.path.isfile(path):
-            sys.exit(f"error: {path} not found (use --text FILE for your own copy)")
-        print(f"source: {path}, documents split at blank lines")
-        text = read_text(path)
-        # every paragraph keeps its blank line, so the documents join back to the text
-        cuts = [0] + [m.end() for m in re.finditer(r"\n\n+", text)] + [len(text)]
-        paragraphs = [text[a:b] for a, b in zip(cuts, cuts[1:]) if a < b]
-        return name, out_dir, [path], split_documents(paragraphs, args.val_fraction)
-    raw_dir, files = wikitext_source(out_dir)
-    paths = {split: os.path.join(raw_dir, f"wiki.{f}.raw") for split, f in files.items()}
-    return name, out_dir, list(paths.values()), {
-        split: wikitext_articles(path) for split, path in paths.items()}
+    if args.text or args.dir:
+        how = args.documents
+        where = f"{len(paths)} .txt file(s) under {args.dir}" if args.dir else \
+            f"{len(paths)} text file(s)"
+        print(f"source: {where}, " + {
+            "file": "one document each", "wikitext": "split into articles at ' = Title = ' lines",
+            "paragraphs": "split into documents at blank lines"}[how])
+    elif name == "tinyshakespeare":
+        paths, how = [os.path.join(SHARED_DATA, "tinyshakespeare", "input.txt")], "paragraphs"
+        if not os.path.isfile(paths[0]):
+            sys.exit(f"error: {paths[0]} not found (use --text FILE for your own copy)")
+        print(f"source: {paths[0]}, documents split at blank lines")
+    else:  # WikiText: a file for each split
+        raw_dir, split_files = wikitext_source(name, out_dir, args.offline)
+        inputs, splits = [], {}
+        for split, f in split_files.items():
+            path = os.path.join(raw_dir, f"wiki.{f}.raw")
+            starts = document_starts(path, "wikitext")
+            inputs.append(path)
+            splits[split] = ([(path, starts)], 0, len(starts))
+        return name, out_dir, inputs, splits
+    files = [(p, document_starts(p, how)) for p in paths]
+    n = sum(len(starts) for _, starts in files)
+    n_train = n - split_count(n, args.val_fraction)
+    return name, out_dir, paths, {"train": (files, 0, n_train), "val": (files, n_train, n)}
 
 
 # ----------------------------------------------------------------------------
@@ -322,32 +864,48 @@ def main():
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--dataset", choices=["wikitext", "tinyshakespeare"], default="wikitext",
-                        help="built-in dataset (default: %(default)s)")
+    source.add_argument("--dataset", choices=["wikitext", "wikitext-103", "tinyshakespeare"],
+                        default="wikitext", help="built-in dataset (default: %(default)s = "
+                        "WikiText-2 raw)")
     source.add_argument("--text", nargs="+", metavar="FILE",
-                        help="UTF-8 text files instead, each one document")
-    parser.add_argument("--name", default="text",
-                        help="shard name prefix for --text (default: %(default)s)")
+                        help="UTF-8 text files instead, each one document (see --documents)")
+    source.add_argument("--dir", metavar="FOLDER",
+                        help="every .txt file under FOLDER (recursively, in sorted order) "
+                             "instead, each one document (see --documents)")
+    parser.add_argument("--documents", choices=sorted(SPLITTERS), default="file",
+                        help="how --text/--dir files are split into documents: a file each, "
+                             "WikiText articles, or paragraphs (default: %(default)s)")
+    parser.add_argument("--name", help="shard name prefix for --text/--dir (default: 'text', "
+                                       "or the folder's name for --dir)")
     parser.add_argument("--out-dir", help="folder for the shards (default: data/<name>)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="fraction of documents, the last ones, for validation with --text "
-                             "and tinyshakespeare; WikiText has its own split "
+                        help="fraction of documents, the last ones, for validation with "
+                             "--text/--dir and tinyshakespeare; WikiText has its own split "
                              "(default: %(default)s)")
     parser.add_argument("--shard-size", type=int, default=100_000_000,
                         help="tokens per shard (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="tokenizer processes (default: the cores available, %(default)s)")
+    parser.add_argument("--offline", action="store_true",
+                        help="do not download: WikiText from <out-dir>/raw, $DSTRAIN_DATA_DIR "
+                             "or ../shared/data/wikitext")
     parser.add_argument("--tokenizer-out", default=os.path.join(REPO, "data", "gpt2_tokenizer.bin"),
                         help="tokenizer file to write (default: data/gpt2_tokenizer.bin)")
     parser.add_argument("--force", action="store_true",
                         help="redo outputs that look up to date (needed after changing "
-                             "--val-fraction or the --text file list)")
+                             "--val-fraction, --documents or the list of input files)")
     args = parser.parse_args()
-    if args.shard_size <= 0:
-        parser.error("--shard-size must be positive")
+    if args.shard_size <= 0 or args.shard_size > 2**31 - 1:
+        parser.error("--shard-size must be in 1..2147483647 (the header holds an int32)")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val-fraction must be in [0, 1)")
     for path in args.text or []:
         if not os.path.isfile(path):
             parser.error(f"--text: {path} is not a file")
+    if args.dir and not os.path.isdir(args.dir):
+        parser.error(f"--dir: {args.dir} is not a folder")
 
     t0 = time.time()
     encoding, bpe_files = gpt2_encoding()
@@ -363,15 +921,24 @@ def main():
 
     name, out_dir, inputs, splits = dataset_splits(args)
     os.makedirs(out_dir, exist_ok=True)
-    for split, documents in splits.items():
+    for split, (files, first, last) in splits.items():
         counts = None if args.force else existing_shards(out_dir, name, split, args.shard_size,
                                                          inputs)
         if counts is not None:
             status = "up to date"
         else:
-            counts = write_shards(encoding, documents, out_dir, name, split, args.shard_size)
-            status = "written"
-        print(f"{split}: {sum(counts):,} tokens in {len(counts)} shard(s), {status}")
+            try:
+                counts, nbytes, seconds, workers = write_shards(
+                    encoding, files, first, last, out_dir, name, split, args.shard_size,
+                    args.workers)
+            except ValueError as e:  # text that is not UTF-8, from a worker
+                sys.exit(f"error: {e}")
+            rate = max(seconds, 1e-9)
+            status = (f"written from {nbytes / 1e6:,.1f} MB of text in {seconds:.1f} s "
+                      f"({nbytes / 1e6 / rate:.1f} MB/s, {sum(counts) / 1e6 / rate:.2f}M "
+                      f"tokens/s, {workers} worker(s))")
+        print(f"{split}: {last - first:,} documents, {sum(counts):,} tokens in {len(counts)} "
+              f"shard(s), {status}")
         for i in range(len(counts)):
             print(f"  {shard_path(out_dir, name, split, i)}")
         if not counts:

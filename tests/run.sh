@@ -31,6 +31,7 @@ run ./test_dstrain tests/tmp
 run ./test_gpt dev/data/gpt2_reference.bin
 run bash tests/test_cli.sh
 run bash tests/test_zero.sh
+run python3 tests/test_data.py
 
 echo
 echo "$passed passed, $failed failed"

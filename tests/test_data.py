@@ -1,0 +1,608 @@
+"""
+Tests of data/prepare.py: GPT-2 tokens, shards, parallel tokenization, downloads.
+
+    python3 tests/test_data.py
+
+Needs tiktoken and the local data in ../shared/data (the WikiText valid and test splits,
+GPT-2's encoder.json and vocab.bpe); no network: downloads are tested against an HTTP
+server on 127.0.0.1 that this test starts. Prints one line per check, then
+"N passed, N failed"; exits non-zero when a check fails.
+"""
+
+import hashlib
+import http.server
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "data"))
+import prepare  # noqa: E402
+import tiktoken  # noqa: E402
+
+SHARED = prepare.SHARED_DATA
+WIKITEXT_DIR = os.path.join(SHARED, "wikitext")
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
+    sys.stdout.flush()
+
+
+def reference_encoding(tmp):
+    """tiktoken's own "gpt2" encoding, independent of prepare.py: tiktoken's definition
+    (pattern, special tokens, the hashes it checks) with its file cache filled from the
+    local copies of the two BPE files, so it needs no network."""
+    cache = os.path.join(tmp, "tiktoken-cache")
+    os.makedirs(cache)
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # tiktoken_ext
+    for name in ("vocab.bpe", "encoder.json"):
+        key = hashlib.sha1((base + name).encode()).hexdigest()  # tiktoken's cache file name
+        shutil.copy(os.path.join(SHARED, "gpt2", name), os.path.join(cache, key))
+    os.environ["TIKTOKEN_CACHE_DIR"] = cache
+    socket.setdefaulttimeout(3)  # should the cache miss, fail fast instead of hanging
+    try:
+        return tiktoken.get_encoding("gpt2")
+    finally:
+        socket.setdefaulttimeout(None)
+
+
+def read_shard(path):
+    """(header ints, tokens) of a shard file, checking what the C loader checks."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = struct.unpack("<256i", data[:1024])
+    tokens = list(struct.unpack(f"<{(len(data) - 1024) // 2}H", data[1024:]))
+    return header, tokens
+
+
+def split_at_eot(tokens):
+    """Documents' tokens from a stream in which EOT precedes every document."""
+    documents = []
+    for t in tokens:
+        if t == prepare.EOT:
+            documents.append([])
+        else:
+            documents[-1].append(t)
+    return documents if tokens and tokens[0] == prepare.EOT else None
+
+
+def expected_stream(ref, documents):
+    out = []
+    for d in documents:
+        out.append(prepare.EOT)
+        out += ref.encode_ordinary(d)
+    return out
+
+
+def run_prepare(*args):
+    """Runs data/prepare.py; returns (exit code, output)."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "data", "prepare.py"), *args],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------
+
+
+def test_articles():
+    text = (" \n = First = \n \n intro \n \n = = Section = = \n \n body \n \n"
+            " = = = Sub = = = \n \n more \n x \n = 1 rad / s = \n y \n \n = Second = \n \n end \n")
+    path = os.path.join(TMP, "articles.raw")
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    articles = prepare.read_documents(path, "wikitext")
+    check("articles: split at ' = Title = ' only, section headings stay inside",
+          len(articles) == 2 and articles[0].startswith(" \n = First = ")
+          and " = = Section = = " in articles[0] and " = = = Sub = = = " in articles[0]
+          and articles[1].startswith(" = Second = "), repr(articles))
+    check("articles: a title-like line inside a paragraph is not a boundary",
+          " = 1 rad / s = " in articles[0])
+    check("articles: join back to the text", "".join(articles) == text)
+    # WikiText-2 has 600/60/60 articles (Merity et al. 2016, "Pointer Sentinel Mixture Models")
+    for split in ("valid", "test"):
+        path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
+        articles = prepare.read_documents(path, "wikitext")
+        with open(path, encoding="utf-8", newline="") as f:
+            whole = f.read()
+        check(f"articles: wiki.{split}.raw has WikiText's 60 articles, joined back to the file",
+              len(articles) == 60 and "".join(articles) == whole, f"{len(articles)} articles")
+
+
+def test_safe_cuts(ref):
+    """A cut at prepare.SAFE_CUT never changes the tokens: fuzzed tricky text, and
+    tinyshakespeare cut into pieces as the tokenizer's tasks cut long documents."""
+    rng = random.Random(1234)
+    alphabet = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u2009", "\u3000", "\x0b",
+                "\x1c", "a", "Z", "word", "1", "23", "'", "'s", "'ll", "!", ".", "@-@", "é",
+                "中文", "🙂", "-", "=", " = "]
+    bad = []
+    cuts = 0
+    for _ in range(300):
+        data = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))).encode()
+        whole = ref.encode_ordinary(data.decode())
+        for m in prepare.SAFE_CUT.finditer(data):
+            cuts += 1
+            p = m.start()
+            if ref.encode_ordinary(data[:p].decode()) + ref.encode_ordinary(data[p:].decode()) != whole:
+                bad.append((data, p))
+    check(f"safe cuts: tokens of the pieces equal the whole's ({cuts} fuzzed cuts)", not bad,
+          repr(bad[:3]))
+    path = os.path.join(SHARED, "tinyshakespeare", "input.txt")
+    with open(path, "rb") as f:
+        data = f.read()
+    pieces = [data[a:b] for _, a, b, _ in prepare.segments([(path, [0])], 0, 1, 5000)]
+    ok = (len(pieces) > 100 and b"".join(pieces) == data
+          and sum((ref.encode_ordinary(p.decode()) for p in pieces), [])
+          == ref.encode_ordinary(data.decode()))
+    check(f"safe cuts: tinyshakespeare in {len(pieces)} pieces tokenizes as the whole", ok)
+
+
+def test_tokens(ref, encoding):
+    """(a) Every article of the local valid and test splits, tokenized by prepare.py's
+    path (1 and 2 workers, small tasks so that long articles are cut into pieces, with
+    tiktoken's token buffer and with its list API), equals tiktoken's gpt2 encoding."""
+    has_buffer = hasattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer")
+    print(f"     (this tiktoken {'has' if has_buffer else 'lacks'} encode_to_tiktoken_buffer)")
+    configs = [(True, 1, prepare.TASK_BYTES), (True, 2, prepare.TASK_BYTES), (True, 2, 4096),
+               (False, 2, 4096)]
+    try:
+        for split in ("valid", "test"):
+            path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
+            articles = prepare.read_documents(path, "wikitext")
+            expected = [ref.encode_ordinary(a) for a in articles]
+            files = [(path, prepare.document_starts(path, "wikitext"))]
+            for use_buffer, workers, task_bytes in configs:
+                prepare.USE_TOKEN_BUFFER = use_buffer
+                data = b"".join(d for d, _ in prepare.tokenize(encoding, files, 0, len(articles),
+                                                               workers, task_bytes))
+                got = split_at_eot(list(struct.unpack(f"<{len(data) // 2}H", data)))
+                wrong = [i for i, (g, e) in enumerate(zip(got or [], expected)) if g != e]
+                check(f"tokens: {split}, {len(articles)} articles, workers={workers}, tasks of "
+                      f"{task_bytes} bytes, {'token buffer' if use_buffer else 'list'}: each "
+                      "equals tiktoken gpt2", got is not None and len(got) == len(expected)
+                      and not wrong, f"{len(got or [])} documents, articles {wrong[:5]} differ")
+        text = "A literal <|endoftext|> is text, not token 50256. <|endoftext|>\n"
+        path = os.path.join(TMP, "special.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        for use_buffer in (True, False):
+            prepare.USE_TOKEN_BUFFER = use_buffer
+            data = b"".join(d for d, _ in prepare.tokenize(encoding, [(path, [0])], 0, 1, 1))
+            tokens = list(struct.unpack(f"<{len(data) // 2}H", data))
+            check(f"tokens: a literal <|endoftext|> in the text is ordinary text "
+                  f"({'token buffer' if use_buffer else 'list'})",
+                  tokens == [prepare.EOT] + ref.encode_ordinary(text) and tokens.count(50256) == 1)
+    finally:
+        prepare.USE_TOKEN_BUFFER = True
+
+
+def test_prepare_command(ref):
+    """(b)+(c) The one command on the local WikiText splits: shards read back, hold
+    EOT + tokens of each article in order, and are the same for 1 and 2 workers."""
+    outputs = {}
+    for workers in (1, 2):
+        out = os.path.join(TMP, f"wikitext-w{workers}")
+        rc, log = run_prepare("--offline", "--out-dir", out, "--workers", str(workers),
+                              "--tokenizer-out", os.path.join(out, "tok.bin"))
+        check(f"prepare.py --offline --workers {workers}: exit 0, says offline",
+              rc == 0 and "offline" in log and "local raw files" in log, log[-2000:])
+        outputs[workers] = out
+    for split, source in (("train", "test"), ("val", "valid")):
+        path = os.path.join(outputs[2], f"wikitext_{split}_000000.bin")
+        header, tokens = read_shard(path)
+        articles = prepare.read_documents(os.path.join(WIKITEXT_DIR, f"wiki.{source}.raw"),
+                                          "wikitext")
+        check(f"shards: {split} header magic 20240520, version 1, count = file length",
+              header[:2] == (20240520, 1) and header[2] == len(tokens) and not any(header[3:]),
+              str(header[:4]))
+        check(f"shards: {split} = EOT + tiktoken gpt2 tokens of each of the {len(articles)} "
+              f"articles of wiki.{source}.raw, in order", tokens == expected_stream(ref, articles))
+        same = all(open(os.path.join(outputs[1], f), "rb").read()
+                   == open(os.path.join(outputs[2], f), "rb").read()
+                   for f in (f"wikitext_{split}_000000.bin", "tok.bin"))
+        check(f"shards: {split} byte-identical for 1 and 2 workers", same)
+    with open(os.path.join(outputs[2], "tok.bin"), "rb") as f:
+        data = f.read()
+    header = struct.unpack("<256I", data[:1024])
+    pos, ok = 1024, header[:4] == (20240328, 2, 50257, 50256)
+    for token in range(50257):
+        n = data[pos]
+        ok = ok and data[pos + 1:pos + 1 + n] == ref.decode_single_token_bytes(token)
+        pos += 1 + n
+    check("tokenizer file: header {20240328, 2, 50257, 50256}, every token's bytes",
+          ok and pos == len(data))
+    rc, log = run_prepare("--offline", "--out-dir", outputs[2], "--workers", "2",
+                          "--tokenizer-out", os.path.join(outputs[2], "tok.bin"))
+    check("prepare.py again: outputs up to date", rc == 0 and log.count("up to date") == 3, log)
+
+
+def test_shard_sizes(encoding):
+    """(d)+(c) --shard-size splitting, the same for 1 and 2 workers."""
+    path = os.path.join(WIKITEXT_DIR, "wiki.valid.raw")
+    articles = prepare.read_documents(path, "wikitext")
+    files = [(path, prepare.document_starts(path, "wikitext"))]
+    streams = {}
+    for workers in (1, 2):
+        out = os.path.join(TMP, f"shards-w{workers}")
+        os.makedirs(out)
+        counts, nbytes, _, _ = prepare.write_shards(encoding, files, 0, len(articles), out, "v",
+                                                    "val", 100_000, workers, 65536)
+        shards = prepare.split_shards(out, "v", "val")
+        streams[workers] = [open(f, "rb").read() for f in shards]
+        tokens = []
+        headers_ok = True
+        for f in shards:
+            header, t = read_shard(f)
+            headers_ok = headers_ok and header[:3] == (20240520, 1, len(t))
+            tokens += t
+    check("shard size: 249,947 tokens at 100,000 a shard make 3 shards, valid headers",
+          counts == [100_000, 100_000, 49_947] and headers_ok, str(counts))
+    check("shard size: the shards concatenate to the whole stream",
+          tokens == expected_stream(encoding, articles))
+    check("shard size: 1 and 2 workers (tasks of 64 KB) give byte-identical shards",
+          streams[1] == streams[2])
+    check("shard size: bytes of text counted", nbytes == sum(len(a.encode()) for a in articles))
+    check("shard size: existing_shards sees them complete",
+          prepare.existing_shards(os.path.join(TMP, "shards-w2"), "v", "val", 100_000, [])
+          == [100_000, 100_000, 49_947])
+    # an exact multiple leaves no empty shard; a later, smaller run removes stale shards
+    out = os.path.join(TMP, "exact")
+    os.makedirs(out)
+    writer = prepare.ShardWriter(out, "x", "train", 5)
+    for chunk in ([1, 2, 3], [4, 5, 6, 7, 8, 9, 10]):
+        writer.write(struct.pack(f"<{len(chunk)}H", *chunk))
+    counts = writer.close()
+    check("shard size: 10 tokens at 5 a shard make exactly 2 shards",
+          counts == [5, 5] and [read_shard(f)[1] for f in prepare.split_shards(out, "x", "train")]
+          == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], str(counts))
+    writer = prepare.ShardWriter(out, "x", "train", 5)
+    writer.write(struct.pack("<3H", 1, 2, 3))
+    writer.close()
+    check("shard size: rewriting removes the old shards",
+          len(prepare.split_shards(out, "x", "train")) == 1)
+
+
+def test_text_and_dir(ref):
+    """--dir (recursive .txt, sorted) and --text with --documents wikitext."""
+    folder = os.path.join(TMP, "corpus")
+    os.makedirs(os.path.join(folder, "b", "c"))
+    files = {"a.txt": "Hello world.\n", os.path.join("b", "c", "z.txt"): "Second file, 'll see.\n",
+             os.path.join("b", "notes.md"): "not text\n"}
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    out = os.path.join(TMP, "corpus-out")
+    rc, log = run_prepare("--dir", folder, "--out-dir", out, "--val-fraction", "0.5",
+                          "--workers", "2", "--tokenizer-out", os.path.join(out, "tok.bin"))
+    train = read_shard(os.path.join(out, "corpus_train_000000.bin"))[1] if rc == 0 else None
+    val = read_shard(os.path.join(out, "corpus_val_000000.bin"))[1] if rc == 0 else None
+    check("--dir: every .txt file (recursively, sorted), one document each",
+          train == expected_stream(ref, ["Hello world.\n"])
+          and val == expected_stream(ref, ["Second file, 'll see.\n"]), log[-2000:])
+    out = os.path.join(TMP, "text-out")
+    valid = os.path.join(WIKITEXT_DIR, "wiki.valid.raw")
+    rc, log = run_prepare("--text", valid, "--documents", "wikitext", "--name", "wv",
+                          "--val-fraction", "0.1", "--out-dir", out,
+                          "--tokenizer-out", os.path.join(out, "tok.bin"))
+    articles = prepare.read_documents(valid, "wikitext")
+    tokens = (read_shard(os.path.join(out, "wv_train_000000.bin"))[1]
+              + read_shard(os.path.join(out, "wv_val_000000.bin"))[1]) if rc == 0 else None
+    n_val = len(read_shard(os.path.join(out, "wv_val_000000.bin"))[1]) if rc == 0 else 0
+    check("--text --documents wikitext: the file's 60 articles, EOT + tokens each, the last "
+          "6 validating", tokens == expected_stream(ref, articles)
+          and n_val == len(expected_stream(ref, articles[54:])), log[-2000:])
+    rc, log = run_prepare("--dir", os.path.join(TMP, "no-such-folder"))
+    check("--dir: a missing folder is refused", rc != 0 and "not a folder" in log, log)
+    bad = os.path.join(TMP, "latin1.txt")
+    with open(bad, "wb") as f:
+        f.write("caf\u00e9 au lait\n".encode("latin-1"))
+    out = os.path.join(TMP, "bad-out")
+    rc, log = run_prepare("--text", valid, bad, "--out-dir", out, "--workers", "2",
+                          "--val-fraction", "0", "--shard-size", "10000",
+                          "--tokenizer-out", os.path.join(out, "tok.bin"))
+    check("--text: a file that is not UTF-8 is refused, naming the file and byte; the "
+          "shards written before it are removed",
+          rc != 0 and "latin1.txt: not UTF-8" in log and "byte 3" in log
+          and os.listdir(out) == ["tok.bin"], f"{os.listdir(out)} {log[-2000:]}")
+
+
+# ----------------------------------------------------------------------------
+# downloads, against a local HTTP server
+
+
+class Server:
+    """An HTTP server on 127.0.0.1 for the download tests. Paths:
+    /<name>            the file, honouring "Range: bytes=N-" (206)
+    /broken/<name>     first request: headers for the whole file, then half of it, then
+                       the connection closes; later requests as /<name>
+    /stall/<name>      first request: half the file, then silence for 3 s
+    /norange/<name>    ignores Range (always 200 and the whole file)
+    /api               the JSON in self.api"""
+
+    def __init__(self):
+        self.files, self.requests, self.first = {}, [], set()
+        self.api = b"[]"
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if parts == ["api"]:
+                    return self.send(200, server.api, {})
+                kind, name = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
+                data = server.files.get(name)
+                if data is None:
+                    return self.send(404, b"not found", {})
+                first = (kind, name) not in server.first
+                server.first.add((kind, name))
+                if kind in ("broken", "stall") and first:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    if kind == "stall":
+                        time.sleep(3)
+                    self.close_connection = True
+                    return
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and kind != "norange":
+                    start = int(rng.split("=")[1].rstrip("-"))
+                    if start >= len(data):
+                        return self.send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                    return self.send(206, data[start:], {
+                        "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+                self.send(200, data, {})
+
+            def send(self, code, body, headers):
+                self.send_response(code)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download():
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        os.environ.pop(var, None)
+    os.environ["no_proxy"] = "127.0.0.1,localhost"
+    prepare.NETWORK_TIMEOUT = 1
+    prepare.RETRY_WAIT = 0
+    server = Server()
+    try:
+        payload = random.Random(7).randbytes(300_000)
+        digest = hashlib.sha256(payload).hexdigest()
+        for name in ("a.bin", "b.bin", "c.bin", "d.bin", "e.bin", "f.bin", "g.bin"):
+            server.files[name] = payload
+        folder = os.path.join(TMP, "downloads")
+
+        def target(name):
+            return os.path.join(folder, name)
+
+        def fetch(url, name, **kw):
+            try:
+                prepare.download(url, target(name), **kw)
+                return None
+            except prepare.DownloadError as e:
+                return str(e)
+
+        error = fetch(f"{server.url}/a.bin", "a.bin", sha256=digest, size=len(payload))
+        check("download: complete, sha256 and size checked, .part renamed",
+              error is None and open(target("a.bin"), "rb").read() == payload
+              and not os.path.exists(target("a.bin") + ".part"), error)
+
+        error = fetch(f"{server.url}/b.bin", "b.bin", sha256="0" * 64)
+        check("download: a sha256 mismatch is refused, the .part deleted",
+              error is not None and "sha256" in error and not os.path.exists(target("b.bin"))
+              and not os.path.exists(target("b.bin") + ".part"), error)
+
+        error = fetch(f"{server.url}/c.bin", "c.bin", size=len(payload) + 1)
+        check("download: a size mismatch is refused", error is not None and "bytes" in error
+              and not os.path.exists(target("c.bin")), error)
+
+        server.requests.clear()
+        error = fetch(f"{server.url}/broken/d.bin", "d.bin", sha256=digest)
+        ranges = [r for p, r in server.requests if p.endswith("d.bin")]
+        check("download: connection closed mid-file, the next try sends Range and completes",
+              error is None and open(target("d.bin"), "rb").read() == payload
+              and ranges == [None, f"bytes={len(payload) // 2}-"], f"{error}, ranges {ranges}")
+
+        error = fetch(f"{server.url}/broken/e.bin", "e.bin", sha256=digest, attempts=1)
+        part = target("e.bin") + ".part"
+        kept = os.path.exists(part) and os.path.getsize(part) == len(payload) // 2
+        check("download: a broken run keeps its .part", error is not None and kept, error)
+        server.requests.clear()
+        error = fetch(f"{server.url}/broken/e.bin", "e.bin", sha256=digest, attempts=1)
+        check("download: the next run resumes the .part with Range",
+              error is None and open(target("e.bin"), "rb").read() == payload
+              and server.requests == [("/broken/e.bin", f"bytes={len(payload) // 2}-")],
+              f"{error}, {server.requests}")
+
+        t0 = time.time()
+        error = fetch(f"{server.url}/stall/f.bin", "f.bin", sha256=digest)
+        check("download: a stalled connection times out and resumes",
+              error is None and open(target("f.bin"), "rb").read() == payload
+              and time.time() - t0 < 10, f"{error}, {time.time() - t0:.1f} s")
+
+        with open(target("g.bin") + ".part", "wb") as f:
+            f.write(b"x" * 1000)  # a server that ignores Range: start over
+        error = fetch(f"{server.url}/norange/g.bin", "g.bin", sha256=digest)
+        check("download: a server that ignores Range gives a fresh, correct copy",
+              error is None and open(target("g.bin"), "rb").read() == payload, error)
+
+        error = fetch(f"{server.url}/missing.bin", "missing.bin")
+        check("download: HTTP 404 fails at once with the URL",
+              error is not None and "404" in error and "missing.bin" in error, error)
+
+        # WikiText through the mirrors: a zip in the original layout, sha256 checked
+        buffer = io.BytesIO()
+        raw = {s: f" \n = {s.title()} = \n \n text of {s} \n".encode() for s in prepare.WIKITEXT_SPLITS}
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+            for s, data in raw.items():
+                z.writestr(f"wikitext-103-raw/wiki.{s}.raw", data)
+        server.files["wikitext-103-raw-v1.zip"] = buffer.getvalue()
+        saved = (prepare.WIKITEXT_MIRRORS, prepare.WIKITEXT["wikitext-103"], prepare.HF_API)
+        prepare.WIKITEXT_MIRRORS = [f"{server.url}/nothing-here/", f"{server.url}/"]
+        prepare.WIKITEXT["wikitext-103"] = dict(saved[1], size=len(buffer.getvalue()),
+                                                sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+        prepare.HF_API = server.url + "/api?{config}"
+        try:
+            out = os.path.join(TMP, "wt103")
+            raw_dir, files = prepare.wikitext_source("wikitext-103", out, offline=False)
+            check("wikitext-103: zip from the second mirror, unpacked, train/valid used",
+                  files == {"train": "train", "val": "valid"} and all(
+                      open(os.path.join(raw_dir, f"wiki.{s}.raw"), "rb").read() == raw[s]
+                      for s in raw))
+            raw_dir2, _ = prepare.wikitext_source("wikitext-103", out, offline=False)
+            check("wikitext-103: a second run uses the earlier download", raw_dir2 == raw_dir)
+            hand = os.path.join(TMP, "wt103-hand", "raw")
+            os.makedirs(hand)
+            with open(os.path.join(hand, "wikitext-103-raw-v1.zip"), "wb") as f:
+                f.write(buffer.getvalue())
+            prepare.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # nothing listens there
+            raw_dir4, _ = prepare.wikitext_source("wikitext-103", os.path.dirname(hand), False)
+            check("wikitext-103: a zip put into <out-dir>/raw by hand is checked and unpacked",
+                  raw_dir4 == hand and os.path.isfile(os.path.join(hand, "wiki.train.raw")))
+            prepare.WIKITEXT["wikitext-103"]["sha256"] = "0" * 64
+            prepare.WIKITEXT_MIRRORS = [f"{server.url}/"]
+            out = os.path.join(TMP, "wt103-bad")
+            try:
+                import pyarrow.parquet
+                has_pyarrow = pyarrow.parquet is not None
+            except ImportError:
+                has_pyarrow = False
+            buffer_out = io.StringIO()
+            stdout, sys.stdout = sys.stdout, buffer_out
+            try:
+                raw_dir3, files = prepare.wikitext_source("wikitext-103", out, offline=False)
+            finally:
+                sys.stdout = stdout
+            log = buffer_out.getvalue()
+            check("wikitext-103: a corrupt zip is refused; falls back to local files, says so",
+                  "sha256" in log and "offline" in log and raw_dir3 != os.path.join(out, "raw")
+                  and (has_pyarrow or "pyarrow" in log), log)
+            test_parquet(server, has_pyarrow)
+        finally:
+            prepare.WIKITEXT_MIRRORS, prepare.WIKITEXT["wikitext-103"], prepare.HF_API = saved
+    finally:
+        server.close()
+
+
+def test_parquet(server, has_pyarrow):
+    """The Hugging Face fallback, with pyarrow (skipped without it): parquet files as the
+    hub has them (a row per line, blank lines as ""), listed with their sha256, become
+    the raw files byte for byte."""
+    if not has_pyarrow:
+        print("skip wikitext-103: the Hugging Face parquet fallback (no pyarrow here)")
+        return
+    import pyarrow
+    import pyarrow.parquet
+    config = "wikitext-103-raw-v1"
+    raw = {}
+    for split in ("valid", "test"):
+        with open(os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw"), encoding="utf-8", newline="") as f:
+            raw[split] = f.read()
+    raw["train"] = raw["test"]
+    lines = {s: [line if line.strip() else "" for line in t.splitlines(keepends=True)]
+             for s, t in raw.items()}
+    half = len(lines["train"]) // 2
+    files = {"train-00000-of-00002.parquet": lines["train"][:half],
+             "train-00001-of-00002.parquet": lines["train"][half:],
+             "validation-00000-of-00001.parquet": lines["valid"],
+             "test-00000-of-00001.parquet": lines["test"]}
+    listing = []
+    for name, rows in files.items():
+        buffer = io.BytesIO()
+        pyarrow.parquet.write_table(pyarrow.table({"text": rows}), buffer)
+        data = buffer.getvalue()
+        server.files[name] = data
+        listing.append({"type": "file", "path": f"{config}/{name}", "size": len(data),
+                        "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}})
+    server.api = json.dumps(listing).encode()
+    prepare.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # no zip
+    saved = prepare.HF_FILE
+    prepare.HF_FILE = server.url + "/{config}/{name}"
+    try:
+        raw_dir, split_files = prepare.wikitext_source("wikitext-103", os.path.join(TMP, "hf"), False)
+    finally:
+        prepare.HF_FILE = saved
+    same = all(open(os.path.join(raw_dir, f"wiki.{s}.raw"), encoding="utf-8", newline="").read()
+               == raw[s] for s in raw)
+    check("wikitext-103: the Hugging Face parquet files (sha256 checked) become the raw "
+          "files byte for byte", same and split_files == {"train": "train", "val": "valid"})
+
+
+# ----------------------------------------------------------------------------
+
+
+def main():
+    global TMP
+    t0 = time.time()
+    TMP = tempfile.mkdtemp(prefix="dstrain-test-data-")
+    try:
+        missing = [p for p in (os.path.join(SHARED, "gpt2", "vocab.bpe"),
+                               os.path.join(SHARED, "gpt2", "encoder.json"),
+                               os.path.join(WIKITEXT_DIR, "wiki.valid.raw"),
+                               os.path.join(WIKITEXT_DIR, "wiki.test.raw"),
+                               os.path.join(SHARED, "tinyshakespeare", "input.txt"))
+                   if not os.path.isfile(p)]
+        check("local data present", not missing, f"missing {missing}")
+        if missing:
+            return
+        ref = reference_encoding(TMP)
+        stdout, sys.stdout = sys.stdout, io.StringIO()  # prepare.py's "tokenizer: ..." line
+        try:
+            encoding, _ = prepare.gpt2_encoding()
+        finally:
+            sys.stdout = stdout
+        for test in (test_articles, lambda: test_safe_cuts(ref), lambda: test_tokens(ref, encoding),
+                     lambda: test_prepare_command(ref), lambda: test_shard_sizes(encoding),
+                     lambda: test_text_and_dir(ref), test_download):
+            try:
+                test()
+            except Exception as e:  # a crash in one group fails it, the others still run
+                import traceback
+                traceback.print_exc()
+                check(f"{getattr(test, '__name__', 'test')} ran to the end", False, repr(e))
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)
+        print(f"({time.time() - t0:.1f} s)")
+        print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
