@@ -25,7 +25,7 @@ REFERENCE = dev/data/gpt2_reference.bin
 
 .PHONY: train data test clean bench-cpu
 
-train: train_gpt $(DATA)
+train: train_gpt data
 
 # the GPU trainer arrives with train_gpt.cu; until then, and on machines without a GPU, the CPU trainer
 train_gpt: train_gpt.c $(HEADERS)
@@ -46,7 +46,12 @@ test_gpt: test_gpt.c train_gpt.c tests/test.h $(HEADERS)
 test_dstrain: tests/test_dstrain.c tests/test.h $(HEADERS)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
+# make data DATASET=wikitext-103 (or tinyshakespeare): another dataset, for ./train_gpt --dataset NAME
+DATASET ?= wikitext
 data: $(DATA)
+ifneq ($(DATASET),wikitext)
+	$(PYTHON) data/prepare.py --dataset $(DATASET)
+endif
 
 $(DATA): data/prepare.py
 	@$(PYTHON) -c "import tiktoken" 2>/dev/null || { echo "installing tiktoken (GPT-2's tokenizer) with pip"; $(PYTHON) -m pip install --quiet tiktoken; }

@@ -1614,6 +1614,7 @@ static void print_usage(const char* prog) {
     printf("usage: %s [options]\n\n"
            "Trains a GPT-2 model the way DeepSpeed does, from a ds_config.json.\n\n"
            "  -c, --deepspeed_config FILE  DeepSpeed config (default: built-in: DeepSpeed's defaults, micro batch 8)\n"
+           "  --dataset NAME              the shards of `make data DATASET=NAME` (wikitext, wikitext-103, tinyshakespeare)\n"
            "  --train-data PATTERN        training shards, a glob (default %s)\n"
            "  --val-data PATTERN          validation shards (default %s; \"\" = none)\n"
            "  --tokenizer FILE            GPT-2 tokenizer for the sample (default %s)\n"
@@ -1684,6 +1685,14 @@ static void parse_args(Options* o, int argc, char** argv) {
             value = argv[++i];
         }
         if (strcmp(f, "-c") == 0 || strcmp(f, "--deepspeed_config") == 0 || strcmp(f, "--deepspeed-config") == 0) o->config_path = value;
+        else if (strcmp(f, "--dataset") == 0) { // the shards `make data DATASET=NAME` writes
+            static char train[PATH_LEN], val[PATH_LEN];
+            if (value[0] == '\0' || strchr(value, '/')) fatal("--dataset: expected a dataset name like wikitext-103, got '%s'", value);
+            format_path(train, sizeof train, "data/%s/%s_train_*.bin", value, value);
+            format_path(val, sizeof val, "data/%s/%s_val_*.bin", value, value);
+            o->train_data = train;
+            o->val_data = val;
+        }
         else if (strcmp(f, "--train-data") == 0) o->train_data = value;
         else if (strcmp(f, "--val-data") == 0) o->val_data = value;
         else if (strcmp(f, "--tokenizer") == 0) o->tokenizer_path = value;
@@ -1910,6 +1919,355 @@ static void comm_init_mpi(Comm* c, int* argc, char*** argv) {
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &local);
     MPI_Comm_rank(local, &c->local_rank);
     MPI_Comm_free(&local);
+}
+#endif
+
+// Rank, world size and local rank from the variables torchrun and the DeepSpeed launcher
+// (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) set.
+// Returns 0 when neither is present; -1 with err when the values are inconsistent.
+typedef struct { int rank, world_size, local_rank; const char* source; } LaunchEnv;
+
+static int launch_env(LaunchEnv* e, char* err, size_t errlen) {
+    static const char* sets[2][4] = {{"RANK", "WORLD_SIZE", "LOCAL_RANK", "torchrun/DeepSpeed launcher"},
+                                     {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "Slurm"}};
+    for (int i = 0; i < 2; i++) {
+        const char *r = getenv(sets[i][0]), *w = getenv(sets[i][1]), *l = getenv(sets[i][2]);
+        if (!r || !w) continue;
+        char* end;
+        long rank = strtol(r, &end, 10), world = *end ? -1 : strtol(w, &end, 10), local = l ? strtol(l, NULL, 10) : rank;
+        if (*end || world < 1 || rank < 0 || rank >= world || local < 0) {
+            return fail(err, errlen, "%s=%s, %s=%s: not a valid rank and world size (%s)", sets[i][0], r, sets[i][1], w, sets[i][3]);
+        }
+        e->rank = (int)rank; e->world_size = (int)world; e->local_rank = (int)local; e->source = sets[i][3];
+        return 1;
+    }
+    return 0;
+}
+
+// Rendezvous over TCP: rank 0 listens on MASTER_ADDR:MASTER_PORT and sends `n` bytes (for
+// example NCCL's unique id) to each of the other ranks, which connect to it. Bounded by
+// timeout_s; an error names the address and what failed.
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+static int tcp_wait(int fd, short events, double deadline) {
+    struct pollfd p = {fd, events, 0};
+    double left = deadline - wall_seconds();
+    return left > 0 && poll(&p, 1, (int)(left * 1000) + 1) == 1 && (p.revents & events);
+}
+
+static int tcp_broadcast(void* data, size_t n, int rank, int world, const char* addr, const char* port, double timeout_s, char* err, size_t errlen) {
+    double deadline = wall_seconds() + timeout_s;
+    struct addrinfo hints, *ai = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    if (rank == 0) hints.ai_flags = AI_PASSIVE;
+    if (getaddrinfo(rank == 0 ? NULL : addr, port, &hints, &ai) != 0 || ai == NULL) return fail(err, errlen, "rendezvous: cannot resolve MASTER_ADDR=%s MASTER_PORT=%s", addr, port);
+    int rc = 0;
+    if (rank == 0) {
+        int srv = socket(ai->ai_family, ai->ai_socktype, 0), one = 1;
+        setsockopt(srv, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (srv < 0 || bind(srv, ai->ai_addr, ai->ai_addrlen) != 0 || listen(srv, world) != 0) {
+            rc = fail(err, errlen, "rendezvous: rank 0 cannot listen on port %s: %s", port, strerror(errno));
+        }
+        for (int served = 1; rc == 0 && served < world; served++) {
+            if (!tcp_wait(srv, POLLIN, deadline)) { rc = fail(err, errlen, "rendezvous: only %d of %d ranks connected to port %s within %.0f s", served, world, port, timeout_s); break; }
+            int c = accept(srv, NULL, NULL);
+            if (c < 0 || write(c, data, n) != (ssize_t)n) rc = fail(err, errlen, "rendezvous: sending to a rank failed: %s", strerror(errno));
+            if (c >= 0) close(c);
+        }
+        if (srv >= 0) close(srv);
+    } else {
+        size_t got = 0;
+        while (rc == 0 && got < n) { // rank 0 may not listen yet: retry until the deadline
+            int c = socket(ai->ai_family, ai->ai_socktype, 0);
+            if (c >= 0 && connect(c, ai->ai_addr, ai->ai_addrlen) == 0) {
+                while (got < n && tcp_wait(c, POLLIN, deadline)) {
+                    ssize_t k = read(c, (char*)data + got, n - got);
+                    if (k <= 0) break;
+                    got += (size_t)k;
+                }
+            }
+            if (c >= 0) close(c);
+            if (got < n && wall_seconds() > deadline) rc = fail(err, errlen, "rendezvous: rank %d could not reach rank 0 at %s:%s within %.0f s", rank, addr, port, timeout_s);
+            else if (got < n) { got = 0; usleep(100000); }
+        }
+    }
+    freeaddrinfo(ai);
+    return rc;
+}
+
+#if defined(__CUDACC__) && defined(USE_NCCL)
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+// NCCL backend: device buffers. Collectives run on their own stream, ordered after the
+// trainer's compute stream with events, so a stage-2 bucket's reduce-scatter overlaps the
+// rest of backward; wait() makes the compute stream wait for the result. NCCL needs equal
+// counts for its reduce-scatter and all-gather, and partitions are uneven ranges, so a
+// bucket is reduced to each owner with grouped ncclReduce calls and the weights are
+// gathered with grouped ncclBroadcast calls (the same bytes on the wire).
+typedef struct {
+    ncclComm_t comm;
+    cudaStream_t stream;
+    cudaStream_t* compute; // the trainer's stream (created after the communicator)
+    double* scalars;       // device scratch for host scalars
+} NcclImpl;
+
+typedef struct { cudaEvent_t done; } NcclRequest;
+
+static void nccl_check(ncclResult_t r, const char* what, int line) {
+    if (r != ncclSuccess) fatal("NCCL error in %s (dstrain.h:%d): %s", what, line, ncclGetErrorString(r));
+}
+#define ncclCheck(call, what) nccl_check(call, what, __LINE__)
+
+static void nccl_begin(Comm* c) { // the collective sees everything the compute stream did before
+    NcclImpl* n = (NcclImpl*)c->impl;
+    cudaEvent_t e;
+    cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+    cudaEventRecord(e, *n->compute);
+    cudaStreamWaitEvent(n->stream, e, 0);
+    cudaEventDestroy(e);
+}
+
+static void* nccl_end(Comm* c) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    NcclRequest* r = (NcclRequest*)mallocCheck(sizeof(NcclRequest));
+    cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming);
+    cudaEventRecord(r->done, n->stream);
+    return r;
+}
+
+static void nccl_wait(Comm* c, void* request, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    NcclRequest* r = (NcclRequest*)request;
+    double start = wall_seconds();
+    cudaError_t q;
+    while ((q = cudaEventQuery(r->done)) == cudaErrorNotReady) {
+        ncclResult_t async = ncclSuccess;
+        ncclCommGetAsyncError(n->comm, &async);
+        if (async != ncclSuccess) fatal("rank %d: collective '%s' failed: %s", c->rank, what, ncclGetErrorString(async));
+        if (wall_seconds() - start > c->timeout_s) {
+            fprintf(stderr, "error: rank %d: collective '%s' did not complete within %.0f s (another rank died, hangs, or took a different path); ending the run\n", c->rank, what, c->timeout_s);
+            ncclCommAbort(n->comm);
+            exit(3);
+        }
+        usleep(50);
+    }
+    if (q != cudaSuccess) fatal("rank %d: collective '%s': %s", c->rank, what, cudaGetErrorString(q));
+    cudaStreamWaitEvent(*n->compute, r->done, 0);
+    cudaEventDestroy(r->done);
+    free(r);
+}
+
+static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    cudaMemcpyAsync(n->scalars, v, count * sizeof(double), cudaMemcpyHostToDevice, n->stream);
+    ncclCheck(ncclAllReduce(n->scalars, n->scalars, count, ncclDouble, op_max ? ncclMax : ncclSum, n->comm, n->stream), what);
+    cudaMemcpyAsync(v, n->scalars, count * sizeof(double), cudaMemcpyDeviceToHost, n->stream);
+    nccl_wait(c, nccl_end(c), what);
+    c->bytes_sent += 2 * ring_bytes(c, count * 8.0);
+}
+
+static void nccl_allreduce_f32(Comm* c, float* buf, size_t count, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    ncclCheck(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, n->comm, n->stream), what);
+    nccl_wait(c, nccl_end(c), what);
+    c->bytes_sent += 2 * ring_bytes(c, count * 4.0);
+}
+
+static void* nccl_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    ncclCheck(ncclGroupStart(), what);
+    size_t offset = 0;
+    for (int k = 0; k < c->world_size; k++) {
+        if (counts[k]) ncclCheck(ncclReduce(send + offset, recv, counts[k], ncclFloat, ncclSum, k, n->comm, n->stream), what);
+        offset += counts[k];
+    }
+    ncclCheck(ncclGroupEnd(), what);
+    c->bytes_sent += ring_bytes(c, offset * 4.0);
+    return nccl_end(c);
+}
+
+static void nccl_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    ncclCheck(ncclGroupStart(), what);
+    double total = 0;
+    for (int k = 0; k < c->world_size; k++) {
+        char* p = (char*)buf + displs[k] * elem_size;
+        if (counts[k]) ncclCheck(ncclBroadcast(p, p, counts[k] * elem_size, ncclInt8, k, n->comm, n->stream), what);
+        total += counts[k] * elem_size;
+    }
+    ncclCheck(ncclGroupEnd(), what);
+    nccl_wait(c, nccl_end(c), what);
+    c->bytes_sent += ring_bytes(c, total);
+}
+
+static void nccl_barrier(Comm* c, const char* what) {
+    double zero = 0;
+    nccl_allreduce_f64(c, &zero, 1, 0, what);
+}
+
+static void nccl_finalize(Comm* c) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    ncclCommDestroy(n->comm);
+    cudaFree(n->scalars);
+    cudaStreamDestroy(n->stream);
+    free(n);
+}
+
+// `id` must be the same on every rank (from ncclGetUniqueId on rank 0, shared by MPI,
+// TCP or a file); the device must already be selected.
+static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const ncclUniqueId* id, cudaStream_t* compute) {
+    NcclImpl* n = (NcclImpl*)callocCheck(1, sizeof(NcclImpl));
+    Comm m = {"nccl", rank, world, local_rank, 300.0, 0.0, n, nccl_allreduce_f64, nccl_allreduce_f32, nccl_reduce_scatter_start,
+              nccl_wait, nccl_allgather, nccl_barrier, nccl_finalize};
+    *c = m;
+    n->compute = compute;
+    if (cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking) != cudaSuccess || cudaMalloc(&n->scalars, 64 * sizeof(double)) != cudaSuccess) {
+        fatal("rank %d: cannot create the NCCL stream", rank);
+    }
+    ncclCheck(ncclCommInitRank(&n->comm, world, *id, rank), "ncclCommInitRank");
+}
+
+#ifdef USE_MPI
+// MPI for device buffers through host copies: how several ranks share one GPU (NCCL
+// refuses that), so a single-GPU machine can test sharding. Collectives are blocking.
+typedef struct { cudaStream_t* compute; float* host; size_t capacity; } StagedImpl;
+
+static float* staged_host(Comm* c, size_t bytes) {
+    StagedImpl* s = (StagedImpl*)c->impl;
+    if (bytes > s->capacity) {
+        free(s->host);
+        s->host = (float*)mallocCheck(bytes);
+        s->capacity = bytes;
+    }
+    cudaStreamSynchronize(*s->compute); // the device data is complete
+    return s->host;
+}
+
+static void staged_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
+    float* h = staged_host(c, n * sizeof(float));
+    cudaMemcpy(h, buf, n * sizeof(float), cudaMemcpyDeviceToHost);
+    mpi_allreduce_f32(c, h, n, what);
+    cudaMemcpy(buf, h, n * sizeof(float), cudaMemcpyHostToDevice);
+}
+
+static void* staged_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    size_t total = 0;
+    for (int k = 0; k < c->world_size; k++) total += counts[k];
+    float* h = staged_host(c, (total + counts[c->rank]) * sizeof(float));
+    cudaMemcpy(h, send, total * sizeof(float), cudaMemcpyDeviceToHost);
+    mpi_wait(c, mpi_reduce_scatter_start(c, h, h + total, counts, what), what);
+    cudaMemcpy(recv, h + total, counts[c->rank] * sizeof(float), cudaMemcpyHostToDevice);
+    return NULL;
+}
+
+static void staged_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
+
+static void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    size_t end = 0;
+    for (int k = 0; k < c->world_size; k++) if (displs[k] + counts[k] > end) end = displs[k] + counts[k];
+    char* h = (char*)staged_host(c, end * elem_size);
+    cudaMemcpy(h, buf, end * elem_size, cudaMemcpyDeviceToHost);
+    mpi_allgather(c, h, elem_size, counts, displs, what);
+    cudaMemcpy(buf, h, end * elem_size, cudaMemcpyHostToDevice);
+}
+
+static void comm_init_mpi_staged(Comm* c, int* argc, char*** argv, cudaStream_t* compute) {
+    comm_init_mpi(c, argc, argv);
+    StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
+    s->compute = compute;
+    c->impl = s;
+    c->backend = "mpi (device buffers staged through host memory)";
+    c->allreduce_f32 = staged_allreduce_f32;
+    c->reduce_scatter_start = staged_reduce_scatter_start;
+    c->wait = staged_wait;
+    c->allgather = staged_allgather;
+}
+#endif
+
+// The GPU trainer's ranks: one GPU per local rank, NCCL between them. NCCL's unique id
+// travels over MPI (mpirun), over TCP to MASTER_ADDR:MASTER_PORT (torchrun, the
+// DeepSpeed launcher, Slurm), or through DSTRAIN_NCCL_ID_FILE on a shared file system.
+// When several ranks must share a GPU, MPI with host staging replaces NCCL.
+static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute) {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
+    LaunchEnv env = {0, 1, 0, NULL};
+    char err[512];
+    int from_env = launch_env(&env, err, sizeof err);
+    if (from_env < 0) fatal("%s", err);
+    ncclUniqueId id;
+#ifdef USE_MPI
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
+        Comm probe;
+        comm_init_mpi(&probe, argc, argv);
+        int local_ranks = 0;
+        MPI_Comm local;
+        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, probe.rank, MPI_INFO_NULL, &local);
+        MPI_Comm_size(local, &local_ranks);
+        MPI_Comm_free(&local);
+        cudaSetDevice(probe.local_rank % devices);
+        if (probe.world_size == 1 || local_ranks > devices) { // NCCL cannot put two ranks on one GPU
+            *c = probe;
+            if (probe.world_size > 1) {
+                StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
+                s->compute = compute;
+                c->impl = s;
+                c->backend = "mpi (device buffers staged through host memory: several ranks share a GPU)";
+                c->allreduce_f32 = staged_allreduce_f32;
+                c->reduce_scatter_start = staged_reduce_scatter_start;
+                c->wait = staged_wait;
+                c->allgather = staged_allgather;
+            }
+            return;
+        }
+        if (probe.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+        comm_init_nccl(c, probe.rank, probe.world_size, probe.local_rank, &id, compute);
+        c->finalize = nccl_finalize; // MPI_Finalize runs at exit through the probe's init
+        return;
+    }
+#else
+    (void)argc; (void)argv;
+#endif
+    if (from_env == 0 || env.world_size == 1) { cudaSetDevice(0); comm_init_single(c); return; }
+    cudaSetDevice(env.local_rank % devices);
+    if (env.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    const char* file = getenv("DSTRAIN_NCCL_ID_FILE");
+    if (file) { // rank 0 writes the id atomically, the others wait for it
+        char tmp[PATH_LEN];
+        format_path(tmp, sizeof tmp, "%s.tmp", file);
+        if (env.rank == 0) {
+            FILE* f = fopenCheck(tmp, "wb");
+            fwrite_check(&id, sizeof id, 1, f, tmp);
+            fclose(f);
+            if (rename(tmp, file) != 0) fatal("cannot rename '%s' to '%s': %s", tmp, file, strerror(errno));
+        } else {
+            double start = wall_seconds();
+            while (file_size(file) != (long long)sizeof id) {
+                if (wall_seconds() - start > 300) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within 300 s", env.rank, file);
+                usleep(100000);
+            }
+            FILE* f = fopenCheck(file, "rb");
+            fread_check(&id, sizeof id, 1, f, file);
+            fclose(f);
+        }
+    } else {
+        const char *addr = getenv("MASTER_ADDR"), *port = getenv("MASTER_PORT");
+        if (!addr || !port) fatal("%s launch (rank %d of %d): set MASTER_ADDR and MASTER_PORT (or DSTRAIN_NCCL_ID_FILE) so the ranks can meet", env.source, env.rank, env.world_size);
+        if (tcp_broadcast(&id, sizeof id, env.rank, env.world_size, addr, port, 300, err, sizeof err)) fatal("%s", err);
+    }
+    comm_init_nccl(c, env.rank, env.world_size, env.local_rank, &id, compute);
 }
 #endif
 
@@ -2508,7 +2866,8 @@ static void init_comm(Comm* c, int* argc, char*** argv) {
     const char* var = NULL;
     int launched = launcher_world_size(&var);
 #ifdef USE_MPI
-    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE")) { comm_init_mpi(c, argc, argv); return; }
+    // mpirun (Open MPI, MPICH) or srun with PMIx start MPI programs
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) { comm_init_mpi(c, argc, argv); return; }
 #else
     (void)argc; (void)argv;
 #endif

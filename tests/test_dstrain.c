@@ -614,6 +614,58 @@ static void test_tokenizer_reads_and_refuses_truncation(void) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// launching: launcher variables and the TCP rendezvous (on loopback, 4 processes)
+
+#include <sys/wait.h>
+
+static void test_launch_env_torchrun_and_slurm(void) {
+    LaunchEnv e;
+    unsetenv("RANK"); unsetenv("WORLD_SIZE"); unsetenv("LOCAL_RANK");
+    unsetenv("SLURM_PROCID"); unsetenv("SLURM_NTASKS"); unsetenv("SLURM_LOCALID");
+    CHECK(launch_env(&e, err, sizeof err) == 0, "no launcher");
+    setenv("SLURM_PROCID", "5", 1); setenv("SLURM_NTASKS", "8", 1); setenv("SLURM_LOCALID", "1", 1);
+    CHECK(launch_env(&e, err, sizeof err) == 1 && e.rank == 5 && e.world_size == 8 && e.local_rank == 1 && strcmp(e.source, "Slurm") == 0, "Slurm");
+    setenv("RANK", "2", 1); setenv("WORLD_SIZE", "4", 1); setenv("LOCAL_RANK", "2", 1);
+    CHECK(launch_env(&e, err, sizeof err) == 1 && e.rank == 2 && e.world_size == 4 && e.local_rank == 2, "torchrun first");
+    setenv("RANK", "4", 1);
+    CHECK_ERR(launch_env(&e, err, sizeof err), err, "RANK=4, WORLD_SIZE=4: not a valid rank and world size");
+    unsetenv("RANK"); unsetenv("WORLD_SIZE"); unsetenv("LOCAL_RANK");
+    unsetenv("SLURM_PROCID"); unsetenv("SLURM_NTASKS"); unsetenv("SLURM_LOCALID");
+}
+
+static void test_tcp_rendezvous_reaches_every_rank(void) {
+    char port[16];
+    snprintf(port, sizeof port, "%d", 20000 + getpid() % 20000);
+    const int world = 4;
+    unsigned char id[128];
+    for (int i = 0; i < 128; i++) id[i] = (unsigned char)(i * 7 + 3);
+    pid_t kids[world];
+    for (int r = 1; r < world; r++) {
+        kids[r] = fork();
+        if (kids[r] == 0) { // rank r: receive and check
+            unsigned char got[128] = {0};
+            char e[256];
+            int rc = tcp_broadcast(got, sizeof got, r, world, "127.0.0.1", port, 20, e, sizeof e);
+            _exit(rc == 0 && memcmp(got, id, sizeof id) == 0 ? 0 : 1);
+        }
+    }
+    int rc = tcp_broadcast(id, sizeof id, 0, world, "127.0.0.1", port, 20, err, sizeof err);
+    CHECK(rc == 0, "rank 0: %s", err);
+    for (int r = 1; r < world; r++) {
+        int status = 0;
+        waitpid(kids[r], &status, 0);
+        CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "rank %d did not receive the id", r);
+    }
+    // nobody listening: a clear error within the timeout, not a hang
+    double t0 = wall_seconds();
+    unsigned char got[16];
+    snprintf(port, sizeof port, "%d", 40000 + getpid() % 20000);
+    rc = tcp_broadcast(got, sizeof got, 1, 2, "127.0.0.1", port, 1, err, sizeof err);
+    CHECK_ERR(rc, err, "rendezvous: rank 1 could not reach rank 0 at 127.0.0.1");
+    CHECK(wall_seconds() - t0 < 5, "gave up in %.1f s", wall_seconds() - t0);
+}
+
 int main(int argc, char** argv) {
     if (argc > 1) TMP = argv[1];
     make_dirs(TMP);
@@ -639,5 +691,7 @@ int main(int argc, char** argv) {
     RUN(test_checkpoint_commit_keeps_previous_on_crash);
     RUN(test_state_file_roundtrip);
     RUN(test_tokenizer_reads_and_refuses_truncation);
+    RUN(test_launch_env_torchrun_and_slurm);
+    RUN(test_tcp_rendezvous_reaches_every_rank);
     return test_summary();
 }
