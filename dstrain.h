@@ -1048,9 +1048,11 @@ typedef struct {
     int64_t perm_epoch;
     int* inputs;               // (B, T) the batch handed out by dataloader_next
     int* targets;              // (B, T)
-    // prefetch of the micro batch at (epoch, cursor)
+    // a worker thread gathers the micro batch at (epoch, cursor) while the step runs
     pthread_t thread;
-    int prefetching;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int job;                   // JOB_IDLE, JOB_GATHER (requested), JOB_QUIT
     int* next_inputs;
     int* next_targets;
     double last_wait;          // seconds the last dataloader_next waited for the prefetch
@@ -1085,19 +1087,36 @@ static void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
     }
 }
 
-static void* dataloader_prefetch_main(void* arg) {
+enum { JOB_IDLE, JOB_GATHER, JOB_QUIT };
+
+static void* dataloader_worker(void* arg) {
     DataLoader* L = (DataLoader*)arg;
-    dataloader_gather(L, L->next_inputs, L->next_targets);
+    pthread_mutex_lock(&L->lock);
+    for (;;) {
+        while (L->job == JOB_IDLE) pthread_cond_wait(&L->changed, &L->lock);
+        if (L->job == JOB_QUIT) break;
+        pthread_mutex_unlock(&L->lock);
+        dataloader_gather(L, L->next_inputs, L->next_targets);
+        pthread_mutex_lock(&L->lock);
+        L->job = JOB_IDLE;
+        pthread_cond_broadcast(&L->changed);
+    }
+    pthread_mutex_unlock(&L->lock);
     return NULL;
 }
 
 static void dataloader_start_prefetch(DataLoader* L) {
-    if (pthread_create(&L->thread, NULL, dataloader_prefetch_main, L) != 0) fatal("data loader: cannot start the prefetch thread");
-    L->prefetching = 1;
+    pthread_mutex_lock(&L->lock);
+    L->job = JOB_GATHER;
+    pthread_cond_broadcast(&L->changed);
+    pthread_mutex_unlock(&L->lock);
 }
 
+// waits until the worker has gathered the requested batch
 static void dataloader_join(DataLoader* L) {
-    if (L->prefetching) { pthread_join(L->thread, NULL); L->prefetching = 0; }
+    pthread_mutex_lock(&L->lock);
+    while (L->job == JOB_GATHER) pthread_cond_wait(&L->changed, &L->lock);
+    pthread_mutex_unlock(&L->lock);
 }
 
 // Opens every shard matching `pattern` (a glob, sorted). global_batch = sequences per
@@ -1137,6 +1156,9 @@ static int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int
     L->targets = (int*)mallocCheck(n * sizeof(int));
     L->next_inputs = (int*)mallocCheck(n * sizeof(int));
     L->next_targets = (int*)mallocCheck(n * sizeof(int));
+    pthread_mutex_init(&L->lock, NULL);
+    pthread_cond_init(&L->changed, NULL);
+    if (pthread_create(&L->thread, NULL, dataloader_worker, L) != 0) fatal("data loader: cannot start its worker thread");
     dataloader_start_prefetch(L);
     return 0;
 }
@@ -1164,6 +1186,13 @@ static void dataloader_next(DataLoader* L) {
 
 static void dataloader_free(DataLoader* L) {
     dataloader_join(L);
+    pthread_mutex_lock(&L->lock);
+    L->job = JOB_QUIT;
+    pthread_cond_broadcast(&L->changed);
+    pthread_mutex_unlock(&L->lock);
+    pthread_join(L->thread, NULL);
+    pthread_mutex_destroy(&L->lock);
+    pthread_cond_destroy(&L->changed);
     for (int i = 0; i < L->num_shards; i++) shard_close(&L->shards[i]);
     free(L->shards); free(L->first_seq); free(L->perm);
     free(L->inputs); free(L->targets); free(L->next_inputs); free(L->next_targets);
