@@ -20,6 +20,19 @@ NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/de
 HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -c GPU)
 HEADERS = dstrain.h
 
+# ----------------------------------------------------------------------------
+# CUDA settings (the rules are in the CUDA section at the end)
+# PRECISION=FP32|FP16|BF16 picks the GPU trainer's precision at build time (default BF16).
+# CUDA_ARCHS: compute capabilities to build for: the GPU's (nvidia-smi), else 80 and 90.
+PRECISION ?= BF16
+PRECISION_LC := $(if $(filter FP32,$(PRECISION)),fp32,$(if $(filter FP16,$(PRECISION)),fp16,$(if $(filter BF16,$(PRECISION)),bf16)))
+$(if $(PRECISION_LC),,$(error PRECISION must be FP32, FP16 or BF16, got '$(PRECISION)'))
+GPU_ARCH := $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
+CUDA_ARCHS ?= $(if $(GPU_ARCH),$(GPU_ARCH),80 90)
+# ./train_gpt comes from train_gpt.cu when nvcc and a GPU are present (then it is re-checked
+# on every `make train`, so that a change of PRECISION takes effect)
+USE_GPU_TRAINER := $(if $(and $(NVCC),$(filter-out 0,$(HAS_GPU)),$(wildcard train_gpt.cu)),yes)
+
 DATA = data/wikitext/wikitext_train_000000.bin data/wikitext/wikitext_val_000000.bin data/gpt2_tokenizer.bin
 REFERENCE = dev/data/gpt2_reference.bin
 
@@ -28,10 +41,10 @@ REFERENCE = dev/data/gpt2_reference.bin
 train: train_gpt data
 
 # the GPU trainer arrives with train_gpt.cu; until then, and on machines without a GPU, the CPU trainer
-train_gpt: train_gpt.c $(HEADERS)
+train_gpt: train_gpt.c $(HEADERS) $(if $(USE_GPU_TRAINER),FORCE)
 	@if [ -n "$(NVCC)" ] && [ "$(HAS_GPU)" != "0" ] && [ "$(HAS_GPU)" != "" ] && [ -f train_gpt.cu ]; then \
-		echo "building ./train_gpt from train_gpt.cu (nvcc: $(NVCC))"; \
-		$(MAKE) --no-print-directory train_gpt_cu && cp train_gpt_cu train_gpt; \
+		echo "building ./train_gpt from train_gpt.cu (nvcc: $(NVCC), PRECISION=$(PRECISION))"; \
+		$(MAKE) --no-print-directory train_gpt_cu && { cmp -s train_gpt_cu train_gpt || cp train_gpt_cu train_gpt; }; \
 	else \
 		echo "building ./train_gpt from train_gpt.c (CPU trainer: $(if $(NVCC),no GPU found,no nvcc); $(if $(MPICC),with MPI,without MPI: one rank))"; \
 		$(CPU_CC) $(CFLAGS) train_gpt.c $(LDLIBS) -o train_gpt; \
@@ -69,3 +82,62 @@ bench-cpu: train_gpt_cpu
 clean:
 	rm -f train_gpt train_gpt_cpu train_gpt_cu test_gpt test_gpt_cu test_dstrain
 	rm -rf tests/tmp
+
+# ----------------------------------------------------------------------------
+# CUDA: the GPU trainer, its tests and the dev/cuda kernel checks, built whenever nvcc
+# exists (`make test` compiles all of them, so a compile error fails CI without a GPU).
+#   train_gpt_cu_fp32, _fp16, _bf16   the trainer in each precision
+#   train_gpt_cu                      the one of PRECISION
+#   test_gpt_cu_fp32, _fp16, _bf16    test_gpt.cu in each precision (`make test_gpt_cu`: all three)
+#   dev/cuda/<kernel>                 one check and benchmark per kernel, in PRECISION
+#   cuda                              all of the above
+# Several GPU ranks: NCCL between GPUs (-DUSE_NCCL) and MPI to launch them and to share
+# one GPU among ranks (-DUSE_MPI), each where it is found.
+
+NVCC_FLAGS = -O3 -std=c++17 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+	-gencode arch=compute_$(lastword $(CUDA_ARCHS)),code=compute_$(lastword $(CUDA_ARCHS)) \
+	-Xcompiler -fopenmp,-Wall,-Wextra,-Wno-unused-function
+NVCC_LDLIBS = -lcublasLt -lm
+NVCC_ENABLE_fp32 = -DENABLE_FP32
+NVCC_ENABLE_fp16 = -DENABLE_FP16
+NVCC_ENABLE_bf16 = -DENABLE_BF16
+NCCL_FOUND := $(if $(wildcard $(dir $(NVCC))../include/nccl.h /usr/include/nccl.h /usr/local/include/nccl.h),yes,no)
+MPI_FOUND := $(if $(MPICC),yes,no)
+ifeq ($(NCCL_FOUND),yes)
+NVCC_FLAGS += -DUSE_NCCL
+NVCC_LDLIBS += -lnccl
+endif
+ifeq ($(MPI_FOUND),yes)
+# MPI's C API only (its C++ bindings are skipped)
+NVCC_FLAGS += -DUSE_MPI -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX $(shell $(MPICC) --showme:compile 2>/dev/null)
+NVCC_LDLIBS += $(shell $(MPICC) --showme:link 2>/dev/null | sed 's/-Wl,/-Xlinker /g; s/-pthread/-Xcompiler -pthread/g')
+endif
+
+TRAIN_GPT_CU = train_gpt_cu_fp32 train_gpt_cu_fp16 train_gpt_cu_bf16
+TEST_GPT_CU = test_gpt_cu_fp32 test_gpt_cu_fp16 test_gpt_cu_bf16
+DEV_CUDA = $(patsubst %.cu,%,$(wildcard dev/cuda/*.cu))
+
+.PHONY: cuda test_gpt_cu clean-cuda FORCE
+
+cuda: train_gpt_cu test_gpt_cu $(DEV_CUDA)
+	@echo "CUDA targets built for compute capability $(CUDA_ARCHS) (nvcc: $(NVCC); NCCL: $(NCCL_FOUND); MPI: $(MPI_FOUND))"
+
+$(TRAIN_GPT_CU): train_gpt_cu_%: train_gpt.cu $(HEADERS)
+	$(NVCC) $(NVCC_FLAGS) $(NVCC_ENABLE_$*) $< $(NVCC_LDLIBS) -o $@
+
+# the trainer of PRECISION, refreshed whenever PRECISION or the binary changes
+train_gpt_cu: train_gpt_cu_$(PRECISION_LC) FORCE
+	@cmp -s $< $@ || cp $< $@
+
+$(TEST_GPT_CU): test_gpt_cu_%: test_gpt.cu train_gpt.cu train_gpt.c tests/test.h $(HEADERS)
+	$(NVCC) $(NVCC_FLAGS) $(NVCC_ENABLE_$*) $< $(NVCC_LDLIBS) -o $@
+
+test_gpt_cu: $(TEST_GPT_CU)
+
+$(DEV_CUDA): dev/cuda/%: dev/cuda/%.cu dev/cuda/common.h train_gpt.cu train_gpt.c $(HEADERS)
+	$(NVCC) $(NVCC_FLAGS) $(NVCC_ENABLE_$(PRECISION_LC)) $< $(NVCC_LDLIBS) -o $@
+
+clean-cuda:
+	rm -f train_gpt_cu $(TRAIN_GPT_CU) $(TEST_GPT_CU) $(DEV_CUDA)
+
+FORCE:

@@ -22,84 +22,13 @@ Tolerances (fp32 on both sides, same math, different summation order):
 #define TESTING
 #include "train_gpt.c"
 #include "tests/test.h"
-
-typedef struct {
-    int V, Vp, maxT, L, H, C, B, T, ga, steps, num_params, warmup_steps, warmup_type;
-    float lr, beta1, beta2, eps, weight_decay, grad_clip, warmup_min_lr, warmup_max_lr;
-    float* params;
-    int* inputs;   // (ga, B, T)
-    int* targets;  // (ga, B, T)
-    float* logits; // (B, T, V)
-    float loss;
-    float* grads;
-    float *losses[2], *norms[2], *lrs[2], *final[2]; // run A (AdamW) and run B (adam_w_mode false)
-} Reference;
-
-static void* read_block(FILE* f, size_t bytes, const char* path) {
-    void* p = mallocCheck(bytes);
-    fread_check(p, 1, bytes, f, path);
-    return p;
-}
-
-static void reference_load(Reference* r, const char* path) {
-    FILE* f = fopen(path, "rb");
-    if (f == NULL) fatal("reference file '%s': %s (generate it with /usr/bin/python3 dev/reference.py)", path, strerror(errno));
-    int32_t h[256];
-    float hp[16];
-    fread_check(h, sizeof h, 1, f, path);
-    fread_check(hp, sizeof hp, 1, f, path);
-    if (h[0] != 20261127 || h[1] != 1) fatal("reference file '%s': bad magic or version", path);
-    r->V = h[2]; r->Vp = h[3]; r->maxT = h[4]; r->L = h[5]; r->H = h[6]; r->C = h[7]; r->B = h[8]; r->T = h[9];
-    r->ga = h[10]; r->steps = h[11]; r->num_params = h[12]; r->warmup_steps = h[13]; r->warmup_type = h[14];
-    r->lr = hp[0]; r->beta1 = hp[1]; r->beta2 = hp[2]; r->eps = hp[3]; r->weight_decay = hp[4]; r->grad_clip = hp[5];
-    r->warmup_min_lr = hp[6]; r->warmup_max_lr = hp[7];
-    size_t P = r->num_params * sizeof(float), tok = (size_t)r->ga * r->B * r->T * sizeof(int);
-    r->params = (float*)read_block(f, P, path);
-    r->inputs = (int*)read_block(f, tok, path);
-    r->targets = (int*)read_block(f, tok, path);
-    r->logits = (float*)read_block(f, (size_t)r->B * r->T * r->V * sizeof(float), path);
-    fread_check(&r->loss, sizeof(float), 1, f, path);
-    r->grads = (float*)read_block(f, P, path);
-    for (int run = 0; run < 2; run++) {
-        r->losses[run] = (float*)read_block(f, r->steps * sizeof(float), path);
-        r->norms[run] = (float*)read_block(f, r->steps * sizeof(float), path);
-        r->lrs[run] = (float*)read_block(f, r->steps * sizeof(float), path);
-        r->final[run] = (float*)read_block(f, P, path);
-    }
-    if (fgetc(f) != EOF) fatal("reference file '%s': unexpected bytes at the end", path);
-    fclose(f);
-}
+#include "tests/reference.h"
 
 static Reference ref;
 
 static ModelConfig reference_model_config(void) {
     ModelConfig c = gpt2_config(ref.L, ref.H, ref.C, ref.maxT, ref.V);
     return c;
-}
-
-// the DeepSpeed config the reference trained with
-static DSConfig reference_ds_config(int adam_w_mode) {
-    DSConfig c;
-    ds_config_defaults(&c);
-    c.lr = ref.lr; c.betas[0] = ref.beta1; c.betas[1] = ref.beta2; c.eps = ref.eps;
-    c.weight_decay = ref.weight_decay; c.adam_w_mode = adam_w_mode; c.gradient_clipping = ref.grad_clip;
-    c.scheduler = SCHED_WARMUP_LR; c.warmup_min_lr = ref.warmup_min_lr; c.warmup_max_lr = ref.warmup_max_lr;
-    c.warmup_num_steps = ref.warmup_steps; c.warmup_type = ref.warmup_type == 0 ? WARMUP_LOG : WARMUP_LINEAR;
-    c.micro_batch = ref.B; c.grad_accum = ref.ga; c.train_batch_size = (int64_t)ref.B * ref.ga;
-    return c;
-}
-
-// max |a - b| / max |b| over n elements with strides (so logits can skip padding columns)
-static double tensor_rel_err(const float* a, const float* b, size_t rows, size_t cols, size_t a_stride, size_t b_stride) {
-    double max_diff = 0.0, max_ref = 0.0;
-    for (size_t r = 0; r < rows; r++) {
-        for (size_t i = 0; i < cols; i++) {
-            double d = fabs((double)a[r * a_stride + i] - b[r * b_stride + i]), m = fabs((double)b[r * b_stride + i]);
-            if (d > max_diff) max_diff = d;
-            if (m > max_ref) max_ref = m;
-        }
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
 }
 
 static GPT2 model;
@@ -140,7 +69,7 @@ static void setup_run(const DSConfig* cfg, int stage) {
 }
 
 static void test_backward_every_gradient_tensor(void) {
-    DSConfig cfg = reference_ds_config(1);
+    DSConfig cfg = reference_ds_config(&ref, 1);
     setup_run(&cfg, 0);
     zero_begin_step(&tr.zero);
     gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
@@ -185,7 +114,7 @@ static TrainState run_steps(const DSConfig* cfg, int stage, int steps, const int
 }
 
 static void train_reference_run(int adam_w_mode, int stage, float* losses, float* norms, float* lrs) {
-    DSConfig cfg = reference_ds_config(adam_w_mode);
+    DSConfig cfg = reference_ds_config(&ref, adam_w_mode);
     run_steps(&cfg, stage, ref.steps, NULL, 0, losses, norms, lrs);
 }
 
@@ -211,7 +140,7 @@ static void test_ten_adam_l2_steps_adam_w_mode_false(void) { check_training_run(
 // ZeRO stage 2 hands gradients over region by region into buckets; with buckets of 1000
 // elements every region is split over many buckets and both buffers take turns.
 static void test_ten_steps_through_zero_stage2_small_buckets(void) {
-    DSConfig saved = reference_ds_config(1);
+    DSConfig saved = reference_ds_config(&ref, 1);
     saved.reduce_bucket_size = 1000;
     saved.overlap_comm = 1;
     float losses[64], norms[64], lrs[64];
@@ -235,7 +164,7 @@ static void test_two_runs_are_bit_identical(void) {
 
 // The reference's configuration with DeepSpeed's fp16 dynamic loss scaling (2^16, hysteresis 2).
 static DSConfig reference_fp16_config(void) {
-    DSConfig c = reference_ds_config(1);
+    DSConfig c = reference_ds_config(&ref, 1);
     c.fp16_enabled = 1; c.fp16_loss_scale = 0; c.fp16_initial_scale_power = 16;
     c.fp16_loss_scale_window = 1000; c.fp16_hysteresis = 2; c.fp16_min_loss_scale = 1;
     return c;
@@ -248,7 +177,7 @@ static DSConfig reference_fp16_config(void) {
 // issue asks for "fp32 rounding"; exact equality is the stronger statement that holds).
 static void test_fp16_scaling_gives_the_fp32_update(void) {
     float l32[64], n32[64], r32[64], l16[64], n16[64], r16[64];
-    DSConfig f32 = reference_ds_config(1), f16 = reference_fp16_config();
+    DSConfig f32 = reference_ds_config(&ref, 1), f16 = reference_fp16_config();
     run_steps(&f32, 0, ref.steps, NULL, 0, l32, n32, r32);
     float* w32 = (float*)mallocCheck(model.num_params * sizeof(float));
     memcpy(w32, model.params, model.num_params * sizeof(float));
@@ -267,7 +196,7 @@ static void test_fp16_scaling_gives_the_fp32_update(void) {
 static void test_injected_overflows_skip_exactly_those_steps(void) {
     float l[64], n[64], r[64], l8[64], n8[64], r8[64];
     int inject[2] = {3, 7};
-    DSConfig f16 = reference_fp16_config(), f32 = reference_ds_config(1);
+    DSConfig f16 = reference_fp16_config(), f32 = reference_ds_config(&ref, 1);
     TrainState st = run_steps(&f16, 0, ref.steps, inject, 2, l, n, r);
     CHECK(st.step == 10 && st.skipped == 2 && st.adam_t == 8 && st.sched_it == 7, "step %lld skipped %lld t %lld sched_it %lld",
           (long long)st.step, (long long)st.skipped, (long long)st.adam_t, (long long)st.sched_it);

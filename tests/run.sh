@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test program and prints the combined "N passed, N failed" last.
+# Runs every test program and prints the combined "N passed, N failed, N skipped" last.
 # Each program prints its own summary line; a program that crashes counts as a failure.
 set -u
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ python3 tests/schedule_reference.py tests/tmp/sched
 
 passed=0
 failed=0
+skipped=0
 run() {
     echo "== $*"
     local out rc summary
@@ -33,6 +34,37 @@ run bash tests/test_cli.sh
 run bash tests/test_zero.sh
 run python3 tests/test_data.py
 
+# The GPU trainer: wherever nvcc exists every CUDA target must compile (a failed build is a
+# failed test); its tests run where nvidia-smi -L lists a GPU, and are skipped elsewhere.
+cuda_tests() {
+    local nvcc gpu=0 arch="" out p
+    nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+    if [ -z "$nvcc" ]; then
+        echo "== GPU trainer: no nvcc, not built; its 3 tests (test_gpt_cu_fp32, _fp16, _bf16) skipped"
+        skipped=$((skipped + 3))
+        return
+    fi
+    nvidia-smi -L 2>/dev/null | grep -q GPU && gpu=1
+    [ $gpu -eq 1 ] || arch="CUDA_ARCHS=80" # without a GPU the build is a compile check: one architecture keeps it short
+    echo "== make cuda $arch"
+    if out=$(make --no-print-directory -j"$(nproc)" cuda $arch 2>&1); then
+        echo "$out" | tail -1
+        passed=$((passed + 1))
+    else
+        echo "$out" | tail -40
+        echo "FAIL make cuda (the CUDA targets do not compile)"
+        failed=$((failed + 1))
+        return
+    fi
+    if [ $gpu -eq 1 ]; then
+        for p in fp32 fp16 bf16; do run ./test_gpt_cu_$p dev/data/gpt2_reference.bin; done
+    else
+        echo "== GPU tests skipped: no GPU (nvidia-smi -L lists none); test_gpt_cu_fp32, _fp16, _bf16 compiled, not run"
+        skipped=$((skipped + 3))
+    fi
+}
+cuda_tests
+
 echo
-echo "$passed passed, $failed failed"
+echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

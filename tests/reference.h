@@ -1,0 +1,106 @@
+/*
+reference.h: the PyTorch reference file that dev/reference.py writes (its format is
+documented there), read by test_gpt.c and test_gpt.cu; and the error measure both use.
+Include after dstrain.h.
+*/
+#ifndef REFERENCE_H
+#define REFERENCE_H
+
+
+typedef struct {
+    int V, Vp, maxT, L, H, C, B, T, ga, steps, num_params, warmup_steps, warmup_type;
+    float lr, beta1, beta2, eps, weight_decay, grad_clip, warmup_min_lr, warmup_max_lr;
+    float* params;
+    int* inputs;   // (ga, B, T)
+    int* targets;  // (ga, B, T)
+    float* logits; // (B, T, V)
+    float loss;
+    float* grads;
+    float *losses[2], *norms[2], *lrs[2], *final[2]; // run A (AdamW) and run B (adam_w_mode false)
+} Reference;
+
+static void* read_block(FILE* f, size_t bytes, const char* path) {
+    void* p = mallocCheck(bytes);
+    fread_check(p, 1, bytes, f, path);
+    return p;
+}
+
+static void reference_load(Reference* r, const char* path) {
+    FILE* f = fopen(path, "rb");
+    if (f == NULL) fatal("reference file '%s': %s (generate it with /usr/bin/python3 dev/reference.py)", path, strerror(errno));
+    int32_t h[256];
+    float hp[16];
+    fread_check(h, sizeof h, 1, f, path);
+    fread_check(hp, sizeof hp, 1, f, path);
+    if (h[0] != 20261127 || h[1] != 1) fatal("reference file '%s': bad magic or version", path);
+    r->V = h[2]; r->Vp = h[3]; r->maxT = h[4]; r->L = h[5]; r->H = h[6]; r->C = h[7]; r->B = h[8]; r->T = h[9];
+    r->ga = h[10]; r->steps = h[11]; r->num_params = h[12]; r->warmup_steps = h[13]; r->warmup_type = h[14];
+    r->lr = hp[0]; r->beta1 = hp[1]; r->beta2 = hp[2]; r->eps = hp[3]; r->weight_decay = hp[4]; r->grad_clip = hp[5];
+    r->warmup_min_lr = hp[6]; r->warmup_max_lr = hp[7];
+    if (r->steps < 1 || r->steps > 64) fatal("reference file '%s': %d steps, expected 1..64", path, r->steps);
+    size_t P = r->num_params * sizeof(float), tok = (size_t)r->ga * r->B * r->T * sizeof(int);
+    r->params = (float*)read_block(f, P, path);
+    r->inputs = (int*)read_block(f, tok, path);
+    r->targets = (int*)read_block(f, tok, path);
+    r->logits = (float*)read_block(f, (size_t)r->B * r->T * r->V * sizeof(float), path);
+    fread_check(&r->loss, sizeof(float), 1, f, path);
+    r->grads = (float*)read_block(f, P, path);
+    for (int run = 0; run < 2; run++) {
+        r->losses[run] = (float*)read_block(f, r->steps * sizeof(float), path);
+        r->norms[run] = (float*)read_block(f, r->steps * sizeof(float), path);
+        r->lrs[run] = (float*)read_block(f, r->steps * sizeof(float), path);
+        r->final[run] = (float*)read_block(f, P, path);
+    }
+    if (fgetc(f) != EOF) fatal("reference file '%s': unexpected bytes at the end", path);
+    fclose(f);
+}
+
+// writes r in the format reference_load reads
+static void reference_save(const Reference* r, const char* path) {
+    FILE* f = fopenCheck(path, "wb");
+    int32_t h[256] = {20261127, 1, r->V, r->Vp, r->maxT, r->L, r->H, r->C, r->B, r->T, r->ga, r->steps, r->num_params, r->warmup_steps, r->warmup_type};
+    float hp[16] = {r->lr, r->beta1, r->beta2, r->eps, r->weight_decay, r->grad_clip, r->warmup_min_lr, r->warmup_max_lr};
+    size_t P = r->num_params, tok = (size_t)r->ga * r->B * r->T;
+    fwrite_check(h, sizeof h, 1, f, path);
+    fwrite_check(hp, sizeof hp, 1, f, path);
+    fwrite_check(r->params, sizeof(float), P, f, path);
+    fwrite_check(r->inputs, sizeof(int), tok, f, path);
+    fwrite_check(r->targets, sizeof(int), tok, f, path);
+    fwrite_check(r->logits, sizeof(float), (size_t)r->B * r->T * r->V, f, path);
+    fwrite_check(&r->loss, sizeof(float), 1, f, path);
+    fwrite_check(r->grads, sizeof(float), P, f, path);
+    for (int run = 0; run < 2; run++) {
+        fwrite_check(r->losses[run], sizeof(float), r->steps, f, path);
+        fwrite_check(r->norms[run], sizeof(float), r->steps, f, path);
+        fwrite_check(r->lrs[run], sizeof(float), r->steps, f, path);
+        fwrite_check(r->final[run], sizeof(float), P, f, path);
+    }
+    if (fclose(f) != 0) fatal("cannot write '%s': %s", path, strerror(errno));
+}
+
+// the DeepSpeed config the reference trained with
+static DSConfig reference_ds_config(const Reference* r, int adam_w_mode) {
+    DSConfig c;
+    ds_config_defaults(&c);
+    c.lr = r->lr; c.betas[0] = r->beta1; c.betas[1] = r->beta2; c.eps = r->eps;
+    c.weight_decay = r->weight_decay; c.adam_w_mode = adam_w_mode; c.gradient_clipping = r->grad_clip;
+    c.scheduler = SCHED_WARMUP_LR; c.warmup_min_lr = r->warmup_min_lr; c.warmup_max_lr = r->warmup_max_lr;
+    c.warmup_num_steps = r->warmup_steps; c.warmup_type = r->warmup_type == 0 ? WARMUP_LOG : WARMUP_LINEAR;
+    c.micro_batch = r->B; c.grad_accum = r->ga; c.train_batch_size = (int64_t)r->B * r->ga;
+    return c;
+}
+
+// max |a - b| / max |b| over rows x cols elements with row strides (logits skip padding columns)
+static double tensor_rel_err(const float* a, const float* b, size_t rows, size_t cols, size_t a_stride, size_t b_stride) {
+    double max_diff = 0.0, max_ref = 0.0;
+    for (size_t r = 0; r < rows; r++) {
+        for (size_t i = 0; i < cols; i++) {
+            double d = fabs((double)a[r * a_stride + i] - b[r * b_stride + i]), m = fabs((double)b[r * b_stride + i]);
+            if (d > max_diff) max_diff = d;
+            if (m > max_ref) max_ref = m;
+        }
+    }
+    return max_ref > 0 ? max_diff / max_ref : max_diff;
+}
+
+#endif

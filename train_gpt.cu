@@ -1,0 +1,1565 @@
+/*
+train_gpt.cu: the GPU trainer. GPT-2 as explicit CUDA kernels (forward and backward), matrix
+products through cuBLASLt, a flash-attention-style causal attention kernel, fused AdamW,
+trained the way DeepSpeed trains it, on one GPU. Everything that is not model math (config, batch rules,
+loss scaler, step logic, data loader, checkpoints, logs, command line, the training loop) is
+in dstrain.h and shared with the CPU trainer, train_gpt.c, which is the reference for every
+layer here: both compute the same function, layer by layer.
+
+    make train_gpt_cu PRECISION=BF16 && ./train_gpt_cu --help      (PRECISION: FP32, FP16, BF16)
+
+Precision, chosen at build time (-DENABLE_FP32 / -DENABLE_FP16 / -DENABLE_BF16, default BF16):
+  - floatX, the type of the weights the kernels read and of every activation, is fp32, fp16
+    or bf16. Matrix products accumulate in fp32 in every build (cuBLASLt compute type 32F;
+    the FP32 build is true fp32, no TF32), and so do the kernels' own reductions.
+  - The fp32 master weights and Adam moments belong to dstrain.h's ZeRO engine, in device
+    buffers it handles through DEVICE_BUFFERS (kernels below: fused AdamW, the global norm
+    and inf/nan check, ...); after each update the driver hands the master to set_weights,
+    which writes the floatX working weights the kernels read (a copy in the FP32 build).
+  - Weight gradients are fp32 in every build: the weight-gradient matrix products write
+    fp32 directly (floatX inputs, fp32 output, beta = 1 to accumulate), so gradients are
+    accumulated over micro batches in fp32, and grad_stats and AdamW read what they need
+    without a conversion. Activation gradients are floatX.
+  - FP16 needs DeepSpeed's loss scaling (dstrain.h): backward receives loss scale / ga as
+    dloss_scale, so every fp16 activation gradient carries the scale. An fp16 overflow in
+    the backward pass shows up as inf/nan in the fp32 weight gradients, which grad_stats
+    reports; a weight gradient whose unscaled value would merely exceed fp16's range is
+    not an overflow here (it is stored in fp32), where DeepSpeed's fp16 gradients would
+    have skipped the step.
+
+Layer structure (shapes in each kernel's comment). Per layer, with residual stream x:
+    ln1 = LN(x); qkv = ln1 W_qkv^T + b; y = attention(qkv); x2 = x + y W_proj^T + b
+    ln2 = LN(x2); h = ln2 W_fc^T + b; g = GELU(h); x3 = x2 + g W_fcproj^T + b
+The residual additions happen inside the projection matrix products (cuBLASLt's C input
+with beta = 1 and the bias epilogue): D = A B + bias + residual in one pass, rounded once.
+GELU is our own kernel (tanh approximation, as PyTorch's approximate="tanh"): cuBLASLt's
+GELU epilogue does not document which GELU it evaluates nor how accurately, and the FP32
+build must agree with PyTorch to 1e-5; --recompute needs the kernel anyway.
+
+Determinism: no floating-point atomics anywhere. Every reduction (LayerNorm and bias
+gradients, the embedding gradient, the attention gradients, the global norm) has a fixed
+order, so two identical runs are bit-identical.
+*/
+#include <cuda_runtime.h>
+static cudaStream_t stream; // the one stream of compute; dstrain.h orders its NCCL collectives after it
+#define DSTRAIN_GPU_STREAM stream
+#include "dstrain.h"
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#include <type_traits>
+
+// ----------------------------------------------------------------------------
+// checked CUDA and cuBLAS calls
+
+static void cuda_check(cudaError_t e, const char* file, int line) {
+    if (e != cudaSuccess) fatal("CUDA error at %s:%d: %s (%s)", file, line, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+#define cudaCheck(call) cuda_check((call), __FILE__, __LINE__)
+
+static void cublas_check(cublasStatus_t s, const char* file, int line) {
+    if (s != CUBLAS_STATUS_SUCCESS) fatal("cuBLAS error at %s:%d: %s (%s)", file, line, cublasLtGetStatusString(s), cublasLtGetStatusName(s));
+}
+#define cublasCheck(call) cublas_check((call), __FILE__, __LINE__)
+
+// after every kernel launch: a bad launch configuration is reported where it happened
+#define launchCheck() cuda_check(cudaGetLastError(), __FILE__, __LINE__)
+
+// ----------------------------------------------------------------------------
+// precision
+
+#if defined(ENABLE_FP32)
+typedef float floatX;
+#define PRECISION_NAME "fp32"
+#define PRECISION_FLAG "FP32"
+#define CUDA_FLOATX CUDA_R_32F
+__host__ __device__ inline float to_float(float x) { return x; }
+__host__ __device__ inline floatX to_floatX(float x) { return x; }
+#elif defined(ENABLE_FP16)
+typedef __half floatX;
+#define PRECISION_NAME "fp16"
+#define PRECISION_FLAG "FP16"
+#define CUDA_FLOATX CUDA_R_16F
+__host__ __device__ inline float to_float(__half x) { return __half2float(x); }
+__host__ __device__ inline floatX to_floatX(float x) { return __float2half_rn(x); }
+#else
+#ifndef ENABLE_BF16
+#define ENABLE_BF16
+#endif
+typedef __nv_bfloat16 floatX;
+#define PRECISION_NAME "bf16"
+#define PRECISION_FLAG "BF16"
+#define CUDA_FLOATX CUDA_R_16BF
+__host__ __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ inline floatX to_floatX(float x) { return __float2bfloat16_rn(x); }
+#endif
+
+// 16 bytes of floatX: the unit of vectorised loads and stores. Every row length the kernels
+// see (C, 3C, 4C, Vp) is a multiple of 16 elements and every buffer is 16-byte aligned.
+static constexpr int X_PER_PACK = 16 / sizeof(floatX);
+struct alignas(16) PackX { floatX v[X_PER_PACK]; };
+
+// ----------------------------------------------------------------------------
+// device, stream, cuBLASLt: one device and one stream per process
+
+static cudaDeviceProp device_prop;
+static cublasLtHandle_t cublaslt;
+static void* cublaslt_workspace;
+static const size_t CUBLASLT_WORKSPACE_BYTES = 32u << 20; // what cuBLAS recommends for Hopper
+
+static void cuda_setup(void) {
+    static int ready = 0;
+    if (ready) return;
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) fatal("no CUDA device (%s): the GPU trainer needs an NVIDIA GPU; build the CPU trainer with `make train_gpt_cpu`", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+    int device = 0; // chosen by dstrain.h's comm_init_gpu: one GPU per local rank
+    cudaCheck(cudaGetDevice(&device));
+    cudaCheck(cudaGetDeviceProperties(&device_prop, device));
+    cudaCheck(cudaStreamCreate(&stream));
+    cublasCheck(cublasLtCreate(&cublaslt));
+    cudaCheck(cudaMalloc(&cublaslt_workspace, CUBLASLT_WORKSPACE_BYTES));
+    ready = 1;
+}
+
+__host__ __device__ inline size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+static inline size_t round_up(size_t a, size_t b) { return ceil_div(a, b) * b; }
+
+// ----------------------------------------------------------------------------
+// reductions: warp butterflies and a block sum in a fixed order (deterministic)
+
+template <typename T> __device__ inline T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ inline float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the same total.
+template <typename T> __device__ T block_sum(T v) {
+    __shared__ T partial[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    v = warp_sum(v);
+    __syncthreads(); // a previous call may still be reading partial
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    T total = 0;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) total += partial[i];
+    return total;
+}
+
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int i = 0; i < (int)blockDim.x / 32; i++) m = fmaxf(m, partial[i]);
+    return m;
+}
+
+// ----------------------------------------------------------------------------
+// encoder: token and position embeddings
+
+// out (B,T,C) = wte[inp] + wpe[t]; one thread per pack of X_PER_PACK channels
+__global__ void encoder_forward_kernel(floatX* out, const int* inp, const floatX* wte, const floatX* wpe, int BT, int T, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int packs = C / X_PER_PACK;
+    if (i >= (size_t)BT * packs) return;
+    size_t bt = i / packs;
+    int c = (int)(i % packs) * X_PER_PACK, t = (int)(bt % T);
+    PackX we = *(const PackX*)(wte + (size_t)inp[bt] * C + c), pe = *(const PackX*)(wpe + (size_t)t * C + c), o;
+    for (int k = 0; k < X_PER_PACK; k++) o.v[k] = to_floatX(to_float(we.v[k]) + to_float(pe.v[k]));
+    *(PackX*)(out + bt * C + c) = o;
+}
+
+static void encoder_forward(floatX* out, const int* inp, const floatX* wte, const floatX* wpe, int B, int T, int C) {
+    size_t n = (size_t)B * T * (C / X_PER_PACK);
+    encoder_forward_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(out, inp, wte, wpe, B * T, T, C);
+    launchCheck();
+}
+
+// dwpe (maxT,C) += sum over b of dout (B,T,C); one thread per (t, c), b in order
+__global__ void encoder_backward_wpe_kernel(float* dwpe, const floatX* dout, int B, int T, int C) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)T * C) return;
+    float s = 0.0f;
+    for (int b = 0; b < B; b++) s += to_float(dout[(size_t)b * T * C + i]);
+    dwpe[i] += s;
+}
+
+// dwte (Vp,C) += dout (B,T,C) scattered by token, without atomics: buckets (nb,3) hold, for
+// each distinct token, (token, first index into positions, count); positions lists the
+// (b*T + t) of that token in increasing order. grid (nb, ceil(C/256)): one thread per
+// (token, channel) sums its rows in order.
+__global__ void encoder_backward_wte_kernel(float* dwte, const floatX* dout, const int* buckets, const int* positions, int C) {
+    int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const int* bucket = buckets + 3 * (size_t)blockIdx.x;
+    float s = 0.0f;
+    for (int j = 0; j < bucket[2]; j++) s += to_float(dout[(size_t)positions[bucket[1] + j] * C + c]);
+    dwte[(size_t)bucket[0] * C + c] += s;
+}
+
+// The host side of the scatter: a counting sort of the batch's positions by token.
+typedef struct {
+    int* count;         // host (V): scratch of the counting sort
+    int* host;          // pinned: buckets (3 per distinct token), then positions (B*T)
+    int* device;        // the same on the device
+    cudaEvent_t copied; // set when the last upload finished, so `host` may be rewritten
+} TokenBuckets;
+
+// capacity: the model's B*T
+static void token_buckets_init(TokenBuckets* tb, int vocab_size, int capacity) {
+    tb->count = (int*)callocCheck(vocab_size, sizeof(int));
+    cudaCheck(cudaMallocHost(&tb->host, 4 * (size_t)capacity * sizeof(int)));
+    cudaCheck(cudaMalloc(&tb->device, 4 * (size_t)capacity * sizeof(int)));
+    cudaCheck(cudaEventCreateWithFlags(&tb->copied, cudaEventDisableTiming));
+    cudaCheck(cudaEventRecord(tb->copied, stream));
+}
+
+static void token_buckets_free(TokenBuckets* tb) {
+    free(tb->count);
+    cudaCheck(cudaFreeHost(tb->host));
+    cudaCheck(cudaFree(tb->device));
+    cudaCheck(cudaEventDestroy(tb->copied));
+}
+
+// inp (host, B*T tokens, each < V): builds and uploads the buckets; returns how many there are
+static int token_buckets_upload(TokenBuckets* tb, const int* inp, int BT, int V) {
+    cudaCheck(cudaEventSynchronize(tb->copied)); // long finished in practice: a forward synced since
+    int* count = tb->count;
+    for (int i = 0; i < BT; i++) count[inp[i]]++;
+    int nb = 0, start = 0;
+    for (int tok = 0; tok < V; tok++) {
+        if (count[tok] == 0) continue;
+        int* bucket = tb->host + 3 * nb++;
+        bucket[0] = tok;
+        bucket[1] = start;
+        bucket[2] = count[tok];
+        start += count[tok];
+        count[tok] = bucket[1]; // from here on: where the token's next position goes
+    }
+    int* positions = tb->host + 3 * nb;
+    for (int i = 0; i < BT; i++) positions[count[inp[i]]++] = i; // increasing within each bucket
+    for (int i = 0; i < BT; i++) count[inp[i]] = 0;             // ready for the next batch
+    cudaCheck(cudaMemcpyAsync(tb->device, tb->host, (3 * (size_t)nb + BT) * sizeof(int), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaEventRecord(tb->copied, stream));
+    return nb;
+}
+
+static void encoder_backward(float* dwte, float* dwpe, const floatX* dout, const int* inp_host, int B, int T, int C, int V, TokenBuckets* tb) {
+    int BT = B * T;
+    int nb = token_buckets_upload(tb, inp_host, BT, V);
+    encoder_backward_wte_kernel<<<dim3(nb, ceil_div(C, 256)), 256, 0, stream>>>(dwte, dout, tb->device, tb->device + 3 * nb, C);
+    launchCheck();
+    encoder_backward_wpe_kernel<<<ceil_div((size_t)T * C, 256), 256, 0, stream>>>(dwpe, dout, B, T, C);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// layernorm
+
+// out (N,C) = (inp - mean) * rstd * weight + bias per row, eps 1e-5; saves mean, rstd (N).
+// One warp per row; --recompute calls it again in backward and gets the same bits.
+__global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const floatX* x = inp + (size_t)row * C;
+    int packs = C / X_PER_PACK;
+    float sum = 0.0f;
+    for (int p = lane; p < packs; p += 32) {
+        PackX v = *(const PackX*)(x + p * X_PER_PACK);
+        for (int k = 0; k < X_PER_PACK; k++) sum += to_float(v.v[k]);
+    }
+    float m = warp_sum(sum) / C;
+    float var = 0.0f;
+    for (int p = lane; p < packs; p += 32) {
+        PackX v = *(const PackX*)(x + p * X_PER_PACK);
+        for (int k = 0; k < X_PER_PACK; k++) { float d = to_float(v.v[k]) - m; var += d * d; }
+    }
+    float s = 1.0f / sqrtf(warp_sum(var) / C + 1e-5f);
+    for (int p = lane; p < packs; p += 32) {
+        int c = p * X_PER_PACK;
+        PackX v = *(const PackX*)(x + c), w = *(const PackX*)(weight + c), b = *(const PackX*)(bias + c), o;
+        for (int k = 0; k < X_PER_PACK; k++) o.v[k] = to_floatX((to_float(v.v[k]) - m) * s * to_float(w.v[k]) + to_float(b.v[k]));
+        *(PackX*)(out + (size_t)row * C + c) = o;
+    }
+    if (lane == 0) { mean[row] = m; rstd[row] = s; }
+}
+
+static void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C) {
+    layernorm_forward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(out, mean, rstd, inp, weight, bias, N, C);
+    launchCheck();
+}
+
+// dinp (N,C) += rstd * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = dout * weight,
+// norm = (inp - mean) * rstd. One warp per row.
+__global__ void layernorm_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, const floatX* weight, const float* mean, const float* rstd, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    size_t off = (size_t)row * C;
+    float m = mean[row], s = rstd[row];
+    int packs = C / X_PER_PACK;
+    float dnorm_sum = 0.0f, dnorm_norm_sum = 0.0f;
+    for (int p = lane; p < packs; p += 32) {
+        int c = p * X_PER_PACK;
+        PackX d = *(const PackX*)(dout + off + c), x = *(const PackX*)(inp + off + c), w = *(const PackX*)(weight + c);
+        for (int k = 0; k < X_PER_PACK; k++) {
+            float dnorm = to_float(d.v[k]) * to_float(w.v[k]);
+            dnorm_sum += dnorm;
+            dnorm_norm_sum += dnorm * (to_float(x.v[k]) - m) * s;
+        }
+    }
+    float a = warp_sum(dnorm_sum) / C, b = warp_sum(dnorm_norm_sum) / C;
+    for (int p = lane; p < packs; p += 32) {
+        int c = p * X_PER_PACK;
+        PackX d = *(const PackX*)(dout + off + c), x = *(const PackX*)(inp + off + c), w = *(const PackX*)(weight + c);
+        PackX o = *(const PackX*)(dinp + off + c);
+        for (int k = 0; k < X_PER_PACK; k++) {
+            float norm = (to_float(x.v[k]) - m) * s;
+            o.v[k] = to_floatX(to_float(o.v[k]) + s * (to_float(d.v[k]) * to_float(w.v[k]) - a - norm * b));
+        }
+        *(PackX*)(dinp + off + c) = o;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// column sums: bias gradients and LayerNorm weight gradients, deterministic.
+// Rows are cut into chunks of COLSUM_ROWS; a first kernel writes each chunk's sums, a second
+// adds the chunks in order. partial (chunks, 2, C): slot 0 = sum of dout * norm (LayerNorm
+// only: norm = (inp - mean) * rstd), slot 1 = sum of dout.
+
+#define COLSUM_ROWS 128
+
+// grid (ceil(C/32), chunks), block (32, 8): thread (x, y) sums rows y, y+8, ... of its chunk
+__global__ void column_sums_kernel(float* partial, const floatX* dout, const floatX* inp, const float* mean, const float* rstd, int N, int C) {
+    __shared__ float sums[2][8][32];
+    int c = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
+    int end = min(N, (chunk + 1) * COLSUM_ROWS);
+    float s_norm = 0.0f, s = 0.0f;
+    if (c < C) {
+        for (int n = chunk * COLSUM_ROWS + threadIdx.y; n < end; n += 8) {
+            float d = to_float(dout[(size_t)n * C + c]);
+            s += d;
+            if (inp) s_norm += d * (to_float(inp[(size_t)n * C + c]) - mean[n]) * rstd[n];
+        }
+    }
+    sums[0][threadIdx.y][threadIdx.x] = s_norm;
+    sums[1][threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y < 2 && c < C) {
+        float total = 0.0f;
+        for (int y = 0; y < 8; y++) total += sums[threadIdx.y][y][threadIdx.x];
+        partial[((size_t)chunk * 2 + threadIdx.y) * C + c] = total;
+    }
+}
+
+// dst_norm (C) += sum of slot 0 over chunks (if not NULL), dst (C) += sum of slot 1
+__global__ void column_sums_finalize_kernel(float* dst_norm, float* dst, const float* partial, int chunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float s_norm = 0.0f, s = 0.0f;
+    for (int k = 0; k < chunks; k++) {
+        s_norm += partial[((size_t)k * 2) * C + c];
+        s += partial[((size_t)k * 2 + 1) * C + c];
+    }
+    if (dst_norm) dst_norm[c] += s_norm;
+    dst[c] += s;
+}
+
+static size_t column_sums_scratch_floats(int N, int C) { return ceil_div(N, COLSUM_ROWS) * 2 * (size_t)C; }
+
+static void column_sums(float* dst_norm, float* dst, const floatX* dout, const floatX* inp, const float* mean, const float* rstd, int N, int C, float* scratch) {
+    int chunks = (int)ceil_div(N, COLSUM_ROWS);
+    column_sums_kernel<<<dim3(ceil_div(C, 32), chunks), dim3(32, 8), 0, stream>>>(scratch, dout, inp, mean, rstd, N, C);
+    launchCheck();
+    column_sums_finalize_kernel<<<ceil_div(C, 256), 256, 0, stream>>>(dst_norm, dst, scratch, chunks, C);
+    launchCheck();
+}
+
+// dbias (OC) += sum over rows of dout (N,OC)
+static void bias_backward(float* dbias, const floatX* dout, int N, int OC, float* scratch) {
+    column_sums(NULL, dbias, dout, NULL, NULL, NULL, N, OC, scratch);
+}
+
+// dinp (N,C) += LayerNorm backward; dweight (C) += sum dout * norm; dbias (C) += sum dout
+static void layernorm_backward(floatX* dinp, float* dweight, float* dbias, const floatX* dout, const floatX* inp, const floatX* weight,
+                               const float* mean, const float* rstd, int N, int C, float* scratch) {
+    layernorm_backward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, mean, rstd, N, C);
+    launchCheck();
+    column_sums(dweight, dbias, dout, inp, mean, rstd, N, C, scratch);
+}
+
+// ----------------------------------------------------------------------------
+// matmul: cuBLASLt, fp32 accumulation in every precision. Row-major tensors, weights (OC,C)
+// as in PyTorch. cuBLASLt is column-major: a row-major (r,c) matrix is a column-major (c,r)
+// one, so out = inp @ W^T is computed as out^T = W inp^T (see each wrapper).
+//
+// A plan (descriptors and the heuristic's algorithm) is made once per shape, transposes,
+// epilogue and pointer alignment, and reused: the same call gets the same algorithm, so
+// results are reproducible, and no heuristic query runs inside a step after the first.
+
+typedef struct {
+    int m, n, k, lda, ldb, trans_a, trans_b, bias, d_type;
+    uint32_t align[5]; // A, B, C, D, bias (bytes, at most 256)
+} MatmulKey;
+
+typedef struct {
+    MatmulKey key;
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, cd; // C and D share their layout
+    cublasLtMatmulAlgo_t algo;
+} MatmulPlan;
+
+#define MAX_MATMUL_PLANS 64
+static MatmulPlan matmul_plans[MAX_MATMUL_PLANS];
+static int num_matmul_plans;
+
+static uint32_t alignment_of(const void* p) {
+    uint32_t a = 256;
+    while (a > 1 && (uintptr_t)p % a) a /= 2;
+    return a;
+}
+
+static void set_attribute(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const void* value, size_t size) {
+    cublasCheck(cublasLtMatmulDescSetAttribute(d, attr, value, size));
+}
+
+static void matmul_plans_free(void) {
+    for (int i = 0; i < num_matmul_plans; i++) {
+        cublasCheck(cublasLtMatmulDescDestroy(matmul_plans[i].desc));
+        cublasCheck(cublasLtMatrixLayoutDestroy(matmul_plans[i].a));
+        cublasCheck(cublasLtMatrixLayoutDestroy(matmul_plans[i].b));
+        cublasCheck(cublasLtMatrixLayoutDestroy(matmul_plans[i].cd));
+    }
+    num_matmul_plans = 0;
+}
+
+static MatmulPlan* matmul_plan(const MatmulKey* key, const void* bias) {
+    for (int i = 0; i < num_matmul_plans; i++) {
+        if (memcmp(&matmul_plans[i].key, key, sizeof(*key)) == 0) return &matmul_plans[i];
+    }
+    if (num_matmul_plans == MAX_MATMUL_PLANS) matmul_plans_free(); // sampling meets a new T per token: start over
+    MatmulPlan* p = &matmul_plans[num_matmul_plans++];
+    p->key = *key;
+    cublasCheck(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    int32_t ta = key->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = key->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    set_attribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    set_attribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    uint32_t epilogue = key->bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    set_attribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
+    if (key->bias) {
+        int32_t bias_type = CUDA_FLOATX;
+        set_attribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof bias_type);
+        set_attribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias); // the heuristic reads its alignment
+    }
+    // stored (pre-transpose) shapes, column-major
+    cublasCheck(cublasLtMatrixLayoutCreate(&p->a, CUDA_FLOATX, key->trans_a ? key->k : key->m, key->trans_a ? key->m : key->k, key->lda));
+    cublasCheck(cublasLtMatrixLayoutCreate(&p->b, CUDA_FLOATX, key->trans_b ? key->n : key->k, key->trans_b ? key->k : key->n, key->ldb));
+    cublasCheck(cublasLtMatrixLayoutCreate(&p->cd, (cudaDataType_t)key->d_type, key->m, key->n, key->m));
+    cublasLtMatmulPreference_t pref;
+    cublasCheck(cublasLtMatmulPreferenceCreate(&pref));
+    uint64_t ws = CUBLASLT_WORKSPACE_BYTES;
+    cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const cublasLtMatmulPreferenceAttributes_t align_attrs[4] = {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                                  CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; i++) cublasCheck(cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &key->align[i], sizeof(uint32_t)));
+    cublasLtMatmulHeuristicResult_t result;
+    int found = 0;
+    cublasCheck(cublasLtMatmulAlgoGetHeuristic(cublaslt, p->desc, p->a, p->b, p->cd, p->cd, pref, 1, &result, &found));
+    cublasCheck(cublasLtMatmulPreferenceDestroy(pref));
+    if (found == 0) fatal("cuBLASLt has no algorithm for a %d x %d x %d product (transposes %d %d, bias %d)", key->m, key->n, key->k, key->trans_a, key->trans_b, key->bias);
+    p->algo = result.algo;
+    return p;
+}
+
+// D (m x n, column-major, ld m) = alpha op(A) op(B) + beta C (+ bias (m) broadcast over
+// columns). A, B floatX; C, D of d_type (floatX, or fp32 for weight gradients); C == D
+// when c is NULL.
+static void matmul_cublaslt(void* d, cudaDataType_t d_type, const void* c, float beta, const floatX* a, int lda, int trans_a,
+                            const floatX* b, int ldb, int trans_b, int m, int n, int k, float alpha, const floatX* bias) {
+    MatmulKey key;
+    memset(&key, 0, sizeof key); // padding bytes take part in the comparison
+    key.m = m; key.n = n; key.k = k; key.lda = lda; key.ldb = ldb;
+    key.trans_a = trans_a; key.trans_b = trans_b; key.bias = bias != NULL; key.d_type = d_type;
+    const void* ptrs[5] = {a, b, c ? c : d, d, bias};
+    for (int i = 0; i < 5; i++) key.align[i] = alignment_of(ptrs[i]);
+    MatmulPlan* p = matmul_plan(&key, bias);
+    if (bias) set_attribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    cublasCheck(cublasLtMatmul(cublaslt, p->desc, &alpha, a, p->a, b, p->b, &beta, c ? c : d, p->cd, d, p->cd, &p->algo,
+                               cublaslt_workspace, CUBLASLT_WORKSPACE_BYTES, stream));
+}
+
+// out (N,OC) = inp (N,C) @ weight^T (weight (OC,C)) + bias (OC, may be NULL) + residual (N,OC, may be NULL)
+// column-major: out^T (OC x N) = weight (stored C x OC, transposed) inp^T (C x N)
+static void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, const floatX* residual, int N, int C, int OC) {
+    matmul_cublaslt(out, CUDA_FLOATX, residual, residual ? 1.0f : 0.0f, weight, C, 1, inp, C, 0, OC, N, C, 1.0f, bias);
+}
+
+// dinp (N,C) = dout (N,OC) @ weight (OC,C); column-major: dinp^T (C x N) = weight (C x OC) dout^T (OC x N)
+static void matmul_backward_input(floatX* dinp, const floatX* dout, const floatX* weight, int N, int C, int OC) {
+    matmul_cublaslt(dinp, CUDA_FLOATX, NULL, 0.0f, weight, C, 0, dout, OC, 0, C, N, OC, 1.0f, NULL);
+}
+
+// dweight (OC,C), fp32, += dout^T (OC,N) @ inp (N,C); column-major: dweight^T (C x OC) += inp^T (C x N) dout (N x OC)
+static void matmul_backward_weight(float* dweight, const floatX* dout, const floatX* inp, int N, int C, int OC) {
+    matmul_cublaslt(dweight, CUDA_R_32F, NULL, 1.0f, inp, C, 0, dout, OC, 1, C, OC, N, 1.0f, NULL);
+}
+
+// ----------------------------------------------------------------------------
+// attention: causal self-attention, flash-attention style. The (T,T) score matrix is never
+// stored: forward keeps, per query, the log-sum-exp of its scores (lse), and backward
+// recomputes the probabilities tile by tile from it.
+//
+// Tiles of 64 queries x 64 keys; a block of 4 warps owns a 64-row tile of one (batch, head)
+// and each warp 16 of its rows. All products are warp-level 16-row tile products on shared
+// memory (warp_mma): tensor cores (WMMA, floatX inputs, fp32 accumulation) in the 16-bit
+// builds, fp32 on the CUDA cores in the FP32 build. The softmax and its gradient are
+// elementwise passes between products: lanes 2r and 2r+1 own row r of a warp's 16 x 64 tile,
+// 32 columns each, so a row's reduction is one shuffle.
+//   forward:  per query tile, loop over key tiles up to the diagonal with the online softmax
+//             (running max m and sum l per row, the output rescaled when m grows).
+//   backward: a prep kernel computes D = rowsum(dO * O); then two kernels without atomics
+//             (deterministic): one per key tile accumulates dK and dV over the query tiles
+//             at or below the diagonal, one per query tile accumulates dQ over the key
+//             tiles up to it. Both recompute P = exp2(S * scale * log2(e) - lse), so the
+//             backward does 7 tile products where one kernel with atomic dQ would do 5:
+//             the price of bit-identical runs.
+// P and dS are rounded to floatX before their products (as FlashAttention does). The
+// accumulators (O, dK, dV, dQ) live in shared memory, not in fragments, so that one code
+// path serves the tensor cores and the fp32 build; keeping them in registers is the first
+// thing to try for speed.
+// Requirements (checked at build): head size hs a multiple of 16, at most 128.
+
+#define ATT_TILE 64
+#define ATT_WARPS 4
+#define ATT_THREADS (32 * ATT_WARPS)
+#define ATT_LDS (ATT_TILE + 4) // row stride of the fp32 score tiles
+#define ATT_LDP (ATT_TILE + 8) // row stride of the floatX probability tiles
+__host__ __device__ inline int att_ldx(int hs) { return hs + 8; } // floatX (64 x hs) tiles: keeps WMMA's 32-byte alignment
+__host__ __device__ inline int att_lda(int hs) { return hs + 4; } // fp32 (16 x hs) accumulators
+__host__ __device__ inline int align128(int bytes) { return (bytes + 127) / 128 * 128; }
+
+// Byte offsets into the attention kernels' dynamic shared memory.
+struct AttSmem {
+    int tile[4];      // 64 x hs floatX tiles shared by the block (Q, K, V, dO)
+    int rowvec[2];    // 64 floats each: a query tile's lse and D
+    int score, prob;  // per warp: a 16 x 64 fp32 tile (S, then dP), a 16 x 64 floatX tile (P, then dS)
+    int acc[2];       // per warp: 16 x hs fp32 accumulators (O; dK and dV; dQ)
+    int score_stride, prob_stride, acc_stride; // bytes from one warp's tile to the next
+    int bytes;
+};
+
+__host__ __device__ inline AttSmem att_smem_layout(int hs, int n_tiles, int n_acc) {
+    AttSmem L;
+    int off = 0;
+    for (int i = 0; i < 4; i++) { L.tile[i] = off; if (i < n_tiles) off += align128(ATT_TILE * att_ldx(hs) * (int)sizeof(floatX)); }
+    for (int i = 0; i < 2; i++) { L.rowvec[i] = off; off += align128(ATT_TILE * (int)sizeof(float)); }
+    L.score_stride = align128(16 * ATT_LDS * (int)sizeof(float));
+    L.prob_stride = align128(16 * ATT_LDP * (int)sizeof(floatX));
+    L.acc_stride = align128(16 * att_lda(hs) * (int)sizeof(float));
+    L.score = off; off += ATT_WARPS * L.score_stride;
+    L.prob = off; off += ATT_WARPS * L.prob_stride;
+    for (int i = 0; i < 2; i++) { L.acc[i] = off; if (i < n_acc) off += ATT_WARPS * L.acc_stride; }
+    L.bytes = off;
+    return L;
+}
+
+// the three kernels' layouts: forward (Q, K, V; O), dK/dV (K, V, Q, dO; dK, dV), dQ (Q, dO, K, V; dQ)
+#define ATT_FWD_LAYOUT(hs) att_smem_layout(hs, 3, 1)
+#define ATT_DKDV_LAYOUT(hs) att_smem_layout(hs, 4, 2)
+#define ATT_DQ_LAYOUT(hs) att_smem_layout(hs, 4, 1)
+
+enum { B_ROWS, B_TRANSPOSED };
+
+// One warp: C (16 x N, fp32, row stride ldc) = A (16 x K, floatX, row-major) * B (K x N) [+ C],
+// N and K multiples of 16, all in shared memory. B is read row-major, B(k,n) = B[k*ldb + n]
+// (B_ROWS), or as the transpose of a row-major N x K matrix, B(k,n) = B[n*ldb + k] (B_TRANSPOSED).
+// The caller separates it from lane-wise reads and writes of the same tiles with __syncwarp().
+template <int LAYOUT>
+__device__ void warp_mma(float* Cs, int ldc, const floatX* As, int lda, const floatX* Bs, int ldb, int N, int K, bool accumulate) {
+#if defined(ENABLE_FP32)
+    // lane n computes column n (and n + 32, ...) for all 16 rows; A is read by broadcast
+    for (int n = threadIdx.x % 32; n < N; n += 32) {
+        float acc[16];
+        for (int r = 0; r < 16; r++) acc[r] = accumulate ? Cs[r * ldc + n] : 0.0f;
+        for (int k = 0; k < K; k++) {
+            float b = LAYOUT == B_ROWS ? Bs[k * ldb + n] : Bs[n * ldb + k];
+            for (int r = 0; r < 16; r++) acc[r] += As[r * lda + k] * b;
+        }
+        for (int r = 0; r < 16; r++) Cs[r * ldc + n] = acc[r];
+    }
+#else
+    using namespace nvcuda;
+    typedef typename std::conditional<LAYOUT == B_ROWS, wmma::row_major, wmma::col_major>::type BLayout;
+    for (int n0 = 0; n0 < N; n0 += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+        if (accumulate) wmma::load_matrix_sync(c, Cs + n0, ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(c, 0.0f);
+        for (int k0 = 0; k0 < K; k0 += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, floatX, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, floatX, BLayout> b;
+            wmma::load_matrix_sync(a, As + k0, lda);
+            // col_major: element (k, n) of the 16x16 block at ptr[k + n*ldb]
+            wmma::load_matrix_sync(b, LAYOUT == B_ROWS ? Bs + k0 * ldb + n0 : Bs + n0 * ldb + k0, ldb);
+            wmma::mma_sync(c, a, b, c);
+        }
+        wmma::store_matrix_sync(Cs + n0, c, ldc, wmma::mem_row_major);
+    }
+#endif
+}
+
+// Copies rows t0 .. t0+63 (columns 0 .. hs-1) of a matrix with row stride ld_src into a
+// shared tile with row stride att_ldx(hs); rows at or beyond T are zero. All threads of the block.
+__device__ void att_load_tile(floatX* dst, const floatX* src, size_t ld_src, int t0, int T, int hs) {
+    int chunks = hs / X_PER_PACK, ldx = att_ldx(hs);
+    for (int i = threadIdx.x; i < ATT_TILE * chunks; i += blockDim.x) {
+        int r = i / chunks, c = (i % chunks) * X_PER_PACK;
+        int4 v = make_int4(0, 0, 0, 0); // all-zero bits are 0.0 in every floatX
+        if (t0 + r < T) v = *(const int4*)(src + (size_t)(t0 + r) * ld_src + c);
+        *(int4*)(dst + r * ldx + c) = v;
+    }
+}
+
+// scores are scaled by log2(e) / sqrt(hs) and exponentiated with exp2f; one function, so that
+// backward recomputes exactly forward's scaled scores
+__device__ inline float att_log2_scale(int hs) { return 1.4426950408889634f / sqrtf((float)hs); }
+
+// out (B,T,C) = softmax(q k^T / sqrt(hs), causal) v per head; lse (B,NH,T) = log2 of the sum of
+// exp2(s * log2(e) / sqrt(hs)) over the query's keys (base-2 log-sum-exp, for backward).
+// qkv (B,T,3C) = [q | k | v], head h in channels h*hs .. (h+1)*hs-1 of each.
+// grid (ceil(T/64), B*NH), block ATT_THREADS: 64 queries of one (b, h), the longest rows first.
+__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int C, int NH, int hs) {
+    extern __shared__ __align__(128) char smem[];
+    const AttSmem L = ATT_FWD_LAYOUT(hs);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int q0 = qt * ATT_TILE, ldx = att_ldx(hs), lda = att_lda(hs);
+    floatX *Qs = (floatX*)(smem + L.tile[0]), *Ks = (floatX*)(smem + L.tile[1]), *Vs = (floatX*)(smem + L.tile[2]);
+    float* S = (float*)(smem + L.score + warp * L.score_stride);
+    floatX* P = (floatX*)(smem + L.prob + warp * L.prob_stride);
+    float* O = (float*)(smem + L.acc[0] + warp * L.acc_stride);
+    size_t C3 = 3 * (size_t)C;
+    const floatX* q = qkv + (size_t)b * T * C3 + h * hs;
+    att_load_tile(Qs, q, C3, q0, T, hs);
+    for (int i = lane; i < 16 * hs; i += 32) O[(i / hs) * lda + i % hs] = 0.0f;
+    int r = lane / 2, half = lane % 2;     // this lane's row of the warp's tile, and which 32 columns
+    int tq = q0 + warp * 16 + r;           // its query
+    float scale = att_log2_scale(hs), m = -INFINITY, l = 0.0f;
+    for (int kt = 0; kt <= qt; kt++) {
+        int k0 = kt * ATT_TILE;
+        __syncthreads(); // every warp is done with the previous K, V (and Q is loaded)
+        att_load_tile(Ks, q + C, C3, k0, T, hs);
+        att_load_tile(Vs, q + 2 * C, C3, k0, T, hs);
+        __syncthreads();
+        warp_mma<B_TRANSPOSED>(S, ATT_LDS, Qs + warp * 16 * ldx, ldx, Ks, ldx, ATT_TILE, hs, false);
+        __syncwarp();
+        // online softmax: key 0 is in every row's first tile, so m is finite from the first tile on
+        float s[32], tile_max = -INFINITY;
+        #pragma unroll
+        for (int j = 0; j < 32; j++) {
+            int c = half * 32 + j;
+            s[j] = k0 + c <= tq ? S[r * ATT_LDS + c] * scale : -INFINITY;
+            tile_max = fmaxf(tile_max, s[j]);
+        }
+        float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1)));
+        float alpha = exp2f(m - m_new), row_sum = 0.0f; // alpha = 0 on the first tile
+        #pragma unroll
+        for (int j = 0; j < 32; j++) {
+            float p = exp2f(s[j] - m_new);
+            row_sum += p;
+            P[r * ATT_LDP + half * 32 + j] = to_floatX(p);
+        }
+        l = l * alpha + row_sum + __shfl_xor_sync(0xffffffffu, row_sum, 1);
+        m = m_new;
+        for (int d = half; d < hs; d += 2) O[r * lda + d] *= alpha;
+        __syncwarp();
+        warp_mma<B_ROWS>(O, lda, P, ATT_LDP, Vs, ldx, hs, ATT_TILE, true);
+    }
+    __syncwarp();
+    if (tq < T) {
+        floatX* o = out + ((size_t)b * T + tq) * C + h * hs;
+        for (int d = half; d < hs; d += 2) o[d] = to_floatX(O[r * lda + d] / l);
+        if (half == 0) lse[((size_t)b * NH + h) * T + tq] = m + log2f(l);
+    }
+}
+
+// D (B,NH,T) = sum over the head's channels of dout * out, both (B,T,C); one warp per (b, t, h)
+__global__ void attention_backward_prep_kernel(float* D, const floatX* dout, const floatX* out, int BT, int T, int C, int NH, int hs) {
+    size_t w = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (w >= (size_t)BT * NH) return;
+    int h = (int)(w % NH);
+    size_t bt = w / NH, off = bt * C + h * hs;
+    float s = 0.0f;
+    for (int d = lane; d < hs; d += 32) s += to_float(dout[off + d]) * to_float(out[off + d]);
+    s = warp_sum(s);
+    if (lane == 0) D[((bt / T) * NH + h) * T + bt % T] = s;
+}
+
+// dK and dV (the k and v parts of dqkv (B,T,3C)) of 64 keys of one (b, h): over the query
+// tiles from the diagonal on, with S^T = K Q^T, P^T = exp2(S^T scale - lse),
+// dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D) / sqrt(hs), dK += dS^T Q.
+// grid (ceil(T/64), B*NH), block ATT_THREADS; warp w owns keys k0 + 16w .. k0 + 16w + 15.
+__global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* D,
+                                                                              int T, int C, int NH, int hs) {
+    extern __shared__ __align__(128) char smem[];
+    const AttSmem L = ATT_DKDV_LAYOUT(hs);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int kt = blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int k0 = kt * ATT_TILE, ldx = att_ldx(hs), lda = att_lda(hs);
+    floatX *Ks = (floatX*)(smem + L.tile[0]), *Vs = (floatX*)(smem + L.tile[1]), *Qs = (floatX*)(smem + L.tile[2]), *dOs = (floatX*)(smem + L.tile[3]);
+    float *lse_s = (float*)(smem + L.rowvec[0]), *D_s = (float*)(smem + L.rowvec[1]);
+    float* S = (float*)(smem + L.score + warp * L.score_stride);
+    floatX* P = (floatX*)(smem + L.prob + warp * L.prob_stride);
+    float *dK = (float*)(smem + L.acc[0] + warp * L.acc_stride), *dV = (float*)(smem + L.acc[1] + warp * L.acc_stride);
+    size_t C3 = 3 * (size_t)C;
+    const floatX* q = qkv + (size_t)b * T * C3 + h * hs;
+    const floatX* dO = dout + (size_t)b * T * C + h * hs;
+    const float *lse_bh = lse + ((size_t)b * NH + h) * T, *D_bh = D + ((size_t)b * NH + h) * T;
+    att_load_tile(Ks, q + C, C3, k0, T, hs);
+    att_load_tile(Vs, q + 2 * C, C3, k0, T, hs);
+    for (int i = lane; i < 16 * hs; i += 32) { dK[(i / hs) * lda + i % hs] = 0.0f; dV[(i / hs) * lda + i % hs] = 0.0f; }
+    int r = lane / 2, half = lane % 2;
+    int tk = k0 + warp * 16 + r; // this lane's key
+    float scale = 1.0f / sqrtf((float)hs), scale2 = att_log2_scale(hs);
+    int num_tiles = (T + ATT_TILE - 1) / ATT_TILE;
+    for (int qt = kt; qt < num_tiles; qt++) {
+        int q0 = qt * ATT_TILE;
+        __syncthreads(); // every warp is done with the previous Q, dO, lse, D
+        att_load_tile(Qs, q, C3, q0, T, hs);
+        att_load_tile(dOs, dO, C, q0, T, hs);
+        if (threadIdx.x < ATT_TILE) {
+            int t = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = t < T ? lse_bh[t] : 0.0f;
+            D_s[threadIdx.x] = t < T ? D_bh[t] : 0.0f;
+        }
+        __syncthreads();
+        warp_mma<B_TRANSPOSED>(S, ATT_LDS, Ks + warp * 16 * ldx, ldx, Qs, ldx, ATT_TILE, hs, false); // S^T
+        __syncwarp();
+        float p[32];
+        #pragma unroll
+        for (int j = 0; j < 32; j++) {
+            int c = half * 32 + j, tq = q0 + c;
+            p[j] = tk <= tq && tq < T ? exp2f(S[r * ATT_LDS + c] * scale2 - lse_s[c]) : 0.0f;
+            P[r * ATT_LDP + c] = to_floatX(p[j]);
+        }
+        __syncwarp();
+        warp_mma<B_ROWS>(dV, lda, P, ATT_LDP, dOs, ldx, hs, ATT_TILE, true);                     // dV += P^T dO
+        warp_mma<B_TRANSPOSED>(S, ATT_LDS, Vs + warp * 16 * ldx, ldx, dOs, ldx, ATT_TILE, hs, false); // dP^T = V dO^T
+        __syncwarp();
+        #pragma unroll
+        for (int j = 0; j < 32; j++) {
+            int c = half * 32 + j;
+            P[r * ATT_LDP + c] = to_floatX(p[j] * (S[r * ATT_LDS + c] - D_s[c]) * scale); // dS^T
+        }
+        __syncwarp();
+        warp_mma<B_ROWS>(dK, lda, P, ATT_LDP, Qs, ldx, hs, ATT_TILE, true);                      // dK += dS^T Q
+    }
+    __syncwarp();
+    if (tk < T) {
+        floatX* d = dqkv + ((size_t)b * T + tk) * C3 + h * hs;
+        for (int i = half; i < hs; i += 2) {
+            d[C + i] = to_floatX(dK[r * lda + i]);
+            d[2 * C + i] = to_floatX(dV[r * lda + i]);
+        }
+    }
+}
+
+// dQ (the q part of dqkv (B,T,3C)) of 64 queries of one (b, h): over the key tiles up to the
+// diagonal, with S = Q K^T, P = exp2(S scale - lse), dP = dO V^T, dS = P (dP - D) / sqrt(hs),
+// dQ += dS K. grid (ceil(T/64), B*NH), the longest rows first; warp w owns 16 of the queries.
+__global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* D,
+                                                                            int T, int C, int NH, int hs) {
+    extern __shared__ __align__(128) char smem[];
+    const AttSmem L = ATT_DQ_LAYOUT(hs);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int q0 = qt * ATT_TILE, ldx = att_ldx(hs), lda = att_lda(hs);
+    floatX *Qs = (floatX*)(smem + L.tile[0]), *dOs = (floatX*)(smem + L.tile[1]), *Ks = (floatX*)(smem + L.tile[2]), *Vs = (floatX*)(smem + L.tile[3]);
+    float *lse_s = (float*)(smem + L.rowvec[0]), *D_s = (float*)(smem + L.rowvec[1]);
+    float* S = (float*)(smem + L.score + warp * L.score_stride);
+    floatX* P = (floatX*)(smem + L.prob + warp * L.prob_stride);
+    float* dQ = (float*)(smem + L.acc[0] + warp * L.acc_stride);
+    size_t C3 = 3 * (size_t)C;
+    const floatX* q = qkv + (size_t)b * T * C3 + h * hs;
+    att_load_tile(Qs, q, C3, q0, T, hs);
+    att_load_tile(dOs, dout + (size_t)b * T * C + h * hs, C, q0, T, hs);
+    if (threadIdx.x < ATT_TILE) {
+        int t = q0 + threadIdx.x;
+        lse_s[threadIdx.x] = t < T ? lse[((size_t)b * NH + h) * T + t] : 0.0f;
+        D_s[threadIdx.x] = t < T ? D[((size_t)b * NH + h) * T + t] : 0.0f;
+    }
+    for (int i = lane; i < 16 * hs; i += 32) dQ[(i / hs) * lda + i % hs] = 0.0f;
+    int r = lane / 2, half = lane % 2, row = warp * 16 + r;
+    int tq = q0 + row; // this lane's query
+    float scale = 1.0f / sqrtf((float)hs), scale2 = att_log2_scale(hs);
+    for (int kt = 0; kt <= qt; kt++) {
+        int k0 = kt * ATT_TILE;
+        __syncthreads(); // every warp is done with the previous K, V (and Q, dO, lse, D are loaded)
+        att_load_tile(Ks, q + C, C3, k0, T, hs);
+        att_load_tile(Vs, q + 2 * C, C3, k0, T, hs);
+        __syncthreads();
+        warp_mma<B_TRANSPOSED>(S, ATT_LDS, Qs + warp * 16 * ldx, ldx, Ks, ldx, ATT_TILE, hs, false); // S
+        __syncwarp();
+        float p[32];
+        #pragma unroll
+        for (int j = 0; j < 32; j++) {
+            int c = half * 32 + j;
+            p[j] = k0 + c <= tq && tq < T ? exp2f(S[r * ATT_LDS + c] * scale2 - lse_s[row]) : 0.0f;
+        }
+        __syncwarp();
+        warp_mma<B_TRANSPOSED>(S, ATT_LDS, dOs + warp * 16 * ldx, ldx, Vs, ldx, ATT_TILE, hs, false); // dP
+        __syncwarp();
+        #pragma unroll
+        for (int j = 0; j < 32; j++) {
+            int c = half * 32 + j;
+            P[r * ATT_LDP + c] = to_floatX(p[j] * (S[r * ATT_LDS + c] - D_s[row]) * scale); // dS
+        }
+        __syncwarp();
+        warp_mma<B_ROWS>(dQ, lda, P, ATT_LDP, Ks, ldx, hs, ATT_TILE, true); // dQ += dS K
+    }
+    __syncwarp();
+    if (tq < T) {
+        floatX* d = dqkv + ((size_t)b * T + tq) * C3 + h * hs;
+        for (int i = half; i < hs; i += 2) d[i] = to_floatX(dQ[r * lda + i]);
+    }
+}
+
+// The head sizes the kernels take, and their shared memory opt-in; fails with the reason.
+static void attention_setup(int hs) {
+    if (hs % 16 != 0 || hs > 128) fatal("GPU trainer: head size %d (dim / heads) must be a multiple of 16 and at most 128 (the attention kernel's tiles)", hs);
+    struct { const void* kernel; int bytes; } k[3] = {
+        {(const void*)attention_forward_kernel, ATT_FWD_LAYOUT(hs).bytes},
+        {(const void*)attention_backward_dkdv_kernel, ATT_DKDV_LAYOUT(hs).bytes},
+        {(const void*)attention_backward_dq_kernel, ATT_DQ_LAYOUT(hs).bytes},
+    };
+    for (int i = 0; i < 3; i++) {
+        if (k[i].bytes > (int)device_prop.sharedMemPerBlockOptin) {
+            fatal("GPU trainer: head size %d needs %d bytes of shared memory per attention block, the device allows %zu (use a smaller head size)",
+                  hs, k[i].bytes, (size_t)device_prop.sharedMemPerBlockOptin);
+        }
+        cudaCheck(cudaFuncSetAttribute(k[i].kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k[i].bytes));
+    }
+}
+
+// out (B,T,C), lse (B,NH,T) from qkv (B,T,3C)
+static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    dim3 grid(ceil_div(T, ATT_TILE), B * NH);
+    attention_forward_kernel<<<grid, ATT_THREADS, ATT_FWD_LAYOUT(hs).bytes, stream>>>(out, lse, qkv, T, C, NH, hs);
+    launchCheck();
+}
+
+// dqkv (B,T,3C) = gradient from dout (B,T,C), given qkv, out and lse of the forward; D (B,NH,T) is scratch
+static void attention_backward(floatX* dqkv, float* D, const floatX* dout, const floatX* qkv, const floatX* out, const float* lse, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    size_t warps = (size_t)B * T * NH;
+    attention_backward_prep_kernel<<<ceil_div(warps * 32, 256), 256, 0, stream>>>(D, dout, out, B * T, T, C, NH, hs);
+    launchCheck();
+    dim3 grid(ceil_div(T, ATT_TILE), B * NH);
+    attention_backward_dkdv_kernel<<<grid, ATT_THREADS, ATT_DKDV_LAYOUT(hs).bytes, stream>>>(dqkv, dout, qkv, lse, D, T, C, NH, hs);
+    launchCheck();
+    attention_backward_dq_kernel<<<grid, ATT_THREADS, ATT_DQ_LAYOUT(hs).bytes, stream>>>(dqkv, dout, qkv, lse, D, T, C, NH, hs);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// gelu (tanh approximation)
+
+#define GELU_COEF 0.7978845608028654f // sqrt(2 / pi)
+
+// out (N) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); one thread per pack
+__global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t N) {
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * X_PER_PACK;
+    if (i >= N) return;
+    PackX x = *(const PackX*)(inp + i), o;
+    for (int k = 0; k < X_PER_PACK; k++) {
+        float v = to_float(x.v[k]);
+        o.v[k] = to_floatX(0.5f * v * (1.0f + tanhf(GELU_COEF * (v + 0.044715f * v * v * v))));
+    }
+    *(PackX*)(out + i) = o;
+}
+
+// d (N) = GELU'(inp) * d, in place: the gradient of the GELU output becomes that of its input
+__global__ void gelu_backward_kernel(floatX* d, const floatX* inp, size_t N) {
+    size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * X_PER_PACK;
+    if (i >= N) return;
+    PackX x = *(const PackX*)(inp + i), g = *(const PackX*)(d + i);
+    for (int k = 0; k < X_PER_PACK; k++) {
+        float v = to_float(x.v[k]);
+        float th = tanhf(GELU_COEF * (v + 0.044715f * v * v * v));
+        float grad = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_COEF * (1.0f + 3.0f * 0.044715f * v * v);
+        g.v[k] = to_floatX(grad * to_float(g.v[k]));
+    }
+    *(PackX*)(d + i) = g;
+}
+
+static void gelu_forward(floatX* out, const floatX* inp, size_t N) {
+    gelu_forward_kernel<<<ceil_div(N / X_PER_PACK, 256), 256, 0, stream>>>(out, inp, N);
+    launchCheck();
+}
+
+static void gelu_backward(floatX* d, const floatX* inp, size_t N) {
+    gelu_backward_kernel<<<ceil_div(N / X_PER_PACK, 256), 256, 0, stream>>>(d, inp, N);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// classifier: softmax over the V real tokens of the padded (N,Vp) logits and cross-entropy.
+// Forward reads each row once and keeps its log-sum-exp; backward turns the logits into
+// their gradient in place in one pass. (The gradient cannot be written by forward: its
+// scale, loss scale / (ga * N), is an argument of backward.)
+
+#define CLASSIFIER_THREADS 512
+
+// lse (N) = log sum over i < V of exp(logits[n,i]); with targets, losses (N) = lse - logits[n,target].
+// One block per row; each thread keeps a running (max, sum) over its packs.
+__global__ void __launch_bounds__(CLASSIFIER_THREADS) classifier_forward_kernel(float* losses, float* lse, const floatX* logits, const int* targets, int V, int Vp) {
+    const floatX* x = logits + (size_t)blockIdx.x * Vp;
+    float m = -INFINITY, s = 0.0f;
+    for (int i = threadIdx.x * X_PER_PACK; i < Vp; i += blockDim.x * X_PER_PACK) {
+        PackX v = *(const PackX*)(x + i);
+        float pack_max = -INFINITY;
+        for (int k = 0; k < X_PER_PACK; k++) if (i + k < V) pack_max = fmaxf(pack_max, to_float(v.v[k]));
+        if (pack_max == -INFINITY) continue; // only padding columns
+        if (pack_max > m) { s *= expf(m - pack_max); m = pack_max; }
+        for (int k = 0; k < X_PER_PACK; k++) if (i + k < V) s += expf(to_float(v.v[k]) - m);
+    }
+    float row_max = block_max(m);
+    float row_sum = block_sum(m == -INFINITY ? 0.0f : s * expf(m - row_max));
+    if (threadIdx.x == 0) {
+        float l = row_max + logf(row_sum);
+        lse[blockIdx.x] = l;
+        if (targets) losses[blockIdx.x] = l - to_float(x[targets[blockIdx.x]]);
+    }
+}
+
+// logits (N,Vp) := (softmax - onehot(target)) * dloss, padding columns 0; one block per row
+__global__ void __launch_bounds__(CLASSIFIER_THREADS) classifier_backward_kernel(floatX* logits, const float* lse, const int* targets, float dloss, int V, int Vp) {
+    floatX* x = logits + (size_t)blockIdx.x * Vp;
+    float l = lse[blockIdx.x];
+    int target = targets[blockIdx.x];
+    for (int i = threadIdx.x * X_PER_PACK; i < Vp; i += blockDim.x * X_PER_PACK) {
+        PackX v = *(const PackX*)(x + i);
+        for (int k = 0; k < X_PER_PACK; k++) {
+            float p = i + k < V ? expf(to_float(v.v[k]) - l) : 0.0f;
+            v.v[k] = to_floatX((p - (i + k == target ? 1.0f : 0.0f)) * dloss);
+        }
+        *(PackX*)(x + i) = v;
+    }
+}
+
+static void classifier_forward(float* losses, float* lse, const floatX* logits, const int* targets, int N, int V, int Vp) {
+    classifier_forward_kernel<<<N, CLASSIFIER_THREADS, 0, stream>>>(losses, lse, logits, targets, V, Vp);
+    launchCheck();
+}
+
+static void classifier_backward(floatX* logits, const float* lse, const int* targets, float dloss, int N, int V, int Vp) {
+    classifier_backward_kernel<<<N, CLASSIFIER_THREADS, 0, stream>>>(logits, lse, targets, dloss, V, Vp);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// optimizer buffers: the arithmetic ZeRO (dstrain.h) does on the fp32 gradients, master
+// weights and Adam moments, as kernels on the device (dstrain.h's BufferOps)
+
+// A fixed grid, independent of the device, so the partial sums and their order are too.
+#define STATS_BLOCKS 1024
+#define STATS_THREADS 512
+
+// partial sums of squares (STATS_BLOCKS, fp64) and counts of inf/nan over g (n): the global
+// norm and the overflow check in one read of the gradients
+__global__ void __launch_bounds__(STATS_THREADS) grad_stats_kernel(double* partial_sumsq, int* partial_nonfinite, const float* g, size_t n) {
+    double ss = 0.0;
+    int bad = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float v = g[i];
+        ss += (double)v * v;
+        bad += !isfinite(v);
+    }
+    ss = block_sum(ss);
+    bad = block_sum(bad);
+    if (threadIdx.x == 0) { partial_sumsq[blockIdx.x] = ss; partial_nonfinite[blockIdx.x] = bad; }
+}
+
+// the totals of grad_stats_kernel's partials
+typedef struct { double sumsq; int nonfinite; } GradStatsTotals;
+
+// out = the partials added in order; one block of STATS_BLOCKS threads
+__global__ void __launch_bounds__(STATS_BLOCKS) grad_stats_finalize_kernel(GradStatsTotals* out, const double* partial_sumsq, const int* partial_nonfinite) {
+    double ss = block_sum(partial_sumsq[threadIdx.x]);
+    int bad = block_sum(partial_nonfinite[threadIdx.x]);
+    if (threadIdx.x == 0) { out->sumsq = ss; out->nonfinite = bad; }
+}
+
+// buffers of grad_stats: the partials, the totals, and their pinned host copy
+typedef struct {
+    double* partial_sumsq;  // (STATS_BLOCKS)
+    int* partial_nonfinite; // (STATS_BLOCKS)
+    GradStatsTotals* device;
+    GradStatsTotals* host;
+} GradStats;
+
+static void grad_stats_init(GradStats* s) {
+    cudaCheck(cudaMalloc(&s->partial_sumsq, STATS_BLOCKS * sizeof(double)));
+    cudaCheck(cudaMalloc(&s->partial_nonfinite, STATS_BLOCKS * sizeof(int)));
+    cudaCheck(cudaMalloc(&s->device, sizeof(GradStatsTotals)));
+    cudaCheck(cudaMallocHost(&s->host, sizeof(GradStatsTotals)));
+}
+
+// Any inf/nan in g (n), and its sum of squares, on the host (one sync: the step logic needs them).
+static void grad_stats(GradStats* s, const float* g, size_t n, int* nonfinite, double* sumsq) {
+    grad_stats_kernel<<<STATS_BLOCKS, STATS_THREADS, 0, stream>>>(s->partial_sumsq, s->partial_nonfinite, g, n);
+    launchCheck();
+    grad_stats_finalize_kernel<<<1, STATS_BLOCKS, 0, stream>>>(s->device, s->partial_sumsq, s->partial_nonfinite);
+    launchCheck();
+    cudaCheck(cudaMemcpyAsync(s->host, s->device, sizeof(GradStatsTotals), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    *nonfinite = s->host->nonfinite > 0;
+    *sumsq = s->host->sumsq;
+}
+
+// AdamW with DeepSpeed's semantics (DEEPSPEED.md section 4, step 5) over n parameters, as
+// host_adamw in train_gpt.c: g = grad * grad_factor (unscale and clip); adam_w_mode false
+// adds L2 to g; fp32 master, m, v. (The floatX weights follow through ModelOps.set_weights.)
+__global__ void adamw_kernel(float* master, float* m, float* v, const float* grads, size_t n, float grad_factor, float lr,
+                             float b1, float b2, float bc1, float bc2, float eps, float wd, int decoupled) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float p = master[i];
+    float g = grads[i] * grad_factor;
+    if (!decoupled) g += wd * p;
+    float mi = b1 * m[i] + (1.0f - b1) * g;
+    float vi = b2 * v[i] + (1.0f - b2) * g * g;
+    float update = (mi / bc1) / (sqrtf(vi / bc2) + eps);
+    if (decoupled) update += wd * p;
+    m[i] = mi;
+    v[i] = vi;
+    master[i] = p - lr * update;
+}
+
+static void adamw_update(float* master, float* m, float* v, const float* grads, size_t n, const StepPlan* p, const DSConfig* c) {
+    float b1 = (float)c->betas[0], b2 = (float)c->betas[1];
+    float bc1 = 1.0f - powf(b1, (float)p->adam_t), bc2 = 1.0f - powf(b2, (float)p->adam_t);
+    adamw_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(master, m, v, grads, n, p->grad_factor, p->lr, b1, b2, bc1, bc2, (float)c->eps,
+                                                     (float)c->weight_decay, c->adam_w_mode);
+    launchCheck();
+}
+
+// dst (n) += scale * src
+__global__ void add_scaled_kernel(float* dst, const float* src, float scale, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] += scale * src[i];
+}
+
+// dst (n) *= s
+__global__ void scale_kernel(float* dst, float s, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] *= s;
+}
+
+// dst (n) = src rounded to floatX: the working weights from the fp32 master
+__global__ void weights_from_master_kernel(floatX* dst, const float* src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = to_floatX(src[i]);
+}
+
+static void weights_from_master(floatX* dst, const float* master, size_t n) {
+    weights_from_master_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, master, n);
+    launchCheck();
+}
+
+static void* buffer_alloc(size_t bytes) {
+    void* p;
+    cudaCheck(cudaMalloc(&p, bytes ? bytes : 1));
+    cudaCheck(cudaMemset(p, 0, bytes));
+    return p;
+}
+static void buffer_release(void* p) { cudaCheck(cudaFree(p)); }
+static void buffer_copy(float* dst, const float* src, size_t n) { cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream)); }
+static void buffer_zero(float* dst, size_t n) { cudaCheck(cudaMemsetAsync(dst, 0, n * sizeof(float), stream)); }
+static void buffer_add_scaled(float* dst, const float* src, float scale, size_t n) {
+    add_scaled_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, src, scale, n);
+    launchCheck();
+}
+static void buffer_scale(float* dst, float s, size_t n) {
+    scale_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, s, n);
+    launchCheck();
+}
+static void buffer_stats(const float* g, size_t n, int* nonfinite, double* sumsq) {
+    static GradStats s; // for the life of the process
+    static int ready = 0;
+    if (!ready) { grad_stats_init(&s); ready = 1; }
+    grad_stats(&s, g, n, nonfinite, sumsq);
+}
+// host copies are complete (and the host buffer free to change) when these return
+static void buffer_to_host(float* host_dst, const float* src, size_t n) {
+    cudaCheck(cudaMemcpyAsync(host_dst, src, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+}
+static void buffer_from_host(float* dst, const float* host_src, size_t n) {
+    cudaCheck(cudaMemcpyAsync(dst, host_src, n * sizeof(float), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+}
+
+static const BufferOps DEVICE_BUFFERS = {0, buffer_alloc, buffer_release, buffer_copy, buffer_zero, buffer_add_scaled, buffer_scale,
+                                         buffer_stats, adamw_update, buffer_to_host, buffer_from_host};
+
+// ----------------------------------------------------------------------------
+// GPT-2 (parameter layout and initialisation: dstrain.h, gpt2_param_tensors)
+
+template <typename T> struct LayerWeights {
+    T *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb; // layout order
+};
+
+// Where the tensors are in the flat buffer (element offsets, from dstrain.h's table). The
+// layers are contiguous and alike, so one layer's tensors are found from its start: the
+// weights in the model's floatX buffer and the gradient regions ZeRO hands to backward.
+typedef struct {
+    size_t wte, wte_n, wpe, wpe_n; // token and position embeddings
+    size_t layer0, layer_n;        // layer l's parameters: [layer0 + l layer_n, + layer_n)
+    size_t in_layer[GPT2_LAYER_TENSORS];
+    size_t lnf;                    // lnfw, then lnfb: 2C
+} Layout;
+
+static void gpt2_layout(Layout* o, const ModelConfig* c) {
+    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
+    int n = gpt2_param_tensors(c, t);
+    o->wte = t[0].offset; o->wte_n = t[0].size;
+    o->wpe = t[1].offset; o->wpe_n = t[1].size;
+    o->layer0 = t[2].offset;
+    o->layer_n = t[2 + GPT2_LAYER_TENSORS].offset - t[2].offset; // layer 1, or the final norm after one layer
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) o->in_layer[i] = t[2 + i].offset - o->layer0;
+    o->lnf = t[n - 2].offset;
+    for (int l = 0; l < c->num_layers; l++) {
+        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
+            if (t[2 + l * GPT2_LAYER_TENSORS + i].offset != o->layer0 + l * o->layer_n + o->in_layer[i]) fatal("internal: GPT-2 layers are not alike in the flat layout");
+        }
+    }
+    free(t);
+}
+
+// Points a layer's tensors into `base`, the first element of the layer (weights or gradients).
+template <typename T> static void point_layer(LayerWeights<T>* lw, T* base, const Layout* o) {
+    T** p = (T**)lw;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + o->in_layer[i];
+}
+
+// Activations kept by forward for backward, per layer (a layer's slice starts at a multiple
+// of 128 elements). With --recompute, ln1, ln2 and fch_gelu hold one layer and backward
+// recomputes them. Then the backward scratch, one layer's worth, reused by every layer.
+typedef struct {
+    floatX* encoded;     // (B,T,C): layer 0's input
+    floatX* ln1;         // (L,B,T,C)
+    float* ln1_mean;     // (L,B,T)
+    float* ln1_rstd;     // (L,B,T)
+    floatX* qkv;         // (L,B,T,3C)
+    floatX* atty;        // (L,B,T,C)
+    float* att_lse;      // (L,B,NH,T)
+    floatX* residual2;   // (L,B,T,C)
+    floatX* ln2;         // (L,B,T,C)
+    float* ln2_mean;     // (L,B,T)
+    float* ln2_rstd;     // (L,B,T)
+    floatX* fch;         // (L,B,T,4C) before GELU
+    floatX* fch_gelu;    // (L,B,T,4C)
+    floatX* residual3;   // (L,B,T,C): layer l's output, layer l+1's input
+    floatX* lnf;         // (B,T,C)
+    float* lnf_mean;     // (B,T)
+    float* lnf_rstd;     // (B,T)
+    floatX* logits;      // (B,T,Vp), turned into their gradient by backward
+    float* logits_lse;   // (B,T)
+    float* losses;       // (B,T)
+    // backward scratch
+    floatX* dresidual;   // (B,T,C): the residual stream's gradient
+    floatX* dln;         // (B,T,C): gradient of a LayerNorm output
+    floatX* datty;       // (B,T,C)
+    floatX* dqkv;        // (B,T,3C)
+    floatX* dfch;        // (B,T,4C): of fch_gelu, then (in place) of fch
+    float* att_D;        // (B,NH,T)
+    float* colsum;       // column-sum partials
+} Activations;
+
+typedef struct {
+    ModelConfig config;
+    Layout layout;
+    size_t num_params;
+    int max_B, max_T, recompute;
+    floatX* params;        // the working weights the kernels read (ZeRO keeps the fp32 master)
+    Activations act;
+    size_t act_bytes;      // activations and backward scratch
+    size_t lstride_C, lstride_3C, lstride_4C, lstride_N, lstride_lse; // per-layer strides (elements)
+    int* inputs;           // (B,T) on the device
+    int* targets;          // (B,T) on the device
+    int last_B, last_T;    // of the last forward
+    TokenBuckets buckets;  // encoder backward
+    float* losses_host;    // pinned (B,T)
+    floatX* logits_row;    // pinned (Vp): for probs
+    float* probs_host;     // (Vp)
+} GPT2;
+
+// one device buffer of `count` elements, counted in *total (if not NULL)
+template <typename T> static T* device_alloc(size_t count, size_t* total) {
+    T* p;
+    size_t bytes = round_up(count * sizeof(T), 256);
+    cudaCheck(cudaMalloc(&p, bytes));
+    if (total) *total += bytes;
+    return p;
+}
+
+static void activations_alloc(GPT2* m, int B, int T) {
+    const ModelConfig* c = &m->config;
+    size_t L = c->num_layers, BT = (size_t)B * T, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
+    size_t Lr = m->recompute ? 1 : L; // layers kept of what --recompute recomputes
+    m->lstride_C = round_up(BT * C, 128);
+    m->lstride_3C = round_up(BT * 3 * C, 128);
+    m->lstride_4C = round_up(BT * F, 128);
+    m->lstride_N = round_up(BT, 128);
+    m->lstride_lse = round_up((size_t)B * NH * T, 128);
+    Activations* a = &m->act;
+    size_t* total = &m->act_bytes;
+    *total = 0;
+    a->encoded = device_alloc<floatX>(BT * C, total);
+    a->ln1 = device_alloc<floatX>(Lr * m->lstride_C, total);
+    a->ln1_mean = device_alloc<float>(L * m->lstride_N, total);
+    a->ln1_rstd = device_alloc<float>(L * m->lstride_N, total);
+    a->qkv = device_alloc<floatX>(L * m->lstride_3C, total);
+    a->atty = device_alloc<floatX>(L * m->lstride_C, total);
+    a->att_lse = device_alloc<float>(L * m->lstride_lse, total);
+    a->residual2 = device_alloc<floatX>(L * m->lstride_C, total);
+    a->ln2 = device_alloc<floatX>(Lr * m->lstride_C, total);
+    a->ln2_mean = device_alloc<float>(L * m->lstride_N, total);
+    a->ln2_rstd = device_alloc<float>(L * m->lstride_N, total);
+    a->fch = device_alloc<floatX>(L * m->lstride_4C, total);
+    a->fch_gelu = device_alloc<floatX>(Lr * m->lstride_4C, total);
+    a->residual3 = device_alloc<floatX>(L * m->lstride_C, total);
+    a->lnf = device_alloc<floatX>(BT * C, total);
+    a->lnf_mean = device_alloc<float>(BT, total);
+    a->lnf_rstd = device_alloc<float>(BT, total);
+    a->logits = device_alloc<floatX>(BT * Vp, total);
+    a->logits_lse = device_alloc<float>(BT, total);
+    a->losses = device_alloc<float>(BT, total);
+    a->dresidual = device_alloc<floatX>(BT * C, total);
+    a->dln = device_alloc<floatX>(BT * C, total);
+    a->datty = device_alloc<floatX>(BT * C, total);
+    a->dqkv = device_alloc<floatX>(BT * 3 * C, total);
+    a->dfch = device_alloc<floatX>(BT * F, total);
+    a->att_D = device_alloc<float>((size_t)B * NH * T, total);
+    a->colsum = device_alloc<float>(column_sums_scratch_floats((int)BT, (int)F), total); // F = 4C is the widest
+}
+
+static void activations_free(Activations* a) {
+    void* p[] = {a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att_lse, a->residual2, a->ln2, a->ln2_mean, a->ln2_rstd,
+                 a->fch, a->fch_gelu, a->residual3, a->lnf, a->lnf_mean, a->lnf_rstd, a->logits, a->logits_lse, a->losses,
+                 a->dresidual, a->dln, a->datty, a->dqkv, a->dfch, a->att_D, a->colsum};
+    for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) cudaCheck(cudaFree(p[i]));
+}
+
+// Layer l's activations: its slices of the per-layer tensors.
+typedef struct {
+    const floatX* residual; // the layer's input: encoded, or the previous layer's residual3
+    floatX *ln1, *qkv, *atty, *residual2, *ln2, *fch, *fch_gelu, *residual3;
+    float *ln1_mean, *ln1_rstd, *lse, *ln2_mean, *ln2_rstd;
+} LayerActivations;
+
+static LayerActivations layer_activations(const GPT2* m, int l) {
+    const Activations* a = &m->act;
+    size_t r = m->recompute ? 0 : (size_t)l; // what --recompute recomputes has one slice
+    LayerActivations la;
+    la.residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * m->lstride_C;
+    la.ln1 = a->ln1 + r * m->lstride_C;
+    la.qkv = a->qkv + l * m->lstride_3C;
+    la.atty = a->atty + l * m->lstride_C;
+    la.residual2 = a->residual2 + l * m->lstride_C;
+    la.ln2 = a->ln2 + r * m->lstride_C;
+    la.fch = a->fch + l * m->lstride_4C;
+    la.fch_gelu = a->fch_gelu + r * m->lstride_4C;
+    la.residual3 = a->residual3 + l * m->lstride_C;
+    la.ln1_mean = a->ln1_mean + l * m->lstride_N;
+    la.ln1_rstd = a->ln1_rstd + l * m->lstride_N;
+    la.lse = a->att_lse + l * m->lstride_lse;
+    la.ln2_mean = a->ln2_mean + l * m->lstride_N;
+    la.ln2_rstd = a->ln2_rstd + l * m->lstride_N;
+    return la;
+}
+
+static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T, int recompute) {
+    cuda_setup();
+    memset(m, 0, sizeof(*m));
+    m->config = *c;
+    m->max_B = B;
+    m->max_T = T;
+    m->recompute = recompute;
+    if (T > c->max_seq_len) fatal("GPU trainer: sequence length %d exceeds the model's %d positions", T, c->max_seq_len);
+    if ((size_t)B * c->num_heads > 65535) fatal("GPU trainer: micro batch %d x %d heads exceeds the attention grid's 65535 blocks", B, c->num_heads);
+    attention_setup(c->channels / c->num_heads); // also makes C a multiple of 16, which the packed kernels need
+    gpt2_layout(&m->layout, c);
+    m->num_params = gpt2_num_params(c);
+    size_t BT = (size_t)B * T;
+    m->params = device_alloc<floatX>(m->num_params, NULL); // ZeRO's report counts the weights
+    activations_alloc(m, B, T);
+    m->inputs = device_alloc<int>(BT, NULL);
+    m->targets = device_alloc<int>(BT, NULL);
+    token_buckets_init(&m->buckets, c->vocab_size, (int)BT);
+    cudaCheck(cudaMallocHost(&m->losses_host, BT * sizeof(float)));
+    cudaCheck(cudaMallocHost(&m->logits_row, c->padded_vocab_size * sizeof(floatX)));
+    m->probs_host = (float*)callocCheck(c->padded_vocab_size, sizeof(float));
+}
+
+static void gpt2_free(GPT2* m) {
+    cudaCheck(cudaStreamSynchronize(stream));
+    void* p[] = {m->params, m->inputs, m->targets};
+    for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) cudaCheck(cudaFree(p[i]));
+    activations_free(&m->act);
+    token_buckets_free(&m->buckets);
+    cudaCheck(cudaFreeHost(m->losses_host));
+    cudaCheck(cudaFreeHost(m->logits_row));
+    free(m->probs_host);
+    matmul_plans_free();
+}
+
+// Runs the model on inputs (B,T); with targets, returns the mean loss (one sync, for it).
+static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
+    const ModelConfig* c = &m->config;
+    const Layout* o = &m->layout;
+    if (B > m->max_B || T > m->max_T) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
+    for (int i = 0; i < B * T; i++) {
+        if (inputs[i] < 0 || inputs[i] >= c->vocab_size) fatal("input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, c->vocab_size);
+        if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size)) fatal("target token %d at position %d is outside the vocabulary (%d)", targets[i], i, c->vocab_size);
+    }
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int BT = B * T;
+    m->last_B = B;
+    m->last_T = T;
+    cudaCheck(cudaMemcpyAsync(m->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, stream));
+    if (targets) cudaCheck(cudaMemcpyAsync(m->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, stream));
+    Activations* a = &m->act;
+    const floatX* wte = m->params + o->wte;
+    encoder_forward(a->encoded, m->inputs, wte, m->params + o->wpe, B, T, C);
+    for (int l = 0; l < L; l++) {
+        LayerWeights<floatX> w;
+        point_layer(&w, m->params + o->layer0 + l * o->layer_n, o);
+        LayerActivations la = layer_activations(m, l);
+        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w.ln1w, w.ln1b, BT, C);
+        matmul_forward(la.qkv, la.ln1, w.qkvw, w.qkvb, NULL, BT, C, 3 * C);
+        attention_forward(la.atty, la.lse, la.qkv, B, T, C, NH);
+        matmul_forward(la.residual2, la.atty, w.attprojw, w.attprojb, la.residual, BT, C, C);
+        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w.ln2w, w.ln2b, BT, C);
+        matmul_forward(la.fch, la.ln2, w.fcw, w.fcb, NULL, BT, C, F);
+        gelu_forward(la.fch_gelu, la.fch, (size_t)BT * F);
+        matmul_forward(la.residual3, la.fch_gelu, w.fcprojw, w.fcprojb, la.residual2, BT, F, C);
+    }
+    const floatX* lnfw = m->params + o->lnf;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, L - 1).residual3, lnfw, lnfw + C, BT, C);
+    matmul_forward(a->logits, a->lnf, wte, NULL, NULL, BT, C, Vp); // tied output layer
+    if (!targets) return 0.0f;
+    classifier_forward(a->losses, a->logits_lse, a->logits, m->targets, BT, V, Vp);
+    cudaCheck(cudaMemcpyAsync(m->losses_host, a->losses, BT * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    double sum = 0.0;
+    for (int i = 0; i < BT; i++) sum += m->losses_host[i];
+    return (float)(sum / BT);
+}
+
+// The gradient of dloss_scale * (mean loss of the last forward, which had targets),
+// accumulated (+=) into the buffers the sink gives for each region of parameters, handed
+// back from the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0,
+// positions, and last the token embedding, which receives the classifier's gradient first.
+// inputs: those of that forward (the embedding's scatter sorts them on the host).
+static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
+    const ModelConfig* c = &m->config;
+    const Layout* o = &m->layout;
+    if (B != m->last_B || T != m->last_T) fatal("backward: batch (%d, %d) is not that of the last forward (%d, %d)", B, T, m->last_B, m->last_T);
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int BT = B * T;
+    Activations* a = &m->act;
+    float* scratch = a->colsum;
+    floatX* dres = a->dresidual;
+    const floatX *wte = m->params + o->wte, *lnfw = m->params + o->lnf;
+    float* dwte = sink->region(sink, o->wte, o->wte_n);
+    float* dlnf = sink->region(sink, o->lnf, 2 * (size_t)C);
+    classifier_backward(a->logits, a->logits_lse, m->targets, dloss_scale / BT, BT, V, Vp);
+    matmul_backward_weight(dwte, a->logits, a->lnf, BT, C, Vp);
+    matmul_backward_input(a->dln, a->logits, wte, BT, C, Vp);
+    cudaCheck(cudaMemsetAsync(dres, 0, (size_t)BT * C * sizeof(floatX), stream));
+    layernorm_backward(dres, dlnf, dlnf + C, a->dln, layer_activations(m, L - 1).residual3, lnfw, a->lnf_mean, a->lnf_rstd, BT, C, scratch);
+    sink->done(sink, o->lnf, 2 * (size_t)C);
+    for (int l = L - 1; l >= 0; l--) {
+        size_t off = o->layer0 + l * o->layer_n;
+        LayerWeights<floatX> w;
+        LayerWeights<float> g;
+        point_layer(&w, m->params + off, o);
+        point_layer(&g, sink->region(sink, off, o->layer_n), o);
+        LayerActivations la = layer_activations(m, l);
+        // residual3 = residual2 + fcproj(gelu(fc(ln2))): dres is the gradient of residual3 and of the fcproj output
+        if (m->recompute) gelu_forward(la.fch_gelu, la.fch, (size_t)BT * F);
+        matmul_backward_weight(g.fcprojw, dres, la.fch_gelu, BT, F, C);
+        bias_backward(g.fcprojb, dres, BT, C, scratch);
+        matmul_backward_input(a->dfch, dres, w.fcprojw, BT, F, C);
+        gelu_backward(a->dfch, la.fch, (size_t)BT * F);
+        if (m->recompute) layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w.ln2w, w.ln2b, BT, C);
+        matmul_backward_weight(g.fcw, a->dfch, la.ln2, BT, C, F);
+        bias_backward(g.fcb, a->dfch, BT, F, scratch);
+        matmul_backward_input(a->dln, a->dfch, w.fcw, BT, C, F);
+        layernorm_backward(dres, g.ln2w, g.ln2b, a->dln, la.residual2, w.ln2w, la.ln2_mean, la.ln2_rstd, BT, C, scratch);
+        // residual2 = residual + attproj(attention(qkv(ln1))): dres is now the gradient of residual2
+        matmul_backward_weight(g.attprojw, dres, la.atty, BT, C, C);
+        bias_backward(g.attprojb, dres, BT, C, scratch);
+        matmul_backward_input(a->datty, dres, w.attprojw, BT, C, C);
+        attention_backward(a->dqkv, a->att_D, a->datty, la.qkv, la.atty, la.lse, B, T, C, NH);
+        if (m->recompute) layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w.ln1w, w.ln1b, BT, C);
+        matmul_backward_weight(g.qkvw, a->dqkv, la.ln1, BT, C, 3 * C);
+        bias_backward(g.qkvb, a->dqkv, BT, 3 * C, scratch);
+        matmul_backward_input(a->dln, a->dqkv, w.qkvw, BT, C, 3 * C);
+        layernorm_backward(dres, g.ln1w, g.ln1b, a->dln, la.residual, w.ln1w, la.ln1_mean, la.ln1_rstd, BT, C, scratch);
+        sink->done(sink, off, o->layer_n);
+    }
+    float* dwpe = sink->region(sink, o->wpe, o->wpe_n);
+    encoder_backward(dwte, dwpe, dres, inputs, B, T, C, V, &m->buckets);
+    sink->done(sink, o->wpe, o->wpe_n);
+    sink->done(sink, o->wte, o->wte_n);
+}
+
+// ----------------------------------------------------------------------------
+// device statistics: MFU and memory
+
+// Peak dense throughput (TFLOP/s) per precision of this build, by device name. fp32 is the
+// CUDA-core rate: the FP32 build does not use TF32. Names with "NVL" (lower clocks and
+// power) and everything not listed are unknown.
+typedef struct { const char* name; double fp32, fp16, bf16; } PeakFlops;
+static const PeakFlops PEAK_FLOPS[] = {
+    {"H100 PCIe", 51.2, 756.0, 756.0},
+    {"H100", 66.9, 989.4, 989.4},   // SXM
+    {"GH200", 66.9, 989.4, 989.4},
+    {"H200", 66.9, 989.4, 989.4},   // SXM
+    {"A100", 19.5, 312.0, 312.0},   // SXM and PCIe
+};
+
+// NAN if the device is not in the table
+static double peak_tflops(const char* device_name) {
+    if (strstr(device_name, "NVL")) return NAN;
+    for (size_t i = 0; i < sizeof(PEAK_FLOPS) / sizeof(PEAK_FLOPS[0]); i++) {
+        const PeakFlops* p = &PEAK_FLOPS[i];
+        if (strstr(device_name, p->name)) return sizeof(floatX) == 4 ? p->fp32 : (strcmp(PRECISION_NAME, "fp16") == 0 ? p->fp16 : p->bf16);
+    }
+    return NAN;
+}
+
+// Model FLOPs per token of a training step: 6 N for the matrix products of forward (2 N)
+// and backward (4 N) over all N parameters (the tied wte counted once, for the classifier),
+// plus 12 L T C for attention's two (T,T) products, forward and backward, without
+// discounting the causal mask (PaLM's convention; the --recompute work is not counted).
+static double flops_per_token(const GPT2* m) {
+    const ModelConfig* c = &m->config;
+    return 6.0 * m->num_params + 12.0 * c->num_layers * (double)m->max_T * c->channels;
+}
+
+// ----------------------------------------------------------------------------
+// the trainer: the model behind dstrain.h's ModelOps; the training driver is train_main
+
+static void* gpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
+    GPT2* m = (GPT2*)mallocCheck(sizeof(GPT2));
+    gpt2_build(m, c, B, T, opt->recompute);
+    return m;
+}
+static size_t gpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
+static void* gpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(floatX); return ((GPT2*)model)->params; }
+
+// the working weights [offset, offset + n) from the fp32 master (a device buffer of ZeRO's)
+static void gpu_set_weights(void* model, size_t offset, const float* master, size_t n) { weights_from_master(((GPT2*)model)->params + offset, master, n); }
+
+static float gpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
+static void gpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
+    (void)targets; // forward uploaded them; backward uses the device copy
+    gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink);
+}
+
+// softmax of the last forward's logits at (0, position), over the V real tokens, on the host
+static const float* gpu_probs(void* model, int position) {
+    GPT2* m = (GPT2*)model;
+    int V = m->config.vocab_size, Vp = m->config.padded_vocab_size;
+    cudaCheck(cudaMemcpyAsync(m->logits_row, m->act.logits + (size_t)position * Vp, Vp * sizeof(floatX), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    float maxval = -INFINITY;
+    for (int i = 0; i < V; i++) maxval = fmaxf(maxval, to_float(m->logits_row[i]));
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) { m->probs_host[i] = expf(to_float(m->logits_row[i]) - maxval); sum += m->probs_host[i]; }
+    for (int i = 0; i < V; i++) m->probs_host[i] = (float)(m->probs_host[i] / sum);
+    return m->probs_host;
+}
+
+// the model's own buffers (ZeRO reports the weights, gradients, master and moments), and the device
+static void gpu_describe_memory(void* model) {
+    GPT2* m = (GPT2*)model;
+    printf("  activations and backward scratch: %.1f MB (micro batch %d, sequence %d, --recompute %s); cuBLASLt workspace %.1f MB\n",
+           m->act_bytes / 1e6, m->max_B, m->max_T, m->recompute ? "on" : "off", CUBLASLT_WORKSPACE_BYTES / 1e6);
+    size_t free_b, total_b;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    printf("  device: %.2f GB in use of %.2f GB\n", (total_b - free_b) / 1e9, total_b / 1e9);
+}
+
+static void gpu_device_stats(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb) {
+    GPT2* m = (GPT2*)model;
+    static int warned = 0;
+    double peak = peak_tflops(device_prop.name);
+    if (isnan(peak) && !warned) {
+        printf("note: MFU is unknown for %s (not in train_gpt.cu's table of peak FLOP/s)\n", device_prop.name);
+        warned = 1;
+    }
+    *mfu = flops_per_token(m) * tokens_per_step / step_seconds / (peak * 1e12); // NAN when unknown
+    size_t free_b, total_b;
+    cudaCheck(cudaMemGetInfo(&free_b, &total_b));
+    *memory_gb = (total_b - free_b) / 1e9;
+}
+
+static void gpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
+
+static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", &DEVICE_BUFFERS, gpu_build, gpu_num_params, gpu_weights, gpu_set_weights,
+                                 gpu_forward, gpu_backward, gpu_probs, gpu_describe_memory, gpu_device_stats, gpu_free};
+
+// The ds_config must ask for the precision this binary was built for. Returns 0, or -1
+// with the reason and the command that builds the right binary in err.
+static int precision_config_check(const DSConfig* c, char* err, size_t errlen) {
+    const char* build = "this trainer was built with PRECISION=" PRECISION_FLAG;
+    if (c->fp16_enabled && strcmp(PRECISION_FLAG, "FP16") != 0) {
+        return fail(err, errlen, "%s: fp16.enabled is true but %s: rebuild with `make train PRECISION=FP16`, or disable fp16 in the config", c->path, build);
+    }
+    if (c->bf16_enabled && strcmp(PRECISION_FLAG, "BF16") != 0) {
+        return fail(err, errlen, "%s: bf16.enabled is true but %s: rebuild with `make train PRECISION=BF16`, or disable bf16 in the config", c->path, build);
+    }
+    if (!c->fp16_enabled && strcmp(PRECISION_FLAG, "FP16") == 0) {
+        return fail(err, errlen, "%s: %s, which trains with DeepSpeed's fp16 loss scaling, but fp16.enabled is not true: enable fp16 in the config, "
+                    "or rebuild with `make train PRECISION=BF16` (or FP32)", c->path, build);
+    }
+    return 0;
+}
+
+// Refuses what this trainer cannot run; says what the device and build are.
+static void gpu_describe_run(const DSConfig* c, const Comm* comm) {
+    char err[1024];
+    if (precision_config_check(c, err, sizeof err)) fatal("%s", err);
+    cuda_setup();
+    int device = 0;
+    cudaCheck(cudaGetDevice(&device));
+    printf("rank %d of %d: GPU %d, communication: %s\n", comm->rank, comm->world_size, device, comm->backend);
+    printf("device: %s (compute capability %d.%d, %d SMs, %.1f GB)\n", device_prop.name, device_prop.major, device_prop.minor,
+           device_prop.multiProcessorCount, device_prop.totalGlobalMem / 1e9);
+    printf("precision: %s weights and activations; fp32 master weights, Adam moments, weight gradients and matmul accumulation\n", PRECISION_NAME);
+    if (!c->bf16_enabled && !c->fp16_enabled && strcmp(PRECISION_FLAG, "BF16") == 0) {
+        printf("note: the config enables neither bf16 nor fp16 (DeepSpeed would train in fp32); this build computes in bf16 (rebuild with `make train PRECISION=FP32` for fp32)\n");
+    }
+}
+
+#ifndef TESTING
+int main(int argc, char** argv) {
+    return train_main(argc, argv, &GPU_OPS, gpu_describe_run);
+}
+#endif
