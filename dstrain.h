@@ -1827,9 +1827,10 @@ struct Comm {
 
 static void single_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) { (void)c; (void)v; (void)n; (void)op_max; (void)what; }
 static void single_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) { (void)c; (void)buf; (void)n; (void)what; }
+// one rank has nothing to reduce: ZeRO copies with its buffer operations instead (host or device)
 static void* single_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
-    (void)c; (void)what;
-    if (recv != send) memcpy(recv, send, counts[0] * sizeof(float));
+    (void)c; (void)send; (void)recv; (void)counts;
+    fatal("internal: %s on a single rank", what);
     return NULL;
 }
 static void single_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
@@ -2410,7 +2411,8 @@ static void zero_bucket_launch(Zero* z, int i) {
     size_t* counts = (size_t*)mallocCheck(z->comm->world_size * sizeof(size_t));
     zero_shares(z, z->bucket_lo[i], z->bucket_hi[i], counts);
     const float* send = z->bucket[i] + (z->bucket_lo[i] - zero_bucket_base(z, i));
-    z->request[i] = z->comm->reduce_scatter_start(z->comm, send, z->received[i], counts, "reduce-scatter of a gradient bucket");
+    if (z->comm->world_size == 1) { z->buf->copy(z->received[i], send, counts[0]); z->request[i] = NULL; }
+    else z->request[i] = z->comm->reduce_scatter_start(z->comm, send, z->received[i], counts, "reduce-scatter of a gradient bucket");
     z->in_flight[i] = 1;
     free(counts);
 }
@@ -2419,7 +2421,7 @@ static void zero_bucket_launch(Zero* z, int i) {
 // the ranks, to the partition's gradient. The bucket is empty again afterwards.
 static void zero_bucket_finish(Zero* z, int i) {
     if (!z->in_flight[i]) return;
-    z->comm->wait(z->comm, z->request[i], "reduce-scatter of a gradient bucket");
+    if (z->request[i]) z->comm->wait(z->comm, z->request[i], "reduce-scatter of a gradient bucket");
     size_t a = z->lo > z->bucket_lo[i] ? z->lo : z->bucket_lo[i];
     size_t b = z->lo + z->n < z->bucket_hi[i] ? z->lo + z->n : z->bucket_hi[i];
     if (b > a) z->buf->add_scaled(z->grads + (a - z->lo), z->received[i], 1.0f / z->comm->world_size, b - a);
@@ -2551,6 +2553,7 @@ static float* zero_reduce_gradients(Zero* z) {
         return z->grads;
     }
     // stage 1: reduce-scatter in chunks of reduce_bucket_size, each rank's share lands in its partition
+    if (c->world_size == 1) return z->grads; // one rank: its gradient is the average
     size_t* counts = (size_t*)mallocCheck(c->world_size * sizeof(size_t));
     size_t chunk = z->bucket_size;
     float* mine = (float*)z->buf->alloc(z->n * sizeof(float));
@@ -2981,7 +2984,11 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
     tr.last_saved = -1;
+#if defined(DSTRAIN_GPU_STREAM) && defined(USE_NCCL)
+    comm_init_gpu(&tr.comm, &argc, &argv, &DSTRAIN_GPU_STREAM); // one GPU per local rank
+#else
     init_comm(&tr.comm, &argc, &argv);
+#endif
     if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
     parse_args(&tr.opt, argc, argv);
     tr.comm.timeout_s = tr.opt.comm_timeout;
