@@ -88,28 +88,10 @@ static void test_backward_every_gradient_tensor(void) {
     free(t);
 }
 
-// Optimizer steps on the reference's micro batches, as the driver's train_step does them
-// (backward of loss * scale / ga into the ZeRO engine, then optimizer_step). Steps listed
-// in `inject` (0-based) get +inf in the first gradient of wte, as an fp16 overflow would.
+// Optimizer steps from the reference's initial weights (see reference_train_steps).
 static TrainState run_steps(const DSConfig* cfg, int stage, int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
     setup_run(cfg, stage);
-    for (int i = 0; i < n_inject; i++) { tr.faults.steps[i] = inject[i] + 1; tr.faults.index[i] = 0; }
-    tr.faults.count = n_inject;
-    size_t bt = (size_t)ref.B * ref.T;
-    for (int step = 0; step < steps; step++) {
-        zero_begin_step(&tr.zero);
-        double loss_sum = 0.0;
-        float scale = (float)tr.state.scaler.scale;
-        for (int micro = 0; micro < ref.ga; micro++) {
-            loss_sum += gpt2_forward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T);
-            gpt2_backward(&model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, scale / ref.ga, &tr.zero.sink);
-            zero_end_backward(&tr.zero);
-        }
-        StepPlan plan = optimizer_step(&tr);
-        losses[step] = (float)(loss_sum / ref.ga);
-        norms[step] = (float)plan.grad_norm;
-        lrs[step] = plan.lr;
-    }
+    reference_train_steps(&tr, &ref, steps, inject, n_inject, losses, norms, lrs);
     return tr.state;
 }
 

@@ -160,33 +160,11 @@ static void reference_gradients(GPT2* m, float* grads) {
     micro_batch_gradients(&GPU_OPS, m, strcmp(PRECISION_NAME, "fp16") == 0 ? 65536.0f : 1.0f, grads);
 }
 
-// Optimizer steps on the reference's micro batches, as the driver's train_step does them.
-// Steps listed in `inject` (0-based) get +inf in the first gradient of wte (an overflow).
-static void train_steps(int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
-    for (int i = 0; i < n_inject; i++) { tr.faults.steps[i] = tr.state.step + inject[i] + 1; tr.faults.index[i] = 0; }
-    tr.faults.count = n_inject;
-    size_t bt = (size_t)ref.B * ref.T;
-    for (int step = 0; step < steps; step++) {
-        zero_begin_step(&tr.zero);
-        double loss_sum = 0.0;
-        float scale = (float)tr.state.scaler.scale;
-        for (int micro = 0; micro < ref.ga; micro++) {
-            loss_sum += tr.ops->forward(tr.model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T);
-            tr.ops->backward(tr.model, ref.inputs + micro * bt, ref.targets + micro * bt, ref.B, ref.T, scale / ref.ga, &tr.zero.sink);
-            zero_end_backward(&tr.zero);
-        }
-        StepPlan plan = optimizer_step(&tr);
-        losses[step] = (float)(loss_sum / ref.ga);
-        norms[step] = (float)plan.grad_norm;
-        lrs[step] = plan.lr;
-    }
-}
-
 // the reference's ten steps from its initial weights, with the GPU model
 static void train_reference_run(int adam_w_mode, float* losses, float* norms, float* lrs) {
     DSConfig cfg = gpu_reference_config(adam_w_mode);
     setup_run(&GPU_OPS, model, &cfg);
-    train_steps(ref.steps, NULL, 0, losses, norms, lrs);
+    reference_train_steps(&tr, &ref, ref.steps, NULL, 0, losses, norms, lrs);
 }
 
 static float* master_weights(void) {
@@ -237,7 +215,7 @@ static void reference_from_cpu(void) {
         r->lrs[run] = (float*)mallocCheck(r->steps * sizeof(float));
         cfg = gpu_reference_config(run == 0);
         setup_run(&cpu::CPU_OPS, &cm, &cfg);
-        train_steps(r->steps, NULL, 0, r->losses[run], r->norms[run], r->lrs[run]);
+        reference_train_steps(&tr, &ref, r->steps, NULL, 0, r->losses[run], r->norms[run], r->lrs[run]);
         r->final[run] = master_weights();
     }
     zero_free(&tr.zero);
@@ -358,14 +336,14 @@ static void test_save_restore_round_trip_is_bit_identical(void) {
     float l[64], n[64], r[64], l2[64], n2[64], r2[64];
     DSConfig cfg = gpu_reference_config(1);
     setup_run(&GPU_OPS, model, &cfg);
-    train_steps(first, NULL, 0, l, n, r);
+    reference_train_steps(&tr, &ref, first, NULL, 0, l, n, r);
     TrainState saved = tr.state;
     size_t P = tr.zero.n;
     float* host = (float*)mallocCheck(3 * P * sizeof(float));
     DEVICE_BUFFERS.to_host(host, tr.zero.master, P);
     DEVICE_BUFFERS.to_host(host + P, tr.zero.m, P);
     DEVICE_BUFFERS.to_host(host + 2 * P, tr.zero.v, P);
-    train_steps(rest, NULL, 0, l, n, r);
+    reference_train_steps(&tr, &ref, rest, NULL, 0, l, n, r);
     float* after = master_weights();
     train_reference_run(0, l2, n2, r2); // something else in between
     setup_run(&GPU_OPS, model, &cfg);    // a fresh run, then the restore
@@ -374,7 +352,7 @@ static void test_save_restore_round_trip_is_bit_identical(void) {
     DEVICE_BUFFERS.from_host(tr.zero.v, host + 2 * P, P);
     zero_share_weights(&tr);
     tr.state = saved;
-    train_steps(rest, NULL, 0, l2, n2, r2);
+    reference_train_steps(&tr, &ref, rest, NULL, 0, l2, n2, r2);
     float* again = master_weights();
     CHECK(memcmp(l, l2, rest * sizeof(float)) == 0, "losses after the restore differ");
     CHECK(memcmp(after, again, tr.num_params * sizeof(float)) == 0, "weights after the restore differ");
@@ -390,13 +368,13 @@ static void test_injected_overflow_skips_exactly_that_step(void) {
     cfg.fp16_loss_scale = 65536.0;
     int inject = 1;
     setup_run(&GPU_OPS, model, &cfg);
-    train_steps(4, &inject, 1, l, n, r);
+    reference_train_steps(&tr, &ref, 4, &inject, 1, l, n, r);
     CHECK(tr.state.step == 4 && tr.state.skipped == 1 && tr.state.adam_t == 3, "step %lld skipped %lld t %lld", (long long)tr.state.step,
           (long long)tr.state.skipped, (long long)tr.state.adam_t);
     CHECK(isnan(n[1]) && isfinite(n[2]), "the skipped step has no norm");
     float* skipped = master_weights();
     setup_run(&GPU_OPS, model, &cfg);
-    train_steps(3, NULL, 0, l, n, r);
+    reference_train_steps(&tr, &ref, 3, NULL, 0, l, n, r);
     float* clean = master_weights();
     CHECK(memcmp(skipped, clean, tr.num_params * sizeof(float)) == 0, "weights differ from the run without the skipped step (rel err %.2e)",
           tensor_rel_err(skipped, clean, 1, tr.num_params, 0, 0));

@@ -103,4 +103,28 @@ static double tensor_rel_err(const float* a, const float* b, size_t rows, size_t
     return max_ref > 0 ? max_diff / max_ref : max_diff;
 }
 
+// Optimizer steps on the reference's micro batches, as the driver's train_step does them
+// (backward of loss * scale / ga into the ZeRO engine, then optimizer_step). Steps listed
+// in `inject` (0-based, from now) get +inf in the first gradient of wte, as an fp16
+// overflow would. Per step: the mean loss, the gradient norm and the lr.
+static void reference_train_steps(Trainer* tr, const Reference* r, int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
+    for (int i = 0; i < n_inject; i++) { tr->faults.steps[i] = tr->state.step + inject[i] + 1; tr->faults.index[i] = 0; }
+    tr->faults.count = n_inject;
+    size_t bt = (size_t)r->B * r->T;
+    for (int step = 0; step < steps; step++) {
+        zero_begin_step(&tr->zero);
+        double loss_sum = 0.0;
+        float scale = (float)tr->state.scaler.scale;
+        for (int micro = 0; micro < r->ga; micro++) {
+            loss_sum += tr->ops->forward(tr->model, r->inputs + micro * bt, r->targets + micro * bt, r->B, r->T);
+            tr->ops->backward(tr->model, r->inputs + micro * bt, r->targets + micro * bt, r->B, r->T, scale / r->ga, &tr->zero.sink);
+            zero_end_backward(&tr->zero);
+        }
+        StepPlan plan = optimizer_step(tr);
+        losses[step] = (float)(loss_sum / r->ga);
+        norms[step] = (float)plan.grad_norm;
+        lrs[step] = plan.lr;
+    }
+}
+
 #endif

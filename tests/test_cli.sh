@@ -4,22 +4,8 @@
 # and resume bit for bit. Needs ./train_gpt_cpu and the prepared data (make data).
 set -u
 cd "$(dirname "$0")/.."
-BIN=./train_gpt_cpu
 TMP=tests/tmp/cli
-rm -rf "$TMP"; mkdir -p "$TMP"
-passed=0; failed=0
-
-ok()   { passed=$((passed + 1)); echo "ok   $1"; }
-bad()  { failed=$((failed + 1)); echo "FAIL $1"; shift; for line in "$@"; do echo "    $line"; done; }
-
-# expect_error NAME "text the error must contain" command...: non-zero exit and the text on stderr
-expect_error() {
-    local name=$1 want=$2; shift 2
-    local out rc
-    out=$("$@" 2>&1 >/dev/null); rc=$?
-    if [ $rc -ne 0 ] && [ $rc -lt 128 ] && grep -qF -- "$want" <<<"$out"; then ok "$name"
-    else bad "$name" "exit $rc, wanted an error containing: $want" "got: $out"; fi
-}
+. tests/lib.sh
 
 # a tiny model on the real WikiText shards, so every run takes seconds
 TINY=(--layers 2 --heads 2 --dim 32 --seq-len 32 --val-every 0 --sample-tokens 0)
@@ -145,5 +131,4 @@ expect_error "overflow at the minimum scale is fatal, with a hint" "Current loss
 expect_error "bad fault spec names the variable" "DSTRAIN_INJECT_INF: no parameter tensor named 'nope'" \
     env DSTRAIN_INJECT_INF=2@nope $BIN "${TINY[@]}" --steps 2 --checkpoint-dir ""
 
-echo "$passed passed, $failed failed"
-[ $failed -eq 0 ]
+summary

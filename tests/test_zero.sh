@@ -5,16 +5,12 @@
 # or killed rank ending the run instead of hanging. Needs ./train_gpt_cpu built with MPI.
 set -u
 cd "$(dirname "$0")/.."
-BIN=./train_gpt_cpu
 TMP=tests/tmp/zero
-rm -rf "$TMP"; mkdir -p "$TMP"
-passed=0; failed=0
-ok()  { passed=$((passed + 1)); echo "ok   $1"; }
-bad() { failed=$((failed + 1)); echo "FAIL $1"; shift; for line in "$@"; do echo "    $line"; done; }
+. tests/lib.sh
 
 if ! command -v mpirun >/dev/null || ! grep -q "MPI_Init" <(strings $BIN 2>/dev/null); then
     bad "ZeRO tests need Open MPI and a trainer built with it (apt-get install openmpi-bin libopenmpi-dev; make)"
-    echo "$passed passed, $failed failed"; exit 1
+    summary; exit
 fi
 export OMP_NUM_THREADS=1   # several ranks share 2 cores
 MPI=(mpirun --allow-run-as-root --oversubscribe)
@@ -143,5 +139,4 @@ wait $job 2>/dev/null; jobrc=$?
 if [ $rc -eq 0 ] && [ $jobrc -ne 0 ]; then ok "a killed rank: the run ends (exit $jobrc), no hang"
 else bad "a killed rank: the run ends, no hang" "wait rc $rc, job exit $jobrc"; pkill -9 -f "train_gpt_cpu -c $cfg"; fi
 
-echo "$passed passed, $failed failed"
-[ $failed -eq 0 ]
+summary
