@@ -98,42 +98,209 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     }
 }
 
-// out (BT,OC) = inp (BT,C) @ weight^T (C,OC) + bias (OC); weight (OC,C) as in PyTorch
-void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
-    #pragma omp parallel for collapse(2)
-    for (int r = 0; r < BT; r++) {
-        for (int o = 0; o < OC; o++) {
-            const float* x = inp + (size_t)r * C;
-            const float* w = weight + (size_t)o * C;
-            float acc = bias ? bias[o] : 0.0f;
-            for (int i = 0; i < C; i++) acc += x[i] * w[i];
-            out[(size_t)r * OC + o] = acc;
+/*
+matmul: fp32 matmul forward and backward for the CPU trainer (llm.c layouts), parallelised with OpenMP.
+
+Checks and benchmark: dev/cpu/matmul.c.
+The kernel relies on the compiler fusing a * b + c into FMAs: GCC does so by default (-std=gnu*),
+but not with -std=c11 and the like, which then need -ffp-contract=fast (no -ffast-math needed).
+
+All three products of a Linear layer are one routine, gemm(): C (M, N) (+)= A (M, K) @ B (K, N)
+  forward:  out      = inp    @ weight^T + bias   M = BT, N = OC, K = C
+  backward: dinp    += dout   @ weight            M = BT, N = C,  K = OC
+            dweight += dout^T @ inp               M = OC, N = C,  K = BT
+
+Blocking (BLIS style), sized for an AVX-512 core with 48 KiB L1d and 2 MiB L2:
+  - register tile MR x NR = 8 x 48: 8 * 3 = 24 zmm accumulators, 3 zmm of B and one broadcast of A,
+    out of 32 registers. One k step is 3 vector loads, 8 broadcasts and 24 FMAs, so the two FMA ports,
+    not the loads, are the limit, and 24 independent accumulators cover the FMA latency. NR = 48 divides
+    C = 768, 3072 and OC = 2304, 50304, MR = 8 divides BT and every OC, so the GPT-2 shapes have no edges.
+  - KC = 256 (the depth of one block): the kernel keeps an MR x KC sliver of A (8 KiB) in L1 while it
+    sweeps the NR-wide slivers of the KC x NC block of B (384 KiB), which stays in L2 along with the
+    MC x KC block of A (256 KiB) and the MC x NC tile of C.
+  - MC x NC = 256 x 384 output tiles are the unit of parallel work (fewer rows when there would be fewer
+    tiles than threads): every tile is computed by one thread, over K in KC steps in a fixed order,
+    so the results do not depend on the number of threads.
+Operands are used in place when their layout already suits the kernel, otherwise copied ("packed"):
+  - A is read by broadcasts, so any layout works if one index is contiguous: a k-contiguous A
+    (inp, dout) is copied row by row into a (MC, KC) block, giving the kernel constant offsets between
+    rows; an i-contiguous A (dout^T) is read in place.
+  - B is read as NR-wide vectors and must be contiguous along N: dinp's weight and dweight's inp are
+    read in place; forward's weight^T is packed, 16 x 16 blocks at a time, into NR-wide slivers.
+Scratch: the packed blocks live in one static buffer (640 KiB per thread), allocated on the
+first call and regrown only if the thread count grows; it stays reachable (no leak) and is reused by
+every call. So the functions are not reentrant: call them from one thread at a time (the trainer does).
+*/
+#ifdef __cplusplus
+#define restrict __restrict__ // the CUDA tests and kernel checks compile this file as C++
+#endif
+#define MR 8     // rows of the register tile (broadcasts of A)
+#define NR 48    // columns of the register tile (3 vectors of 16 floats of B)
+#define KC 256   // depth of a block
+#define MC 256   // rows of an output tile
+#define NC 384   // columns of an output tile
+
+// GCC vector extensions: one zmm register with AVX-512; without it the compiler splits them (slower, same results)
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int ivec16 __attribute__((vector_size(64)));
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+#define AT16(p) (*(vec16_unaligned*)(p))  // the 16 floats at p (any alignment), to load or store
+
+// dst[k * ldd + j] = src[j * lds + k] for a 16 x 16 block (16 loads, 64 shuffles, 16 stores)
+static inline void transpose16(float* dst, long ldd, const float* src, long lds) {
+    const ivec16 lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29}, hi1 = lo1 + 2;
+    const ivec16 lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, hi2 = lo2 + 2;
+    const ivec16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, hi4 = lo4 + 4;
+    vec16 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = AT16(src + i * lds);
+    for (int i = 0; i < 16; i += 2) {  // interleave single floats of row pairs
+        t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+    }
+    for (int i = 0; i < 16; i += 4)  // then pairs of floats: each 128-bit lane now holds 4 x 4 transposed
+        for (int c = 0; c < 2; c++) {
+            r[i + 2 * c] = __builtin_shuffle(t[i + c], t[i + 2 + c], lo2);
+            r[i + 2 * c + 1] = __builtin_shuffle(t[i + c], t[i + 2 + c], hi2);
+        }
+    for (int i = 0; i < 16; i += 8)  // then 128-bit lanes, twice
+        for (int c = 0; c < 4; c++) {
+            t[i + c] = __builtin_shuffle(r[i + c], r[i + 4 + c], lo4);
+            t[i + 4 + c] = __builtin_shuffle(r[i + c], r[i + 4 + c], hi4);
+        }
+    for (int c = 0; c < 8; c++) {
+        r[c] = __builtin_shuffle(t[c], t[8 + c], lo4);
+        r[8 + c] = __builtin_shuffle(t[c], t[8 + c], hi4);
+    }
+    for (int i = 0; i < 16; i++) AT16(dst + i * ldd) = r[i];
+}
+
+// c (mr, nr) = (accumulate ? c : bias or 0) + a (MR, kc) @ b (kc, NR), keeping only the top-left mr x nr.
+// a(i, k) is a[i * KC + k] if a_rows (a packed block) else a[k * lda + i]; b(k, j) is b[k * ldb + j].
+static inline __attribute__((always_inline)) void kernel(int kc, const float* restrict a, int a_rows, long lda,
+                                                         const float* restrict b, long ldb, float* restrict c,
+                                                         long ldc, int mr, int nr, int accumulate, const float* bias) {
+    vec16 acc[MR][NR / 16] = {0};
+    for (int k = 0; k < kc; k++, b += ldb) {
+        vec16 bv[NR / 16];
+        for (int v = 0; v < NR / 16; v++) bv[v] = AT16(b + 16 * v);
+        for (int i = 0; i < MR; i++) {
+            float ai = a_rows ? a[i * KC + k] : a[k * lda + i];
+            for (int v = 0; v < NR / 16; v++) acc[i][v] += ai * bv[v];
+        }
+    }
+    if (mr == MR && nr == NR) {
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < NR / 16; v++) {
+                vec16 base = {0};
+                if (accumulate) base = AT16(c + i * ldc + 16 * v);
+                else if (bias) base = AT16(bias + 16 * v);
+                AT16(c + i * ldc + 16 * v) = base + acc[i][v];
+            }
+    } else {  // a tile on the edge of C
+        float tile[MR][NR];
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < NR / 16; v++) AT16(&tile[i][16 * v]) = acc[i][v];
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                c[i * ldc + j] = (accumulate ? c[i * ldc + j] : bias ? bias[j] : 0.0f) + tile[i][j];
+    }
+}
+
+// C (M, N) (+)= A (M, K) @ B (K, N), with A(i, k) = A[i * ars + k * acs], B(k, j) = B[k * brs + j * bcs]
+// and C(i, j) = C[i * ldc + j]. Each of A and B must be contiguous along one index (a stride of 1).
+// accumulate = 0: C = bias (N, or NULL for 0) + A @ B.
+static void gemm(int M, int N, int K, const float* A, long ars, long acs, const float* B, long brs, long bcs,
+                 float* C, long ldc, int accumulate, const float* bias) {
+    const long per_thread = MC * KC + KC * NC;  // floats of scratch per thread: packed A block, packed B block
+    static float* scratch = NULL;
+    static int scratch_threads = 0;
+    if (omp_get_max_threads() > scratch_threads) {
+        free(scratch);
+        scratch_threads = omp_get_max_threads();
+        scratch = (float*)aligned_alloc(64, sizeof(float) * per_thread * scratch_threads);
+        if (scratch == NULL) fatal("matmul: out of memory for %zu bytes of scratch", sizeof(float) * per_thread * scratch_threads);
+    }
+    int a_rows = acs == 1;  // A contiguous along K: copy its rows; else contiguous along M: use in place
+    int nt = (N + NC - 1) / NC, tm = MC;  // tiles of tm rows (at most MC) and NC columns
+    while (tm > MR && (M + tm - 1) / tm * nt < omp_get_max_threads()) tm /= 2;  // enough tiles for all threads
+    int mt = (M + tm - 1) / tm;
+    #pragma omp parallel
+    {
+        float* pa = scratch + per_thread * omp_get_thread_num();
+        float* pb = pa + MC * KC;
+        #pragma omp for schedule(static)
+        for (int t = 0; t < mt * nt; t++) {
+            int i0 = (t / nt) * tm, j0 = (t % nt) * NC;
+            int mc = M - i0 < tm ? M - i0 : tm, nc = N - j0 < NC ? N - j0 : NC;
+            // A in place needs whole MR slivers; B in place needs whole NR slivers and stride 1 along N
+            int a_packed = a_rows || mc % MR, b_packed = bcs != 1 || nc % NR;
+            for (int k0 = 0; k0 < K; k0 += KC) {
+                int kc = K - k0 < KC ? K - k0 : KC;
+                const float* Ab = A + i0 * ars + k0 * acs;
+                const float* Bb = B + k0 * brs + j0 * bcs;
+                int mc_pad = (mc + MR - 1) / MR * MR;
+                if (a_rows) {  // pa (mc_pad, KC) = A block, zero rows below mc
+                    for (int i = 0; i < mc_pad; i++)
+                        if (i < mc) memcpy(pa + i * KC, Ab + i * ars, kc * sizeof(float));
+                        else memset(pa + i * KC, 0, kc * sizeof(float));
+                } else if (a_packed) {  // pa (kc, MC) = A block^T, zero columns right of mc
+                    for (int k = 0; k < kc; k++) {
+                        memcpy(pa + k * MC, Ab + k * acs, mc * sizeof(float));
+                        memset(pa + k * MC + mc, 0, (mc_pad - mc) * sizeof(float));
+                    }
+                }
+                if (b_packed) {  // pb: NR-wide slivers of the B block, each (kc, NR), zero columns right of nc
+                    for (int j = 0; j < (nc + NR - 1) / NR * NR; j += 16)
+                        for (int k = 0; k < kc; k += 16) {
+                            float* dst = pb + (j / NR) * NR * kc + j % NR;
+                            if (bcs != 1 && k + 16 <= kc && j + 16 <= nc)
+                                transpose16(dst + k * NR, NR, Bb + j * bcs + k * brs, bcs);
+                            else
+                                for (int kk = k; kk < k + 16 && kk < kc; kk++)
+                                    for (int jj = 0; jj < 16; jj++)
+                                        dst[kk * NR + jj] = j + jj < nc ? Bb[kk * brs + (j + jj) * bcs] : 0.0f;
+                        }
+                }
+                for (int is = 0; is < mc; is += MR) {
+                    const float* a = a_rows ? pa + is * KC : a_packed ? pa + is : Ab + is;
+                    long lda = a_packed ? MC : acs;
+                    for (int js = 0; js < nc; js += NR) {
+                        const float* b = b_packed ? pb + js * kc : Bb + js;
+                        long ldb = b_packed ? NR : brs;
+                        float* c = C + (i0 + is) * ldc + j0 + js;
+                        int mr = mc - is < MR ? mc - is : MR, nr = nc - js < NR ? nc - js : NR;
+                        int acc = accumulate || k0 > 0;
+                        const float* bi = bias ? bias + j0 + js : NULL;
+                        if (a_rows) kernel(kc, a, 1, 0, b, ldb, c, ldc, mr, nr, acc, bi);  // two copies of the
+                        else kernel(kc, a, 0, lda, b, ldb, c, ldc, mr, nr, acc, bi);       // kernel, one per A layout
+                    }
+                }
+            }
         }
     }
 }
 
-// dinp (BT,C) += dout @ weight; dweight (OC,C) += dout^T @ inp; dbias (OC) += sum of dout
-void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp, const float* weight, int BT, int C, int OC) {
-    #pragma omp parallel for
-    for (int r = 0; r < BT; r++) {
-        const float* d = dout + (size_t)r * OC;
-        float* dx = dinp + (size_t)r * C;
-        for (int o = 0; o < OC; o++) {
-            const float* w = weight + (size_t)o * C;
-            for (int i = 0; i < C; i++) dx[i] += d[o] * w[i];
+// out (BT, OC) = inp (BT, C) @ weight^T + bias; weight (OC, C) row-major (PyTorch Linear layout); bias (OC) or NULL
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
+    gemm(BT, OC, C, inp, C, 1, weight, 1, C, out, OC, 0, bias);
+}
+
+// dinp (BT, C) += dout (BT, OC) @ weight (OC, C)
+// dweight (OC, C) += dout^T (OC, BT) @ inp (BT, C)
+// dbias (OC) += sum over BT of dout; dbias may be NULL
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int BT, int C, int OC) {
+    gemm(BT, C, OC, dout, OC, 1, weight, C, 1, dinp, C, 1, NULL);
+    gemm(OC, C, BT, dout, 1, OC, inp, C, 1, dweight, C, 1, NULL);
+    if (dbias) {
+        #pragma omp parallel for
+        for (int o0 = 0; o0 < OC; o0 += 64) {  // 64 columns of dout at a time, summed down the rows
+            int n = OC - o0 < 64 ? OC - o0 : 64;
+            float sum[64] = {0};
+            for (int b = 0; b < BT; b++)
+                for (int o = 0; o < n; o++) sum[o] += dout[(long)b * OC + o0 + o];
+            for (int o = 0; o < n; o++) dbias[o0 + o] += sum[o];
         }
-    }
-    #pragma omp parallel for
-    for (int o = 0; o < OC; o++) {
-        float* dw = dweight + (size_t)o * C;
-        float db = 0.0f;
-        for (int r = 0; r < BT; r++) {
-            float d = dout[(size_t)r * OC + o];
-            const float* x = inp + (size_t)r * C;
-            for (int i = 0; i < C; i++) dw[i] += d * x[i];
-            db += d;
-        }
-        if (dbias) dbias[o] += db;
     }
 }
 
