@@ -111,22 +111,22 @@ All three products of a Linear layer are one routine, gemm(): C (M, N) (+)= A (M
             dweight += dout^T @ inp               M = OC, N = C,  K = BT
 
 Blocking (BLIS style), sized for an AVX-512 core with 48 KiB L1d and 2 MiB L2:
-  - register tile MR x NR = 8 x 48: 8 * 3 = 24 zmm accumulators, 3 zmm of B and one broadcast of A,
+  - register tile GEMM_MR x GEMM_NR = 8 x 48: 8 * 3 = 24 zmm accumulators, 3 zmm of B and one broadcast of A,
     out of 32 registers. One k step is 3 vector loads, 8 broadcasts and 24 FMAs, so the two FMA ports,
-    not the loads, are the limit, and 24 independent accumulators cover the FMA latency. NR = 48 divides
-    C = 768, 3072 and OC = 2304, 50304, MR = 8 divides BT and every OC, so the GPT-2 shapes have no edges.
-  - KC = 256 (the depth of one block): the kernel keeps an MR x KC sliver of A (8 KiB) in L1 while it
-    sweeps the NR-wide slivers of the KC x NC block of B (384 KiB), which stays in L2 along with the
-    MC x KC block of A (256 KiB) and the MC x NC tile of C.
-  - MC x NC = 256 x 384 output tiles are the unit of parallel work (fewer rows when there would be fewer
-    tiles than threads): every tile is computed by one thread, over K in KC steps in a fixed order,
+    not the loads, are the limit, and 24 independent accumulators cover the FMA latency. GEMM_NR = 48 divides
+    C = 768, 3072 and OC = 2304, 50304, GEMM_MR = 8 divides BT and every OC, so the GPT-2 shapes have no edges.
+  - GEMM_KC = 256 (the depth of one block): the kernel keeps an GEMM_MR x GEMM_KC sliver of A (8 KiB) in L1 while it
+    sweeps the GEMM_NR-wide slivers of the GEMM_KC x GEMM_NC block of B (384 KiB), which stays in L2 along with the
+    GEMM_MC x GEMM_KC block of A (256 KiB) and the GEMM_MC x GEMM_NC tile of C.
+  - GEMM_MC x GEMM_NC = 256 x 384 output tiles are the unit of parallel work (fewer rows when there would be fewer
+    tiles than threads): every tile is computed by one thread, over K in GEMM_KC steps in a fixed order,
     so the results do not depend on the number of threads.
 Operands are used in place when their layout already suits the kernel, otherwise copied ("packed"):
   - A is read by broadcasts, so any layout works if one index is contiguous: a k-contiguous A
-    (inp, dout) is copied row by row into a (MC, KC) block, giving the kernel constant offsets between
+    (inp, dout) is copied row by row into a (GEMM_MC, GEMM_KC) block, giving the kernel constant offsets between
     rows; an i-contiguous A (dout^T) is read in place.
-  - B is read as NR-wide vectors and must be contiguous along N: dinp's weight and dweight's inp are
-    read in place; forward's weight^T is packed, 16 x 16 blocks at a time, into NR-wide slivers.
+  - B is read as GEMM_NR-wide vectors and must be contiguous along N: dinp's weight and dweight's inp are
+    read in place; forward's weight^T is packed, 16 x 16 blocks at a time, into GEMM_NR-wide slivers.
 Scratch: the packed blocks live in one static buffer (640 KiB per thread), allocated on the
 first call and regrown only if the thread count grows; it stays reachable (no leak) and is reused by
 every call. So the functions are not reentrant: call them from one thread at a time (the trainer does).
@@ -134,11 +134,11 @@ every call. So the functions are not reentrant: call them from one thread at a t
 #ifdef __cplusplus
 #define restrict __restrict__ // the CUDA tests and kernel checks compile this file as C++
 #endif
-#define MR 8     // rows of the register tile (broadcasts of A)
-#define NR 48    // columns of the register tile (3 vectors of 16 floats of B)
-#define KC 256   // depth of a block
-#define MC 256   // rows of an output tile
-#define NC 384   // columns of an output tile
+#define GEMM_MR 8     // rows of the register tile (broadcasts of A)
+#define GEMM_NR 48    // columns of the register tile (3 vectors of 16 floats of B)
+#define GEMM_KC 256   // depth of a block
+#define GEMM_MC 256   // rows of an output tile
+#define GEMM_NC 384   // columns of an output tile
 
 // GCC vector extensions: one zmm register with AVX-512; without it the compiler splits them (slower, same results)
 typedef float vec16 __attribute__((vector_size(64)));
@@ -174,32 +174,32 @@ static inline void transpose16(float* dst, long ldd, const float* src, long lds)
     for (int i = 0; i < 16; i++) AT16(dst + i * ldd) = r[i];
 }
 
-// c (mr, nr) = (accumulate ? c : bias or 0) + a (MR, kc) @ b (kc, NR), keeping only the top-left mr x nr.
-// a(i, k) is a[i * KC + k] if a_rows (a packed block) else a[k * lda + i]; b(k, j) is b[k * ldb + j].
+// c (mr, nr) = (accumulate ? c : bias or 0) + a (GEMM_MR, kc) @ b (kc, GEMM_NR), keeping only the top-left mr x nr.
+// a(i, k) is a[i * GEMM_KC + k] if a_rows (a packed block) else a[k * lda + i]; b(k, j) is b[k * ldb + j].
 static inline __attribute__((always_inline)) void kernel(int kc, const float* restrict a, int a_rows, long lda,
                                                          const float* restrict b, long ldb, float* restrict c,
                                                          long ldc, int mr, int nr, int accumulate, const float* bias) {
-    vec16 acc[MR][NR / 16] = {0};
+    vec16 acc[GEMM_MR][GEMM_NR / 16] = {0};
     for (int k = 0; k < kc; k++, b += ldb) {
-        vec16 bv[NR / 16];
-        for (int v = 0; v < NR / 16; v++) bv[v] = AT16(b + 16 * v);
-        for (int i = 0; i < MR; i++) {
-            float ai = a_rows ? a[i * KC + k] : a[k * lda + i];
-            for (int v = 0; v < NR / 16; v++) acc[i][v] += ai * bv[v];
+        vec16 bv[GEMM_NR / 16];
+        for (int v = 0; v < GEMM_NR / 16; v++) bv[v] = AT16(b + 16 * v);
+        for (int i = 0; i < GEMM_MR; i++) {
+            float ai = a_rows ? a[i * GEMM_KC + k] : a[k * lda + i];
+            for (int v = 0; v < GEMM_NR / 16; v++) acc[i][v] += ai * bv[v];
         }
     }
-    if (mr == MR && nr == NR) {
-        for (int i = 0; i < MR; i++)
-            for (int v = 0; v < NR / 16; v++) {
+    if (mr == GEMM_MR && nr == GEMM_NR) {
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int v = 0; v < GEMM_NR / 16; v++) {
                 vec16 base = {0};
                 if (accumulate) base = AT16(c + i * ldc + 16 * v);
                 else if (bias) base = AT16(bias + 16 * v);
                 AT16(c + i * ldc + 16 * v) = base + acc[i][v];
             }
     } else {  // a tile on the edge of C
-        float tile[MR][NR];
-        for (int i = 0; i < MR; i++)
-            for (int v = 0; v < NR / 16; v++) AT16(&tile[i][16 * v]) = acc[i][v];
+        float tile[GEMM_MR][GEMM_NR];
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int v = 0; v < GEMM_NR / 16; v++) AT16(&tile[i][16 * v]) = acc[i][v];
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++)
                 c[i * ldc + j] = (accumulate ? c[i * ldc + j] : bias ? bias[j] : 0.0f) + tile[i][j];
@@ -211,7 +211,7 @@ static inline __attribute__((always_inline)) void kernel(int kc, const float* re
 // accumulate = 0: C = bias (N, or NULL for 0) + A @ B.
 static void gemm(int M, int N, int K, const float* A, long ars, long acs, const float* B, long brs, long bcs,
                  float* C, long ldc, int accumulate, const float* bias) {
-    const long per_thread = MC * KC + KC * NC;  // floats of scratch per thread: packed A block, packed B block
+    const long per_thread = GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC;  // floats of scratch per thread: packed A block, packed B block
     static float* scratch = NULL;
     static int scratch_threads = 0;
     if (omp_get_max_threads() > scratch_threads) {
@@ -221,54 +221,54 @@ static void gemm(int M, int N, int K, const float* A, long ars, long acs, const 
         if (scratch == NULL) fatal("matmul: out of memory for %zu bytes of scratch", sizeof(float) * per_thread * scratch_threads);
     }
     int a_rows = acs == 1;  // A contiguous along K: copy its rows; else contiguous along M: use in place
-    int nt = (N + NC - 1) / NC, tm = MC;  // tiles of tm rows (at most MC) and NC columns
-    while (tm > MR && (M + tm - 1) / tm * nt < omp_get_max_threads()) tm /= 2;  // enough tiles for all threads
+    int nt = (N + GEMM_NC - 1) / GEMM_NC, tm = GEMM_MC;  // tiles of tm rows (at most GEMM_MC) and GEMM_NC columns
+    while (tm > GEMM_MR && (M + tm - 1) / tm * nt < omp_get_max_threads()) tm /= 2;  // enough tiles for all threads
     int mt = (M + tm - 1) / tm;
     #pragma omp parallel
     {
         float* pa = scratch + per_thread * omp_get_thread_num();
-        float* pb = pa + MC * KC;
+        float* pb = pa + GEMM_MC * GEMM_KC;
         #pragma omp for schedule(static)
         for (int t = 0; t < mt * nt; t++) {
-            int i0 = (t / nt) * tm, j0 = (t % nt) * NC;
-            int mc = M - i0 < tm ? M - i0 : tm, nc = N - j0 < NC ? N - j0 : NC;
-            // A in place needs whole MR slivers; B in place needs whole NR slivers and stride 1 along N
-            int a_packed = a_rows || mc % MR, b_packed = bcs != 1 || nc % NR;
-            for (int k0 = 0; k0 < K; k0 += KC) {
-                int kc = K - k0 < KC ? K - k0 : KC;
+            int i0 = (t / nt) * tm, j0 = (t % nt) * GEMM_NC;
+            int mc = M - i0 < tm ? M - i0 : tm, nc = N - j0 < GEMM_NC ? N - j0 : GEMM_NC;
+            // A in place needs whole GEMM_MR slivers; B in place needs whole GEMM_NR slivers and stride 1 along N
+            int a_packed = a_rows || mc % GEMM_MR, b_packed = bcs != 1 || nc % GEMM_NR;
+            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
                 const float* Ab = A + i0 * ars + k0 * acs;
                 const float* Bb = B + k0 * brs + j0 * bcs;
-                int mc_pad = (mc + MR - 1) / MR * MR;
-                if (a_rows) {  // pa (mc_pad, KC) = A block, zero rows below mc
+                int mc_pad = (mc + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+                if (a_rows) {  // pa (mc_pad, GEMM_KC) = A block, zero rows below mc
                     for (int i = 0; i < mc_pad; i++)
-                        if (i < mc) memcpy(pa + i * KC, Ab + i * ars, kc * sizeof(float));
-                        else memset(pa + i * KC, 0, kc * sizeof(float));
-                } else if (a_packed) {  // pa (kc, MC) = A block^T, zero columns right of mc
+                        if (i < mc) memcpy(pa + i * GEMM_KC, Ab + i * ars, kc * sizeof(float));
+                        else memset(pa + i * GEMM_KC, 0, kc * sizeof(float));
+                } else if (a_packed) {  // pa (kc, GEMM_MC) = A block^T, zero columns right of mc
                     for (int k = 0; k < kc; k++) {
-                        memcpy(pa + k * MC, Ab + k * acs, mc * sizeof(float));
-                        memset(pa + k * MC + mc, 0, (mc_pad - mc) * sizeof(float));
+                        memcpy(pa + k * GEMM_MC, Ab + k * acs, mc * sizeof(float));
+                        memset(pa + k * GEMM_MC + mc, 0, (mc_pad - mc) * sizeof(float));
                     }
                 }
-                if (b_packed) {  // pb: NR-wide slivers of the B block, each (kc, NR), zero columns right of nc
-                    for (int j = 0; j < (nc + NR - 1) / NR * NR; j += 16)
+                if (b_packed) {  // pb: GEMM_NR-wide slivers of the B block, each (kc, GEMM_NR), zero columns right of nc
+                    for (int j = 0; j < (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR; j += 16)
                         for (int k = 0; k < kc; k += 16) {
-                            float* dst = pb + (j / NR) * NR * kc + j % NR;
+                            float* dst = pb + (j / GEMM_NR) * GEMM_NR * kc + j % GEMM_NR;
                             if (bcs != 1 && k + 16 <= kc && j + 16 <= nc)
-                                transpose16(dst + k * NR, NR, Bb + j * bcs + k * brs, bcs);
+                                transpose16(dst + k * GEMM_NR, GEMM_NR, Bb + j * bcs + k * brs, bcs);
                             else
                                 for (int kk = k; kk < k + 16 && kk < kc; kk++)
                                     for (int jj = 0; jj < 16; jj++)
-                                        dst[kk * NR + jj] = j + jj < nc ? Bb[kk * brs + (j + jj) * bcs] : 0.0f;
+                                        dst[kk * GEMM_NR + jj] = j + jj < nc ? Bb[kk * brs + (j + jj) * bcs] : 0.0f;
                         }
                 }
-                for (int is = 0; is < mc; is += MR) {
-                    const float* a = a_rows ? pa + is * KC : a_packed ? pa + is : Ab + is;
-                    long lda = a_packed ? MC : acs;
-                    for (int js = 0; js < nc; js += NR) {
+                for (int is = 0; is < mc; is += GEMM_MR) {
+                    const float* a = a_rows ? pa + is * GEMM_KC : a_packed ? pa + is : Ab + is;
+                    long lda = a_packed ? GEMM_MC : acs;
+                    for (int js = 0; js < nc; js += GEMM_NR) {
                         const float* b = b_packed ? pb + js * kc : Bb + js;
-                        long ldb = b_packed ? NR : brs;
+                        long ldb = b_packed ? GEMM_NR : brs;
                         float* c = C + (i0 + is) * ldc + j0 + js;
-                        int mr = mc - is < MR ? mc - is : MR, nr = nc - js < NR ? nc - js : NR;
+                        int mr = mc - is < GEMM_MR ? mc - is : GEMM_MR, nr = nc - js < GEMM_NR ? nc - js : GEMM_NR;
                         int acc = accumulate || k0 > 0;
                         const float* bi = bias ? bias + j0 + js : NULL;
                         if (a_rows) kernel(kc, a, 1, 0, b, ldb, c, ldc, mr, nr, acc, bi);  // two copies of the
