@@ -2212,17 +2212,19 @@ static void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t*
     cudaMemcpy(buf, h, end * elem_size, cudaMemcpyHostToDevice);
 }
 
-static void comm_init_mpi_staged(Comm* c, int* argc, char*** argv, cudaStream_t* compute) {
-    comm_init_mpi(c, argc, argv);
+// Turns an MPI communicator into one for device buffers.
+static void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
     StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
     s->compute = compute;
     c->impl = s;
-    c->backend = "mpi (device buffers staged through host memory)";
+    c->backend = "mpi (device buffers staged through host memory: several ranks share a GPU)";
     c->allreduce_f32 = staged_allreduce_f32;
     c->reduce_scatter_start = staged_reduce_scatter_start;
     c->wait = staged_wait;
     c->allgather = staged_allgather;
 }
+
+static void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
 #endif
 
 // The GPU trainer's ranks: one GPU per local rank, NCCL between them. NCCL's unique id
@@ -2249,22 +2251,13 @@ static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* comput
         cudaSetDevice(probe.local_rank % devices);
         if (probe.world_size == 1 || local_ranks > devices) { // NCCL cannot put two ranks on one GPU
             *c = probe;
-            if (probe.world_size > 1) {
-                StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
-                s->compute = compute;
-                c->impl = s;
-                c->backend = "mpi (device buffers staged through host memory: several ranks share a GPU)";
-                c->allreduce_f32 = staged_allreduce_f32;
-                c->reduce_scatter_start = staged_reduce_scatter_start;
-                c->wait = staged_wait;
-                c->allgather = staged_allgather;
-            }
+            if (probe.world_size > 1) comm_stage_through_host(c, compute);
             return;
         }
         if (probe.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
         MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
         comm_init_nccl(c, probe.rank, probe.world_size, probe.local_rank, &id, compute);
-        c->finalize = nccl_finalize; // MPI_Finalize runs at exit through the probe's init
+        c->finalize = nccl_mpi_finalize; // MPI launched the ranks: finalize it too
         return;
     }
 #else
