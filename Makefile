@@ -53,10 +53,13 @@ train_gpt: train_gpt.c $(HEADERS) $(if $(USE_GPU_TRAINER),FORCE)
 train_gpt_cpu: train_gpt.c $(HEADERS)
 	$(CPU_CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
-test_gpt: test_gpt.c train_gpt.c tests/test.h $(HEADERS)
+test_gpt: test_gpt.c train_gpt.c tests/test.h tests/compare.h tests/reference.h $(HEADERS)
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
-test_dstrain: tests/test_dstrain.c tests/test.h $(HEADERS)
+test_dstrain: tests/test_dstrain.c tests/test.h tests/compare.h $(HEADERS)
+	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
+
+test_compare: tests/test_compare.c tests/test.h tests/compare.h
 	$(CC) $(CFLAGS) $< $(LDLIBS) -o $@
 
 # make data DATASET=wikitext-103 (or tinyshakespeare): another dataset, for ./train_gpt --dataset NAME
@@ -73,14 +76,14 @@ $(DATA): data/prepare.py
 $(REFERENCE): dev/reference.py
 	$(PYTHON_TORCH) dev/reference.py --out $@
 
-test: train_gpt_cpu test_gpt test_dstrain $(REFERENCE) $(DATA)
+test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCE) $(DATA)
 	@bash tests/run.sh
 
 bench-cpu: train_gpt_cpu
 	bash dev/bench/cpu.sh
 
 clean:
-	rm -f train_gpt train_gpt_cpu train_gpt_cu test_gpt test_gpt_cu test_dstrain
+	rm -f train_gpt train_gpt_cpu train_gpt_cu test_gpt test_gpt_cu test_dstrain test_compare
 	rm -rf tests/tmp
 
 # ----------------------------------------------------------------------------
@@ -129,12 +132,12 @@ $(TRAIN_GPT_CU): train_gpt_cu_%: train_gpt.cu $(HEADERS)
 train_gpt_cu: train_gpt_cu_$(PRECISION_LC) FORCE
 	@cmp -s $< $@ || cp $< $@
 
-$(TEST_GPT_CU): test_gpt_cu_%: test_gpt.cu train_gpt.cu train_gpt.c tests/test.h $(HEADERS)
+$(TEST_GPT_CU): test_gpt_cu_%: test_gpt.cu train_gpt.cu train_gpt.c tests/test.h tests/compare.h tests/reference.h $(HEADERS)
 	$(NVCC) $(NVCC_FLAGS) $(NVCC_ENABLE_$*) $< $(NVCC_LDLIBS) -o $@
 
 test_gpt_cu: $(TEST_GPT_CU)
 
-$(DEV_CUDA): dev/cuda/%: dev/cuda/%.cu dev/cuda/common.h train_gpt.cu train_gpt.c $(HEADERS)
+$(DEV_CUDA): dev/cuda/%: dev/cuda/%.cu dev/cuda/common.h tests/compare.h train_gpt.cu train_gpt.c $(HEADERS)
 	$(NVCC) $(NVCC_FLAGS) $(NVCC_ENABLE_$(PRECISION_LC)) $< $(NVCC_LDLIBS) -o $@
 
 clean-cuda:

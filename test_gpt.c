@@ -40,10 +40,10 @@ static void test_layout_matches_reference(void) {
 static void test_forward_logits_and_loss(void) {
     memcpy(model.params, ref.params, model.num_params * sizeof(float));
     float loss = gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
-    double e_logits = tensor_rel_err(model.act.logits, ref.logits, (size_t)ref.B * ref.T, ref.V, ref.Vp, ref.V);
+    TensorErr e_logits = tensor_err_strided(model.act.logits, ref.logits, (size_t)ref.B * ref.T, ref.V, ref.Vp, ref.V);
     double e_loss = rel_err(loss, ref.loss, 0);
-    printf("    logits rel err %.2e, loss %.7f vs %.7f (rel err %.2e)\n", e_logits, loss, ref.loss, e_loss);
-    CHECK(e_logits <= 1e-5, "logits rel err %.3e > 1e-5", e_logits);
+    printf("    logits rel err %.2e, loss %.7f vs %.7f (rel err %.2e)\n", e_logits.rel_err, loss, ref.loss, e_loss);
+    CHECK_TENSOR(e_logits, 1e-5, "logits");
     CHECK(e_loss <= 1e-5, "loss rel err %.3e > 1e-5", e_loss);
 }
 
@@ -80,9 +80,9 @@ static void test_backward_every_gradient_tensor(void) {
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
-        double e = tensor_rel_err(grads + t[i].offset, ref.grads + t[i].offset, 1, t[i].size, 0, 0);
-        CHECK(e <= 1e-4, "gradient of %s: rel err %.3e > 1e-4", t[i].name, e);
-        if (e > worst) { worst = e; worst_name = t[i].name; }
+        TensorErr e = tensor_err(grads + t[i].offset, ref.grads + t[i].offset, t[i].size);
+        CHECK_TENSOR(e, 1e-4, "gradient of %s", t[i].name);
+        if (e.rel_err > worst) { worst = e.rel_err; worst_name = t[i].name; }
     }
     printf("    %d gradient tensors, worst rel err %.2e (%s)\n", n, worst, worst_name);
     free(t);
@@ -111,9 +111,9 @@ static void check_training_run(int run, int stage) {
         CHECK(rel_err(norms[s], ref.norms[run][s], 0) <= 1e-4, "step %d grad norm %.7f vs %.7f", s, norms[s], ref.norms[run][s]);
         CHECK(rel_err(lrs[s], ref.lrs[run][s], 0) <= 1e-6, "step %d lr %.7e vs %.7e", s, lrs[s], ref.lrs[run][s]);
     }
-    double e = tensor_rel_err(model.params, ref.final[run], 1, model.num_params, 0, 0);
-    printf("    final weights rel err %.2e\n", e);
-    CHECK(e <= 1e-4, "final weights rel err %.3e > 1e-4", e);
+    TensorErr e = tensor_err(model.params, ref.final[run], model.num_params);
+    printf("    final weights rel err %.2e\n", e.rel_err);
+    CHECK_TENSOR(e, 1e-4, "final weights");
 }
 
 static void test_ten_adamw_steps_with_clipping_and_warmup(void) { check_training_run(0, 0); }
@@ -128,9 +128,9 @@ static void test_ten_steps_through_zero_stage2_small_buckets(void) {
     float losses[64], norms[64], lrs[64];
     run_steps(&saved, 2, ref.steps, NULL, 0, losses, norms, lrs);
     for (int s = 0; s < ref.steps; s++) CHECK(rel_err(losses[s], ref.losses[0][s], 0) <= 1e-5, "step %d loss %.7f vs %.7f", s, losses[s], ref.losses[0][s]);
-    double e = tensor_rel_err(model.params, ref.final[0], 1, model.num_params, 0, 0);
-    printf("    stage 2: final weights rel err %.2e\n", e);
-    CHECK(e <= 1e-4, "final weights rel err %.3e > 1e-4", e);
+    TensorErr e = tensor_err(model.params, ref.final[0], model.num_params);
+    printf("    stage 2: final weights rel err %.2e\n", e.rel_err);
+    CHECK_TENSOR(e, 1e-4, "final weights");
 }
 
 static void test_two_runs_are_bit_identical(void) {
@@ -139,8 +139,8 @@ static void test_two_runs_are_bit_identical(void) {
     float* first = (float*)mallocCheck(model.num_params * sizeof(float));
     memcpy(first, model.params, model.num_params * sizeof(float));
     train_reference_run(1, 0, l2, n2, r2);
-    CHECK(memcmp(first, model.params, model.num_params * sizeof(float)) == 0, "weights differ between identical runs");
-    CHECK(memcmp(l1, l2, ref.steps * sizeof(float)) == 0, "losses differ between identical runs");
+    CHECK_BITWISE(model.params, first, model.num_params, "weights of two identical runs");
+    CHECK_BITWISE(l2, l1, ref.steps, "losses of two identical runs");
     free(first);
 }
 
@@ -166,8 +166,7 @@ static void test_fp16_scaling_gives_the_fp32_update(void) {
     TrainState st = run_steps(&f16, 0, ref.steps, NULL, 0, l16, n16, r16);
     CHECK(st.skipped == 0 && st.scaler.scale == 65536, "no overflow, scale 2^16");
     for (int s = 0; s < ref.steps; s++) CHECK(n16[s] == n32[s], "step %d: logged norm %.9g is not the unscaled norm %.9g", s, n16[s], n32[s]);
-    CHECK(memcmp(w32, model.params, model.num_params * sizeof(float)) == 0, "weights of the scaled run differ from the fp32 run (rel err %.2e)",
-          tensor_rel_err(model.params, w32, 1, model.num_params, 0, 0));
+    CHECK_BITWISE(model.params, w32, model.num_params, "weights of the scaled run against the fp32 run");
     free(w32);
 }
 
@@ -196,8 +195,7 @@ static void test_injected_overflows_skip_exactly_those_steps(void) {
         CHECK(r[s] == r8[applied] && n[s] == n8[applied], "applied step %d: lr %g vs %g, norm %g vs %g", s, r[s], r8[applied], n[s], n8[applied]);
         applied++;
     }
-    CHECK(memcmp(w16, model.params, model.num_params * sizeof(float)) == 0, "weights differ from the run without the skipped steps (rel err %.2e)",
-          tensor_rel_err(w16, model.params, 1, model.num_params, 0, 0));
+    CHECK_BITWISE(w16, model.params, model.num_params, "weights against the run without the skipped steps");
     free(w16);
 }
 

@@ -251,11 +251,11 @@ static void test_forward_logits_and_loss(void) {
     setup_run(&GPU_OPS, model, &cfg);
     float loss = gpt2_forward(model, ref.inputs, ref.targets, ref.B, ref.T);
     download_floatX(host_logits, model->act.logits, (size_t)ref.B * ref.T * ref.Vp);
-    double e_logits = tensor_rel_err(host_logits, ref.logits, (size_t)ref.B * ref.T, ref.V, ref.Vp, ref.V);
+    TensorErr e_logits = tensor_err_strided(host_logits, ref.logits, (size_t)ref.B * ref.T, ref.V, ref.Vp, ref.V);
     double e_loss = rel_err(loss, ref.loss, 0);
-    printf("    logits rel err %.2e (tolerance %.2e), loss %.7f vs %.7f (rel err %.2e, tolerance %.2e)\n", e_logits, tol.logits, loss, ref.loss,
-           e_loss, tol.loss);
-    CHECK(e_logits <= tol.logits, "logits rel err %.3e > %.3e", e_logits, tol.logits);
+    printf("    logits rel err %.2e (tolerance %.2e), loss %.7f vs %.7f (rel err %.2e, tolerance %.2e)\n", e_logits.rel_err, tol.logits, loss,
+           ref.loss, e_loss, tol.loss);
+    CHECK_TENSOR(e_logits, tol.logits, "logits");
     CHECK(e_loss <= tol.loss, "loss rel err %.3e > %.3e", e_loss, tol.loss);
 }
 
@@ -266,10 +266,10 @@ static void test_backward_every_gradient_tensor(void) {
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
-        double e = tensor_rel_err(host_grads + t[i].offset, ref.grads + t[i].offset, 1, t[i].size, 0, 0);
-        printf("    %-18s rel err %.2e\n", t[i].name, e);
-        CHECK(e <= tol.grad, "gradient of %s: rel err %.3e > %.3e", t[i].name, e, tol.grad);
-        if (e > worst) { worst = e; worst_name = t[i].name; }
+        TensorErr e = tensor_err(host_grads + t[i].offset, ref.grads + t[i].offset, t[i].size);
+        printf("    %-18s rel err %.2e\n", t[i].name, e.rel_err);
+        CHECK_TENSOR(e, tol.grad, "gradient of %s", t[i].name);
+        if (e.rel_err > worst) { worst = e.rel_err; worst_name = t[i].name; }
     }
     printf("    %d gradient tensors, worst rel err %.2e (%s), tolerance %.2e\n", n, worst, worst_name, tol.grad);
     free(t);
@@ -285,8 +285,7 @@ static void test_recompute_gives_identical_gradients(void) {
     float* stored = (float*)mallocCheck(model->num_params * sizeof(float));
     reference_gradients(model, stored);
     reference_gradients(r, host_grads);
-    CHECK(memcmp(stored, host_grads, model->num_params * sizeof(float)) == 0, "gradients with --recompute differ (rel err %.2e)",
-          tensor_rel_err(host_grads, stored, 1, model->num_params, 0, 0));
+    CHECK_BITWISE(host_grads, stored, model->num_params, "gradients with --recompute against stored activations");
     gpu_free(r);
     free(stored);
 }
@@ -305,9 +304,9 @@ static void check_training_run(int run) {
     }
 #if defined(ENABLE_FP32)
     float* w = master_weights();
-    double e = tensor_rel_err(w, ref.final[run], 1, model->num_params, 0, 0);
-    printf("    final weights rel err %.2e\n", e);
-    CHECK(e <= 1e-4, "final weights rel err %.3e > 1e-4", e);
+    TensorErr e = tensor_err(w, ref.final[run], model->num_params);
+    printf("    final weights rel err %.2e\n", e.rel_err);
+    CHECK_TENSOR(e, 1e-4, "final weights");
     free(w);
 #endif
 }
@@ -321,9 +320,9 @@ static void test_two_runs_are_bit_identical(void) {
     float* first = master_weights();
     train_reference_run(1, l2, n2, r2);
     float* second = master_weights();
-    CHECK(memcmp(first, second, model->num_params * sizeof(float)) == 0, "weights differ between identical runs");
-    CHECK(memcmp(l1, l2, ref.steps * sizeof(float)) == 0, "losses differ between identical runs");
-    CHECK(memcmp(n1, n2, ref.steps * sizeof(float)) == 0, "grad norms differ between identical runs");
+    CHECK_BITWISE(second, first, model->num_params, "weights of two identical runs");
+    CHECK_BITWISE(l2, l1, ref.steps, "losses of two identical runs");
+    CHECK_BITWISE(n2, n1, ref.steps, "grad norms of two identical runs");
     free(first);
     free(second);
 }
@@ -354,8 +353,8 @@ static void test_save_restore_round_trip_is_bit_identical(void) {
     tr.state = saved;
     reference_train_steps(&tr, &ref, rest, NULL, 0, l2, n2, r2);
     float* again = master_weights();
-    CHECK(memcmp(l, l2, rest * sizeof(float)) == 0, "losses after the restore differ");
-    CHECK(memcmp(after, again, tr.num_params * sizeof(float)) == 0, "weights after the restore differ");
+    CHECK_BITWISE(l2, l, rest, "losses after the restore");
+    CHECK_BITWISE(again, after, tr.num_params, "weights after the restore");
     free(host); free(after); free(again);
 }
 
@@ -376,8 +375,7 @@ static void test_injected_overflow_skips_exactly_that_step(void) {
     setup_run(&GPU_OPS, model, &cfg);
     reference_train_steps(&tr, &ref, 3, NULL, 0, l, n, r);
     float* clean = master_weights();
-    CHECK(memcmp(skipped, clean, tr.num_params * sizeof(float)) == 0, "weights differ from the run without the skipped step (rel err %.2e)",
-          tensor_rel_err(skipped, clean, 1, tr.num_params, 0, 0));
+    CHECK_BITWISE(skipped, clean, tr.num_params, "weights against the run without the skipped step");
     free(skipped);
     free(clean);
 }

@@ -7,14 +7,16 @@ The fp32 master weights and Adam moments are rebuilt from every optim_rank*_of_*
 element; model.bin and the counters of state.bin too (not the number of ranks, and not
 the loss scaler's state with --ignore-scaler, to compare an fp16 run with an fp32 one).
 Prints "identical", or the largest difference relative to the tensor's scale, and exits
-non-zero when a difference exceeds the tolerance (default 0: bit for bit).
-Standard library only.
+non-zero when a difference exceeds the tolerance (default 0: bit for bit) or a tensor holds
+a NaN or inf (tests/compare.py). Standard library only.
 """
 import array
 import glob
 import os
 import struct
 import sys
+
+from compare import rel_diff
 
 HEADER = 1024  # int64 header[128]
 
@@ -48,11 +50,14 @@ def optimizer_state(folder):
     return {"master": state[0], "adam_m": state[1], "adam_v": state[2]}, len(files)
 
 
-def compare(name, a, b):
-    if a == b:
-        return 0.0
-    scale = max(abs(x) for x in b) or 1.0
-    return max(abs(x - y) for x, y in zip(a, b)) / scale
+def compare(name, a, b, report):
+    """Appends name's verdict to report and returns its relative difference."""
+    d, bad = rel_diff(a, b)
+    if bad is not None:
+        report.append(f"{name} has NaN or inf at element {bad} ({a[bad]} vs {b[bad]})")
+    else:
+        report.append(f"{name} {'identical' if d == 0 else f'rel diff {d:.2e}'}")
+    return d
 
 
 def main():
@@ -63,14 +68,10 @@ def main():
     worst = 0.0
     report = []
     for key in sa:
-        d = compare(key, sa[key], sb[key])
-        worst = max(worst, d)
-        report.append(f"{key} {'identical' if d == 0 else f'rel diff {d:.2e}'}")
+        worst = max(worst, compare(key, sa[key], sb[key], report))
     ma = floats(os.path.join(a, "model.bin"), HEADER, len(sa["master"]))
     mb = floats(os.path.join(b, "model.bin"), HEADER, len(sb["master"]))
-    d = compare("model", ma, mb)
-    worst = max(worst, d)
-    report.append(f"model.bin {'identical' if d == 0 else f'rel diff {d:.2e}'}")
+    worst = max(worst, compare("model.bin", ma, mb, report))
     ha, hb = header(os.path.join(a, "state.bin")), header(os.path.join(b, "state.bin"))
     # header words: [2..10] counters and data position, [11] optimizer files, [12] seed,
     # [16..19] RNG, [20..23] loss scaler

@@ -25,6 +25,27 @@ static void* read_block(FILE* f, size_t bytes, const char* path) {
     return p;
 }
 
+// every tolerance is relative to the reference, so a NaN or inf in it would make a check
+// meaningless: refuse the file instead
+static void check_finite(const float* x, size_t n, const char* what, const char* path) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) fatal("reference file '%s': %s[%zu] is %g (regenerate it with dev/reference.py)", path, what, i, x[i]);
+}
+
+static void reference_check_finite(const Reference* r, const char* path) {
+    size_t P = r->num_params;
+    check_finite(r->params, P, "params", path);
+    check_finite(r->logits, (size_t)r->B * r->T * r->V, "logits", path);
+    check_finite(&r->loss, 1, "loss", path);
+    check_finite(r->grads, P, "grads", path);
+    for (int run = 0; run < 2; run++) {
+        check_finite(r->losses[run], r->steps, "losses", path);
+        check_finite(r->norms[run], r->steps, "norms", path);
+        check_finite(r->lrs[run], r->steps, "lrs", path);
+        check_finite(r->final[run], P, "final", path);
+    }
+}
+
 static void reference_load(Reference* r, const char* path) {
     FILE* f = fopen(path, "rb");
     if (f == NULL) fatal("reference file '%s': %s (generate it with /usr/bin/python3 dev/reference.py)", path, strerror(errno));
@@ -53,6 +74,7 @@ static void reference_load(Reference* r, const char* path) {
     }
     if (fgetc(f) != EOF) fatal("reference file '%s': unexpected bytes at the end", path);
     fclose(f);
+    reference_check_finite(r, path);
 }
 
 // writes r in the format reference_load reads
@@ -88,19 +110,6 @@ static DSConfig reference_ds_config(const Reference* r, int adam_w_mode) {
     c.warmup_num_steps = r->warmup_steps; c.warmup_type = r->warmup_type == 0 ? WARMUP_LOG : WARMUP_LINEAR;
     c.micro_batch = r->B; c.grad_accum = r->ga; c.train_batch_size = (int64_t)r->B * r->ga;
     return c;
-}
-
-// max |a - b| / max |b| over rows x cols elements with row strides (logits skip padding columns)
-static double tensor_rel_err(const float* a, const float* b, size_t rows, size_t cols, size_t a_stride, size_t b_stride) {
-    double max_diff = 0.0, max_ref = 0.0;
-    for (size_t r = 0; r < rows; r++) {
-        for (size_t i = 0; i < cols; i++) {
-            double d = fabs((double)a[r * a_stride + i] - b[r * b_stride + i]), m = fabs((double)b[r * b_stride + i]);
-            if (d > max_diff) max_diff = d;
-            if (m > max_ref) max_ref = m;
-        }
-    }
-    return max_ref > 0 ? max_diff / max_ref : max_diff;
 }
 
 // Optimizer steps on the reference's micro batches, as the driver's train_step does them

@@ -28,6 +28,8 @@ run() {
     fi
 }
 
+run ./test_compare
+run python3 tests/test_compare.py
 run ./test_dstrain tests/tmp
 run ./test_gpt dev/data/gpt2_reference.bin
 run bash tests/test_cli.sh

@@ -6,6 +6,7 @@ CHECKs fail. Each program ends with "N passed, N failed" and exits non-zero on f
 #define TEST_H
 #include <stdio.h>
 #include <string.h>
+#include "compare.h"
 
 static int test_failed_checks, tests_passed, tests_failed;
 
@@ -29,14 +30,34 @@ static int test_failed_checks, tests_passed, tests_failed;
     fflush(stdout); \
 } while (0)
 
+// CHECK that n floats equal their reference bit for bit and are all finite: two runs that
+// both went NaN would otherwise be identical
+#define CHECK_BITWISE(a, b, n, ...) do { \
+    char why_[256]; \
+    TensorErr e_ = tensor_err((a), (b), (n)); \
+    int finite_ = tensor_within(e_, INFINITY, why_, sizeof why_); \
+    if (!finite_ || memcmp((a), (b), (n) * sizeof(float)) != 0) { \
+        test_failed_checks++; \
+        printf("    check failed at %s:%d: ", __FILE__, __LINE__); \
+        printf(__VA_ARGS__); \
+        if (finite_) printf(": not bit for bit (rel err %.3e)\n", e_.rel_err); else printf(": %s\n", why_); \
+    } \
+} while (0)
+
 static int test_summary(void) {
     printf("%d passed, %d failed\n", tests_passed, tests_failed);
     return tests_failed ? 1 : 0;
 }
 
-// relative error |a - b| / max(|b|, floor)
-static double rel_err(double a, double b, double floor_) {
-    double d = a > b ? a - b : b - a, m = b < 0 ? -b : b;
-    return d / (m > floor_ ? m : floor_);
-}
+// CHECK that a tensor comparison (a TensorErr from compare.h) is finite everywhere and within
+// tol; the printf-style arguments name the tensor, the failure says why and where
+#define CHECK_TENSOR(err, tol, ...) do { \
+    char why_[256]; \
+    if (!tensor_within((err), (tol), why_, sizeof why_)) { \
+        test_failed_checks++; \
+        printf("    check failed at %s:%d: ", __FILE__, __LINE__); \
+        printf(__VA_ARGS__); \
+        printf(": %s\n", why_); \
+    } \
+} while (0)
 #endif

@@ -7,7 +7,8 @@ against the function the CPU trainer itself runs, with no copy of either.
 Inputs are rounded to floatX before the CPU sees them, so both sides start from the same
 values and only the kernel's own arithmetic is measured.
 
-Error measure: max |gpu - cpu| / max |cpu| over the tensor (as test_gpt.c).
+Error measure: max |gpu - cpu| / max |cpu| over the tensor, failing on any NaN or inf
+(tests/compare.h, as test_gpt.c).
 Tolerance: tolerance(roundings, rounded_terms, fp32_terms) =
     u (roundings + sqrt(rounded_terms)) + 2 fp32_terms 2^-24
   - u: floatX's unit roundoff (fp32 2^-24, fp16 2^-11, bf16 2^-8); each rounding of the
@@ -21,6 +22,7 @@ Tolerance: tolerance(roundings, rounded_terms, fp32_terms) =
 #define DEV_CUDA_COMMON_H
 #define TESTING
 #include "../../train_gpt.cu"
+#include "../../tests/compare.h"
 namespace cpu {
 #include "../../train_gpt.c"
 }
@@ -90,20 +92,12 @@ static float* host_float(const float* d, size_t n) {
 
 static int checks_failed = 0;
 
-// compares n values (rows of `cols` with strides, for padded tensors) and prints the verdict
+// compares n values (rows of `cols` with strides, for padded tensors) and prints the verdict;
+// a NaN or inf on either side fails (tests/compare.h)
 static void check_strided(const char* what, const float* gpu, const float* cpu, size_t rows, size_t cols, size_t gpu_stride, size_t cpu_stride, double tol) {
-    double max_diff = 0.0, max_ref = 0.0;
-    for (size_t r = 0; r < rows; r++) {
-        for (size_t i = 0; i < cols; i++) {
-            double g = gpu[r * gpu_stride + i], c = cpu[r * cpu_stride + i];
-            double d = isnan(g) ? INFINITY : fabs(g - c);
-            if (d > max_diff) max_diff = d;
-            if (fabs(c) > max_ref) max_ref = fabs(c);
-        }
-    }
-    double e = max_ref > 0 ? max_diff / max_ref : max_diff;
-    int ok = e <= tol;
-    printf("  %-4s %-44s rel err %.2e  tolerance %.2e\n", ok ? "ok" : "FAIL", what, e, tol);
+    char why[256];
+    int ok = tensor_within(tensor_err_strided(gpu, cpu, rows, cols, gpu_stride, cpu_stride), tol, why, sizeof why);
+    printf("  %-4s %-44s %s\n", ok ? "ok" : "FAIL", what, why);
     checks_failed += !ok;
 }
 
