@@ -906,8 +906,18 @@ typedef struct {
     size_t init_rows; // rows initialised (the embedding's padding rows stay 0); 0 = all
 } ParamTensor;
 
-// Fills out[] (2 + 12 * layers + 2 entries) and returns the count.
-static int gpt2_param_tensors(const ModelConfig* c, ParamTensor* out) {
+// The whole table of a model, in layout order, with named lookups (a tensor by name, a
+// layer's tensor by layer and GPT2_* index) so that no caller counts positions.
+typedef struct {
+    ParamTensor* tensors; // count entries, in layout order
+    int count;
+    int first_layer;      // index of layer 0's first tensor
+    int per_layer;        // tensors per layer
+    size_t num_params;
+} ParamTable;
+
+// GPT-2's table: wte, wpe, the layers, lnfw, lnfb. Free with param_table_free.
+static ParamTable param_table(const ModelConfig* c) {
     static const char* names[GPT2_LAYER_TENSORS] = {"ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                                                      "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"};
     size_t C = c->channels, F = c->ffn_hidden;
@@ -915,6 +925,9 @@ static int gpt2_param_tensors(const ModelConfig* c, ParamTensor* out) {
     float std = 0.02f, residual_std = 0.02f / sqrtf(2.0f * c->num_layers); // GPT-2: residual projections scaled
     float stds[GPT2_LAYER_TENSORS] = {0, 0, std, 0, residual_std, 0, 0, 0, std, 0, residual_std, 0};
     float values[GPT2_LAYER_TENSORS] = {1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0};
+    ParamTable p = {NULL, 0, 2, GPT2_LAYER_TENSORS, 0};
+    p.tensors = (ParamTensor*)mallocCheck((4 + (size_t)GPT2_LAYER_TENSORS * c->num_layers) * sizeof(ParamTensor));
+    ParamTensor* out = p.tensors;
     int n = 0;
     size_t off = 0;
     out[n] = (ParamTensor){"wte", off, (size_t)c->padded_vocab_size * C, std, 0, (size_t)c->vocab_size}; off += out[n++].size;
@@ -928,16 +941,35 @@ static int gpt2_param_tensors(const ModelConfig* c, ParamTensor* out) {
     }
     out[n] = (ParamTensor){"lnfw", off, C, 0, 1, 0}; off += out[n++].size;
     out[n] = (ParamTensor){"lnfb", off, C, 0, 0, 0}; off += out[n++].size;
-    return n;
+    p.count = n;
+    p.num_params = off;
+    return p;
 }
 
-static int gpt2_num_tensors(const ModelConfig* c) { return 4 + GPT2_LAYER_TENSORS * c->num_layers; }
+static void param_table_free(ParamTable* p) { free(p->tensors); p->tensors = NULL; p->count = 0; }
+
+// The tensor called `name` ("wte", "layer0.qkvw", ...), or NULL.
+static const ParamTensor* param_find(const ParamTable* p, const char* name) {
+    for (int i = 0; i < p->count; i++) if (strcmp(p->tensors[i].name, name) == 0) return &p->tensors[i];
+    return NULL;
+}
+
+// A tensor the architecture always has (a missing one is a bug in the table).
+static const ParamTensor* param_named(const ParamTable* p, const char* name) {
+    const ParamTensor* t = param_find(p, name);
+    if (t == NULL) fatal("internal: no parameter tensor named '%s'", name);
+    return t;
+}
+
+// Layer `layer`'s tensor `which` (GPT2_LN1W ...).
+static const ParamTensor* param_layer(const ParamTable* p, int layer, int which) {
+    return &p->tensors[p->first_layer + layer * p->per_layer + which];
+}
 
 static size_t gpt2_num_params(const ModelConfig* c) {
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(c, t);
-    size_t total = t[n - 1].offset + t[n - 1].size;
-    free(t);
+    ParamTable p = param_table(c);
+    size_t total = p.num_params;
+    param_table_free(&p);
     return total;
 }
 
@@ -945,21 +977,21 @@ static size_t gpt2_num_params(const ModelConfig* c) {
 // on threads or device. Normal(0, 0.02), residual projections 0.02 / sqrt(2 * layers),
 // biases 0, LayerNorm weights 1, embedding padding rows 0.
 static void gpt2_init_params(float* params, const ModelConfig* c, uint64_t seed) {
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(c, t);
+    ParamTable table = param_table(c);
     Rng rng;
     rng_seed(&rng, seed);
-    for (int i = 0; i < n; i++) {
-        float* p = params + t[i].offset;
-        if (t[i].init_std > 0) {
-            size_t rows_n = t[i].init_rows ? t[i].init_rows * c->channels : t[i].size;
-            rng_normal_fill(&rng, p, rows_n, t[i].init_std);
-            memset(p + rows_n, 0, (t[i].size - rows_n) * sizeof(float));
+    for (int i = 0; i < table.count; i++) {
+        const ParamTensor* t = &table.tensors[i];
+        float* p = params + t->offset;
+        if (t->init_std > 0) {
+            size_t rows_n = t->init_rows ? t->init_rows * c->channels : t->size;
+            rng_normal_fill(&rng, p, rows_n, t->init_std);
+            memset(p + rows_n, 0, (t->size - rows_n) * sizeof(float));
         } else {
-            for (size_t k = 0; k < t[i].size; k++) p[k] = t[i].init_value;
+            for (size_t k = 0; k < t->size; k++) p[k] = t->init_value;
         }
     }
-    free(t);
+    param_table_free(&table);
 }
 
 // ----------------------------------------------------------------------------
@@ -2613,8 +2645,7 @@ typedef struct {
 static void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* mc) {
     memset(f, 0, sizeof(*f));
     if (spec == NULL || spec[0] == '\0') return;
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(mc) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(mc, t);
+    ParamTable table = param_table(mc);
     char* copy = strdup_check(spec);
     for (char* item = strtok(copy, ","); item; item = strtok(NULL, ",")) {
         if (f->count == MAX_FAULTS) fatal("DSTRAIN_INJECT_INF: more than %d faults", MAX_FAULTS);
@@ -2622,15 +2653,14 @@ static void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* 
         const char* name = at ? at + 1 : "wte";
         if (at) *at = '\0';
         f->steps[f->count] = parse_int_flag("DSTRAIN_INJECT_INF (step)", item, 1, INT64_C(1) << 40);
-        int found = -1;
-        for (int i = 0; i < n; i++) if (strcmp(t[i].name, name) == 0) found = i;
-        if (found < 0) fatal("DSTRAIN_INJECT_INF: no parameter tensor named '%s' (names: wte, wpe, layer0.qkvw, ..., lnfb)", name);
-        f->index[f->count] = t[found].offset;
+        const ParamTensor* t = param_find(&table, name);
+        if (t == NULL) fatal("DSTRAIN_INJECT_INF: no parameter tensor named '%s' (names: wte, wpe, layer0.qkvw, ..., lnfb)", name);
+        f->index[f->count] = t->offset;
         snprintf(f->names[f->count], sizeof f->names[0], "%s", name);
         f->count++;
     }
     free(copy);
-    free(t);
+    param_table_free(&table);
 }
 
 // Injects the faults planned for optimizer step `step` (1-based) into this rank's averaged
@@ -2961,14 +2991,13 @@ static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double
 // The regions of gradients the model hands to ZeRO: the tied embedding (held across the
 // backward pass) and the largest of the others (a layer, the positions, the final norm).
 static void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region_max) {
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(mc) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(mc, t);
-    size_t layer = 0;
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) layer += t[2 + i].size;
-    *embedding_n = t[0].size;
-    *region_max = layer > t[1].size ? layer : t[1].size;
-    if (t[n - 2].size * 2 > *region_max) *region_max = t[n - 2].size * 2;
-    free(t);
+    ParamTable p = param_table(mc);
+    size_t layer = 0, positions = param_named(&p, "wpe")->size, final_norm = 2 * param_named(&p, "lnfw")->size;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) layer += param_layer(&p, 0, i)->size;
+    *embedding_n = param_named(&p, "wte")->size;
+    *region_max = layer > positions ? layer : positions;
+    if (final_norm > *region_max) *region_max = final_norm;
+    param_table_free(&p);
 }
 
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.

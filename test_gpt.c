@@ -75,8 +75,9 @@ static void test_backward_every_gradient_tensor(void) {
     gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
     gpt2_backward(&model, ref.inputs, ref.targets, ref.B, ref.T, 1.0f, &tr.zero.sink);
     const float* grads = tr.zero.grads;
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(&model.config) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(&model.config, t);
+    ParamTable table = param_table(&model.config);
+    const ParamTensor* t = table.tensors;
+    int n = table.count;
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
@@ -85,7 +86,7 @@ static void test_backward_every_gradient_tensor(void) {
         if (e.rel_err > worst) { worst = e.rel_err; worst_name = t[i].name; }
     }
     printf("    %d gradient tensors, worst rel err %.2e (%s)\n", n, worst, worst_name);
-    free(t);
+    param_table_free(&table);
 }
 
 // Optimizer steps from the reference's initial weights (see reference_train_steps).

@@ -186,17 +186,17 @@ static void reference_from_cpu(void) {
     r->params = (float*)mallocCheck(P * sizeof(float));
     gpt2_init_params(r->params, &c, 1337);
     // LayerNorm weights 1 + 0.1 n and biases 0.02 n, as dev/reference.py: a wrong gradient of either cannot hide
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(&c) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(&c, t);
+    ParamTable table = param_table(&c);
     Rng rng;
     rng_seed(&rng, 1338);
-    for (int i = 0; i < n; i++) {
-        if (t[i].init_std > 0) continue;
-        float* p = r->params + t[i].offset;
-        rng_normal_fill(&rng, p, t[i].size, t[i].init_value != 0 ? 0.1f : 0.02f);
-        for (size_t k = 0; k < t[i].size; k++) p[k] += t[i].init_value;
+    for (int i = 0; i < table.count; i++) {
+        const ParamTensor* t = &table.tensors[i];
+        if (t->init_std > 0) continue;
+        float* p = r->params + t->offset;
+        rng_normal_fill(&rng, p, t->size, t->init_value != 0 ? 0.1f : 0.02f);
+        for (size_t k = 0; k < t->size; k++) p[k] += t->init_value;
     }
-    free(t);
+    param_table_free(&table);
     r->inputs = (int*)mallocCheck(tokens * sizeof(int));
     r->targets = (int*)mallocCheck(tokens * sizeof(int));
     for (size_t i = 0; i < tokens; i++) { r->inputs[i] = (int)rng_below(&rng, r->V); r->targets[i] = (int)rng_below(&rng, r->V); }
@@ -261,8 +261,9 @@ static void test_forward_logits_and_loss(void) {
 
 static void test_backward_every_gradient_tensor(void) {
     reference_gradients(model, host_grads);
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(&model->config) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(&model->config, t);
+    ParamTable table = param_table(&model->config);
+    const ParamTensor* t = table.tensors;
+    int n = table.count;
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
@@ -272,7 +273,7 @@ static void test_backward_every_gradient_tensor(void) {
         if (e.rel_err > worst) { worst = e.rel_err; worst_name = t[i].name; }
     }
     printf("    %d gradient tensors, worst rel err %.2e (%s), tolerance %.2e\n", n, worst, worst_name, tol.grad);
-    free(t);
+    param_table_free(&table);
 }
 
 // --recompute recomputes LayerNorm and GELU outputs with the kernels that made them, so the

@@ -443,7 +443,7 @@ void softmax_crossentropy_backward(float* probs_to_dlogits, const int* targets, 
 }
 
 // ----------------------------------------------------------------------------
-// GPT-2 (parameter layout and initialisation: dstrain.h, gpt2_param_tensors)
+// GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
 
 typedef struct {
     float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
@@ -459,18 +459,17 @@ typedef struct {
 
 // Points w's tensors into the flat parameter buffer `base`.
 static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(c, t);
-    w->wte = base + t[0].offset;
-    w->wpe = base + t[1].offset;
+    ParamTable t = param_table(c);
+    w->wte = base + param_named(&t, "wte")->offset;
+    w->wpe = base + param_named(&t, "wpe")->offset;
     w->layer = (LayerWeights*)callocCheck(c->num_layers, sizeof(LayerWeights));
     for (int l = 0; l < c->num_layers; l++) {
         float** p = (float**)&w->layer[l];
-        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + t[2 + l * GPT2_LAYER_TENSORS + i].offset;
+        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + param_layer(&t, l, i)->offset;
     }
-    w->lnfw = base + t[n - 2].offset;
-    w->lnfb = base + t[n - 1].offset;
-    free(t);
+    w->lnfw = base + param_named(&t, "lnfw")->offset;
+    w->lnfb = base + param_named(&t, "lnfb")->offset;
+    param_table_free(&t);
 }
 
 // Points a layer's gradient tensors into `g`, the gradient of the layer's parameters

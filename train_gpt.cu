@@ -1115,7 +1115,7 @@ static const BufferOps DEVICE_BUFFERS = {0, buffer_alloc, buffer_release, buffer
                                          buffer_stats, adamw_update, buffer_to_host, buffer_from_host};
 
 // ----------------------------------------------------------------------------
-// GPT-2 (parameter layout and initialisation: dstrain.h, gpt2_param_tensors)
+// GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
 
 template <typename T> struct LayerWeights {
     T *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb; // layout order
@@ -1132,20 +1132,23 @@ typedef struct {
 } Layout;
 
 static void gpt2_layout(Layout* o, const ModelConfig* c) {
-    ParamTensor* t = (ParamTensor*)mallocCheck(gpt2_num_tensors(c) * sizeof(ParamTensor));
-    int n = gpt2_param_tensors(c, t);
-    o->wte = t[0].offset; o->wte_n = t[0].size;
-    o->wpe = t[1].offset; o->wpe_n = t[1].size;
-    o->layer0 = t[2].offset;
-    o->layer_n = t[2 + GPT2_LAYER_TENSORS].offset - t[2].offset; // layer 1, or the final norm after one layer
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) o->in_layer[i] = t[2 + i].offset - o->layer0;
-    o->lnf = t[n - 2].offset;
+    ParamTable t = param_table(c);
+    const ParamTensor *wte = param_named(&t, "wte"), *wpe = param_named(&t, "wpe");
+    o->wte = wte->offset; o->wte_n = wte->size;
+    o->wpe = wpe->offset; o->wpe_n = wpe->size;
+    o->layer0 = param_layer(&t, 0, 0)->offset;
+    o->layer_n = 0;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
+        o->in_layer[i] = param_layer(&t, 0, i)->offset - o->layer0;
+        o->layer_n += param_layer(&t, 0, i)->size;
+    }
+    o->lnf = param_named(&t, "lnfw")->offset;
     for (int l = 0; l < c->num_layers; l++) {
         for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
-            if (t[2 + l * GPT2_LAYER_TENSORS + i].offset != o->layer0 + l * o->layer_n + o->in_layer[i]) fatal("internal: GPT-2 layers are not alike in the flat layout");
+            if (param_layer(&t, l, i)->offset != o->layer0 + l * o->layer_n + o->in_layer[i]) fatal("internal: GPT-2 layers are not alike in the flat layout");
         }
     }
-    free(t);
+    param_table_free(&t);
 }
 
 // Points a layer's tensors into `base`, the first element of the layer (weights or gradients).
