@@ -1,23 +1,40 @@
 /*
 dstrain.h: the runtime shared by the CPU trainer (train_gpt.c) and the GPU trainer
-(train_gpt.cu). Everything a trainer needs that is not model math lives here once:
+(train_gpt.cu): everything a trainer needs that is not model math, written once. Plain C,
+header-only: include it in exactly one translation unit.
 
-    utilities ........ checked wrappers, errors that name the file, timers, RNG
-    json ............. a small JSON reader that reports line and column
-    ds_config ........ DeepSpeed's ds_config.json: keys, defaults, validation
-    batch ............ DeepSpeed's batch arithmetic (train/micro batch, accumulation)
-    schedules ........ WarmupLR, WarmupDecayLR, WarmupCosineLR, constant
-    loss scaler ...... DeepSpeed's dynamic/static fp16 loss scaling
-    step logic ....... overflow skip, clipping factor, Adam step count, schedule step
-    model config ..... architecture description recorded in checkpoint headers
-    tokens ........... token shards (llm.c format) and the prefetching data loader
-    tokenizer ........ GPT-2 decode-only tokenizer (llm.c format)
-    checkpoints ...... a folder per step, atomic `latest`, resumable bit for bit
-    logging .......... per-step lines and a JSON-lines log
-    command line ..... flags shared by both trainers, every value checked
+It reads top to bottom: the utilities, then four parts. Every section starts with a rule
+and its name, so searching for "// ds_config:" (say) jumps to it.
 
-Header-only: include it in exactly one translation unit.
+    utilities ........ fatal, fail, mallocCheck, fopenCheck, fread_check, format_path,
+                       wall_seconds, Rng, read_text_file
+  PART 1: DeepSpeed semantics (doc/deepspeed.md)
+    ds_config ........ DSConfig: every key with its default; ds_config_load, ds_config_validate
+    batch ............ ds_resolve_batch: train batch = micro batch x accumulation x ranks
+    schedules ........ lr_at: WarmupLR, WarmupDecayLR, WarmupCosineLR, constant
+    loss scaler ...... LossScaler: dynamic and static fp16 loss scaling, hysteresis
+    step logic ....... TrainState, StepPlan: overflow skip, clipping, Adam's step, schedule step
+    communication .... Comm: the collectives ZeRO needs, and the single-rank backend
+    ZeRO ............. BufferOps, GradSink, Zero: stages 0/1/2, partitions, gradient buckets
+  PART 2: files
+    model config ..... ModelConfig, ParamTable (param_table, param_named, param_layer),
+                       gpt2_init_params
+    tokens ........... TokenShard: llm.c's token shards
+    data loader ...... DataLoader: seeded epochs, disjoint ranks, resumable, prefetching
+    tokenizer ........ Tokenizer: decode only, llm.c's format
+    checkpoints ...... model, optimizer and state files; atomic save; checkpoint_latest
+    logging .......... Logger, StepLog: a line per step, and the same as JSON lines
+  PART 3: plumbing
+    json ............. json_parse: a JSON reader whose errors give line and column
+    command line ..... Options, parse_args, load_effective_config, print_config
+    mpi .............. comm_init_mpi: the MPI backend (host buffers), waits with a timeout
+    launchers ........ launch_env, tcp_broadcast, launcher_world_size: mpirun, torchrun,
+                       the DeepSpeed launcher, Slurm
+  PART 4: the training driver
+    training driver .. ModelOps (what a trainer supplies), Trainer, train_step, evaluate,
+                       save_checkpoint, load_checkpoint, train_main
 */
+
 #ifndef DSTRAIN_H
 #define DSTRAIN_H
 
@@ -178,200 +195,6 @@ static void rng_normal_fill(Rng* r, float* out, size_t n, float std) {
     }
 }
 
-// ----------------------------------------------------------------------------
-// json: a small reader for configuration files. Errors carry line and column.
-
-typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
-
-typedef struct JsonValue {
-    JsonType type;
-    int line, col;           // where the value starts, for error messages
-    int boolean;
-    double number;
-    char* string;
-    int count;               // array items or object members
-    char** keys;             // object member names
-    struct JsonValue* items; // array items or object member values
-} JsonValue;
-
-typedef struct {
-    const char* text;
-    size_t pos;
-    int line, col;
-    char* err;
-    size_t errlen;
-    int depth;
-} JsonParser;
-
-static const char* json_type_name(JsonType t) {
-    static const char* names[] = {"null", "a boolean", "a number", "a string", "an array", "an object"};
-    return names[t];
-}
-
-static int json_error(JsonParser* p, const char* what) {
-    return fail(p->err, p->errlen, "line %d, column %d: %s", p->line, p->col, what);
-}
-
-static void json_advance(JsonParser* p) {
-    if (p->text[p->pos] == '\n') { p->line++; p->col = 1; } else { p->col++; }
-    p->pos++;
-}
-
-static void json_skip_space(JsonParser* p) {
-    while (p->text[p->pos] == ' ' || p->text[p->pos] == '\t' || p->text[p->pos] == '\n' || p->text[p->pos] == '\r') {
-        json_advance(p);
-    }
-}
-
-static int json_parse_value(JsonParser* p, JsonValue* v);
-
-static int json_parse_string(JsonParser* p, char** out) {
-    json_advance(p); // opening quote
-    size_t cap = 16, len = 0;
-    char* s = (char*)mallocCheck(cap);
-    for (;;) {
-        char c = p->text[p->pos];
-        if (c == '\0') { free(s); return json_error(p, "unterminated string"); }
-        if ((unsigned char)c < 0x20) { free(s); return json_error(p, "control character inside a string"); }
-        if (c == '"') { json_advance(p); break; }
-        if (c == '\\') {
-            json_advance(p);
-            char e = p->text[p->pos];
-            const char* simple = strchr("\"\\/bfnrt", e);
-            if (e == '\0' || simple == NULL) {
-                if (e == 'u') { free(s); return json_error(p, "\\u escapes are not supported in configuration strings"); }
-                free(s);
-                return json_error(p, "invalid escape in string");
-            }
-            static const char decoded[] = "\"\\/\b\f\n\r\t";
-            c = decoded[simple - "\"\\/bfnrt"];
-        }
-        if (len + 2 > cap) { cap *= 2; char* t = (char*)realloc(s, cap); if (!t) { fatal("out of memory"); } s = t; }
-        s[len++] = c;
-        json_advance(p);
-    }
-    s[len] = '\0';
-    *out = s;
-    return 0;
-}
-
-static int json_parse_number(JsonParser* p, JsonValue* v) {
-    const char* start = p->text + p->pos;
-    const char* q = start;
-    // JSON grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
-    if (*q == '-') q++;
-    if (*q == '0') { q++; }
-    else if (*q >= '1' && *q <= '9') { while (isdigit((unsigned char)*q)) q++; }
-    else { return json_error(p, "invalid number"); }
-    if (*q == '.') { q++; if (!isdigit((unsigned char)*q)) return json_error(p, "invalid number: digit expected after '.'"); while (isdigit((unsigned char)*q)) q++; }
-    if (*q == 'e' || *q == 'E') {
-        q++;
-        if (*q == '+' || *q == '-') q++;
-        if (!isdigit((unsigned char)*q)) return json_error(p, "invalid number: digit expected in exponent");
-        while (isdigit((unsigned char)*q)) q++;
-    }
-    v->type = JSON_NUMBER;
-    v->number = strtod(start, NULL);
-    while (p->text + p->pos < q) json_advance(p);
-    return 0;
-}
-
-static int json_parse_literal(JsonParser* p, JsonValue* v) {
-    static const struct { const char* word; JsonType type; int value; } literals[] = {
-        {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0},
-        {"NaN", JSON_NUMBER, 0}, {"Infinity", JSON_NUMBER, 1}, {"-Infinity", JSON_NUMBER, -1},
-    };
-    for (size_t i = 0; i < sizeof(literals) / sizeof(literals[0]); i++) {
-        size_t n = strlen(literals[i].word);
-        if (strncmp(p->text + p->pos, literals[i].word, n) == 0 && !isalnum((unsigned char)p->text[p->pos + n])) {
-            v->type = literals[i].type;
-            v->boolean = literals[i].value;
-            // Python's json.dump writes NaN and Infinity; accept them so they can be refused by key
-            if (v->type == JSON_NUMBER) { v->number = literals[i].value == 0 ? NAN : literals[i].value * INFINITY; }
-            for (size_t k = 0; k < n; k++) json_advance(p);
-            return 0;
-        }
-    }
-    return json_error(p, "unexpected character (expected a value: object, array, string, number, true, false or null)");
-}
-
-static int json_parse_container(JsonParser* p, JsonValue* v, int is_object) {
-    char close = is_object ? '}' : ']';
-    v->type = is_object ? JSON_OBJECT : JSON_ARRAY;
-    if (++p->depth > 64) return json_error(p, "nesting deeper than 64 levels");
-    json_advance(p);
-    json_skip_space(p);
-    int cap = 0;
-    if (p->text[p->pos] == close) { json_advance(p); p->depth--; return 0; }
-    for (;;) {
-        if (v->count == cap) {
-            cap = cap ? cap * 2 : 8;
-            v->items = (JsonValue*)realloc(v->items, cap * sizeof(JsonValue));
-            if (is_object) v->keys = (char**)realloc(v->keys, cap * sizeof(char*));
-            if (!v->items || (is_object && !v->keys)) fatal("out of memory");
-        }
-        JsonValue* item = &v->items[v->count];
-        memset(item, 0, sizeof(*item));
-        json_skip_space(p);
-        if (is_object) {
-            if (p->text[p->pos] != '"') return json_error(p, "expected a member name in double quotes");
-            if (json_parse_string(p, &v->keys[v->count])) return -1;
-            for (int i = 0; i < v->count; i++) {
-                if (strcmp(v->keys[i], v->keys[v->count]) == 0) {
-                    char msg[300]; snprintf(msg, sizeof msg, "duplicate key \"%s\"", v->keys[i]);
-                    free(v->keys[v->count]);
-                    return json_error(p, msg);
-                }
-            }
-            json_skip_space(p);
-            if (p->text[p->pos] != ':') { free(v->keys[v->count]); return json_error(p, "expected ':' after member name"); }
-            json_advance(p);
-            json_skip_space(p);
-        }
-        v->count++; // counted before parsing so json_free releases a partly parsed item
-        if (json_parse_value(p, item)) return -1;
-        json_skip_space(p);
-        char c = p->text[p->pos];
-        if (c == ',') { json_advance(p); continue; }
-        if (c == close) { json_advance(p); p->depth--; return 0; }
-        return json_error(p, is_object ? "expected ',' or '}'" : "expected ',' or ']'");
-    }
-}
-
-static int json_parse_value(JsonParser* p, JsonValue* v) {
-    json_skip_space(p);
-    v->line = p->line;
-    v->col = p->col;
-    char c = p->text[p->pos];
-    if (c == '{' || c == '[') return json_parse_container(p, v, c == '{');
-    if (c == '"') { v->type = JSON_STRING; return json_parse_string(p, &v->string); }
-    if (c == '-' && p->text[p->pos + 1] == 'I') return json_parse_literal(p, v);
-    if (c == '-' || isdigit((unsigned char)c)) return json_parse_number(p, v);
-    if (c == '\0') return json_error(p, "unexpected end of input");
-    return json_parse_literal(p, v);
-}
-
-static void json_free(JsonValue* v) {
-    free(v->string);
-    for (int i = 0; i < v->count; i++) {
-        json_free(&v->items[i]);
-        if (v->keys) free(v->keys[i]);
-    }
-    free(v->items);
-    free(v->keys);
-    memset(v, 0, sizeof(*v));
-}
-
-// Parses a whole document; trailing content is an error.
-static int json_parse(const char* text, JsonValue* out, char* err, size_t errlen) {
-    JsonParser p = {text, 0, 1, 1, err, errlen, 0};
-    memset(out, 0, sizeof(*out));
-    if (json_parse_value(&p, out)) { json_free(out); return -1; }
-    json_skip_space(&p);
-    if (text[p.pos] != '\0') { json_free(out); return json_error(&p, "unexpected content after the end of the document"); }
-    return 0;
-}
-
 // Reads a whole text file into a NUL-terminated buffer; NULL with err set on failure.
 static char* read_text_file(const char* path, char* err, size_t errlen) {
     FILE* f = fopen(path, "rb");
@@ -388,10 +211,34 @@ static char* read_text_file(const char* path, char* err, size_t errlen) {
     return text;
 }
 
+// ============================================================================
+// PART 1: DeepSpeed semantics
+// What a ds_config.json means and what DeepSpeed does with it, step by step, as plain
+// functions of their inputs: testable without a model, a file or a second rank.
+// ============================================================================
+
 // ----------------------------------------------------------------------------
 // ds_config: DeepSpeed's ds_config.json. Keys, defaults and meaning follow DeepSpeed
 // (see README "Configuration"); a known key with a value of the wrong type is an
 // error naming the key, an unknown key is warned about once and ignored.
+
+// The JSON reader of part 3 (plumbing): the values it returns, and its entry points.
+typedef enum { JSON_NULL, JSON_BOOL, JSON_NUMBER, JSON_STRING, JSON_ARRAY, JSON_OBJECT } JsonType;
+
+typedef struct JsonValue {
+    JsonType type;
+    int line, col;           // where the value starts, for error messages
+    int boolean;
+    double number;
+    char* string;
+    int count;               // array items or object members
+    char** keys;             // object member names
+    struct JsonValue* items; // array items or object member values
+} JsonValue;
+
+static int json_parse(const char* text, JsonValue* out, char* err, size_t errlen);
+static void json_free(JsonValue* v);
+static const char* json_type_name(JsonType t);
 
 enum { SCHED_NONE, SCHED_WARMUP_LR, SCHED_WARMUP_DECAY_LR, SCHED_WARMUP_COSINE_LR };
 enum { WARMUP_LOG, WARMUP_LINEAR };
@@ -848,6 +695,337 @@ static int step_finish(TrainState* st, const StepPlan* p, int verbose) {
 }
 
 // ----------------------------------------------------------------------------
+// communication: the handful of collectives ZeRO needs, behind one interface.
+// Backends: "single" (one rank, nothing to do), "mpi" (host buffers; built with
+// -DUSE_MPI by mpicc), and NCCL for device buffers (in train_gpt.cu). Every rank enters
+// every collective in the same order; a wait that exceeds comm->timeout_s ends the run
+// with an error naming the collective and the rank, instead of hanging.
+// Buffers are float32 (reduce) or raw bytes (all-gather); counts may differ per rank.
+
+typedef struct Comm Comm;
+struct Comm {
+    const char* backend;
+    int rank, world_size, local_rank;
+    double timeout_s;
+    double bytes_sent;     // by this rank since the last reset (ring-algorithm volume), for the log
+    void* impl;
+    // dst = op(v over ranks), n doubles on the host; op_max: max instead of sum
+    void (*allreduce_f64)(Comm* c, double* v, int n, int op_max, const char* what);
+    // in place sum of n floats over ranks
+    void (*allreduce_f32)(Comm* c, float* buf, size_t n, const char* what);
+    // send (sum of counts floats) summed over ranks; rank k receives counts[k] of them in recv.
+    // Returns a request to finish with wait (so stage 2 can overlap it with backward).
+    void* (*reduce_scatter_start)(Comm* c, const float* send, float* recv, const size_t* counts, const char* what);
+    void (*wait)(Comm* c, void* request, const char* what);
+    // in place: rank k contributes counts[k] elements of elem_size bytes at displs[k]
+    void (*allgather)(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what);
+    void (*barrier)(Comm* c, const char* what);
+    void (*finalize)(Comm* c);
+};
+
+static void single_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) { (void)c; (void)v; (void)n; (void)op_max; (void)what; }
+static void single_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) { (void)c; (void)buf; (void)n; (void)what; }
+// one rank has nothing to reduce: ZeRO copies with its buffer operations instead (host or device)
+static void* single_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    (void)c; (void)send; (void)recv; (void)counts;
+    fatal("internal: %s on a single rank", what);
+    return NULL;
+}
+static void single_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
+static void single_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    (void)c; (void)buf; (void)elem_size; (void)counts; (void)displs; (void)what;
+}
+static void single_barrier(Comm* c, const char* what) { (void)c; (void)what; }
+static void single_finalize(Comm* c) { (void)c; }
+
+static void comm_init_single(Comm* c) {
+    Comm s = {"single", 0, 1, 0, 300.0, 0.0, NULL, single_allreduce_f64, single_allreduce_f32, single_reduce_scatter_start,
+              single_wait, single_allgather, single_barrier, single_finalize};
+    *c = s;
+}
+
+// bytes a rank sends in a ring reduce-scatter or all-gather of `total` bytes; all-reduce is both
+static double ring_bytes(const Comm* c, double total) { return total * (c->world_size - 1) / c->world_size; }
+
+// ----------------------------------------------------------------------------
+// ZeRO: DeepSpeed's stages 0, 1 and 2 (DEEPSPEED.md section 5), written once against
+// Comm and BufferOps (host loops on the CPU, kernels on the GPU).
+//
+// All parameters form one flat buffer padded to a multiple of 2 x ranks; rank k owns the
+// contiguous partition [k * n / ws, (k + 1) * n / ws) and keeps the fp32 master weights
+// and Adam moments of it (stage 0: every rank keeps everything).
+//   stage 0: full gradients accumulate over the micro batches; at the boundary an
+//            all-reduce averages them and every rank updates every parameter.
+//   stage 1: full gradients accumulate locally; at the boundary a reduce-scatter (in
+//            chunks of reduce_bucket_size) gives each rank the averaged gradient of its
+//            partition; each rank updates its partition; an all-gather (in chunks of
+//            allgather_bucket_size) restores the full weights.
+//   stage 2: during every backward pass the model hands over each region of gradients
+//            as soon as it is complete (GradSink); they are packed into buckets of
+//            reduce_bucket_size elements and each bucket is reduce-scattered at once
+//            (with overlap_comm while backward goes on); a rank keeps only its
+//            partition's gradient, accumulated over the micro batches.
+// The model releases gradient regions from the end of the flat buffer to its start
+// (final LayerNorm, last layer, ..., first layer, positions, token embedding), so a
+// bucket is always one contiguous range and its reduce-scatter is exact.
+
+typedef struct {
+    int host;                                                  // buffers are host memory
+    void* (*alloc)(size_t bytes);                              // zero-filled
+    void (*release)(void* p);
+    void (*copy)(float* dst, const float* src, size_t n);
+    void (*zero)(float* dst, size_t n);
+    void (*add_scaled)(float* dst, const float* src, float scale, size_t n); // dst += scale * src
+    void (*scale)(float* dst, float s, size_t n);              // dst *= s
+    void (*stats)(const float* g, size_t n, int* nonfinite, double* sumsq);
+    void (*adamw)(float* master, float* m, float* v, const float* g, size_t n, const StepPlan* p, const DSConfig* c);
+    void (*to_host)(float* host_dst, const float* src, size_t n);
+    void (*from_host)(float* dst, const float* host_src, size_t n);
+} BufferOps;
+
+// Where the model's backward accumulates gradients: region() gives the buffer for the
+// parameters [offset, offset + n), done() says they are complete for this micro batch.
+typedef struct GradSink GradSink;
+struct GradSink {
+    float* (*region)(GradSink* s, size_t offset, size_t n);
+    void (*done)(GradSink* s, size_t offset, size_t n);
+    void* zero;
+};
+
+typedef struct {
+    int stage;
+    Comm* comm;
+    const BufferOps* buf;
+    size_t num_params, padded;
+    size_t* part_count;    // (world) elements each rank owns
+    size_t* part_start;    // (world) where each rank's partition starts
+    size_t lo, n;          // this rank's partition: [lo, lo + n) (stage 0: everything)
+    float* master;         // (n) fp32 master weights
+    float* m;              // (n) Adam first moment
+    float* v;              // (n) Adam second moment
+    float* grads;          // stage 0/1: (padded) full gradients; stage 2: (n) this partition's
+    // stage 2
+    size_t bucket_size;
+    float* bucket[2];      // contiguous_gradients: regions are copied into the bucket being filled
+    void* request[2];      // its reduce-scatter
+    int in_flight[2];
+    float* received[2];    // (max part) this rank's share of a bucket
+    size_t bucket_hi[2], bucket_lo[2]; // flat range the bucket covers, filled from hi down to lo
+    int current;
+    float* embedding_grad; // the tied embedding's gradient, held across the backward pass
+    float* region_grad;    // the gradient of the region being computed
+    size_t embedding_n, region_max;
+    GradSink sink;
+    int overlap;
+} Zero;
+
+static void zero_plan(Zero* z, size_t num_params, int world) {
+    z->num_params = num_params;
+    size_t unit = 2 * (size_t)world;
+    z->padded = (num_params + unit - 1) / unit * unit;
+    z->part_count = (size_t*)callocCheck(world, sizeof(size_t));
+    z->part_start = (size_t*)callocCheck(world, sizeof(size_t));
+    for (int k = 0; k < world; k++) { z->part_start[k] = z->padded / world * k; z->part_count[k] = z->padded / world; }
+}
+
+// rank k's share of the flat range [lo, hi)
+static void zero_shares(const Zero* z, size_t lo, size_t hi, size_t* counts) {
+    for (int k = 0; k < z->comm->world_size; k++) {
+        size_t a = z->part_start[k], b = a + z->part_count[k];
+        a = a > lo ? a : lo;
+        b = b < hi ? b : hi;
+        counts[k] = b > a ? b - a : 0;
+    }
+}
+
+// Stage 2: bucket i's buffer holds the flat range [base, base + bucket_size) below bucket_hi.
+static size_t zero_bucket_base(const Zero* z, int i) { return z->bucket_hi[i] > z->bucket_size ? z->bucket_hi[i] - z->bucket_size : 0; }
+
+// Stage 2: starts the reduce-scatter of bucket i's filled range [bucket_lo, bucket_hi).
+static void zero_bucket_launch(Zero* z, int i) {
+    size_t* counts = (size_t*)mallocCheck(z->comm->world_size * sizeof(size_t));
+    zero_shares(z, z->bucket_lo[i], z->bucket_hi[i], counts);
+    const float* send = z->bucket[i] + (z->bucket_lo[i] - zero_bucket_base(z, i));
+    if (z->comm->world_size == 1) { z->buf->copy(z->received[i], send, counts[0]); z->request[i] = NULL; }
+    else z->request[i] = z->comm->reduce_scatter_start(z->comm, send, z->received[i], counts, "reduce-scatter of a gradient bucket");
+    z->in_flight[i] = 1;
+    free(counts);
+}
+
+// Stage 2: waits for bucket i's reduce-scatter and adds this rank's share, averaged over
+// the ranks, to the partition's gradient. The bucket is empty again afterwards.
+static void zero_bucket_finish(Zero* z, int i) {
+    if (!z->in_flight[i]) return;
+    if (z->request[i]) z->comm->wait(z->comm, z->request[i], "reduce-scatter of a gradient bucket");
+    size_t a = z->lo > z->bucket_lo[i] ? z->lo : z->bucket_lo[i];
+    size_t b = z->lo + z->n < z->bucket_hi[i] ? z->lo + z->n : z->bucket_hi[i];
+    if (b > a) z->buf->add_scaled(z->grads + (a - z->lo), z->received[i], 1.0f / z->comm->world_size, b - a);
+    z->bucket_hi[i] = z->bucket_lo[i] = 0;
+    z->in_flight[i] = 0;
+}
+
+// Stage 2: the gradients of [offset, offset + n) are complete: copy them into the bucket
+// being filled (from its top down); a full bucket is reduce-scattered at once.
+static void zero_sink_done(GradSink* s, size_t offset, size_t n) {
+    Zero* z = (Zero*)s->zero;
+    const float* src = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
+    size_t hi = offset + n;
+    while (hi > offset) {
+        int i = z->current;
+        if (z->bucket_hi[i] == z->bucket_lo[i]) z->bucket_hi[i] = z->bucket_lo[i] = hi; // a new bucket starts at hi
+        if (z->bucket_lo[i] != hi) fatal("internal: gradient regions must be released from the end of the buffer to its start (got [%zu, %zu) after %zu)", offset, offset + n, z->bucket_lo[i]);
+        size_t base = zero_bucket_base(z, i);
+        size_t lo = offset > base ? offset : base;
+        z->buf->copy(z->bucket[i] + (lo - base), src + (lo - offset), hi - lo);
+        z->bucket_lo[i] = lo;
+        hi = lo;
+        if (lo == base) { // full: send it, and make the other buffer free to fill
+            zero_bucket_launch(z, i);
+            if (!z->overlap) zero_bucket_finish(z, i);
+            z->current ^= 1;
+            zero_bucket_finish(z, z->current);
+        }
+    }
+}
+
+static float* zero_sink_region(GradSink* s, size_t offset, size_t n) {
+    Zero* z = (Zero*)s->zero;
+    if (z->stage < 2) return z->grads + offset;
+    float* dst = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
+    if (dst == z->region_grad && n > z->region_max) fatal("internal: gradient region of %zu exceeds the %zu-element buffer", n, z->region_max);
+    z->buf->zero(dst, n);
+    return dst;
+}
+
+static void zero_sink_full_done(GradSink* s, size_t offset, size_t n) { (void)s; (void)offset; (void)n; }
+
+// embedding_n: the region held across backward (the tied embedding), region_max: the
+// largest other region the model hands over (a layer).
+static void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_params, size_t embedding_n, size_t region_max, const DSConfig* c) {
+    memset(z, 0, sizeof(*z));
+    z->stage = stage;
+    z->comm = comm;
+    z->buf = buf;
+    zero_plan(z, num_params, comm->world_size);
+    z->lo = stage == 0 ? 0 : z->part_start[comm->rank];
+    z->n = stage == 0 ? z->padded : z->part_count[comm->rank];
+    z->master = (float*)buf->alloc(z->n * sizeof(float));
+    z->m = (float*)buf->alloc(z->n * sizeof(float));
+    z->v = (float*)buf->alloc(z->n * sizeof(float));
+    z->grads = (float*)buf->alloc((stage == 2 ? z->n : z->padded) * sizeof(float));
+    z->sink.zero = z;
+    z->sink.region = zero_sink_region;
+    z->sink.done = stage == 2 ? zero_sink_done : zero_sink_full_done;
+    z->bucket_size = (size_t)c->reduce_bucket_size < z->padded ? (size_t)c->reduce_bucket_size : z->padded;
+    if (stage == 2) {
+        z->overlap = c->overlap_comm;
+        for (int i = 0; i < 2; i++) {
+            z->bucket[i] = (float*)buf->alloc(z->bucket_size * sizeof(float));
+            z->received[i] = (float*)buf->alloc(z->n * sizeof(float));
+        }
+        z->embedding_n = embedding_n;
+        z->region_max = region_max;
+        z->embedding_grad = (float*)buf->alloc(embedding_n * sizeof(float));
+        z->region_grad = (float*)buf->alloc(region_max * sizeof(float));
+    }
+}
+
+// Memory of model states on this rank, by buffer (bytes), for the start-up report and tests.
+typedef struct { double params, grads, master, moments, buckets, held_grads; } ZeroMemory;
+
+static ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
+    ZeroMemory m;
+    m.params = (double)z->padded * weight_bytes;
+    m.grads = (double)(z->stage == 2 ? z->n : z->padded) * 4;
+    m.master = (double)z->n * 4;
+    m.moments = (double)z->n * 8;
+    m.buckets = z->stage == 2 ? (double)(2 * z->bucket_size + 2 * z->n) * 4 : 0;
+    m.held_grads = z->stage == 2 ? (double)(z->embedding_n + z->region_max) * 4 : 0;
+    return m;
+}
+
+static void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_type) {
+    ZeroMemory m = zero_memory(z, weight_bytes);
+    int ws = z->comm->world_size;
+    double psi = (double)z->padded, MB = 1e6;
+    const char* formula[] = {"(w + 4 + 12) Psi: nothing partitioned", "(w + 4) Psi + 12 Psi / N: optimizer states partitioned",
+                             "w Psi + (4 + 12) Psi / N: gradients and optimizer states partitioned"};
+    printf("ZeRO stage %d on %d rank(s), Psi = %.0f parameters (padded to a multiple of %d), w = %zu bytes per %s weight: %s\n",
+           z->stage, ws, psi, 2 * ws, weight_bytes, weight_type, formula[z->stage]);
+    printf("  rank %d model states: weights %.1f MB, gradients %.1f MB, fp32 master %.1f MB, Adam moments %.1f MB = %.1f MB\n", z->comm->rank,
+           m.params / MB, m.grads / MB, m.master / MB, m.moments / MB, (m.params + m.grads + m.master + m.moments) / MB);
+    double fw = (double)weight_bytes, expect = z->stage == 0 ? (fw + 16) * psi : z->stage == 1 ? (fw + 4) * psi + 12 * psi / ws : fw * psi + 16 * psi / ws;
+    printf("  formula for stage %d: %.1f MB\n", z->stage, expect / MB);
+    if (z->stage == 2) {
+        printf("  plus buffers: 2 gradient buckets of %zu elements and their received shares %.1f MB; tied-embedding gradient held across backward %.1f MB; layer gradient %.1f MB\n",
+               z->bucket_size, m.buckets / MB, (double)z->embedding_n * 4 / MB, (double)z->region_max * 4 / MB);
+    }
+}
+
+// Start of an optimizer step: gradients from zero.
+static void zero_begin_step(Zero* z) {
+    z->buf->zero(z->grads, z->stage == 2 ? z->n : z->padded);
+    z->comm->bytes_sent = 0;
+}
+
+// After each micro batch's backward (stage 2: the last buckets).
+static void zero_end_backward(Zero* z) {
+    if (z->stage < 2) return;
+    int i = z->current;
+    if (z->bucket_hi[i] != z->bucket_lo[i] && !z->in_flight[i]) zero_bucket_launch(z, i); // the partly filled last bucket
+    zero_bucket_finish(z, 0);
+    zero_bucket_finish(z, 1);
+}
+
+// At the accumulation boundary: this rank's averaged gradient in z->grads (+ z->lo for stages 0/1).
+static float* zero_reduce_gradients(Zero* z) {
+    Comm* c = z->comm;
+    if (z->stage == 2) return z->grads;
+    float inv = 1.0f / c->world_size;
+    if (z->stage == 0) {
+        c->allreduce_f32(c, z->grads, z->padded, "all-reduce of the gradients");
+        if (c->world_size > 1) z->buf->scale(z->grads, inv, z->padded);
+        return z->grads;
+    }
+    // stage 1: reduce-scatter in chunks of reduce_bucket_size, each rank's share lands in its partition
+    if (c->world_size == 1) return z->grads; // one rank: its gradient is the average
+    size_t* counts = (size_t*)mallocCheck(c->world_size * sizeof(size_t));
+    size_t chunk = z->bucket_size;
+    float* mine = (float*)z->buf->alloc(z->n * sizeof(float));
+    for (size_t lo = 0; lo < z->padded; lo += chunk) {
+        size_t hi = lo + chunk < z->padded ? lo + chunk : z->padded;
+        zero_shares(z, lo, hi, counts);
+        void* r = c->reduce_scatter_start(c, z->grads + lo, mine, counts, "reduce-scatter of the gradients");
+        c->wait(c, r, "reduce-scatter of the gradients");
+        size_t a = z->lo > lo ? z->lo : lo, b = z->lo + z->n < hi ? z->lo + z->n : hi;
+        if (b > a) z->buf->copy(z->grads + a, mine, b - a);
+    }
+    z->buf->release(mine);
+    free(counts);
+    z->buf->scale(z->grads + z->lo, inv, z->n);
+    return z->grads + z->lo;
+}
+
+static void zero_free(Zero* z) {
+    const BufferOps* b = z->buf;
+    b->release(z->master); b->release(z->m); b->release(z->v); b->release(z->grads);
+    if (z->stage == 2) {
+        for (int i = 0; i < 2; i++) { b->release(z->bucket[i]); b->release(z->received[i]); }
+        b->release(z->embedding_grad);
+        b->release(z->region_grad);
+    }
+    free(z->part_count);
+    free(z->part_start);
+}
+
+// ============================================================================
+// PART 2: files
+// What is read and written: the model description that checkpoint headers record,
+// token shards and the data loader, the tokenizer, checkpoints, logs. Every reader checks
+// magic, version and sizes and names the file it refuses.
+// ============================================================================
+
+// ----------------------------------------------------------------------------
 // model config: what a checkpoint header records. GPT-2 now; the LLaMA-style
 // DeepSeek-LLM fields (kv heads, FFN width) are recorded already so checkpoints of
 // both architectures share one format.
@@ -1055,7 +1233,7 @@ static void shard_close(TokenShard* s) {
 }
 
 // ----------------------------------------------------------------------------
-// data loader. The data is a list of sequences of T+1 tokens (stride T, never crossing
+// data loader: the data is a list of sequences of T+1 tokens (stride T, never crossing
 // a shard boundary). Each epoch visits a seeded permutation of them (or the natural
 // order for validation). An optimizer step consumes `global_batch` consecutive
 // sequences of the order, as ga micro batches of world x B; rank r takes its own B of
@@ -1628,6 +1806,194 @@ static void logger_close(Logger* lg) {
     lg->jsonl = NULL;
 }
 
+// ============================================================================
+// PART 3: plumbing
+// The JSON reader, the command line, and how ranks find each other: MPI, the
+// launchers' environment variables, a TCP rendezvous.
+// ============================================================================
+
+// ----------------------------------------------------------------------------
+// json: a small reader for configuration files (its types are declared in part 1, where
+// ds_config reads them). Errors carry line and column.
+
+typedef struct {
+    const char* text;
+    size_t pos;
+    int line, col;
+    char* err;
+    size_t errlen;
+    int depth;
+} JsonParser;
+
+static const char* json_type_name(JsonType t) {
+    static const char* names[] = {"null", "a boolean", "a number", "a string", "an array", "an object"};
+    return names[t];
+}
+
+static int json_error(JsonParser* p, const char* what) {
+    return fail(p->err, p->errlen, "line %d, column %d: %s", p->line, p->col, what);
+}
+
+static void json_advance(JsonParser* p) {
+    if (p->text[p->pos] == '\n') { p->line++; p->col = 1; } else { p->col++; }
+    p->pos++;
+}
+
+static void json_skip_space(JsonParser* p) {
+    while (p->text[p->pos] == ' ' || p->text[p->pos] == '\t' || p->text[p->pos] == '\n' || p->text[p->pos] == '\r') {
+        json_advance(p);
+    }
+}
+
+static int json_parse_value(JsonParser* p, JsonValue* v);
+
+static int json_parse_string(JsonParser* p, char** out) {
+    json_advance(p); // opening quote
+    size_t cap = 16, len = 0;
+    char* s = (char*)mallocCheck(cap);
+    for (;;) {
+        char c = p->text[p->pos];
+        if (c == '\0') { free(s); return json_error(p, "unterminated string"); }
+        if ((unsigned char)c < 0x20) { free(s); return json_error(p, "control character inside a string"); }
+        if (c == '"') { json_advance(p); break; }
+        if (c == '\\') {
+            json_advance(p);
+            char e = p->text[p->pos];
+            const char* simple = strchr("\"\\/bfnrt", e);
+            if (e == '\0' || simple == NULL) {
+                if (e == 'u') { free(s); return json_error(p, "\\u escapes are not supported in configuration strings"); }
+                free(s);
+                return json_error(p, "invalid escape in string");
+            }
+            static const char decoded[] = "\"\\/\b\f\n\r\t";
+            c = decoded[simple - "\"\\/bfnrt"];
+        }
+        if (len + 2 > cap) { cap *= 2; char* t = (char*)realloc(s, cap); if (!t) { fatal("out of memory"); } s = t; }
+        s[len++] = c;
+        json_advance(p);
+    }
+    s[len] = '\0';
+    *out = s;
+    return 0;
+}
+
+static int json_parse_number(JsonParser* p, JsonValue* v) {
+    const char* start = p->text + p->pos;
+    const char* q = start;
+    // JSON grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+    if (*q == '-') q++;
+    if (*q == '0') { q++; }
+    else if (*q >= '1' && *q <= '9') { while (isdigit((unsigned char)*q)) q++; }
+    else { return json_error(p, "invalid number"); }
+    if (*q == '.') { q++; if (!isdigit((unsigned char)*q)) return json_error(p, "invalid number: digit expected after '.'"); while (isdigit((unsigned char)*q)) q++; }
+    if (*q == 'e' || *q == 'E') {
+        q++;
+        if (*q == '+' || *q == '-') q++;
+        if (!isdigit((unsigned char)*q)) return json_error(p, "invalid number: digit expected in exponent");
+        while (isdigit((unsigned char)*q)) q++;
+    }
+    v->type = JSON_NUMBER;
+    v->number = strtod(start, NULL);
+    while (p->text + p->pos < q) json_advance(p);
+    return 0;
+}
+
+static int json_parse_literal(JsonParser* p, JsonValue* v) {
+    static const struct { const char* word; JsonType type; int value; } literals[] = {
+        {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0},
+        {"NaN", JSON_NUMBER, 0}, {"Infinity", JSON_NUMBER, 1}, {"-Infinity", JSON_NUMBER, -1},
+    };
+    for (size_t i = 0; i < sizeof(literals) / sizeof(literals[0]); i++) {
+        size_t n = strlen(literals[i].word);
+        if (strncmp(p->text + p->pos, literals[i].word, n) == 0 && !isalnum((unsigned char)p->text[p->pos + n])) {
+            v->type = literals[i].type;
+            v->boolean = literals[i].value;
+            // Python's json.dump writes NaN and Infinity; accept them so they can be refused by key
+            if (v->type == JSON_NUMBER) { v->number = literals[i].value == 0 ? NAN : literals[i].value * INFINITY; }
+            for (size_t k = 0; k < n; k++) json_advance(p);
+            return 0;
+        }
+    }
+    return json_error(p, "unexpected character (expected a value: object, array, string, number, true, false or null)");
+}
+
+static int json_parse_container(JsonParser* p, JsonValue* v, int is_object) {
+    char close = is_object ? '}' : ']';
+    v->type = is_object ? JSON_OBJECT : JSON_ARRAY;
+    if (++p->depth > 64) return json_error(p, "nesting deeper than 64 levels");
+    json_advance(p);
+    json_skip_space(p);
+    int cap = 0;
+    if (p->text[p->pos] == close) { json_advance(p); p->depth--; return 0; }
+    for (;;) {
+        if (v->count == cap) {
+            cap = cap ? cap * 2 : 8;
+            v->items = (JsonValue*)realloc(v->items, cap * sizeof(JsonValue));
+            if (is_object) v->keys = (char**)realloc(v->keys, cap * sizeof(char*));
+            if (!v->items || (is_object && !v->keys)) fatal("out of memory");
+        }
+        JsonValue* item = &v->items[v->count];
+        memset(item, 0, sizeof(*item));
+        json_skip_space(p);
+        if (is_object) {
+            if (p->text[p->pos] != '"') return json_error(p, "expected a member name in double quotes");
+            if (json_parse_string(p, &v->keys[v->count])) return -1;
+            for (int i = 0; i < v->count; i++) {
+                if (strcmp(v->keys[i], v->keys[v->count]) == 0) {
+                    char msg[300]; snprintf(msg, sizeof msg, "duplicate key \"%s\"", v->keys[i]);
+                    free(v->keys[v->count]);
+                    return json_error(p, msg);
+                }
+            }
+            json_skip_space(p);
+            if (p->text[p->pos] != ':') { free(v->keys[v->count]); return json_error(p, "expected ':' after member name"); }
+            json_advance(p);
+            json_skip_space(p);
+        }
+        v->count++; // counted before parsing so json_free releases a partly parsed item
+        if (json_parse_value(p, item)) return -1;
+        json_skip_space(p);
+        char c = p->text[p->pos];
+        if (c == ',') { json_advance(p); continue; }
+        if (c == close) { json_advance(p); p->depth--; return 0; }
+        return json_error(p, is_object ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+}
+
+static int json_parse_value(JsonParser* p, JsonValue* v) {
+    json_skip_space(p);
+    v->line = p->line;
+    v->col = p->col;
+    char c = p->text[p->pos];
+    if (c == '{' || c == '[') return json_parse_container(p, v, c == '{');
+    if (c == '"') { v->type = JSON_STRING; return json_parse_string(p, &v->string); }
+    if (c == '-' && p->text[p->pos + 1] == 'I') return json_parse_literal(p, v);
+    if (c == '-' || isdigit((unsigned char)c)) return json_parse_number(p, v);
+    if (c == '\0') return json_error(p, "unexpected end of input");
+    return json_parse_literal(p, v);
+}
+
+static void json_free(JsonValue* v) {
+    free(v->string);
+    for (int i = 0; i < v->count; i++) {
+        json_free(&v->items[i]);
+        if (v->keys) free(v->keys[i]);
+    }
+    free(v->items);
+    free(v->keys);
+    memset(v, 0, sizeof(*v));
+}
+
+// Parses a whole document; trailing content is an error.
+static int json_parse(const char* text, JsonValue* out, char* err, size_t errlen) {
+    JsonParser p = {text, 0, 1, 1, err, errlen, 0};
+    memset(out, 0, sizeof(*out));
+    if (json_parse_value(&p, out)) { json_free(out); return -1; }
+    json_skip_space(&p);
+    if (text[p.pos] != '\0') { json_free(out); return json_error(&p, "unexpected content after the end of the document"); }
+    return 0;
+}
+
 // ----------------------------------------------------------------------------
 // command line: the flags both trainers take. Every value is checked and a bad one
 // names the flag. Flags that set a ds_config key override the file.
@@ -1829,57 +2195,8 @@ static void print_config(const DSConfig* c, int world_size) {
 }
 
 // ----------------------------------------------------------------------------
-// communication: the handful of collectives ZeRO needs, behind one interface.
-// Backends: "single" (one rank, nothing to do), "mpi" (host buffers; built with
-// -DUSE_MPI by mpicc), and NCCL for device buffers (in train_gpt.cu). Every rank enters
-// every collective in the same order; a wait that exceeds comm->timeout_s ends the run
-// with an error naming the collective and the rank, instead of hanging.
-// Buffers are float32 (reduce) or raw bytes (all-gather); counts may differ per rank.
-
-typedef struct Comm Comm;
-struct Comm {
-    const char* backend;
-    int rank, world_size, local_rank;
-    double timeout_s;
-    double bytes_sent;     // by this rank since the last reset (ring-algorithm volume), for the log
-    void* impl;
-    // dst = op(v over ranks), n doubles on the host; op_max: max instead of sum
-    void (*allreduce_f64)(Comm* c, double* v, int n, int op_max, const char* what);
-    // in place sum of n floats over ranks
-    void (*allreduce_f32)(Comm* c, float* buf, size_t n, const char* what);
-    // send (sum of counts floats) summed over ranks; rank k receives counts[k] of them in recv.
-    // Returns a request to finish with wait (so stage 2 can overlap it with backward).
-    void* (*reduce_scatter_start)(Comm* c, const float* send, float* recv, const size_t* counts, const char* what);
-    void (*wait)(Comm* c, void* request, const char* what);
-    // in place: rank k contributes counts[k] elements of elem_size bytes at displs[k]
-    void (*allgather)(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what);
-    void (*barrier)(Comm* c, const char* what);
-    void (*finalize)(Comm* c);
-};
-
-static void single_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) { (void)c; (void)v; (void)n; (void)op_max; (void)what; }
-static void single_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) { (void)c; (void)buf; (void)n; (void)what; }
-// one rank has nothing to reduce: ZeRO copies with its buffer operations instead (host or device)
-static void* single_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
-    (void)c; (void)send; (void)recv; (void)counts;
-    fatal("internal: %s on a single rank", what);
-    return NULL;
-}
-static void single_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
-static void single_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
-    (void)c; (void)buf; (void)elem_size; (void)counts; (void)displs; (void)what;
-}
-static void single_barrier(Comm* c, const char* what) { (void)c; (void)what; }
-static void single_finalize(Comm* c) { (void)c; }
-
-static void comm_init_single(Comm* c) {
-    Comm s = {"single", 0, 1, 0, 300.0, 0.0, NULL, single_allreduce_f64, single_allreduce_f32, single_reduce_scatter_start,
-              single_wait, single_allgather, single_barrier, single_finalize};
-    *c = s;
-}
-
-// bytes a rank sends in a ring reduce-scatter or all-gather of `total` bytes; all-reduce is both
-static double ring_bytes(const Comm* c, double total) { return total * (c->world_size - 1) / c->world_size; }
+// mpi: the backend for host buffers (the CPU trainer's ranks), in builds with MPI
+// (-DUSE_MPI, by mpicc). Non-blocking collectives polled against the timeout.
 
 #ifdef USE_MPI
 #include <mpi.h>
@@ -1984,6 +2301,10 @@ static void comm_init_mpi(Comm* c, int* argc, char*** argv) {
 }
 #endif
 
+// ----------------------------------------------------------------------------
+// launchers: how the ranks learn who they are without MPI (torchrun, the DeepSpeed
+// launcher, Slurm) and how they meet (a TCP rendezvous at MASTER_ADDR:MASTER_PORT).
+
 // Rank, world size and local rank from the variables torchrun and the DeepSpeed launcher
 // (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) set.
 // Returns 0 when neither is present; -1 with err when the values are inconsistent.
@@ -2061,6 +2382,17 @@ static int tcp_broadcast(void* data, size_t n, int rank, int world, const char* 
     }
     freeaddrinfo(ai);
     return rc;
+}
+
+// The world size a launcher announced: mpirun (Open MPI, MPICH), torchrun and the
+// DeepSpeed launcher (WORLD_SIZE), or Slurm (SLURM_NTASKS). 1 when run directly.
+static int launcher_world_size(const char** var) {
+    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char* v = getenv(vars[i]);
+        if (v && atoi(v) > 1) { *var = vars[i]; return atoi(v); }
+    }
+    return 1;
 }
 
 #if defined(__CUDACC__) && defined(USE_NCCL)
@@ -2326,287 +2658,10 @@ static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* comput
 }
 #endif
 
-// The world size a launcher announced: mpirun (Open MPI, MPICH), torchrun and the
-// DeepSpeed launcher (WORLD_SIZE), or Slurm (SLURM_NTASKS). 1 when run directly.
-static int launcher_world_size(const char** var) {
-    const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
-    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
-        const char* v = getenv(vars[i]);
-        if (v && atoi(v) > 1) { *var = vars[i]; return atoi(v); }
-    }
-    return 1;
-}
-
-// ----------------------------------------------------------------------------
-// ZeRO: DeepSpeed's stages 0, 1 and 2 (DEEPSPEED.md section 5), written once against
-// Comm and BufferOps (host loops on the CPU, kernels on the GPU).
-//
-// All parameters form one flat buffer padded to a multiple of 2 x ranks; rank k owns the
-// contiguous partition [k * n / ws, (k + 1) * n / ws) and keeps the fp32 master weights
-// and Adam moments of it (stage 0: every rank keeps everything).
-//   stage 0: full gradients accumulate over the micro batches; at the boundary an
-//            all-reduce averages them and every rank updates every parameter.
-//   stage 1: full gradients accumulate locally; at the boundary a reduce-scatter (in
-//            chunks of reduce_bucket_size) gives each rank the averaged gradient of its
-//            partition; each rank updates its partition; an all-gather (in chunks of
-//            allgather_bucket_size) restores the full weights.
-//   stage 2: during every backward pass the model hands over each region of gradients
-//            as soon as it is complete (GradSink); they are packed into buckets of
-//            reduce_bucket_size elements and each bucket is reduce-scattered at once
-//            (with overlap_comm while backward goes on); a rank keeps only its
-//            partition's gradient, accumulated over the micro batches.
-// The model releases gradient regions from the end of the flat buffer to its start
-// (final LayerNorm, last layer, ..., first layer, positions, token embedding), so a
-// bucket is always one contiguous range and its reduce-scatter is exact.
-
-typedef struct {
-    int host;                                                  // buffers are host memory
-    void* (*alloc)(size_t bytes);                              // zero-filled
-    void (*release)(void* p);
-    void (*copy)(float* dst, const float* src, size_t n);
-    void (*zero)(float* dst, size_t n);
-    void (*add_scaled)(float* dst, const float* src, float scale, size_t n); // dst += scale * src
-    void (*scale)(float* dst, float s, size_t n);              // dst *= s
-    void (*stats)(const float* g, size_t n, int* nonfinite, double* sumsq);
-    void (*adamw)(float* master, float* m, float* v, const float* g, size_t n, const StepPlan* p, const DSConfig* c);
-    void (*to_host)(float* host_dst, const float* src, size_t n);
-    void (*from_host)(float* dst, const float* host_src, size_t n);
-} BufferOps;
-
-// Where the model's backward accumulates gradients: region() gives the buffer for the
-// parameters [offset, offset + n), done() says they are complete for this micro batch.
-typedef struct GradSink GradSink;
-struct GradSink {
-    float* (*region)(GradSink* s, size_t offset, size_t n);
-    void (*done)(GradSink* s, size_t offset, size_t n);
-    void* zero;
-};
-
-typedef struct {
-    int stage;
-    Comm* comm;
-    const BufferOps* buf;
-    size_t num_params, padded;
-    size_t* part_count;    // (world) elements each rank owns
-    size_t* part_start;    // (world) where each rank's partition starts
-    size_t lo, n;          // this rank's partition: [lo, lo + n) (stage 0: everything)
-    float* master;         // (n) fp32 master weights
-    float* m;              // (n) Adam first moment
-    float* v;              // (n) Adam second moment
-    float* grads;          // stage 0/1: (padded) full gradients; stage 2: (n) this partition's
-    // stage 2
-    size_t bucket_size;
-    float* bucket[2];      // contiguous_gradients: regions are copied into the bucket being filled
-    void* request[2];      // its reduce-scatter
-    int in_flight[2];
-    float* received[2];    // (max part) this rank's share of a bucket
-    size_t bucket_hi[2], bucket_lo[2]; // flat range the bucket covers, filled from hi down to lo
-    int current;
-    float* embedding_grad; // the tied embedding's gradient, held across the backward pass
-    float* region_grad;    // the gradient of the region being computed
-    size_t embedding_n, region_max;
-    GradSink sink;
-    int overlap;
-} Zero;
-
-static void zero_plan(Zero* z, size_t num_params, int world) {
-    z->num_params = num_params;
-    size_t unit = 2 * (size_t)world;
-    z->padded = (num_params + unit - 1) / unit * unit;
-    z->part_count = (size_t*)callocCheck(world, sizeof(size_t));
-    z->part_start = (size_t*)callocCheck(world, sizeof(size_t));
-    for (int k = 0; k < world; k++) { z->part_start[k] = z->padded / world * k; z->part_count[k] = z->padded / world; }
-}
-
-// rank k's share of the flat range [lo, hi)
-static void zero_shares(const Zero* z, size_t lo, size_t hi, size_t* counts) {
-    for (int k = 0; k < z->comm->world_size; k++) {
-        size_t a = z->part_start[k], b = a + z->part_count[k];
-        a = a > lo ? a : lo;
-        b = b < hi ? b : hi;
-        counts[k] = b > a ? b - a : 0;
-    }
-}
-
-// Stage 2: bucket i's buffer holds the flat range [base, base + bucket_size) below bucket_hi.
-static size_t zero_bucket_base(const Zero* z, int i) { return z->bucket_hi[i] > z->bucket_size ? z->bucket_hi[i] - z->bucket_size : 0; }
-
-// Stage 2: starts the reduce-scatter of bucket i's filled range [bucket_lo, bucket_hi).
-static void zero_bucket_launch(Zero* z, int i) {
-    size_t* counts = (size_t*)mallocCheck(z->comm->world_size * sizeof(size_t));
-    zero_shares(z, z->bucket_lo[i], z->bucket_hi[i], counts);
-    const float* send = z->bucket[i] + (z->bucket_lo[i] - zero_bucket_base(z, i));
-    if (z->comm->world_size == 1) { z->buf->copy(z->received[i], send, counts[0]); z->request[i] = NULL; }
-    else z->request[i] = z->comm->reduce_scatter_start(z->comm, send, z->received[i], counts, "reduce-scatter of a gradient bucket");
-    z->in_flight[i] = 1;
-    free(counts);
-}
-
-// Stage 2: waits for bucket i's reduce-scatter and adds this rank's share, averaged over
-// the ranks, to the partition's gradient. The bucket is empty again afterwards.
-static void zero_bucket_finish(Zero* z, int i) {
-    if (!z->in_flight[i]) return;
-    if (z->request[i]) z->comm->wait(z->comm, z->request[i], "reduce-scatter of a gradient bucket");
-    size_t a = z->lo > z->bucket_lo[i] ? z->lo : z->bucket_lo[i];
-    size_t b = z->lo + z->n < z->bucket_hi[i] ? z->lo + z->n : z->bucket_hi[i];
-    if (b > a) z->buf->add_scaled(z->grads + (a - z->lo), z->received[i], 1.0f / z->comm->world_size, b - a);
-    z->bucket_hi[i] = z->bucket_lo[i] = 0;
-    z->in_flight[i] = 0;
-}
-
-// Stage 2: the gradients of [offset, offset + n) are complete: copy them into the bucket
-// being filled (from its top down); a full bucket is reduce-scattered at once.
-static void zero_sink_done(GradSink* s, size_t offset, size_t n) {
-    Zero* z = (Zero*)s->zero;
-    const float* src = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
-    size_t hi = offset + n;
-    while (hi > offset) {
-        int i = z->current;
-        if (z->bucket_hi[i] == z->bucket_lo[i]) z->bucket_hi[i] = z->bucket_lo[i] = hi; // a new bucket starts at hi
-        if (z->bucket_lo[i] != hi) fatal("internal: gradient regions must be released from the end of the buffer to its start (got [%zu, %zu) after %zu)", offset, offset + n, z->bucket_lo[i]);
-        size_t base = zero_bucket_base(z, i);
-        size_t lo = offset > base ? offset : base;
-        z->buf->copy(z->bucket[i] + (lo - base), src + (lo - offset), hi - lo);
-        z->bucket_lo[i] = lo;
-        hi = lo;
-        if (lo == base) { // full: send it, and make the other buffer free to fill
-            zero_bucket_launch(z, i);
-            if (!z->overlap) zero_bucket_finish(z, i);
-            z->current ^= 1;
-            zero_bucket_finish(z, z->current);
-        }
-    }
-}
-
-static float* zero_sink_region(GradSink* s, size_t offset, size_t n) {
-    Zero* z = (Zero*)s->zero;
-    if (z->stage < 2) return z->grads + offset;
-    float* dst = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
-    if (dst == z->region_grad && n > z->region_max) fatal("internal: gradient region of %zu exceeds the %zu-element buffer", n, z->region_max);
-    z->buf->zero(dst, n);
-    return dst;
-}
-
-static void zero_sink_full_done(GradSink* s, size_t offset, size_t n) { (void)s; (void)offset; (void)n; }
-
-// embedding_n: the region held across backward (the tied embedding), region_max: the
-// largest other region the model hands over (a layer).
-static void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_params, size_t embedding_n, size_t region_max, const DSConfig* c) {
-    memset(z, 0, sizeof(*z));
-    z->stage = stage;
-    z->comm = comm;
-    z->buf = buf;
-    zero_plan(z, num_params, comm->world_size);
-    z->lo = stage == 0 ? 0 : z->part_start[comm->rank];
-    z->n = stage == 0 ? z->padded : z->part_count[comm->rank];
-    z->master = (float*)buf->alloc(z->n * sizeof(float));
-    z->m = (float*)buf->alloc(z->n * sizeof(float));
-    z->v = (float*)buf->alloc(z->n * sizeof(float));
-    z->grads = (float*)buf->alloc((stage == 2 ? z->n : z->padded) * sizeof(float));
-    z->sink.zero = z;
-    z->sink.region = zero_sink_region;
-    z->sink.done = stage == 2 ? zero_sink_done : zero_sink_full_done;
-    z->bucket_size = (size_t)c->reduce_bucket_size < z->padded ? (size_t)c->reduce_bucket_size : z->padded;
-    if (stage == 2) {
-        z->overlap = c->overlap_comm;
-        for (int i = 0; i < 2; i++) {
-            z->bucket[i] = (float*)buf->alloc(z->bucket_size * sizeof(float));
-            z->received[i] = (float*)buf->alloc(z->n * sizeof(float));
-        }
-        z->embedding_n = embedding_n;
-        z->region_max = region_max;
-        z->embedding_grad = (float*)buf->alloc(embedding_n * sizeof(float));
-        z->region_grad = (float*)buf->alloc(region_max * sizeof(float));
-    }
-}
-
-// Memory of model states on this rank, by buffer (bytes), for the start-up report and tests.
-typedef struct { double params, grads, master, moments, buckets, held_grads; } ZeroMemory;
-
-static ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
-    ZeroMemory m;
-    m.params = (double)z->padded * weight_bytes;
-    m.grads = (double)(z->stage == 2 ? z->n : z->padded) * 4;
-    m.master = (double)z->n * 4;
-    m.moments = (double)z->n * 8;
-    m.buckets = z->stage == 2 ? (double)(2 * z->bucket_size + 2 * z->n) * 4 : 0;
-    m.held_grads = z->stage == 2 ? (double)(z->embedding_n + z->region_max) * 4 : 0;
-    return m;
-}
-
-static void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_type) {
-    ZeroMemory m = zero_memory(z, weight_bytes);
-    int ws = z->comm->world_size;
-    double psi = (double)z->padded, MB = 1e6;
-    const char* formula[] = {"(w + 4 + 12) Psi: nothing partitioned", "(w + 4) Psi + 12 Psi / N: optimizer states partitioned",
-                             "w Psi + (4 + 12) Psi / N: gradients and optimizer states partitioned"};
-    printf("ZeRO stage %d on %d rank(s), Psi = %.0f parameters (padded to a multiple of %d), w = %zu bytes per %s weight: %s\n",
-           z->stage, ws, psi, 2 * ws, weight_bytes, weight_type, formula[z->stage]);
-    printf("  rank %d model states: weights %.1f MB, gradients %.1f MB, fp32 master %.1f MB, Adam moments %.1f MB = %.1f MB\n", z->comm->rank,
-           m.params / MB, m.grads / MB, m.master / MB, m.moments / MB, (m.params + m.grads + m.master + m.moments) / MB);
-    double fw = (double)weight_bytes, expect = z->stage == 0 ? (fw + 16) * psi : z->stage == 1 ? (fw + 4) * psi + 12 * psi / ws : fw * psi + 16 * psi / ws;
-    printf("  formula for stage %d: %.1f MB\n", z->stage, expect / MB);
-    if (z->stage == 2) {
-        printf("  plus buffers: 2 gradient buckets of %zu elements and their received shares %.1f MB; tied-embedding gradient held across backward %.1f MB; layer gradient %.1f MB\n",
-               z->bucket_size, m.buckets / MB, (double)z->embedding_n * 4 / MB, (double)z->region_max * 4 / MB);
-    }
-}
-
-// Start of an optimizer step: gradients from zero.
-static void zero_begin_step(Zero* z) {
-    z->buf->zero(z->grads, z->stage == 2 ? z->n : z->padded);
-    z->comm->bytes_sent = 0;
-}
-
-// After each micro batch's backward (stage 2: the last buckets).
-static void zero_end_backward(Zero* z) {
-    if (z->stage < 2) return;
-    int i = z->current;
-    if (z->bucket_hi[i] != z->bucket_lo[i] && !z->in_flight[i]) zero_bucket_launch(z, i); // the partly filled last bucket
-    zero_bucket_finish(z, 0);
-    zero_bucket_finish(z, 1);
-}
-
-// At the accumulation boundary: this rank's averaged gradient in z->grads (+ z->lo for stages 0/1).
-static float* zero_reduce_gradients(Zero* z) {
-    Comm* c = z->comm;
-    if (z->stage == 2) return z->grads;
-    float inv = 1.0f / c->world_size;
-    if (z->stage == 0) {
-        c->allreduce_f32(c, z->grads, z->padded, "all-reduce of the gradients");
-        if (c->world_size > 1) z->buf->scale(z->grads, inv, z->padded);
-        return z->grads;
-    }
-    // stage 1: reduce-scatter in chunks of reduce_bucket_size, each rank's share lands in its partition
-    if (c->world_size == 1) return z->grads; // one rank: its gradient is the average
-    size_t* counts = (size_t*)mallocCheck(c->world_size * sizeof(size_t));
-    size_t chunk = z->bucket_size;
-    float* mine = (float*)z->buf->alloc(z->n * sizeof(float));
-    for (size_t lo = 0; lo < z->padded; lo += chunk) {
-        size_t hi = lo + chunk < z->padded ? lo + chunk : z->padded;
-        zero_shares(z, lo, hi, counts);
-        void* r = c->reduce_scatter_start(c, z->grads + lo, mine, counts, "reduce-scatter of the gradients");
-        c->wait(c, r, "reduce-scatter of the gradients");
-        size_t a = z->lo > lo ? z->lo : lo, b = z->lo + z->n < hi ? z->lo + z->n : hi;
-        if (b > a) z->buf->copy(z->grads + a, mine, b - a);
-    }
-    z->buf->release(mine);
-    free(counts);
-    z->buf->scale(z->grads + z->lo, inv, z->n);
-    return z->grads + z->lo;
-}
-
-static void zero_free(Zero* z) {
-    const BufferOps* b = z->buf;
-    b->release(z->master); b->release(z->m); b->release(z->v); b->release(z->grads);
-    if (z->stage == 2) {
-        for (int i = 0; i < 2; i++) { b->release(z->bucket[i]); b->release(z->received[i]); }
-        b->release(z->embedding_grad);
-        b->release(z->region_grad);
-    }
-    free(z->part_count);
-    free(z->part_start);
-}
+// ============================================================================
+// PART 4: the training driver
+// What `./train_gpt` does, for either trainer and any number of ranks.
+// ============================================================================
 
 // ----------------------------------------------------------------------------
 // training driver: what `./train_gpt` does, for any trainer and any number of ranks. A
