@@ -44,7 +44,6 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
 #include <fcntl.h>
 #include <glob.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -1239,8 +1238,11 @@ static void shard_close(TokenShard* s) {
 // sequences of the order, as ga micro batches of world x B; rank r takes its own B of
 // each, so ranks are disjoint and the step's set of sequences is the same for every
 // split of the global batch into ranks, micro batches and accumulation steps. The tail
-// of an epoch shorter than a global batch is dropped. The next micro batch is gathered
-// on a background thread while the current step runs.
+// of an epoch shorter than a global batch is dropped.
+// Gathering a micro batch is a copy of B x T tokens from memory-mapped shards: OpenMP
+// threads copy its sequences in parallel, and the pages of the next micro batch are
+// requested from the kernel ahead of time (madvise), so that disk reads overlap the step
+// instead of stalling the next one.
 
 typedef struct {
     int B, T, rank, world;
@@ -1258,14 +1260,7 @@ typedef struct {
     int64_t perm_epoch;
     int* inputs;               // (B, T) the batch handed out by dataloader_next
     int* targets;              // (B, T)
-    // a worker thread gathers the micro batch at (epoch, cursor) while the step runs
-    pthread_t thread;
-    pthread_mutex_t lock;
-    pthread_cond_t changed;
-    int job;                   // JOB_IDLE, JOB_GATHER (requested), JOB_QUIT
-    int* next_inputs;
-    int* next_targets;
-    double last_wait;          // seconds the last dataloader_next waited for the prefetch
+    double last_wait;          // seconds the last dataloader_next took
 } DataLoader;
 
 static void dataloader_permute(DataLoader* L, int64_t epoch) {
@@ -1280,53 +1275,44 @@ static void dataloader_permute(DataLoader* L, int64_t epoch) {
     L->perm_epoch = epoch;
 }
 
-// copies sequence `seq` (global index) into (inputs, targets) rows of length T
-static void dataloader_copy_sequence(const DataLoader* L, size_t seq, int* inputs, int* targets) {
+// the T+1 tokens of sequence `seq` (global index) in their shard
+static const uint16_t* dataloader_sequence(const DataLoader* L, size_t seq) {
     int lo = 0, hi = L->num_shards - 1;
     while (lo < hi) { int mid = (lo + hi + 1) / 2; if (L->first_seq[mid] <= seq) lo = mid; else hi = mid - 1; }
-    const uint16_t* tok = L->shards[lo].tokens + (seq - L->first_seq[lo]) * (size_t)L->T;
-    for (int t = 0; t < L->T; t++) { inputs[t] = tok[t]; targets[t] = tok[t + 1]; }
+    return L->shards[lo].tokens + (seq - L->first_seq[lo]) * (size_t)L->T;
 }
 
+// the global index of this rank's sequence b of the micro batch at (epoch, cursor)
+static size_t dataloader_seq_index(DataLoader* L, int64_t epoch, size_t cursor, int b) {
+    dataloader_permute(L, epoch);
+    size_t k = cursor + (size_t)L->rank * L->B + b;
+    return L->shuffle ? L->perm[k] : k;
+}
+
+// Copies the micro batch at (epoch, cursor) into inputs/targets (B, T). Sequences are
+// independent, so threads copy them in parallel once the batch is big enough to pay for
+// the fork (about 64K tokens).
 static void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
-    dataloader_permute(L, L->epoch);
+    dataloader_permute(L, L->epoch); // before the threads, which then only read the order
+    #pragma omp parallel for if ((size_t)L->B * L->T >= 65536)
     for (int b = 0; b < L->B; b++) {
-        size_t k = L->cursor + (size_t)L->rank * L->B + b;
-        size_t seq = L->shuffle ? L->perm[k] : k;
-        dataloader_copy_sequence(L, seq, inputs + (size_t)b * L->T, targets + (size_t)b * L->T);
+        const uint16_t* tok = dataloader_sequence(L, dataloader_seq_index(L, L->epoch, L->cursor, b));
+        int* in = inputs + (size_t)b * L->T;
+        int* tg = targets + (size_t)b * L->T;
+        for (int t = 0; t < L->T; t++) { in[t] = tok[t]; tg[t] = tok[t + 1]; }
     }
 }
 
-enum { JOB_IDLE, JOB_GATHER, JOB_QUIT };
-
-static void* dataloader_worker(void* arg) {
-    DataLoader* L = (DataLoader*)arg;
-    pthread_mutex_lock(&L->lock);
-    for (;;) {
-        while (L->job == JOB_IDLE) pthread_cond_wait(&L->changed, &L->lock);
-        if (L->job == JOB_QUIT) break;
-        pthread_mutex_unlock(&L->lock);
-        dataloader_gather(L, L->next_inputs, L->next_targets);
-        pthread_mutex_lock(&L->lock);
-        L->job = JOB_IDLE;
-        pthread_cond_broadcast(&L->changed);
+// Asks the kernel to read the pages of the micro batch at (epoch, cursor) in the
+// background (a no-op when they are cached, as they usually are after the first epoch).
+static void dataloader_advise(DataLoader* L, int64_t epoch, size_t cursor) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    for (int b = 0; b < L->B; b++) {
+        uintptr_t start = (uintptr_t)dataloader_sequence(L, dataloader_seq_index(L, epoch, cursor, b));
+        uintptr_t end = start + ((size_t)L->T + 1) * sizeof(uint16_t);
+        start &= ~(page - 1);
+        madvise((void*)start, end - start, MADV_WILLNEED);
     }
-    pthread_mutex_unlock(&L->lock);
-    return NULL;
-}
-
-static void dataloader_start_prefetch(DataLoader* L) {
-    pthread_mutex_lock(&L->lock);
-    L->job = JOB_GATHER;
-    pthread_cond_broadcast(&L->changed);
-    pthread_mutex_unlock(&L->lock);
-}
-
-// waits until the worker has gathered the requested batch
-static void dataloader_join(DataLoader* L) {
-    pthread_mutex_lock(&L->lock);
-    while (L->job == JOB_GATHER) pthread_cond_wait(&L->changed, &L->lock);
-    pthread_mutex_unlock(&L->lock);
 }
 
 // Opens every shard matching `pattern` (a glob, sorted). global_batch = sequences per
@@ -1364,48 +1350,32 @@ static int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int
     size_t n = (size_t)B * T;
     L->inputs = (int*)mallocCheck(n * sizeof(int));
     L->targets = (int*)mallocCheck(n * sizeof(int));
-    L->next_inputs = (int*)mallocCheck(n * sizeof(int));
-    L->next_targets = (int*)mallocCheck(n * sizeof(int));
-    pthread_mutex_init(&L->lock, NULL);
-    pthread_cond_init(&L->changed, NULL);
-    if (pthread_create(&L->thread, NULL, dataloader_worker, L) != 0) fatal("data loader: cannot start its worker thread");
-    dataloader_start_prefetch(L);
+    dataloader_advise(L, 0, 0);
     return 0;
 }
 
 // Moves to (epoch, cursor): the start for validation, or a checkpoint's position.
 static void dataloader_seek(DataLoader* L, int64_t epoch, size_t cursor) {
-    dataloader_join(L);
     L->epoch = epoch;
     L->cursor = cursor;
-    dataloader_start_prefetch(L);
+    dataloader_advise(L, epoch, cursor);
 }
 
-// Hands out the next micro batch in L->inputs / L->targets (B, T).
+// Hands out the next micro batch in L->inputs / L->targets (B, T), and asks for the pages
+// of the one after it.
 static void dataloader_next(DataLoader* L) {
     double t0 = wall_seconds();
-    dataloader_join(L);
-    L->last_wait = wall_seconds() - t0;
-    int* t;
-    t = L->inputs; L->inputs = L->next_inputs; L->next_inputs = t;
-    t = L->targets; L->targets = L->next_targets; L->next_targets = t;
+    dataloader_gather(L, L->inputs, L->targets);
     L->cursor += (size_t)L->world * L->B;
     if (L->cursor >= L->seqs_per_epoch) { L->epoch++; L->cursor = 0; }
-    dataloader_start_prefetch(L);
+    dataloader_advise(L, L->epoch, L->cursor);
+    L->last_wait = wall_seconds() - t0;
 }
 
 static void dataloader_free(DataLoader* L) {
-    dataloader_join(L);
-    pthread_mutex_lock(&L->lock);
-    L->job = JOB_QUIT;
-    pthread_cond_broadcast(&L->changed);
-    pthread_mutex_unlock(&L->lock);
-    pthread_join(L->thread, NULL);
-    pthread_mutex_destroy(&L->lock);
-    pthread_cond_destroy(&L->changed);
     for (int i = 0; i < L->num_shards; i++) shard_close(&L->shards[i]);
     free(L->shards); free(L->first_seq); free(L->perm);
-    free(L->inputs); free(L->targets); free(L->next_inputs); free(L->next_targets);
+    free(L->inputs); free(L->targets);
     memset(L, 0, sizeof(*L));
 }
 

@@ -8,8 +8,7 @@ hands out, with nothing else running, for the micro batch shapes that the traine
 PATTERN is a glob of token shards (default data/wikitext/wikitext_train_*.bin, which
 `python3 data/prepare.py` writes); SECONDS is the time spent on each shape (default 2).
 The loader runs as in training: shuffled order (seed 1337), one rank, a global batch of
-one micro batch, the next batch gathered on the prefetch thread. Called by
-dev/bench/data.sh.
+one micro batch, sequences copied by OpenMP threads. Called by dev/bench/data.sh.
 */
 #include "../../dstrain.h"
 
