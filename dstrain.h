@@ -20,7 +20,7 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
     model config ..... ModelConfig, ParamTable (param_table, param_named, param_layer),
                        gpt2_init_params
     tokens ........... TokenShard: llm.c's token shards
-    data loader ...... DataLoader: seeded epochs, disjoint ranks, resumable, prefetching
+    data loader ...... DataLoader: seeded epochs, disjoint ranks, resumable, OpenMP copies
     tokenizer ........ Tokenizer: decode only, llm.c's format
     checkpoints ...... model, optimizer and state files; atomic save; checkpoint_latest
     logging .......... Logger, StepLog: a line per step, and the same as JSON lines
@@ -319,11 +319,17 @@ static void ds_config_defaults(DSConfig* c) {
 }
 
 typedef enum { KEY_SECTION, KEY_BOOL, KEY_INT, KEY_FLOAT, KEY_STRING, KEY_PAIR } KeyKind;
-typedef struct { const char* path; KeyKind kind; size_t offset; size_t size; } ConfigKey;
+typedef struct {
+    const char* path;
+    KeyKind kind;
+    size_t offset, size;
+    const char* no_effect; // why dstrain ignores a key DeepSpeed has (reported when it is set), or NULL
+} ConfigKey;
 
-#define CFG(path, kind, field) {path, kind, offsetof(DSConfig, field), sizeof(((DSConfig*)0)->field)}
+#define CFG(path, kind, field) {path, kind, offsetof(DSConfig, field), sizeof(((DSConfig*)0)->field), NULL}
+#define IGNORED(path, kind, field, why) {path, kind, offsetof(DSConfig, field), sizeof(((DSConfig*)0)->field), why}
 static const ConfigKey DS_CONFIG_KEYS[] = {
-    {"fp16", KEY_SECTION, 0, 0},
+    {"fp16", KEY_SECTION, 0, 0, NULL},
     CFG("fp16.enabled", KEY_BOOL, fp16_enabled),
     CFG("fp16.loss_scale", KEY_FLOAT, fp16_loss_scale),
     CFG("fp16.initial_scale_power", KEY_INT, fp16_initial_scale_power),
@@ -331,19 +337,19 @@ static const ConfigKey DS_CONFIG_KEYS[] = {
     CFG("fp16.hysteresis", KEY_INT, fp16_hysteresis),
     CFG("fp16.consecutive_hysteresis", KEY_BOOL, fp16_consecutive_hysteresis),
     CFG("fp16.min_loss_scale", KEY_FLOAT, fp16_min_loss_scale),
-    {"bf16", KEY_SECTION, 0, 0},
+    {"bf16", KEY_SECTION, 0, 0, NULL},
     CFG("bf16.enabled", KEY_BOOL, bf16_enabled),
-    {"optimizer", KEY_SECTION, 0, 0},
+    {"optimizer", KEY_SECTION, 0, 0, NULL},
     CFG("optimizer.type", KEY_STRING, optimizer_type),
-    {"optimizer.params", KEY_SECTION, 0, 0},
+    {"optimizer.params", KEY_SECTION, 0, 0, NULL},
     CFG("optimizer.params.lr", KEY_FLOAT, lr),
     CFG("optimizer.params.betas", KEY_PAIR, betas),
     CFG("optimizer.params.eps", KEY_FLOAT, eps),
     CFG("optimizer.params.weight_decay", KEY_FLOAT, weight_decay),
     CFG("optimizer.params.adam_w_mode", KEY_BOOL, adam_w_mode),
-    {"scheduler", KEY_SECTION, 0, 0},
+    {"scheduler", KEY_SECTION, 0, 0, NULL},
     CFG("scheduler.type", KEY_STRING, scheduler_type),
-    {"scheduler.params", KEY_SECTION, 0, 0},
+    {"scheduler.params", KEY_SECTION, 0, 0, NULL},
     CFG("scheduler.params.warmup_min_lr", KEY_FLOAT, warmup_min_lr),
     CFG("scheduler.params.warmup_max_lr", KEY_FLOAT, warmup_max_lr),
     CFG("scheduler.params.warmup_num_steps", KEY_INT, warmup_num_steps),
@@ -352,14 +358,16 @@ static const ConfigKey DS_CONFIG_KEYS[] = {
     CFG("scheduler.params.warmup_min_ratio", KEY_FLOAT, warmup_min_ratio),
     CFG("scheduler.params.cos_min_ratio", KEY_FLOAT, cos_min_ratio),
     CFG("gradient_clipping", KEY_FLOAT, gradient_clipping),
-    {"zero_optimization", KEY_SECTION, 0, 0},
+    {"zero_optimization", KEY_SECTION, 0, 0, NULL},
     CFG("zero_optimization.stage", KEY_INT, zero_stage),
     CFG("zero_optimization.reduce_bucket_size", KEY_INT, reduce_bucket_size),
     CFG("zero_optimization.allgather_bucket_size", KEY_INT, allgather_bucket_size),
     CFG("zero_optimization.overlap_comm", KEY_BOOL, overlap_comm),
-    CFG("zero_optimization.contiguous_gradients", KEY_BOOL, contiguous_gradients),
-    CFG("zero_optimization.reduce_scatter", KEY_BOOL, reduce_scatter),
-    CFG("zero_optimization.allgather_partitions", KEY_BOOL, allgather_partitions),
+    IGNORED("zero_optimization.contiguous_gradients", KEY_BOOL, contiguous_gradients,
+            "stage 2 always copies gradients into contiguous buckets, as with true"),
+    IGNORED("zero_optimization.reduce_scatter", KEY_BOOL, reduce_scatter, "gradients are always reduced with reduce-scatter, as with true"),
+    IGNORED("zero_optimization.allgather_partitions", KEY_BOOL, allgather_partitions,
+            "updated weights are always shared with all-gather, as with true"),
     CFG("steps_per_print", KEY_INT, steps_per_print),
     CFG("wall_clock_breakdown", KEY_BOOL, wall_clock_breakdown),
     CFG("train_batch_size", KEY_INT, train_batch_size),
@@ -367,6 +375,7 @@ static const ConfigKey DS_CONFIG_KEYS[] = {
     CFG("gradient_accumulation_steps", KEY_INT, grad_accum),
 };
 #undef CFG
+#undef IGNORED
 
 static const ConfigKey* ds_config_find_key(const char* path) {
     for (size_t i = 0; i < sizeof(DS_CONFIG_KEYS) / sizeof(DS_CONFIG_KEYS[0]); i++) {
@@ -432,6 +441,8 @@ static int ds_config_walk(DSConfig* c, const JsonValue* obj, const char* prefix,
             if (ds_config_walk(c, v, path, err, errlen)) return -1;
         } else if (ds_config_store(c, key, v, err, errlen)) {
             return -1;
+        } else if (key->no_effect) {
+            fprintf(stderr, "warning: %s: key '%s' has no effect in dstrain: %s\n", c->path, path, key->no_effect);
         }
     }
     return 0;
@@ -1030,12 +1041,13 @@ static void zero_free(Zero* z) {
 // both architectures share one format.
 
 enum { ARCH_GPT2 = 1, ARCH_LLAMA = 2 };
-enum { DTYPE_FP32 = 0, DTYPE_FP16 = 1, DTYPE_BF16 = 2 };
+enum { DTYPE_FP32 = 0 }; // checkpoints hold the fp32 master weights
+#define GPT2_VOCAB_SIZE 50257 // GPT-2's BPE: 50,000 merges, 256 bytes, <|endoftext|>
 
 typedef struct {
     int arch;
     int max_seq_len;       // learned positions (GPT-2) / rotary context (LLaMA)
-    int vocab_size;        // real tokens, 50257 for GPT-2
+    int vocab_size;        // real tokens, GPT2_VOCAB_SIZE for GPT-2
     int padded_vocab_size; // rows of the embedding, a multiple of 128
     int num_layers;
     int num_heads;
@@ -1389,6 +1401,9 @@ static size_t dataloader_num_tokens(const DataLoader* L) {
 // tokenizer: decode only, llm.c's format (uint32 header[256]: magic 20240328, version
 // 2, vocab size, EOT id; then per token a uint8 length and its bytes).
 
+#define TOKENIZER_MAGIC 20240328
+#define TOKENIZER_VERSION 2
+
 typedef struct {
     int vocab_size;
     int eot_token;
@@ -1402,8 +1417,8 @@ static int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t err
     uint32_t header[256];
     int rc = 0;
     if (fread(header, sizeof(uint32_t), 256, f) != 256) rc = fail(err, errlen, "tokenizer '%s': truncated header", path);
-    else if (header[0] != 20240328) rc = fail(err, errlen, "tokenizer '%s': bad magic %u (expected 20240328)", path, header[0]);
-    else if (header[1] != 2) rc = fail(err, errlen, "tokenizer '%s': unsupported version %u (expected 2)", path, header[1]);
+    else if (header[0] != TOKENIZER_MAGIC) rc = fail(err, errlen, "tokenizer '%s': bad magic %u (expected %d)", path, header[0], TOKENIZER_MAGIC);
+    else if (header[1] != TOKENIZER_VERSION) rc = fail(err, errlen, "tokenizer '%s': unsupported version %u (expected %d)", path, header[1], TOKENIZER_VERSION);
     else if (header[2] < 1 || header[2] > 1u << 20 || header[3] >= header[2]) rc = fail(err, errlen, "tokenizer '%s': bad vocab size %u or EOT id %u", path, header[2], header[3]);
     if (rc) { fclose(f); return rc; }
     tk->vocab_size = (int)header[2];
@@ -1445,19 +1460,27 @@ static void tokenizer_free(Tokenizer* tk) {
 // crash at any point leaves the previous checkpoint intact and `latest` pointing at a
 // complete folder.
 //
-// Every file starts with int64 header[128] (1024 bytes): magic, version, then fields.
-//   model.bin   [2] arch [3] dtype [4] max_seq_len [5] vocab [6] padded vocab [7] layers
-//               [8] heads [9] kv heads [10] channels [11] ffn hidden [12] num_params;
-//               then num_params fp32 master weights
-//   optim_*.bin [2] rank [3] world [4] offset [5] count [6] num_params; then the
-//               partition [offset, offset + count) of fp32 master, Adam m, Adam v
-//   state.bin   counters, loss scaler, data-loader position, RNG (CheckpointState)
+// Every file starts with int64 header[128] (1024 bytes): magic, version, then the words
+// named below (the rest are 0).
+//   model.bin   the model's configuration; then num_params fp32 master weights
+//   optim_*.bin a rank's partition; then [offset, offset + count) of fp32 master, Adam m, Adam v
+//   state.bin   counters, data-loader position, seed, RNG, loss scaler (CheckpointState)
 
 #define CKPT_MODEL_MAGIC 20261101
 #define CKPT_OPTIM_MAGIC 20261102
 #define CKPT_STATE_MAGIC 20261103
 #define CKPT_VERSION 1
 #define CKPT_HEADER_WORDS 128
+
+enum { HDR_MAGIC, HDR_VERSION }; // every file
+enum { MODEL_ARCH = 2, MODEL_DTYPE, MODEL_MAX_SEQ_LEN, MODEL_VOCAB, MODEL_PADDED_VOCAB, MODEL_LAYERS, MODEL_HEADS,
+       MODEL_KV_HEADS, MODEL_CHANNELS, MODEL_FFN_HIDDEN, MODEL_NUM_PARAMS };
+enum { OPTIM_RANK = 2, OPTIM_WORLD, OPTIM_OFFSET, OPTIM_COUNT, OPTIM_NUM_PARAMS };
+enum { STATE_STEP = 2, STATE_ADAM_T, STATE_SCHED_IT, STATE_SKIPPED, STATE_LOADER_EPOCH, STATE_LOADER_CURSOR, STATE_SEQ_LEN,
+       STATE_TRAIN_SEQS, STATE_GLOBAL_BATCH, STATE_WORLD_SIZE, STATE_SEED,
+       STATE_RNG = 16,   // 4 words
+       STATE_SCALE = 20, // a double
+       STATE_SCALER_ITER, STATE_LAST_OVERFLOW_ITER, STATE_HYSTERESIS };
 
 typedef struct {
     TrainState train;
@@ -1495,8 +1518,8 @@ static FILE* open_checked(const char* path, int64_t magic, int64_t* header, long
     long long bytes = file_size(path);
     const char* problem = NULL;
     if (fread(header, sizeof(int64_t), CKPT_HEADER_WORDS, f) != CKPT_HEADER_WORDS) problem = "truncated header";
-    else if (header[0] != magic) problem = "bad magic (not this kind of checkpoint file)";
-    else if (header[1] != CKPT_VERSION) problem = "unsupported version";
+    else if (header[HDR_MAGIC] != magic) problem = "bad magic (not this kind of checkpoint file)";
+    else if (header[HDR_VERSION] != CKPT_VERSION) problem = "unsupported version";
     else if (count_word >= 0 && (header[count_word] < 0 || bytes != (long long)(CKPT_HEADER_WORDS * 8) + 4LL * payload_floats_per_count * header[count_word])) {
         problem = "size does not match its header (truncated or corrupt)";
     }
@@ -1506,34 +1529,40 @@ static FILE* open_checked(const char* path, int64_t magic, int64_t* header, long
 
 static void model_header(int64_t* h, const ModelConfig* m, size_t num_params) {
     memset(h, 0, CKPT_HEADER_WORDS * sizeof(int64_t));
-    h[0] = CKPT_MODEL_MAGIC; h[1] = CKPT_VERSION; h[2] = m->arch; h[3] = DTYPE_FP32;
-    h[4] = m->max_seq_len; h[5] = m->vocab_size; h[6] = m->padded_vocab_size; h[7] = m->num_layers;
-    h[8] = m->num_heads; h[9] = m->num_kv_heads; h[10] = m->channels; h[11] = m->ffn_hidden; h[12] = (int64_t)num_params;
+    h[HDR_MAGIC] = CKPT_MODEL_MAGIC; h[HDR_VERSION] = CKPT_VERSION;
+    h[MODEL_ARCH] = m->arch; h[MODEL_DTYPE] = DTYPE_FP32; h[MODEL_MAX_SEQ_LEN] = m->max_seq_len;
+    h[MODEL_VOCAB] = m->vocab_size; h[MODEL_PADDED_VOCAB] = m->padded_vocab_size; h[MODEL_LAYERS] = m->num_layers;
+    h[MODEL_HEADS] = m->num_heads; h[MODEL_KV_HEADS] = m->num_kv_heads; h[MODEL_CHANNELS] = m->channels;
+    h[MODEL_FFN_HIDDEN] = m->ffn_hidden; h[MODEL_NUM_PARAMS] = (int64_t)num_params;
 }
 
 // Reads a model file's configuration (and parameter count) without the weights.
 static int model_file_config(const char* path, ModelConfig* m, size_t* num_params, char* err, size_t errlen) {
     int64_t h[CKPT_HEADER_WORDS];
-    FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, 12, err, errlen);
+    FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, MODEL_NUM_PARAMS, err, errlen);
     if (f == NULL) return -1;
     fclose(f);
-    if (h[3] != DTYPE_FP32) return fail(err, errlen, "checkpoint file '%s': weights dtype %lld, expected fp32 master weights", path, (long long)h[3]);
-    for (int i = 4; i <= 11; i++) {
+    if (h[MODEL_DTYPE] != DTYPE_FP32) return fail(err, errlen, "checkpoint file '%s': weights dtype %lld, expected fp32 master weights", path, (long long)h[MODEL_DTYPE]);
+    for (int i = MODEL_MAX_SEQ_LEN; i <= MODEL_FFN_HIDDEN; i++) {
         if (h[i] < 0 || h[i] > INT32_MAX) return fail(err, errlen, "checkpoint file '%s': header field %d out of range", path, i);
     }
-    ModelConfig c = {(int)h[2], (int)h[4], (int)h[5], (int)h[6], (int)h[7], (int)h[8], (int)h[9], (int)h[10], (int)h[11]};
+    ModelConfig c = {(int)h[MODEL_ARCH], (int)h[MODEL_MAX_SEQ_LEN], (int)h[MODEL_VOCAB], (int)h[MODEL_PADDED_VOCAB], (int)h[MODEL_LAYERS],
+                     (int)h[MODEL_HEADS], (int)h[MODEL_KV_HEADS], (int)h[MODEL_CHANNELS], (int)h[MODEL_FFN_HIDDEN]};
     char merr[300];
     if (model_config_check(&c, merr, sizeof merr)) return fail(err, errlen, "checkpoint file '%s': %s", path, merr);
     *m = c;
-    *num_params = (size_t)h[12];
+    *num_params = (size_t)h[MODEL_NUM_PARAMS];
     return 0;
 }
 
 static int model_file_read(const char* path, float* params, size_t num_params, char* err, size_t errlen) {
     int64_t h[CKPT_HEADER_WORDS];
-    FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, 12, err, errlen);
+    FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, MODEL_NUM_PARAMS, err, errlen);
     if (f == NULL) return -1;
-    if ((size_t)h[12] != num_params) { fclose(f); return fail(err, errlen, "checkpoint file '%s': %lld parameters, the model has %zu", path, (long long)h[12], num_params); }
+    if ((size_t)h[MODEL_NUM_PARAMS] != num_params) {
+        fclose(f);
+        return fail(err, errlen, "checkpoint file '%s': %lld parameters, the model has %zu", path, (long long)h[MODEL_NUM_PARAMS], num_params);
+    }
     fread_check(params, sizeof(float), num_params, f, path);
     fclose(f);
     return 0;
@@ -1552,12 +1581,14 @@ static void state_file_write(const char* path, const CheckpointState* s) {
     memset(h, 0, sizeof h);
     const TrainState* t = &s->train;
     const LossScaler* ls = &t->scaler;
-    h[0] = CKPT_STATE_MAGIC; h[1] = CKPT_VERSION;
-    h[2] = t->step; h[3] = t->adam_t; h[4] = t->sched_it; h[5] = t->skipped;
-    h[6] = s->loader_epoch; h[7] = s->loader_cursor; h[8] = s->seq_len; h[9] = s->train_seqs;
-    h[10] = s->global_batch; h[11] = s->world_size; memcpy(&h[12], &s->seed, 8);
-    memcpy(&h[16], s->rng.s, 32);
-    memcpy(&h[20], &ls->scale, 8); h[21] = ls->cur_iter; h[22] = ls->last_overflow_iter; h[23] = ls->hyst;
+    h[HDR_MAGIC] = CKPT_STATE_MAGIC; h[HDR_VERSION] = CKPT_VERSION;
+    h[STATE_STEP] = t->step; h[STATE_ADAM_T] = t->adam_t; h[STATE_SCHED_IT] = t->sched_it; h[STATE_SKIPPED] = t->skipped;
+    h[STATE_LOADER_EPOCH] = s->loader_epoch; h[STATE_LOADER_CURSOR] = s->loader_cursor; h[STATE_SEQ_LEN] = s->seq_len;
+    h[STATE_TRAIN_SEQS] = s->train_seqs; h[STATE_GLOBAL_BATCH] = s->global_batch; h[STATE_WORLD_SIZE] = s->world_size;
+    memcpy(&h[STATE_SEED], &s->seed, 8);
+    memcpy(&h[STATE_RNG], s->rng.s, 32);
+    memcpy(&h[STATE_SCALE], &ls->scale, 8);
+    h[STATE_SCALER_ITER] = ls->cur_iter; h[STATE_LAST_OVERFLOW_ITER] = ls->last_overflow_iter; h[STATE_HYSTERESIS] = ls->hyst;
     write_file_atomic(path, h, NULL, NULL, 0);
 }
 
@@ -1569,11 +1600,13 @@ static int state_file_read(const char* path, CheckpointState* s, char* err, size
     if (file_size(path) != CKPT_HEADER_WORDS * 8) return fail(err, errlen, "checkpoint file '%s': wrong size", path);
     TrainState* t = &s->train;
     LossScaler* ls = &t->scaler; // the scaler's configuration comes from the config, its state from here
-    t->step = h[2]; t->adam_t = h[3]; t->sched_it = h[4]; t->skipped = h[5];
-    s->loader_epoch = h[6]; s->loader_cursor = h[7]; s->seq_len = h[8]; s->train_seqs = h[9];
-    s->global_batch = h[10]; s->world_size = h[11]; memcpy(&s->seed, &h[12], 8);
-    memcpy(s->rng.s, &h[16], 32);
-    memcpy(&ls->scale, &h[20], 8); ls->cur_iter = h[21]; ls->last_overflow_iter = h[22]; ls->hyst = h[23];
+    t->step = h[STATE_STEP]; t->adam_t = h[STATE_ADAM_T]; t->sched_it = h[STATE_SCHED_IT]; t->skipped = h[STATE_SKIPPED];
+    s->loader_epoch = h[STATE_LOADER_EPOCH]; s->loader_cursor = h[STATE_LOADER_CURSOR]; s->seq_len = h[STATE_SEQ_LEN];
+    s->train_seqs = h[STATE_TRAIN_SEQS]; s->global_batch = h[STATE_GLOBAL_BATCH]; s->world_size = h[STATE_WORLD_SIZE];
+    memcpy(&s->seed, &h[STATE_SEED], 8);
+    memcpy(s->rng.s, &h[STATE_RNG], 32);
+    memcpy(&ls->scale, &h[STATE_SCALE], 8);
+    ls->cur_iter = h[STATE_SCALER_ITER]; ls->last_overflow_iter = h[STATE_LAST_OVERFLOW_ITER]; ls->hyst = h[STATE_HYSTERESIS];
     if (t->step < 0 || t->adam_t < 0 || t->adam_t > t->step || t->sched_it != t->adam_t - 1 || s->loader_epoch < 0 || s->loader_cursor < 0 || !(ls->scale > 0)) {
         return fail(err, errlen, "checkpoint file '%s': inconsistent counters (corrupt file)", path);
     }
@@ -1590,7 +1623,8 @@ static void optim_file_write(const char* folder, int rank, int world, size_t off
     optim_file_name(path, sizeof path, folder, rank, world);
     int64_t h[CKPT_HEADER_WORDS];
     memset(h, 0, sizeof h);
-    h[0] = CKPT_OPTIM_MAGIC; h[1] = CKPT_VERSION; h[2] = rank; h[3] = world; h[4] = (int64_t)offset; h[5] = (int64_t)count; h[6] = (int64_t)num_params;
+    h[HDR_MAGIC] = CKPT_OPTIM_MAGIC; h[HDR_VERSION] = CKPT_VERSION; h[OPTIM_RANK] = rank; h[OPTIM_WORLD] = world;
+    h[OPTIM_OFFSET] = (int64_t)offset; h[OPTIM_COUNT] = (int64_t)count; h[OPTIM_NUM_PARAMS] = (int64_t)num_params;
     const float* arrays[3] = {master, m, v};
     size_t counts[3] = {count, count, count};
     write_file_atomic(path, h, arrays, counts, 3);
@@ -1609,13 +1643,14 @@ static int optim_files_read(const char* folder, int saved_world, size_t offset, 
         char path[PATH_LEN];
         optim_file_name(path, sizeof path, folder, r, saved_world);
         int64_t h[CKPT_HEADER_WORDS];
-        FILE* f = open_checked(path, CKPT_OPTIM_MAGIC, h, 3, 5, err, errlen);
+        FILE* f = open_checked(path, CKPT_OPTIM_MAGIC, h, 3, OPTIM_COUNT, err, errlen);
         if (f == NULL) return -1;
-        if (h[2] != r || h[3] != saved_world || (size_t)h[6] != num_params || h[4] < 0 || (size_t)(h[4] + h[5]) > num_params + 2 * (size_t)saved_world) {
+        if (h[OPTIM_RANK] != r || h[OPTIM_WORLD] != saved_world || (size_t)h[OPTIM_NUM_PARAMS] != num_params || h[OPTIM_OFFSET] < 0 ||
+            (size_t)(h[OPTIM_OFFSET] + h[OPTIM_COUNT]) > num_params + 2 * (size_t)saved_world) {
             fclose(f);
-            return fail(err, errlen, "checkpoint file '%s': header does not match (rank %lld of %lld, %lld params; expected rank %d of %d, %zu params)", path, (long long)h[2], (long long)h[3], (long long)h[6], r, saved_world, num_params);
+            return fail(err, errlen, "checkpoint file '%s': header does not match (rank %lld of %lld, %lld params; expected rank %d of %d, %zu params)", path, (long long)h[OPTIM_RANK], (long long)h[OPTIM_WORLD], (long long)h[OPTIM_NUM_PARAMS], r, saved_world, num_params);
         }
-        size_t lo = (size_t)h[4], hi = lo + (size_t)h[5];
+        size_t lo = (size_t)h[OPTIM_OFFSET], hi = lo + (size_t)h[OPTIM_COUNT];
         size_t a = lo > offset ? lo : offset, b = hi < end ? hi : end;
         if (a < b) {
             float* dst[3] = {master, m, v};
@@ -2024,7 +2059,7 @@ static void print_usage(const char* prog) {
            "  --save-every N              also save every N steps (default 0: only at the end)\n"
            "  --resume                    continue from DIR/latest, bit for bit (on any number of ranks)\n"
            "  --resume-from DIR           with --resume: read the checkpoint from DIR instead of --checkpoint-dir\n"
-           "  --comm-timeout SECONDS      a collective taking longer ends the run with an error (default %.0f)\n"
+           "  --comm-timeout SECONDS      a collective or the ranks' rendezvous taking longer ends the run with an error (default %.0f)\n"
            "  --log FILE                  JSON-lines log, one object per step\n"
            "  --val-every N               validation loss every N steps (default %lld; 0 = only at the end)\n"
            "  --val-batches N             micro batches per validation, over all ranks (default %lld; 0 = the whole split)\n"
@@ -2158,9 +2193,8 @@ static void print_config(const DSConfig* c, int world_size) {
     } else {
         printf("  precision: %s\n", c->bf16_enabled ? "bf16" : "fp32");
     }
-    printf("  zero_optimization: stage %lld, reduce_bucket_size %lld, allgather_bucket_size %lld, overlap_comm %s, contiguous_gradients %s\n",
-           (long long)c->zero_stage, (long long)c->reduce_bucket_size, (long long)c->allgather_bucket_size,
-           c->overlap_comm ? "true" : "false", c->contiguous_gradients ? "true" : "false");
+    printf("  zero_optimization: stage %lld, reduce_bucket_size %lld, allgather_bucket_size %lld, overlap_comm %s\n",
+           (long long)c->zero_stage, (long long)c->reduce_bucket_size, (long long)c->allgather_bucket_size, c->overlap_comm ? "true" : "false");
     if (c->steps_per_print) printf("  steps_per_print: %lld\n", (long long)c->steps_per_print);
 }
 
@@ -2565,7 +2599,7 @@ static void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
 // travels over MPI (mpirun), over TCP to MASTER_ADDR:MASTER_PORT (torchrun, the
 // DeepSpeed launcher, Slurm), or through DSTRAIN_NCCL_ID_FILE on a shared file system.
 // When several ranks must share a GPU, MPI with host staging replaces NCCL.
-static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute) {
+static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, double timeout_s) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
     LaunchEnv env = {0, 1, 0, NULL};
@@ -2612,7 +2646,7 @@ static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* comput
         } else {
             double start = wall_seconds();
             while (file_size(file) != (long long)sizeof id) {
-                if (wall_seconds() - start > 300) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within 300 s", env.rank, file);
+                if (wall_seconds() - start > timeout_s) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within %.0f s (--comm-timeout)", env.rank, file, timeout_s);
                 usleep(100000);
             }
             FILE* f = fopenCheck(file, "rb");
@@ -2622,7 +2656,7 @@ static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* comput
     } else {
         const char *addr = getenv("MASTER_ADDR"), *port = getenv("MASTER_PORT");
         if (!addr || !port) fatal("%s launch (rank %d of %d): set MASTER_ADDR and MASTER_PORT (or DSTRAIN_NCCL_ID_FILE) so the ranks can meet", env.source, env.rank, env.world_size);
-        if (tcp_broadcast(&id, sizeof id, env.rank, env.world_size, addr, port, 300, err, sizeof err)) fatal("%s", err);
+        if (tcp_broadcast(&id, sizeof id, env.rank, env.world_size, addr, port, timeout_s, err, sizeof err)) fatal("%s", err);
     }
     comm_init_nccl(c, env.rank, env.world_size, env.local_rank, &id, compute);
 }
@@ -2967,7 +3001,7 @@ static void init_comm(Comm* c, int* argc, char*** argv) {
 static ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, CheckpointState* resume_state) {
     char err[1024], path[PATH_LEN];
     size_t file_params;
-    ModelConfig mc = gpt2_config(tr->opt.layers, tr->opt.heads, tr->opt.dim, tr->opt.seq_len, 50257);
+    ModelConfig mc = gpt2_config(tr->opt.layers, tr->opt.heads, tr->opt.dim, tr->opt.seq_len, GPT2_VOCAB_SIZE);
     if (tr->opt.resume) {
         const char* dir = tr->opt.resume_from ? tr->opt.resume_from : tr->opt.checkpoint_dir;
         if (dir[0] == '\0') fatal("--resume needs --checkpoint-dir or --resume-from");
@@ -3004,8 +3038,7 @@ static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double
     if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb);
     log_step(&tr->log, &sl);
     if (tr->cfg.wall_clock_breakdown) {
-        printf("time (ms) | forward: %.2f | backward: %.2f | backward_inner: %.2f | backward_allreduce: 0.00 | step: %.2f\n",
-               tr->forward_ms, tr->backward_ms, tr->backward_ms, tr->step_ms);
+        printf("time (ms) | forward: %.2f | backward: %.2f | step: %.2f\n", tr->forward_ms, tr->backward_ms, tr->step_ms);
     }
     if (tr->cfg.steps_per_print && tr->state.step % tr->cfg.steps_per_print == 0) {
         printf("step=%lld, skipped=%lld, lr=[%g], mom=[(%g, %g)]\n", (long long)tr->state.step, (long long)tr->state.skipped,
@@ -3031,13 +3064,13 @@ static int train_main(int argc, char** argv, const ModelOps* ops, void (*describ
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
     tr.last_saved = -1;
+    parse_args(&tr.opt, argc, argv); // first: --comm-timeout bounds the ranks' rendezvous
 #if defined(DSTRAIN_GPU_STREAM) && defined(USE_NCCL)
-    comm_init_gpu(&tr.comm, &argc, &argv, &DSTRAIN_GPU_STREAM); // one GPU per local rank
+    comm_init_gpu(&tr.comm, &argc, &argv, &DSTRAIN_GPU_STREAM, tr.opt.comm_timeout); // one GPU per local rank
 #else
     init_comm(&tr.comm, &argc, &argv);
 #endif
     if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
-    parse_args(&tr.opt, argc, argv);
     tr.comm.timeout_s = tr.opt.comm_timeout;
     load_effective_config(&tr.cfg, &tr.opt, tr.comm.world_size);
     printf("dstrain %s, %d rank(s) (%s backend)\n", ops->name, tr.comm.world_size, tr.comm.backend);

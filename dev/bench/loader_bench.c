@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
         int B = shapes[s][0], T = shapes[s][1];
         DataLoader L;
         char err[1024];
-        if (dataloader_init(&L, pattern, B, T, 0, 1, (size_t)B, 1, 1337, 50257, err, sizeof(err))) {
+        if (dataloader_init(&L, pattern, B, T, 0, 1, (size_t)B, 1, 1337, GPT2_VOCAB_SIZE, err, sizeof(err))) {
             fprintf(stderr, "error: %s\n", err);
             return 1;
         }
