@@ -1,7 +1,8 @@
 /*
 dstrain.h: the runtime shared by the CPU trainer (train_gpt.c) and the GPU trainer
 (train_gpt.cu): everything a trainer needs that is not model math, written once. Plain C,
-header-only: include it in exactly one translation unit.
+header-only: include it in exactly one translation unit (its functions are not static, as
+in llm.c, so a program that uses a part of it compiles without unused-function warnings).
 
 It reads top to bottom: the utilities, then four parts. Every section starts with a rule
 and its name, so searching for "// ds_config:" (say) jumps to it.
@@ -63,7 +64,7 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
 // utilities
 
 // A fatal error: message to stderr, non-zero exit. Every message names what is wrong.
-static void fatal(const char* fmt, ...) {
+void fatal(const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fprintf(stderr, "error: ");
@@ -74,7 +75,7 @@ static void fatal(const char* fmt, ...) {
 }
 
 // Formats into an error buffer and returns -1, so validators can `return fail(...)`.
-static int fail(char* err, size_t errlen, const char* fmt, ...) {
+int fail(char* err, size_t errlen, const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
@@ -82,21 +83,21 @@ static int fail(char* err, size_t errlen, const char* fmt, ...) {
     return -1;
 }
 
-static void* malloc_check(size_t size, const char* file, int line) {
+void* malloc_check(size_t size, const char* file, int line) {
     void* p = malloc(size ? size : 1);
     if (p == NULL) { fatal("out of memory allocating %zu bytes (%s:%d)", size, file, line); }
     return p;
 }
 #define mallocCheck(size) malloc_check(size, __FILE__, __LINE__)
 
-static void* calloc_check(size_t n, size_t size, const char* file, int line) {
+void* calloc_check(size_t n, size_t size, const char* file, int line) {
     void* p = calloc(n ? n : 1, size ? size : 1);
     if (p == NULL) { fatal("out of memory allocating %zu x %zu bytes (%s:%d)", n, size, file, line); }
     return p;
 }
 #define callocCheck(n, size) calloc_check(n, size, __FILE__, __LINE__)
 
-static FILE* fopen_check(const char* path, const char* mode, const char* file, int line) {
+FILE* fopen_check(const char* path, const char* mode, const char* file, int line) {
     FILE* f = fopen(path, mode);
     if (f == NULL) { fatal("cannot open '%s' (mode %s): %s (%s:%d)", path, mode, strerror(errno), file, line); }
     return f;
@@ -104,16 +105,16 @@ static FILE* fopen_check(const char* path, const char* mode, const char* file, i
 #define fopenCheck(path, mode) fopen_check(path, mode, __FILE__, __LINE__)
 
 // Reads exactly n items or fails naming the file: a short read means a truncated file.
-static void fread_check(void* ptr, size_t size, size_t n, FILE* f, const char* path) {
+void fread_check(void* ptr, size_t size, size_t n, FILE* f, const char* path) {
     if (fread(ptr, size, n, f) != n) { fatal("'%s' is truncated or unreadable (wanted %zu bytes more)", path, size * n); }
 }
 
-static void fwrite_check(const void* ptr, size_t size, size_t n, FILE* f, const char* path) {
+void fwrite_check(const void* ptr, size_t size, size_t n, FILE* f, const char* path) {
     if (fwrite(ptr, size, n, f) != n) { fatal("cannot write '%s': %s", path, strerror(errno)); }
 }
 
 // snprintf for paths: a path that does not fit is an error, never silently cut.
-static void format_path(char* out, size_t n, const char* fmt, ...) {
+void format_path(char* out, size_t n, const char* fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     int len = vsnprintf(out, n, fmt, ap);
@@ -122,25 +123,25 @@ static void format_path(char* out, size_t n, const char* fmt, ...) {
 }
 #define PATH_LEN 4096
 
-static long long file_size(const char* path) {
+long long file_size(const char* path) {
     struct stat st;
     return stat(path, &st) == 0 ? (long long)st.st_size : -1;
 }
 
-static char* strdup_check(const char* s) {
+char* strdup_check(const char* s) {
     char* d = (char*)mallocCheck(strlen(s) + 1);
     strcpy(d, s);
     return d;
 }
 
-static double wall_seconds(void) {
+double wall_seconds(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 // "1h02m", "3m05s", "12s": for ETAs
-static void format_duration(double seconds, char* out, size_t n) {
+void format_duration(double seconds, char* out, size_t n) {
     long s = seconds > 0 ? (long)(seconds + 0.5) : 0;
     if (s >= 3600) { snprintf(out, n, "%ldh%02ldm", s / 3600, (s % 3600) / 60); }
     else if (s >= 60) { snprintf(out, n, "%ldm%02lds", s / 60, s % 60); }
@@ -150,18 +151,18 @@ static void format_duration(double seconds, char* out, size_t n) {
 // xoshiro256**: small, fast, and its whole state fits in a checkpoint (4 x u64).
 typedef struct { uint64_t s[4]; } Rng;
 
-static uint64_t rng_splitmix(uint64_t* x) {
+uint64_t rng_splitmix(uint64_t* x) {
     uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
 
-static void rng_seed(Rng* r, uint64_t seed) {
+void rng_seed(Rng* r, uint64_t seed) {
     for (int i = 0; i < 4; i++) { r->s[i] = rng_splitmix(&seed); }
 }
 
-static uint64_t rng_next(Rng* r) {
+uint64_t rng_next(Rng* r) {
     uint64_t* s = r->s;
     uint64_t result = s[1] * 5;
     result = ((result << 7) | (result >> 57)) * 9;
@@ -173,10 +174,10 @@ static uint64_t rng_next(Rng* r) {
 }
 
 // uniform in [0, 1) with 24 random bits (exact in float)
-static float rng_uniform(Rng* r) { return (rng_next(r) >> 40) * (1.0f / 16777216.0f); }
+float rng_uniform(Rng* r) { return (rng_next(r) >> 40) * (1.0f / 16777216.0f); }
 
 // uniform integer in [0, n) without modulo bias
-static uint64_t rng_below(Rng* r, uint64_t n) {
+uint64_t rng_below(Rng* r, uint64_t n) {
     uint64_t limit = UINT64_MAX - UINT64_MAX % n;
     uint64_t x;
     do { x = rng_next(r); } while (x >= limit);
@@ -184,7 +185,7 @@ static uint64_t rng_below(Rng* r, uint64_t n) {
 }
 
 // standard normal samples (Box-Muller, both values used)
-static void rng_normal_fill(Rng* r, float* out, size_t n, float std) {
+void rng_normal_fill(Rng* r, float* out, size_t n, float std) {
     for (size_t i = 0; i < n; i += 2) {
         double u1 = (rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
         double u2 = (rng_next(r) >> 11) * (1.0 / 9007199254740992.0);
@@ -195,7 +196,7 @@ static void rng_normal_fill(Rng* r, float* out, size_t n, float std) {
 }
 
 // Reads a whole text file into a NUL-terminated buffer; NULL with err set on failure.
-static char* read_text_file(const char* path, char* err, size_t errlen) {
+char* read_text_file(const char* path, char* err, size_t errlen) {
     FILE* f = fopen(path, "rb");
     if (f == NULL) { fail(err, errlen, "cannot open '%s': %s", path, strerror(errno)); return NULL; }
     fseek(f, 0, SEEK_END);
@@ -235,9 +236,9 @@ typedef struct JsonValue {
     struct JsonValue* items; // array items or object member values
 } JsonValue;
 
-static int json_parse(const char* text, JsonValue* out, char* err, size_t errlen);
-static void json_free(JsonValue* v);
-static const char* json_type_name(JsonType t);
+int json_parse(const char* text, JsonValue* out, char* err, size_t errlen);
+void json_free(JsonValue* v);
+const char* json_type_name(JsonType t);
 
 enum { SCHED_NONE, SCHED_WARMUP_LR, SCHED_WARMUP_DECAY_LR, SCHED_WARMUP_COSINE_LR };
 enum { WARMUP_LOG, WARMUP_LINEAR };
@@ -290,7 +291,7 @@ typedef struct {
     int64_t grad_accum;             // gradient_accumulation_steps
 } DSConfig;
 
-static void ds_config_defaults(DSConfig* c) {
+void ds_config_defaults(DSConfig* c) {
     memset(c, 0, sizeof(*c));
     strcpy(c->path, "(defaults)");
     c->fp16_initial_scale_power = 16;
@@ -377,7 +378,7 @@ static const ConfigKey DS_CONFIG_KEYS[] = {
 #undef CFG
 #undef IGNORED
 
-static const ConfigKey* ds_config_find_key(const char* path) {
+const ConfigKey* ds_config_find_key(const char* path) {
     for (size_t i = 0; i < sizeof(DS_CONFIG_KEYS) / sizeof(DS_CONFIG_KEYS[0]); i++) {
         if (strcmp(DS_CONFIG_KEYS[i].path, path) == 0) return &DS_CONFIG_KEYS[i];
     }
@@ -385,7 +386,7 @@ static const ConfigKey* ds_config_find_key(const char* path) {
 }
 
 // Stores one JSON value into its field, checking the type. null means "use the default".
-static int ds_config_store(DSConfig* c, const ConfigKey* key, const JsonValue* v, char* err, size_t errlen) {
+int ds_config_store(DSConfig* c, const ConfigKey* key, const JsonValue* v, char* err, size_t errlen) {
     char* field = (char*)c + key->offset;
     const char* where = c->path;
     if (v->type == JSON_NULL) return 0;
@@ -422,7 +423,7 @@ static int ds_config_store(DSConfig* c, const ConfigKey* key, const JsonValue* v
     return fail(err, errlen, "internal: key '%s' has no storage", key->path);
 }
 
-static int ds_config_walk(DSConfig* c, const JsonValue* obj, const char* prefix, char* err, size_t errlen) {
+int ds_config_walk(DSConfig* c, const JsonValue* obj, const char* prefix, char* err, size_t errlen) {
     for (int i = 0; i < obj->count; i++) {
         char path[256];
         snprintf(path, sizeof path, "%s%s%s", prefix, prefix[0] ? "." : "", obj->keys[i]);
@@ -448,14 +449,14 @@ static int ds_config_walk(DSConfig* c, const JsonValue* obj, const char* prefix,
     return 0;
 }
 
-static int str_ieq(const char* a, const char* b) {
+int str_ieq(const char* a, const char* b) {
     for (; *a && *b; a++, b++) { if (tolower((unsigned char)*a) != tolower((unsigned char)*b)) return 0; }
     return *a == *b;
 }
 
 // Checks value ranges and the combinations DeepSpeed refuses. Called after command-line
 // overrides, so a bad value from either source is caught with the key's name.
-static int ds_config_validate(DSConfig* c, char* err, size_t errlen) {
+int ds_config_validate(DSConfig* c, char* err, size_t errlen) {
     const char* f = c->path;
     if (c->fp16_enabled && c->bf16_enabled) return fail(err, errlen, "%s: bfloat16 and fp16 modes cannot be simultaneously enabled (fp16.enabled and bf16.enabled are both true)", f);
     if (!(c->fp16_loss_scale >= 0) || isinf(c->fp16_loss_scale)) return fail(err, errlen, "%s: key 'fp16.loss_scale' must be 0 (dynamic) or a positive finite number, got %g", f, c->fp16_loss_scale);
@@ -498,7 +499,7 @@ static int ds_config_validate(DSConfig* c, char* err, size_t errlen) {
 }
 
 // Loads a ds_config.json over the defaults. Returns 0, or -1 with err naming file, line and key.
-static int ds_config_load(DSConfig* c, const char* path, char* err, size_t errlen) {
+int ds_config_load(DSConfig* c, const char* path, char* err, size_t errlen) {
     ds_config_defaults(c);
     snprintf(c->path, sizeof c->path, "%s", path);
     char* text = read_text_file(path, err, errlen);
@@ -518,7 +519,7 @@ static int ds_config_load(DSConfig* c, const char* path, char* err, size_t errle
 // batch: DeepSpeed's rules (DEEPSPEED.md section 2) with floor division, then its
 // checks in its order, each error saying what to change.
 
-static int ds_resolve_batch(DSConfig* c, int world_size, char* err, size_t errlen) {
+int ds_resolve_batch(DSConfig* c, int world_size, char* err, size_t errlen) {
     int64_t tb = c->train_batch_size, mb = c->micro_batch, ga = c->grad_accum, ws = world_size;
     int has_tb = tb != -1, has_mb = mb != -1, has_ga = ga != -1;
     if (!has_tb && !has_mb) return fail(err, errlen, "%s: Either train_batch_size or train_micro_batch_size_per_gpu needs to be provided", c->path);
@@ -550,12 +551,12 @@ static int ds_resolve_batch(DSConfig* c, int world_size, char* err, size_t errle
 // at it = -1 and steps it once after every applied optimizer step, so update k uses
 // lr_at(k - 1). Formulas: DEEPSPEED.md section 4.
 
-static double warmup_gamma(const DSConfig* c, int64_t it, int64_t W) {
+double warmup_gamma(const DSConfig* c, int64_t it, int64_t W) {
     if (c->warmup_type == WARMUP_LOG) return log((double)(it + 1)) / log((double)W);
     return (double)it / (double)W;
 }
 
-static double lr_at(const DSConfig* c, int64_t it) {
+double lr_at(const DSConfig* c, int64_t it) {
     int64_t W = c->warmup_num_steps > 2 ? c->warmup_num_steps : 2;
     double max_lr = !isnan(c->warmup_max_lr) ? c->warmup_max_lr : (c->scheduler == SCHED_WARMUP_DECAY_LR ? 0.001 : c->lr);
     double min_lr = c->warmup_min_lr;
@@ -606,7 +607,7 @@ typedef struct {
     int64_t hyst;               // overflows still tolerated before the scale halves
 } LossScaler;
 
-static void loss_scaler_init(LossScaler* s, const DSConfig* c) {
+void loss_scaler_init(LossScaler* s, const DSConfig* c) {
     memset(s, 0, sizeof(*s));
     s->enabled = c->fp16_enabled;
     s->dynamic = c->fp16_enabled && c->fp16_loss_scale == 0;
@@ -621,7 +622,7 @@ static void loss_scaler_init(LossScaler* s, const DSConfig* c) {
 
 // One optimizer step's update of the scale, with the same `overflow` on every rank.
 // Returns -1 when the scale is already at its minimum (DeepSpeed's fatal error).
-static int loss_scaler_update(LossScaler* s, int overflow, int verbose) {
+int loss_scaler_update(LossScaler* s, int overflow, int verbose) {
     if (!s->dynamic) { s->cur_iter++; return 0; }
     if (overflow) {
         if (s->hysteresis == 1 || s->hyst == 1) {
@@ -670,13 +671,13 @@ typedef struct {
     int64_t adam_t;        // t for this update (1-based)
 } StepPlan;
 
-static void train_state_init(TrainState* st, const DSConfig* c) {
+void train_state_init(TrainState* st, const DSConfig* c) {
     memset(st, 0, sizeof(*st));
     st->sched_it = -1;
     loss_scaler_init(&st->scaler, c);
 }
 
-static StepPlan step_plan(const TrainState* st, const DSConfig* c, int overflow, double scaled_sumsq) {
+StepPlan step_plan(const TrainState* st, const DSConfig* c, int overflow, double scaled_sumsq) {
     StepPlan p;
     memset(&p, 0, sizeof(p));
     p.scale = st->scaler.scale;
@@ -697,7 +698,7 @@ static StepPlan step_plan(const TrainState* st, const DSConfig* c, int overflow,
 }
 
 // Advances counters, schedule and scaler. Returns -1 if the loss scale cannot go lower.
-static int step_finish(TrainState* st, const StepPlan* p, int verbose) {
+int step_finish(TrainState* st, const StepPlan* p, int verbose) {
     st->step++;
     if (p->skip) { st->skipped++; }
     else { st->adam_t = p->adam_t; st->sched_it++; }
@@ -733,29 +734,29 @@ struct Comm {
     void (*finalize)(Comm* c);
 };
 
-static void single_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) { (void)c; (void)v; (void)n; (void)op_max; (void)what; }
-static void single_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) { (void)c; (void)buf; (void)n; (void)what; }
+void single_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) { (void)c; (void)v; (void)n; (void)op_max; (void)what; }
+void single_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) { (void)c; (void)buf; (void)n; (void)what; }
 // one rank has nothing to reduce: ZeRO copies with its buffer operations instead (host or device)
-static void* single_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+void* single_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
     (void)c; (void)send; (void)recv; (void)counts;
     fatal("internal: %s on a single rank", what);
     return NULL;
 }
-static void single_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
-static void single_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+void single_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
+void single_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
     (void)c; (void)buf; (void)elem_size; (void)counts; (void)displs; (void)what;
 }
-static void single_barrier(Comm* c, const char* what) { (void)c; (void)what; }
-static void single_finalize(Comm* c) { (void)c; }
+void single_barrier(Comm* c, const char* what) { (void)c; (void)what; }
+void single_finalize(Comm* c) { (void)c; }
 
-static void comm_init_single(Comm* c) {
+void comm_init_single(Comm* c) {
     Comm s = {"single", 0, 1, 0, 300.0, 0.0, NULL, single_allreduce_f64, single_allreduce_f32, single_reduce_scatter_start,
               single_wait, single_allgather, single_barrier, single_finalize};
     *c = s;
 }
 
 // bytes a rank sends in a ring reduce-scatter or all-gather of `total` bytes; all-reduce is both
-static double ring_bytes(const Comm* c, double total) { return total * (c->world_size - 1) / c->world_size; }
+double ring_bytes(const Comm* c, double total) { return total * (c->world_size - 1) / c->world_size; }
 
 // ----------------------------------------------------------------------------
 // ZeRO: DeepSpeed's stages 0, 1 and 2 (DEEPSPEED.md section 5), written once against
@@ -829,7 +830,7 @@ typedef struct {
     int overlap;
 } Zero;
 
-static void zero_plan(Zero* z, size_t num_params, int world) {
+void zero_plan(Zero* z, size_t num_params, int world) {
     z->num_params = num_params;
     size_t unit = 2 * (size_t)world;
     z->padded = (num_params + unit - 1) / unit * unit;
@@ -839,7 +840,7 @@ static void zero_plan(Zero* z, size_t num_params, int world) {
 }
 
 // rank k's share of the flat range [lo, hi)
-static void zero_shares(const Zero* z, size_t lo, size_t hi, size_t* counts) {
+void zero_shares(const Zero* z, size_t lo, size_t hi, size_t* counts) {
     for (int k = 0; k < z->comm->world_size; k++) {
         size_t a = z->part_start[k], b = a + z->part_count[k];
         a = a > lo ? a : lo;
@@ -849,10 +850,10 @@ static void zero_shares(const Zero* z, size_t lo, size_t hi, size_t* counts) {
 }
 
 // Stage 2: bucket i's buffer holds the flat range [base, base + bucket_size) below bucket_hi.
-static size_t zero_bucket_base(const Zero* z, int i) { return z->bucket_hi[i] > z->bucket_size ? z->bucket_hi[i] - z->bucket_size : 0; }
+size_t zero_bucket_base(const Zero* z, int i) { return z->bucket_hi[i] > z->bucket_size ? z->bucket_hi[i] - z->bucket_size : 0; }
 
 // Stage 2: starts the reduce-scatter of bucket i's filled range [bucket_lo, bucket_hi).
-static void zero_bucket_launch(Zero* z, int i) {
+void zero_bucket_launch(Zero* z, int i) {
     size_t* counts = (size_t*)mallocCheck(z->comm->world_size * sizeof(size_t));
     zero_shares(z, z->bucket_lo[i], z->bucket_hi[i], counts);
     const float* send = z->bucket[i] + (z->bucket_lo[i] - zero_bucket_base(z, i));
@@ -864,7 +865,7 @@ static void zero_bucket_launch(Zero* z, int i) {
 
 // Stage 2: waits for bucket i's reduce-scatter and adds this rank's share, averaged over
 // the ranks, to the partition's gradient. The bucket is empty again afterwards.
-static void zero_bucket_finish(Zero* z, int i) {
+void zero_bucket_finish(Zero* z, int i) {
     if (!z->in_flight[i]) return;
     if (z->request[i]) z->comm->wait(z->comm, z->request[i], "reduce-scatter of a gradient bucket");
     size_t a = z->lo > z->bucket_lo[i] ? z->lo : z->bucket_lo[i];
@@ -876,7 +877,7 @@ static void zero_bucket_finish(Zero* z, int i) {
 
 // Stage 2: the gradients of [offset, offset + n) are complete: copy them into the bucket
 // being filled (from its top down); a full bucket is reduce-scattered at once.
-static void zero_sink_done(GradSink* s, size_t offset, size_t n) {
+void zero_sink_done(GradSink* s, size_t offset, size_t n) {
     Zero* z = (Zero*)s->zero;
     const float* src = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
     size_t hi = offset + n;
@@ -898,7 +899,7 @@ static void zero_sink_done(GradSink* s, size_t offset, size_t n) {
     }
 }
 
-static float* zero_sink_region(GradSink* s, size_t offset, size_t n) {
+float* zero_sink_region(GradSink* s, size_t offset, size_t n) {
     Zero* z = (Zero*)s->zero;
     if (z->stage < 2) return z->grads + offset;
     float* dst = offset == 0 && n == z->embedding_n ? z->embedding_grad : z->region_grad;
@@ -907,11 +908,11 @@ static float* zero_sink_region(GradSink* s, size_t offset, size_t n) {
     return dst;
 }
 
-static void zero_sink_full_done(GradSink* s, size_t offset, size_t n) { (void)s; (void)offset; (void)n; }
+void zero_sink_full_done(GradSink* s, size_t offset, size_t n) { (void)s; (void)offset; (void)n; }
 
 // embedding_n: the region held across backward (the tied embedding), region_max: the
 // largest other region the model hands over (a layer).
-static void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_params, size_t embedding_n, size_t region_max, const DSConfig* c) {
+void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_params, size_t embedding_n, size_t region_max, const DSConfig* c) {
     memset(z, 0, sizeof(*z));
     z->stage = stage;
     z->comm = comm;
@@ -943,7 +944,7 @@ static void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size
 // Memory of model states on this rank, by buffer (bytes), for the start-up report and tests.
 typedef struct { double params, grads, master, moments, buckets, held_grads; } ZeroMemory;
 
-static ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
+ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
     ZeroMemory m;
     m.params = (double)z->padded * weight_bytes;
     m.grads = (double)(z->stage == 2 ? z->n : z->padded) * 4;
@@ -954,7 +955,7 @@ static ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
     return m;
 }
 
-static void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_type) {
+void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_type) {
     ZeroMemory m = zero_memory(z, weight_bytes);
     int ws = z->comm->world_size;
     double psi = (double)z->padded, MB = 1e6;
@@ -973,13 +974,13 @@ static void zero_print_memory(const Zero* z, size_t weight_bytes, const char* we
 }
 
 // Start of an optimizer step: gradients from zero.
-static void zero_begin_step(Zero* z) {
+void zero_begin_step(Zero* z) {
     z->buf->zero(z->grads, z->stage == 2 ? z->n : z->padded);
     z->comm->bytes_sent = 0;
 }
 
 // After each micro batch's backward (stage 2: the last buckets).
-static void zero_end_backward(Zero* z) {
+void zero_end_backward(Zero* z) {
     if (z->stage < 2) return;
     int i = z->current;
     if (z->bucket_hi[i] != z->bucket_lo[i] && !z->in_flight[i]) zero_bucket_launch(z, i); // the partly filled last bucket
@@ -988,7 +989,7 @@ static void zero_end_backward(Zero* z) {
 }
 
 // At the accumulation boundary: this rank's averaged gradient in z->grads (+ z->lo for stages 0/1).
-static float* zero_reduce_gradients(Zero* z) {
+float* zero_reduce_gradients(Zero* z) {
     Comm* c = z->comm;
     if (z->stage == 2) return z->grads;
     float inv = 1.0f / c->world_size;
@@ -1016,7 +1017,7 @@ static float* zero_reduce_gradients(Zero* z) {
     return z->grads + z->lo;
 }
 
-static void zero_free(Zero* z) {
+void zero_free(Zero* z) {
     const BufferOps* b = z->buf;
     b->release(z->master); b->release(z->m); b->release(z->v); b->release(z->grads);
     if (z->stage == 2) {
@@ -1056,9 +1057,9 @@ typedef struct {
     int ffn_hidden;        // 4 * channels for GPT-2
 } ModelConfig;
 
-static const char* arch_name(int arch) { return arch == ARCH_GPT2 ? "gpt2" : arch == ARCH_LLAMA ? "llama" : "unknown"; }
+const char* arch_name(int arch) { return arch == ARCH_GPT2 ? "gpt2" : arch == ARCH_LLAMA ? "llama" : "unknown"; }
 
-static int model_config_check(const ModelConfig* m, char* err, size_t errlen) {
+int model_config_check(const ModelConfig* m, char* err, size_t errlen) {
     if (m->arch != ARCH_GPT2) return fail(err, errlen, "architecture %d (%s) is not supported by this trainer yet", m->arch, arch_name(m->arch));
     if (m->num_layers < 1 || m->num_layers > 1024) return fail(err, errlen, "layers must be in 1..1024, got %d", m->num_layers);
     if (m->num_heads < 1 || m->channels < 1 || m->channels % m->num_heads) return fail(err, errlen, "dim (%d) must be a positive multiple of heads (%d)", m->channels, m->num_heads);
@@ -1070,7 +1071,7 @@ static int model_config_check(const ModelConfig* m, char* err, size_t errlen) {
     return 0;
 }
 
-static ModelConfig gpt2_config(int layers, int heads, int dim, int seq_len, int vocab_size) {
+ModelConfig gpt2_config(int layers, int heads, int dim, int seq_len, int vocab_size) {
     ModelConfig m = {ARCH_GPT2, seq_len, vocab_size, (vocab_size + 127) / 128 * 128, layers, heads, heads, dim, 4 * dim};
     return m;
 }
@@ -1106,7 +1107,7 @@ typedef struct {
 } ParamTable;
 
 // GPT-2's table: wte, wpe, the layers, lnfw, lnfb. Free with param_table_free.
-static ParamTable param_table(const ModelConfig* c) {
+ParamTable param_table(const ModelConfig* c) {
     static const char* names[GPT2_LAYER_TENSORS] = {"ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
                                                      "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"};
     size_t C = c->channels, F = c->ffn_hidden;
@@ -1135,27 +1136,27 @@ static ParamTable param_table(const ModelConfig* c) {
     return p;
 }
 
-static void param_table_free(ParamTable* p) { free(p->tensors); p->tensors = NULL; p->count = 0; }
+void param_table_free(ParamTable* p) { free(p->tensors); p->tensors = NULL; p->count = 0; }
 
 // The tensor called `name` ("wte", "layer0.qkvw", ...), or NULL.
-static const ParamTensor* param_find(const ParamTable* p, const char* name) {
+const ParamTensor* param_find(const ParamTable* p, const char* name) {
     for (int i = 0; i < p->count; i++) if (strcmp(p->tensors[i].name, name) == 0) return &p->tensors[i];
     return NULL;
 }
 
 // A tensor the architecture always has (a missing one is a bug in the table).
-static const ParamTensor* param_named(const ParamTable* p, const char* name) {
+const ParamTensor* param_named(const ParamTable* p, const char* name) {
     const ParamTensor* t = param_find(p, name);
     if (t == NULL) fatal("internal: no parameter tensor named '%s'", name);
     return t;
 }
 
 // Layer `layer`'s tensor `which` (GPT2_LN1W ...).
-static const ParamTensor* param_layer(const ParamTable* p, int layer, int which) {
+const ParamTensor* param_layer(const ParamTable* p, int layer, int which) {
     return &p->tensors[p->first_layer + layer * p->per_layer + which];
 }
 
-static size_t gpt2_num_params(const ModelConfig* c) {
+size_t gpt2_num_params(const ModelConfig* c) {
     ParamTable p = param_table(c);
     size_t total = p.num_params;
     param_table_free(&p);
@@ -1165,7 +1166,7 @@ static size_t gpt2_num_params(const ModelConfig* c) {
 // GPT-2 initialisation from a seed: one RNG stream in layout order, so it does not depend
 // on threads or device. Normal(0, 0.02), residual projections 0.02 / sqrt(2 * layers),
 // biases 0, LayerNorm weights 1, embedding padding rows 0.
-static void gpt2_init_params(float* params, const ModelConfig* c, uint64_t seed) {
+void gpt2_init_params(float* params, const ModelConfig* c, uint64_t seed) {
     ParamTable table = param_table(c);
     Rng rng;
     rng_seed(&rng, seed);
@@ -1198,7 +1199,7 @@ typedef struct {
     size_t num_tokens;
 } TokenShard;
 
-static int shard_open(TokenShard* s, const char* path, int vocab_size, char* err, size_t errlen) {
+int shard_open(TokenShard* s, const char* path, int vocab_size, char* err, size_t errlen) {
     memset(s, 0, sizeof(*s));
     long long bytes = file_size(path);
     if (bytes < 0) return fail(err, errlen, "data shard '%s': %s", path, strerror(errno));
@@ -1237,7 +1238,7 @@ static int shard_open(TokenShard* s, const char* path, int vocab_size, char* err
     return rc;
 }
 
-static void shard_close(TokenShard* s) {
+void shard_close(TokenShard* s) {
     if (s->map) munmap(s->map, s->map_bytes);
     free(s->path);
     memset(s, 0, sizeof(*s));
@@ -1275,7 +1276,7 @@ typedef struct {
     double last_wait;          // seconds the last dataloader_next took
 } DataLoader;
 
-static void dataloader_permute(DataLoader* L, int64_t epoch) {
+void dataloader_permute(DataLoader* L, int64_t epoch) {
     if (!L->shuffle || L->perm_epoch == epoch) return;
     for (size_t i = 0; i < L->num_seqs; i++) L->perm[i] = (uint32_t)i;
     Rng rng;
@@ -1288,14 +1289,14 @@ static void dataloader_permute(DataLoader* L, int64_t epoch) {
 }
 
 // the T+1 tokens of sequence `seq` (global index) in their shard
-static const uint16_t* dataloader_sequence(const DataLoader* L, size_t seq) {
+const uint16_t* dataloader_sequence(const DataLoader* L, size_t seq) {
     int lo = 0, hi = L->num_shards - 1;
     while (lo < hi) { int mid = (lo + hi + 1) / 2; if (L->first_seq[mid] <= seq) lo = mid; else hi = mid - 1; }
     return L->shards[lo].tokens + (seq - L->first_seq[lo]) * (size_t)L->T;
 }
 
 // the global index of this rank's sequence b of the micro batch at (epoch, cursor)
-static size_t dataloader_seq_index(DataLoader* L, int64_t epoch, size_t cursor, int b) {
+size_t dataloader_seq_index(DataLoader* L, int64_t epoch, size_t cursor, int b) {
     dataloader_permute(L, epoch);
     size_t k = cursor + (size_t)L->rank * L->B + b;
     return L->shuffle ? L->perm[k] : k;
@@ -1304,7 +1305,7 @@ static size_t dataloader_seq_index(DataLoader* L, int64_t epoch, size_t cursor, 
 // Copies the micro batch at (epoch, cursor) into inputs/targets (B, T). Sequences are
 // independent, so threads copy them in parallel once the batch is big enough to pay for
 // the fork (about 64K tokens).
-static void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
+void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
     dataloader_permute(L, L->epoch); // before the threads, which then only read the order
     #pragma omp parallel for if ((size_t)L->B * L->T >= 65536)
     for (int b = 0; b < L->B; b++) {
@@ -1317,7 +1318,7 @@ static void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
 
 // Asks the kernel to read the pages of the micro batch at (epoch, cursor) in the
 // background (a no-op when they are cached, as they usually are after the first epoch).
-static void dataloader_advise(DataLoader* L, int64_t epoch, size_t cursor) {
+void dataloader_advise(DataLoader* L, int64_t epoch, size_t cursor) {
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     for (int b = 0; b < L->B; b++) {
         uintptr_t start = (uintptr_t)dataloader_sequence(L, dataloader_seq_index(L, epoch, cursor, b));
@@ -1329,7 +1330,7 @@ static void dataloader_advise(DataLoader* L, int64_t epoch, size_t cursor) {
 
 // Opens every shard matching `pattern` (a glob, sorted). global_batch = sequences per
 // optimizer step over all ranks (train) or world * B (validation).
-static int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int rank, int world, size_t global_batch,
+int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int rank, int world, size_t global_batch,
                            int shuffle, uint64_t seed, int vocab_size, char* err, size_t errlen) {
     memset(L, 0, sizeof(*L));
     L->B = B; L->T = T; L->rank = rank; L->world = world;
@@ -1367,7 +1368,7 @@ static int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int
 }
 
 // Moves to (epoch, cursor): the start for validation, or a checkpoint's position.
-static void dataloader_seek(DataLoader* L, int64_t epoch, size_t cursor) {
+void dataloader_seek(DataLoader* L, int64_t epoch, size_t cursor) {
     L->epoch = epoch;
     L->cursor = cursor;
     dataloader_advise(L, epoch, cursor);
@@ -1375,7 +1376,7 @@ static void dataloader_seek(DataLoader* L, int64_t epoch, size_t cursor) {
 
 // Hands out the next micro batch in L->inputs / L->targets (B, T), and asks for the pages
 // of the one after it.
-static void dataloader_next(DataLoader* L) {
+void dataloader_next(DataLoader* L) {
     double t0 = wall_seconds();
     dataloader_gather(L, L->inputs, L->targets);
     L->cursor += (size_t)L->world * L->B;
@@ -1384,14 +1385,14 @@ static void dataloader_next(DataLoader* L) {
     L->last_wait = wall_seconds() - t0;
 }
 
-static void dataloader_free(DataLoader* L) {
+void dataloader_free(DataLoader* L) {
     for (int i = 0; i < L->num_shards; i++) shard_close(&L->shards[i]);
     free(L->shards); free(L->first_seq); free(L->perm);
     free(L->inputs); free(L->targets);
     memset(L, 0, sizeof(*L));
 }
 
-static size_t dataloader_num_tokens(const DataLoader* L) {
+size_t dataloader_num_tokens(const DataLoader* L) {
     size_t n = 0;
     for (int i = 0; i < L->num_shards; i++) n += L->shards[i].num_tokens;
     return n;
@@ -1410,7 +1411,7 @@ typedef struct {
     char** tokens;
 } Tokenizer;
 
-static int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t errlen) {
+int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t errlen) {
     memset(tk, 0, sizeof(*tk));
     FILE* f = fopen(path, "rb");
     if (f == NULL) return fail(err, errlen, "tokenizer '%s': %s (prepare it with `make data`)", path, strerror(errno));
@@ -1436,18 +1437,18 @@ static int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t err
     return rc;
 }
 
-static const char* tokenizer_decode(const Tokenizer* tk, int token) {
+const char* tokenizer_decode(const Tokenizer* tk, int token) {
     if (token < 0 || token >= tk->vocab_size) return "";
     return tk->tokens[token];
 }
 
 // Prints a token's bytes, leaving out control bytes that would garble a terminal.
-static void print_token_safely(FILE* out, const char* piece) {
+void print_token_safely(FILE* out, const char* piece) {
     if (piece[0] != '\0' && piece[1] == '\0' && !isprint((unsigned char)piece[0]) && !isspace((unsigned char)piece[0]) && (unsigned char)piece[0] < 0x80) return;
     fputs(piece, out);
 }
 
-static void tokenizer_free(Tokenizer* tk) {
+void tokenizer_free(Tokenizer* tk) {
     for (int i = 0; i < tk->vocab_size; i++) free(tk->tokens[i]);
     free(tk->tokens);
     memset(tk, 0, sizeof(*tk));
@@ -1494,13 +1495,13 @@ typedef struct {
     Rng rng;                  // the trainer's sampling RNG
 } CheckpointState;
 
-static void fsync_path(const char* path) {
+void fsync_path(const char* path) {
     int fd = open(path, O_RDONLY);
     if (fd >= 0) { fsync(fd); close(fd); }
 }
 
 // Writes header + arrays to path via path.tmp, fsync, rename.
-static void write_file_atomic(const char* path, const int64_t* header, const float* const* arrays, const size_t* counts, int num_arrays) {
+void write_file_atomic(const char* path, const int64_t* header, const float* const* arrays, const size_t* counts, int num_arrays) {
     char tmp[PATH_LEN];
     format_path(tmp, sizeof tmp, "%s.tmp", path);
     FILE* f = fopenCheck(tmp, "wb");
@@ -1512,7 +1513,7 @@ static void write_file_atomic(const char* path, const int64_t* header, const flo
 }
 
 // Opens a checkpoint file, checks magic, version and exact size; returns it positioned after the header.
-static FILE* open_checked(const char* path, int64_t magic, int64_t* header, long long payload_floats_per_count, int count_word, char* err, size_t errlen) {
+FILE* open_checked(const char* path, int64_t magic, int64_t* header, long long payload_floats_per_count, int count_word, char* err, size_t errlen) {
     FILE* f = fopen(path, "rb");
     if (f == NULL) { fail(err, errlen, "checkpoint file '%s': %s", path, strerror(errno)); return NULL; }
     long long bytes = file_size(path);
@@ -1527,7 +1528,7 @@ static FILE* open_checked(const char* path, int64_t magic, int64_t* header, long
     return f;
 }
 
-static void model_header(int64_t* h, const ModelConfig* m, size_t num_params) {
+void model_header(int64_t* h, const ModelConfig* m, size_t num_params) {
     memset(h, 0, CKPT_HEADER_WORDS * sizeof(int64_t));
     h[HDR_MAGIC] = CKPT_MODEL_MAGIC; h[HDR_VERSION] = CKPT_VERSION;
     h[MODEL_ARCH] = m->arch; h[MODEL_DTYPE] = DTYPE_FP32; h[MODEL_MAX_SEQ_LEN] = m->max_seq_len;
@@ -1537,7 +1538,7 @@ static void model_header(int64_t* h, const ModelConfig* m, size_t num_params) {
 }
 
 // Reads a model file's configuration (and parameter count) without the weights.
-static int model_file_config(const char* path, ModelConfig* m, size_t* num_params, char* err, size_t errlen) {
+int model_file_config(const char* path, ModelConfig* m, size_t* num_params, char* err, size_t errlen) {
     int64_t h[CKPT_HEADER_WORDS];
     FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, MODEL_NUM_PARAMS, err, errlen);
     if (f == NULL) return -1;
@@ -1555,7 +1556,7 @@ static int model_file_config(const char* path, ModelConfig* m, size_t* num_param
     return 0;
 }
 
-static int model_file_read(const char* path, float* params, size_t num_params, char* err, size_t errlen) {
+int model_file_read(const char* path, float* params, size_t num_params, char* err, size_t errlen) {
     int64_t h[CKPT_HEADER_WORDS];
     FILE* f = open_checked(path, CKPT_MODEL_MAGIC, h, 1, MODEL_NUM_PARAMS, err, errlen);
     if (f == NULL) return -1;
@@ -1568,7 +1569,7 @@ static int model_file_read(const char* path, float* params, size_t num_params, c
     return 0;
 }
 
-static void model_file_write(const char* path, const ModelConfig* m, const float* params, size_t num_params) {
+void model_file_write(const char* path, const ModelConfig* m, const float* params, size_t num_params) {
     int64_t h[CKPT_HEADER_WORDS];
     model_header(h, m, num_params);
     const float* arrays[1] = {params};
@@ -1576,7 +1577,7 @@ static void model_file_write(const char* path, const ModelConfig* m, const float
     write_file_atomic(path, h, arrays, counts, 1);
 }
 
-static void state_file_write(const char* path, const CheckpointState* s) {
+void state_file_write(const char* path, const CheckpointState* s) {
     int64_t h[CKPT_HEADER_WORDS];
     memset(h, 0, sizeof h);
     const TrainState* t = &s->train;
@@ -1592,7 +1593,7 @@ static void state_file_write(const char* path, const CheckpointState* s) {
     write_file_atomic(path, h, NULL, NULL, 0);
 }
 
-static int state_file_read(const char* path, CheckpointState* s, char* err, size_t errlen) {
+int state_file_read(const char* path, CheckpointState* s, char* err, size_t errlen) {
     int64_t h[CKPT_HEADER_WORDS];
     FILE* f = open_checked(path, CKPT_STATE_MAGIC, h, 0, -1, err, errlen);
     if (f == NULL) return -1;
@@ -1613,11 +1614,11 @@ static int state_file_read(const char* path, CheckpointState* s, char* err, size
     return 0;
 }
 
-static void optim_file_name(char* out, size_t n, const char* folder, int rank, int world) {
+void optim_file_name(char* out, size_t n, const char* folder, int rank, int world) {
     format_path(out, n, "%s/optim_rank%04d_of_%04d.bin", folder, rank, world);
 }
 
-static void optim_file_write(const char* folder, int rank, int world, size_t offset, size_t count, size_t num_params,
+void optim_file_write(const char* folder, int rank, int world, size_t offset, size_t count, size_t num_params,
                              const float* master, const float* m, const float* v) {
     char path[PATH_LEN];
     optim_file_name(path, sizeof path, folder, rank, world);
@@ -1633,7 +1634,7 @@ static void optim_file_write(const char* folder, int rank, int world, size_t off
 // Fills the partition [offset, offset + count) of master/m/v from the optimizer files of
 // a checkpoint saved by `saved_world` ranks: partitions are contiguous ranges of one
 // flat buffer, so any number of ranks can load any other number's files.
-static int optim_files_read(const char* folder, int saved_world, size_t offset, size_t count, size_t num_params,
+int optim_files_read(const char* folder, int saved_world, size_t offset, size_t count, size_t num_params,
                             float* master, float* m, float* v, char* err, size_t errlen) {
     // padding at the end of the flat buffer is zero and not stored
     size_t end = offset + count < num_params ? offset + count : num_params;
@@ -1666,11 +1667,11 @@ static int optim_files_read(const char* folder, int saved_world, size_t offset, 
     return 0;
 }
 
-static void checkpoint_folder(char* out, size_t n, const char* dir, int64_t step) {
+void checkpoint_folder(char* out, size_t n, const char* dir, int64_t step) {
     format_path(out, n, "%s/step_%08lld", dir, (long long)step);
 }
 
-static void make_dirs(const char* path) {
+void make_dirs(const char* path) {
     char buf[PATH_LEN];
     format_path(buf, sizeof buf, "%s", path);
     for (char* p = buf + 1; *p; p++) {
@@ -1680,7 +1681,7 @@ static void make_dirs(const char* path) {
 }
 
 // Removes a checkpoint folder (flat: files only).
-static void remove_folder(const char* path) {
+void remove_folder(const char* path) {
     DIR* d = opendir(path);
     if (d == NULL) return;
     struct dirent* e;
@@ -1695,7 +1696,7 @@ static void remove_folder(const char* path) {
 }
 
 // Step 1 of a save: an empty temporary folder for the files of every rank.
-static void checkpoint_begin(const char* dir, int64_t step, char* tmp_folder, size_t n) {
+void checkpoint_begin(const char* dir, int64_t step, char* tmp_folder, size_t n) {
     char folder[PATH_LEN];
     checkpoint_folder(folder, sizeof folder, dir, step);
     format_path(tmp_folder, n, "%s.tmp", folder);
@@ -1705,7 +1706,7 @@ static void checkpoint_begin(const char* dir, int64_t step, char* tmp_folder, si
 }
 
 // Last step of a save, once every rank's files are in the temporary folder.
-static void checkpoint_commit(const char* dir, int64_t step, const char* tmp_folder) {
+void checkpoint_commit(const char* dir, int64_t step, const char* tmp_folder) {
     char folder[PATH_LEN], old[1100], latest[1100], latest_tmp[1100];
     checkpoint_folder(folder, sizeof folder, dir, step);
     fsync_path(tmp_folder);
@@ -1725,7 +1726,7 @@ static void checkpoint_commit(const char* dir, int64_t step, const char* tmp_fol
 }
 
 // Finds the folder DIR/latest names. Returns 0 with the folder path, or -1.
-static int checkpoint_latest(const char* dir, char* folder, size_t n, char* err, size_t errlen) {
+int checkpoint_latest(const char* dir, char* folder, size_t n, char* err, size_t errlen) {
     char latest[PATH_LEN], tag[256] = {0};
     format_path(latest, sizeof latest, "%s/latest", dir);
     FILE* f = fopen(latest, "r");
@@ -1751,7 +1752,7 @@ typedef struct {
     int64_t first_step;     // step the run started (or resumed) at, for the ETA
 } Logger;
 
-static void logger_open(Logger* lg, const char* path, int append, int64_t first_step) {
+void logger_open(Logger* lg, const char* path, int append, int64_t first_step) {
     memset(lg, 0, sizeof(*lg));
     lg->start_time = wall_seconds();
     lg->first_step = first_step;
@@ -1770,7 +1771,7 @@ typedef struct {
     double bytes_sent; // by this rank in the step's collectives; NAN on one rank
 } StepLog;
 
-static void log_step(Logger* lg, const StepLog* s) {
+void log_step(Logger* lg, const StepLog* s) {
     double elapsed = wall_seconds() - lg->start_time;
     int64_t done = s->step - lg->first_step;
     char eta[32];
@@ -1797,7 +1798,7 @@ static void log_step(Logger* lg, const StepLog* s) {
     }
 }
 
-static void log_val(Logger* lg, int64_t step, double val_loss, int batches) {
+void log_val(Logger* lg, int64_t step, double val_loss, int batches) {
     printf("step %5lld | val loss %.6f (%d batches)\n", (long long)step, val_loss, batches);
     fflush(stdout);
     if (lg->jsonl) {
@@ -1806,7 +1807,7 @@ static void log_val(Logger* lg, int64_t step, double val_loss, int batches) {
     }
 }
 
-static void logger_close(Logger* lg) {
+void logger_close(Logger* lg) {
     if (lg->jsonl) fclose(lg->jsonl);
     lg->jsonl = NULL;
 }
@@ -1830,29 +1831,29 @@ typedef struct {
     int depth;
 } JsonParser;
 
-static const char* json_type_name(JsonType t) {
+const char* json_type_name(JsonType t) {
     static const char* names[] = {"null", "a boolean", "a number", "a string", "an array", "an object"};
     return names[t];
 }
 
-static int json_error(JsonParser* p, const char* what) {
+int json_error(JsonParser* p, const char* what) {
     return fail(p->err, p->errlen, "line %d, column %d: %s", p->line, p->col, what);
 }
 
-static void json_advance(JsonParser* p) {
+void json_advance(JsonParser* p) {
     if (p->text[p->pos] == '\n') { p->line++; p->col = 1; } else { p->col++; }
     p->pos++;
 }
 
-static void json_skip_space(JsonParser* p) {
+void json_skip_space(JsonParser* p) {
     while (p->text[p->pos] == ' ' || p->text[p->pos] == '\t' || p->text[p->pos] == '\n' || p->text[p->pos] == '\r') {
         json_advance(p);
     }
 }
 
-static int json_parse_value(JsonParser* p, JsonValue* v);
+int json_parse_value(JsonParser* p, JsonValue* v);
 
-static int json_parse_string(JsonParser* p, char** out) {
+int json_parse_string(JsonParser* p, char** out) {
     json_advance(p); // opening quote
     size_t cap = 16, len = 0;
     char* s = (char*)mallocCheck(cap);
@@ -1882,7 +1883,7 @@ static int json_parse_string(JsonParser* p, char** out) {
     return 0;
 }
 
-static int json_parse_number(JsonParser* p, JsonValue* v) {
+int json_parse_number(JsonParser* p, JsonValue* v) {
     const char* start = p->text + p->pos;
     const char* q = start;
     // JSON grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
@@ -1903,7 +1904,7 @@ static int json_parse_number(JsonParser* p, JsonValue* v) {
     return 0;
 }
 
-static int json_parse_literal(JsonParser* p, JsonValue* v) {
+int json_parse_literal(JsonParser* p, JsonValue* v) {
     static const struct { const char* word; JsonType type; int value; } literals[] = {
         {"true", JSON_BOOL, 1}, {"false", JSON_BOOL, 0}, {"null", JSON_NULL, 0},
         {"NaN", JSON_NUMBER, 0}, {"Infinity", JSON_NUMBER, 1}, {"-Infinity", JSON_NUMBER, -1},
@@ -1922,7 +1923,7 @@ static int json_parse_literal(JsonParser* p, JsonValue* v) {
     return json_error(p, "unexpected character (expected a value: object, array, string, number, true, false or null)");
 }
 
-static int json_parse_container(JsonParser* p, JsonValue* v, int is_object) {
+int json_parse_container(JsonParser* p, JsonValue* v, int is_object) {
     char close = is_object ? '}' : ']';
     v->type = is_object ? JSON_OBJECT : JSON_ARRAY;
     if (++p->depth > 64) return json_error(p, "nesting deeper than 64 levels");
@@ -1965,7 +1966,7 @@ static int json_parse_container(JsonParser* p, JsonValue* v, int is_object) {
     }
 }
 
-static int json_parse_value(JsonParser* p, JsonValue* v) {
+int json_parse_value(JsonParser* p, JsonValue* v) {
     json_skip_space(p);
     v->line = p->line;
     v->col = p->col;
@@ -1978,7 +1979,7 @@ static int json_parse_value(JsonParser* p, JsonValue* v) {
     return json_parse_literal(p, v);
 }
 
-static void json_free(JsonValue* v) {
+void json_free(JsonValue* v) {
     free(v->string);
     for (int i = 0; i < v->count; i++) {
         json_free(&v->items[i]);
@@ -1990,7 +1991,7 @@ static void json_free(JsonValue* v) {
 }
 
 // Parses a whole document; trailing content is an error.
-static int json_parse(const char* text, JsonValue* out, char* err, size_t errlen) {
+int json_parse(const char* text, JsonValue* out, char* err, size_t errlen) {
     JsonParser p = {text, 0, 1, 1, err, errlen, 0};
     memset(out, 0, sizeof(*out));
     if (json_parse_value(&p, out)) { json_free(out); return -1; }
@@ -2025,7 +2026,7 @@ typedef struct {
     int64_t micro_batch, grad_accum, train_batch_size;
 } Options;
 
-static void options_defaults(Options* o) {
+void options_defaults(Options* o) {
     memset(o, 0, sizeof(*o));
     o->train_data = "data/wikitext/wikitext_train_*.bin";
     o->val_data = "data/wikitext/wikitext_val_*.bin";
@@ -2040,7 +2041,7 @@ static void options_defaults(Options* o) {
     o->micro_batch = o->grad_accum = o->train_batch_size = -1;
 }
 
-static void print_usage(const char* prog) {
+void print_usage(const char* prog) {
     Options d;
     options_defaults(&d);
     printf("usage: %s [options]\n\n"
@@ -2077,7 +2078,7 @@ static void print_usage(const char* prog) {
            d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
 }
 
-static int64_t parse_int_flag(const char* flag, const char* value, int64_t min, int64_t max) {
+int64_t parse_int_flag(const char* flag, const char* value, int64_t min, int64_t max) {
     char* end;
     errno = 0;
     long long v = strtoll(value, &end, 10);
@@ -2087,14 +2088,14 @@ static int64_t parse_int_flag(const char* flag, const char* value, int64_t min, 
     return v;
 }
 
-static double parse_float_flag(const char* flag, const char* value, double min) {
+double parse_float_flag(const char* flag, const char* value, double min) {
     char* end;
     double v = strtod(value, &end);
     if (value[0] == '\0' || *end != '\0' || !isfinite(v) || v < min) fatal("%s: expected a number >= %g, got '%s'", flag, min, value);
     return v;
 }
 
-static void parse_args(Options* o, int argc, char** argv) {
+void parse_args(Options* o, int argc, char** argv) {
     options_defaults(o);
     for (int i = 1; i < argc; i++) {
         char flag[128];
@@ -2156,7 +2157,7 @@ static void parse_args(Options* o, int argc, char** argv) {
 
 // The effective DeepSpeed configuration: file (or built-in defaults), then flags,
 // validated, with the batch sizes resolved for world_size ranks. Exits on error.
-static void load_effective_config(DSConfig* c, const Options* o, int world_size) {
+void load_effective_config(DSConfig* c, const Options* o, int world_size) {
     char err[1024];
     if (o->config_path) {
         if (ds_config_load(c, o->config_path, err, sizeof err)) fatal("%s", err);
@@ -2174,7 +2175,7 @@ static void load_effective_config(DSConfig* c, const Options* o, int world_size)
     if (ds_resolve_batch(c, world_size, err, sizeof err)) fatal("%s", err);
 }
 
-static void print_config(const DSConfig* c, int world_size) {
+void print_config(const DSConfig* c, int world_size) {
     printf("config: %s\n", c->path);
     printf("  batch: train_batch_size %lld = micro batch %lld x %lld accumulation steps x %d ranks\n",
            (long long)c->train_batch_size, (long long)c->micro_batch, (long long)c->grad_accum, world_size);
@@ -2207,7 +2208,7 @@ static void print_config(const DSConfig* c, int world_size) {
 
 // Waits for a non-blocking MPI operation, giving up after the timeout: a rank that died or
 // took another path would otherwise leave the others waiting forever.
-static void mpi_wait_timeout(Comm* c, MPI_Request* req, const char* what) {
+void mpi_wait_timeout(Comm* c, MPI_Request* req, const char* what) {
     double start = wall_seconds();
     for (long spins = 0;; spins++) {
         int done = 0;
@@ -2224,14 +2225,14 @@ static void mpi_wait_timeout(Comm* c, MPI_Request* req, const char* what) {
     }
 }
 
-static void mpi_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) {
+void mpi_allreduce_f64(Comm* c, double* v, int n, int op_max, const char* what) {
     MPI_Request req;
     MPI_Iallreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, op_max ? MPI_MAX : MPI_SUM, MPI_COMM_WORLD, &req);
     mpi_wait_timeout(c, &req, what);
     c->bytes_sent += 2 * ring_bytes(c, n * 8.0);
 }
 
-static void mpi_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
+void mpi_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
     for (size_t done = 0; done < n;) { // MPI counts are int: chunks of at most 2^30
         int chunk = (int)(n - done < (1u << 30) ? n - done : (1u << 30));
         MPI_Request req;
@@ -2244,7 +2245,7 @@ static void mpi_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
 
 typedef struct { MPI_Request req; int* counts; } MpiRequest;
 
-static void* mpi_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+void* mpi_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
     MpiRequest* r = (MpiRequest*)mallocCheck(sizeof(MpiRequest));
     r->counts = (int*)mallocCheck(c->world_size * sizeof(int));
     double total = 0;
@@ -2258,14 +2259,14 @@ static void* mpi_reduce_scatter_start(Comm* c, const float* send, float* recv, c
     return r;
 }
 
-static void mpi_wait(Comm* c, void* request, const char* what) {
+void mpi_wait(Comm* c, void* request, const char* what) {
     MpiRequest* r = (MpiRequest*)request;
     mpi_wait_timeout(c, &r->req, what);
     free(r->counts);
     free(r);
 }
 
-static void mpi_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+void mpi_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
     int* cnt = (int*)mallocCheck(c->world_size * sizeof(int));
     int* dsp = (int*)mallocCheck(c->world_size * sizeof(int));
     double total = 0;
@@ -2283,15 +2284,15 @@ static void mpi_allgather(Comm* c, void* buf, size_t elem_size, const size_t* co
     free(dsp);
 }
 
-static void mpi_barrier(Comm* c, const char* what) {
+void mpi_barrier(Comm* c, const char* what) {
     MPI_Request req;
     MPI_Ibarrier(MPI_COMM_WORLD, &req);
     mpi_wait_timeout(c, &req, what);
 }
 
-static void mpi_finalize(Comm* c) { (void)c; MPI_Finalize(); }
+void mpi_finalize(Comm* c) { (void)c; MPI_Finalize(); }
 
-static void comm_init_mpi(Comm* c, int* argc, char*** argv) {
+void comm_init_mpi(Comm* c, int* argc, char*** argv) {
     MPI_Init(argc, argv);
     Comm m = {"mpi", 0, 1, 0, 300.0, 0.0, NULL, mpi_allreduce_f64, mpi_allreduce_f32, mpi_reduce_scatter_start,
               mpi_wait, mpi_allgather, mpi_barrier, mpi_finalize};
@@ -2314,7 +2315,7 @@ static void comm_init_mpi(Comm* c, int* argc, char*** argv) {
 // Returns 0 when neither is present; -1 with err when the values are inconsistent.
 typedef struct { int rank, world_size, local_rank; const char* source; } LaunchEnv;
 
-static int launch_env(LaunchEnv* e, char* err, size_t errlen) {
+int launch_env(LaunchEnv* e, char* err, size_t errlen) {
     static const char* sets[2][4] = {{"RANK", "WORLD_SIZE", "LOCAL_RANK", "torchrun/DeepSpeed launcher"},
                                      {"SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "Slurm"}};
     for (int i = 0; i < 2; i++) {
@@ -2340,13 +2341,13 @@ static int launch_env(LaunchEnv* e, char* err, size_t errlen) {
 #include <poll.h>
 #include <sys/socket.h>
 
-static int tcp_wait(int fd, short events, double deadline) {
+int tcp_wait(int fd, short events, double deadline) {
     struct pollfd p = {fd, events, 0};
     double left = deadline - wall_seconds();
     return left > 0 && poll(&p, 1, (int)(left * 1000) + 1) == 1 && (p.revents & events);
 }
 
-static int tcp_broadcast(void* data, size_t n, int rank, int world, const char* addr, const char* port, double timeout_s, char* err, size_t errlen) {
+int tcp_broadcast(void* data, size_t n, int rank, int world, const char* addr, const char* port, double timeout_s, char* err, size_t errlen) {
     double deadline = wall_seconds() + timeout_s;
     struct addrinfo hints, *ai = NULL;
     memset(&hints, 0, sizeof hints);
@@ -2390,7 +2391,7 @@ static int tcp_broadcast(void* data, size_t n, int rank, int world, const char* 
 
 // The world size a launcher announced: mpirun (Open MPI, MPICH), torchrun and the
 // DeepSpeed launcher (WORLD_SIZE), or Slurm (SLURM_NTASKS). 1 when run directly.
-static int launcher_world_size(const char** var) {
+int launcher_world_size(const char** var) {
     const char* vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "SLURM_NTASKS"};
     for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
         const char* v = getenv(vars[i]);
@@ -2418,12 +2419,12 @@ typedef struct {
 
 typedef struct { cudaEvent_t done; } NcclRequest;
 
-static void nccl_check(ncclResult_t r, const char* what, int line) {
+void nccl_check(ncclResult_t r, const char* what, int line) {
     if (r != ncclSuccess) fatal("NCCL error in %s (dstrain.h:%d): %s", what, line, ncclGetErrorString(r));
 }
 #define ncclCheck(call, what) nccl_check(call, what, __LINE__)
 
-static void nccl_begin(Comm* c) { // the collective sees everything the compute stream did before
+void nccl_begin(Comm* c) { // the collective sees everything the compute stream did before
     NcclImpl* n = (NcclImpl*)c->impl;
     cudaEvent_t e;
     cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
@@ -2432,7 +2433,7 @@ static void nccl_begin(Comm* c) { // the collective sees everything the compute 
     cudaEventDestroy(e);
 }
 
-static void* nccl_end(Comm* c) {
+void* nccl_end(Comm* c) {
     NcclImpl* n = (NcclImpl*)c->impl;
     NcclRequest* r = (NcclRequest*)mallocCheck(sizeof(NcclRequest));
     cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming);
@@ -2440,7 +2441,7 @@ static void* nccl_end(Comm* c) {
     return r;
 }
 
-static void nccl_wait(Comm* c, void* request, const char* what) {
+void nccl_wait(Comm* c, void* request, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
     NcclRequest* r = (NcclRequest*)request;
     double start = wall_seconds();
@@ -2462,7 +2463,7 @@ static void nccl_wait(Comm* c, void* request, const char* what) {
     free(r);
 }
 
-static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
+void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
     nccl_begin(c);
     cudaMemcpyAsync(n->scalars, v, count * sizeof(double), cudaMemcpyHostToDevice, n->stream);
@@ -2472,7 +2473,7 @@ static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const 
     c->bytes_sent += 2 * ring_bytes(c, count * 8.0);
 }
 
-static void nccl_allreduce_f32(Comm* c, float* buf, size_t count, const char* what) {
+void nccl_allreduce_f32(Comm* c, float* buf, size_t count, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
     nccl_begin(c);
     ncclCheck(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, n->comm, n->stream), what);
@@ -2480,7 +2481,7 @@ static void nccl_allreduce_f32(Comm* c, float* buf, size_t count, const char* wh
     c->bytes_sent += 2 * ring_bytes(c, count * 4.0);
 }
 
-static void* nccl_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+void* nccl_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
     nccl_begin(c);
     ncclCheck(ncclGroupStart(), what);
@@ -2494,7 +2495,7 @@ static void* nccl_reduce_scatter_start(Comm* c, const float* send, float* recv, 
     return nccl_end(c);
 }
 
-static void nccl_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+void nccl_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
     nccl_begin(c);
     ncclCheck(ncclGroupStart(), what);
@@ -2509,12 +2510,12 @@ static void nccl_allgather(Comm* c, void* buf, size_t elem_size, const size_t* c
     c->bytes_sent += ring_bytes(c, total);
 }
 
-static void nccl_barrier(Comm* c, const char* what) {
+void nccl_barrier(Comm* c, const char* what) {
     double zero = 0;
     nccl_allreduce_f64(c, &zero, 1, 0, what);
 }
 
-static void nccl_finalize(Comm* c) {
+void nccl_finalize(Comm* c) {
     NcclImpl* n = (NcclImpl*)c->impl;
     ncclCommDestroy(n->comm);
     cudaFree(n->scalars);
@@ -2524,7 +2525,7 @@ static void nccl_finalize(Comm* c) {
 
 // `id` must be the same on every rank (from ncclGetUniqueId on rank 0, shared by MPI,
 // TCP or a file); the device must already be selected.
-static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const ncclUniqueId* id, cudaStream_t* compute) {
+void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const ncclUniqueId* id, cudaStream_t* compute) {
     NcclImpl* n = (NcclImpl*)callocCheck(1, sizeof(NcclImpl));
     Comm m = {"nccl", rank, world, local_rank, 300.0, 0.0, n, nccl_allreduce_f64, nccl_allreduce_f32, nccl_reduce_scatter_start,
               nccl_wait, nccl_allgather, nccl_barrier, nccl_finalize};
@@ -2541,7 +2542,7 @@ static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const n
 // refuses that), so a single-GPU machine can test sharding. Collectives are blocking.
 typedef struct { cudaStream_t* compute; float* host; size_t capacity; } StagedImpl;
 
-static float* staged_host(Comm* c, size_t bytes) {
+float* staged_host(Comm* c, size_t bytes) {
     StagedImpl* s = (StagedImpl*)c->impl;
     if (bytes > s->capacity) {
         free(s->host);
@@ -2552,14 +2553,14 @@ static float* staged_host(Comm* c, size_t bytes) {
     return s->host;
 }
 
-static void staged_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
+void staged_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
     float* h = staged_host(c, n * sizeof(float));
     cudaMemcpy(h, buf, n * sizeof(float), cudaMemcpyDeviceToHost);
     mpi_allreduce_f32(c, h, n, what);
     cudaMemcpy(buf, h, n * sizeof(float), cudaMemcpyHostToDevice);
 }
 
-static void* staged_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+void* staged_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
     size_t total = 0;
     for (int k = 0; k < c->world_size; k++) total += counts[k];
     float* h = staged_host(c, (total + counts[c->rank]) * sizeof(float));
@@ -2569,9 +2570,9 @@ static void* staged_reduce_scatter_start(Comm* c, const float* send, float* recv
     return NULL;
 }
 
-static void staged_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
+void staged_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
 
-static void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
     size_t end = 0;
     for (int k = 0; k < c->world_size; k++) if (displs[k] + counts[k] > end) end = displs[k] + counts[k];
     char* h = (char*)staged_host(c, end * elem_size);
@@ -2581,7 +2582,7 @@ static void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t*
 }
 
 // Turns an MPI communicator into one for device buffers.
-static void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
+void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
     StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
     s->compute = compute;
     c->impl = s;
@@ -2592,14 +2593,14 @@ static void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
     c->allgather = staged_allgather;
 }
 
-static void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
+void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
 #endif
 
 // The GPU trainer's ranks: one GPU per local rank, NCCL between them. NCCL's unique id
 // travels over MPI (mpirun), over TCP to MASTER_ADDR:MASTER_PORT (torchrun, the
 // DeepSpeed launcher, Slurm), or through DSTRAIN_NCCL_ID_FILE on a shared file system.
 // When several ranks must share a GPU, MPI with host staging replaces NCCL.
-static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, double timeout_s) {
+void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, double timeout_s) {
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
     LaunchEnv env = {0, 1, 0, NULL};
@@ -2701,7 +2702,7 @@ typedef struct {
     char names[MAX_FAULTS][32];
 } FaultPlan;
 
-static void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* mc) {
+void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* mc) {
     memset(f, 0, sizeof(*f));
     if (spec == NULL || spec[0] == '\0') return;
     ParamTable table = param_table(mc);
@@ -2724,7 +2725,7 @@ static void fault_plan_parse(FaultPlan* f, const char* spec, const ModelConfig* 
 
 // Injects the faults planned for optimizer step `step` (1-based) into this rank's averaged
 // gradient g, which holds the parameters [lo, lo + n).
-static void fault_plan_apply(const FaultPlan* f, const BufferOps* buf, float* g, size_t lo, size_t n, int64_t step) {
+void fault_plan_apply(const FaultPlan* f, const BufferOps* buf, float* g, size_t lo, size_t n, int64_t step) {
     const float inf = INFINITY;
     for (int i = 0; i < f->count; i++) {
         if (f->steps[i] == step && f->index[i] >= lo && f->index[i] < lo + n) buf->from_host(g + (f->index[i] - lo), &inf, 1);
@@ -2752,11 +2753,11 @@ typedef struct {
     double data_wait_ms;
 } Trainer;
 
-static double ms_since(double t0) { return (wall_seconds() - t0) * 1e3; }
+double ms_since(double t0) { return (wall_seconds() - t0) * 1e3; }
 
 // The updated master partitions become every rank's working weights: each rank writes its
 // own, then an all-gather in chunks of allgather_bucket_size elements.
-static void zero_share_weights(Trainer* tr) {
+void zero_share_weights(Trainer* tr) {
     Zero* z = &tr->zero;
     size_t end = z->lo + z->n < tr->num_params ? z->lo + z->n : tr->num_params; // padding has no weight
     if (end > z->lo) tr->ops->set_weights(tr->model, z->lo, z->master, end - z->lo);
@@ -2780,7 +2781,7 @@ static void zero_share_weights(Trainer* tr) {
 // DeepSpeed's step once the step's gradients are complete (DEEPSPEED.md section 4):
 // reduce, overflow check and global norm combined over ranks, one unscale-and-clip
 // factor, AdamW on this rank's partition, all-gather of the weights, schedule, scaler.
-static StepPlan optimizer_step(Trainer* tr) {
+StepPlan optimizer_step(Trainer* tr) {
     Zero* z = &tr->zero;
     Comm* c = &tr->comm;
     float* g = zero_reduce_gradients(z);
@@ -2807,7 +2808,7 @@ static StepPlan optimizer_step(Trainer* tr) {
 
 // One optimizer step: ga micro batches forward and backward, then the optimizer step.
 // Returns the mean loss of the micro batches over all ranks.
-static float train_step(Trainer* tr, StepPlan* plan) {
+float train_step(Trainer* tr, StepPlan* plan) {
     double loss_sum = 0.0, t0;
     tr->forward_ms = tr->backward_ms = tr->data_wait_ms = 0.0;
     zero_begin_step(&tr->zero);
@@ -2834,7 +2835,7 @@ static float train_step(Trainer* tr, StepPlan* plan) {
 
 // Mean validation loss over --val-batches micro batches in total (the whole split with 0),
 // shared among the ranks, so every world size validates on the same sequences.
-static float evaluate(Trainer* tr, int* batches_out) {
+float evaluate(Trainer* tr, int* batches_out) {
     DataLoader* v = &tr->val;
     int ws = tr->comm.world_size;
     int64_t available = (int64_t)(v->seqs_per_epoch / ((size_t)ws * v->B)); // per rank
@@ -2852,7 +2853,7 @@ static float evaluate(Trainer* tr, int* batches_out) {
 }
 
 // Samples text from the model, starting from the end-of-text token (rank 0 only).
-static void sample_text(Trainer* tr, const Tokenizer* tok) {
+void sample_text(Trainer* tr, const Tokenizer* tok) {
     int n = (int)tr->opt.sample_tokens, T = tr->T, V = tr->mc.vocab_size;
     int* seq = (int*)mallocCheck(((size_t)n + 1) * sizeof(int));
     seq[0] = tok->eot_token;
@@ -2875,7 +2876,7 @@ static void sample_text(Trainer* tr, const Tokenizer* tok) {
 // Every rank writes its partition of the fp32 master weights and Adam moments; rank 0
 // also writes the full model (gathered from the partitions) and the training state.
 // Stage 0 keeps everything on every rank, so rank 0 alone writes one optimizer file.
-static void save_checkpoint(Trainer* tr) {
+void save_checkpoint(Trainer* tr) {
     const char* dir = tr->opt.checkpoint_dir;
     Zero* z = &tr->zero;
     Comm* c = &tr->comm;
@@ -2922,7 +2923,7 @@ static void save_checkpoint(Trainer* tr) {
 
 // Every rank reads its own partition from however many files the checkpoint has, so a
 // checkpoint saved on N ranks resumes on any M; then the weights are shared as after a step.
-static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointState* s) {
+void load_checkpoint(Trainer* tr, const char* folder, const CheckpointState* s) {
     char err[1024];
     Zero* z = &tr->zero;
     float* host = (float*)mallocCheck(3 * z->n * sizeof(float));
@@ -2959,7 +2960,7 @@ static void load_checkpoint(Trainer* tr, const char* folder, const CheckpointSta
 }
 
 // Fresh weights (GPT-2 initialisation or a model file) on every rank, the same everywhere.
-static void init_weights(Trainer* tr) {
+void init_weights(Trainer* tr) {
     char err[1024];
     Zero* z = &tr->zero;
     float* full = (float*)callocCheck(z->padded, sizeof(float));
@@ -2976,7 +2977,7 @@ static void init_weights(Trainer* tr) {
 }
 
 // The ranks: mpirun (MPI backend, in builds with MPI), or one.
-static void init_comm(Comm* c, int* argc, char*** argv) {
+void init_comm(Comm* c, int* argc, char*** argv) {
     const char* var = NULL;
     int launched = launcher_world_size(&var);
 #ifdef USE_MPI
@@ -2998,7 +2999,7 @@ static void init_comm(Comm* c, int* argc, char*** argv) {
 }
 
 // The model configuration: from the checkpoint being resumed, a model file, or the flags.
-static ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, CheckpointState* resume_state) {
+ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, CheckpointState* resume_state) {
     char err[1024], path[PATH_LEN];
     size_t file_params;
     ModelConfig mc = gpt2_config(tr->opt.layers, tr->opt.heads, tr->opt.dim, tr->opt.seq_len, GPT2_VOCAB_SIZE);
@@ -3017,7 +3018,7 @@ static ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t 
     return mc;
 }
 
-static void open_data(Trainer* tr) {
+void open_data(Trainer* tr) {
     char err[1024];
     int rank = tr->comm.rank, ws = tr->comm.world_size;
     if (dataloader_init(&tr->train, tr->opt.train_data, tr->B, tr->T, rank, ws, (size_t)tr->cfg.train_batch_size, 1, tr->opt.seed, tr->mc.vocab_size, err, sizeof err)) fatal("%s", err);
@@ -3030,7 +3031,7 @@ static void open_data(Trainer* tr) {
     }
 }
 
-static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
+void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     int64_t tokens_per_step = tr->cfg.train_batch_size * tr->T;
     StepLog sl = {tr->state.step, tr->opt.steps, loss, plan->lr, plan->grad_norm, ms, tokens_per_step / (ms / 1e3),
                   tr->data_wait_ms, tr->cfg.fp16_enabled, plan->scale, tr->state.skipped, plan->overflow, NAN, NAN,
@@ -3048,7 +3049,7 @@ static void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double
 
 // The regions of gradients the model hands to ZeRO: the tied embedding (held across the
 // backward pass) and the largest of the others (a layer, the positions, the final norm).
-static void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region_max) {
+void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region_max) {
     ParamTable p = param_table(mc);
     size_t layer = 0, positions = param_named(&p, "wpe")->size, final_norm = 2 * param_named(&p, "lnfw")->size;
     for (int i = 0; i < GPT2_LAYER_TENSORS; i++) layer += param_layer(&p, 0, i)->size;
@@ -3059,7 +3060,7 @@ static void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t*
 }
 
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.
-static int train_main(int argc, char** argv, const ModelOps* ops, void (*describe_run)(const DSConfig*, const Comm*)) {
+int train_main(int argc, char** argv, const ModelOps* ops, void (*describe_run)(const DSConfig*, const Comm*)) {
     Trainer tr;
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
