@@ -1,5 +1,6 @@
 """
-Tests of data/prepare.py: GPT-2 tokens, shards, parallel tokenization, downloads.
+Tests of data/prepare.py (GPT-2 tokens, shards, parallel tokenization) and
+data/download.py (downloads).
 
     python3 tests/test_data.py
 
@@ -27,6 +28,7 @@ import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "data"))
+import download  # noqa: E402
 import prepare  # noqa: E402
 import tiktoken  # noqa: E402
 
@@ -399,8 +401,8 @@ def test_download():
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         os.environ.pop(var, None)
     os.environ["no_proxy"] = "127.0.0.1,localhost"
-    prepare.NETWORK_TIMEOUT = 1
-    prepare.RETRY_WAIT = 0
+    download.NETWORK_TIMEOUT = 1
+    download.RETRY_WAIT = 0
     server = Server()
     try:
         payload = random.Random(7).randbytes(300_000)
@@ -414,9 +416,9 @@ def test_download():
 
         def fetch(url, name, **kw):
             try:
-                prepare.download(url, target(name), **kw)
+                download.download(url, target(name), **kw)
                 return None
-            except prepare.DownloadError as e:
+            except download.DownloadError as e:
                 return str(e)
 
         error = fetch(f"{server.url}/a.bin", "a.bin", sha256=digest, size=len(payload))
@@ -469,16 +471,16 @@ def test_download():
 
         # WikiText through the mirrors: a zip in the original layout, sha256 checked
         buffer = io.BytesIO()
-        raw = {s: f" \n = {s.title()} = \n \n text of {s} \n".encode() for s in prepare.WIKITEXT_SPLITS}
+        raw = {s: f" \n = {s.title()} = \n \n text of {s} \n".encode() for s in download.WIKITEXT_SPLITS}
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
             for s, data in raw.items():
                 z.writestr(f"wikitext-103-raw/wiki.{s}.raw", data)
         server.files["wikitext-103-raw-v1.zip"] = buffer.getvalue()
-        saved = (prepare.WIKITEXT_MIRRORS, prepare.WIKITEXT["wikitext-103"], prepare.HF_API)
-        prepare.WIKITEXT_MIRRORS = [f"{server.url}/nothing-here/", f"{server.url}/"]
-        prepare.WIKITEXT["wikitext-103"] = dict(saved[1], size=len(buffer.getvalue()),
-                                                sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
-        prepare.HF_API = server.url + "/api?{config}"
+        saved = (download.WIKITEXT_MIRRORS, download.WIKITEXT["wikitext-103"], download.HF_API)
+        download.WIKITEXT_MIRRORS = [f"{server.url}/nothing-here/", f"{server.url}/"]
+        download.WIKITEXT["wikitext-103"] = dict(saved[1], size=len(buffer.getvalue()),
+                                                 sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+        download.HF_API = server.url + "/api?{config}"
         try:
             out = os.path.join(TMP, "wt103")
             raw_dir, files = prepare.wikitext_source("wikitext-103", out, offline=False)
@@ -492,12 +494,12 @@ def test_download():
             os.makedirs(hand)
             with open(os.path.join(hand, "wikitext-103-raw-v1.zip"), "wb") as f:
                 f.write(buffer.getvalue())
-            prepare.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # nothing listens there
+            download.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # nothing listens there
             raw_dir4, _ = prepare.wikitext_source("wikitext-103", os.path.dirname(hand), False)
             check("wikitext-103: a zip put into <out-dir>/raw by hand is checked and unpacked",
                   raw_dir4 == hand and os.path.isfile(os.path.join(hand, "wiki.train.raw")))
-            prepare.WIKITEXT["wikitext-103"]["sha256"] = "0" * 64
-            prepare.WIKITEXT_MIRRORS = [f"{server.url}/"]
+            download.WIKITEXT["wikitext-103"]["sha256"] = "0" * 64
+            download.WIKITEXT_MIRRORS = [f"{server.url}/"]
             out = os.path.join(TMP, "wt103-bad")
             try:
                 import pyarrow.parquet
@@ -516,7 +518,7 @@ def test_download():
                   and (has_pyarrow or "pyarrow" in log), log)
             test_parquet(server, has_pyarrow)
         finally:
-            prepare.WIKITEXT_MIRRORS, prepare.WIKITEXT["wikitext-103"], prepare.HF_API = saved
+            download.WIKITEXT_MIRRORS, download.WIKITEXT["wikitext-103"], download.HF_API = saved
     finally:
         server.close()
 
@@ -552,13 +554,13 @@ def test_parquet(server, has_pyarrow):
         listing.append({"type": "file", "path": f"{config}/{name}", "size": len(data),
                         "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}})
     server.api = json.dumps(listing).encode()
-    prepare.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # no zip
-    saved = prepare.HF_FILE
-    prepare.HF_FILE = server.url + "/{config}/{name}"
+    download.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # no zip
+    saved = download.HF_FILE
+    download.HF_FILE = server.url + "/{config}/{name}"
     try:
         raw_dir, split_files = prepare.wikitext_source("wikitext-103", os.path.join(TMP, "hf"), False)
     finally:
-        prepare.HF_FILE = saved
+        download.HF_FILE = saved
     same = all(open(os.path.join(raw_dir, f"wiki.{s}.raw"), encoding="utf-8", newline="").read()
                == raw[s] for s in raw)
     check("wikitext-103: the Hugging Face parquet files (sha256 checked) become the raw "
