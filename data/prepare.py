@@ -23,6 +23,7 @@ More in data/README.md.
 
 import argparse
 import glob
+import json
 import mmap
 import multiprocessing
 import os
@@ -39,7 +40,6 @@ from concurrent.futures import ProcessPoolExecutor
 
 try:
     import tiktoken
-    import tiktoken.load
 except ImportError:
     sys.exit("data/prepare.py needs tiktoken: python3 -m pip install tiktoken")
 
@@ -90,8 +90,7 @@ def gpt2_encoding():
         for name, path in paths.items():
             if download.sha256_file(path) != GPT2_FILES[name]:
                 sys.exit(f"error: {path} is not GPT-2's {name} (its sha256 differs)")
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=paths["vocab.bpe"], encoder_json_file=paths["encoder.json"])
+        ranks = gpt2_ranks(paths["encoder.json"])
         encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                      special_tokens={"<|endoftext|>": EOT})
         print(f"tokenizer: GPT-2 BPE from {folder}")
@@ -106,6 +105,20 @@ def gpt2_encoding():
         socket.setdefaulttimeout(None)
     print("tokenizer: GPT-2 BPE from tiktoken (its cache or a download)")
     return encoding, []
+
+
+def gpt2_ranks(encoder_json):
+    """tiktoken's mergeable ranks (token bytes -> id) from GPT-2's encoder.json, which
+    lists every token with its id; the id is the token's BPE rank (vocab.bpe lists the
+    merges in the same order). The file spells bytes as characters so that no token
+    holds a space or a control character: a byte that prints (other than space) is its
+    own character, the other 68 bytes, in order, are chr(256), chr(257), ..."""
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    with open(encoder_json, encoding="utf-8") as f:
+        ids = json.load(f)
+    return {bytes(byte_of[c] for c in token): i for token, i in ids.items() if i != EOT}
 
 
 def write_tokenizer(encoding, path):
@@ -230,34 +243,20 @@ def make_tasks(segment_stream, task_bytes):
         yield task
 
 
-# how this process encodes text into uint16 token bytes (set_encoding chooses)
-_encode = None
 EOT_BYTES = struct.pack("<H", EOT)
-# tiktoken can encode into a buffer of uint32 instead of a Python list (what its public
-# encode_to_numpy does): 6% faster than encode_ordinary, and converting the buffer to
-# uint16 with two byte slices takes 3 ns a token against 19 for array.fromlist on the
-# list, so the tokenizer ends up faster than encode_ordinary alone. Used where tiktoken
-# has it and the machine is little-endian; else encode_ordinary. Both give the same tokens
-# (encode with no special tokens allowed is encode_ordinary), which the tests check.
-USE_TOKEN_BUFFER = True
+_encoding = None  # the encoding this process tokenizes with (set_encoding sets it)
 
 
 def set_encoding(encoding):
-    global _encode
-    core = getattr(encoding, "_core_bpe", None)
-    if (USE_TOKEN_BUFFER and sys.byteorder == "little"
-            and hasattr(core, "encode_to_tiktoken_buffer")):
-        def _encode(text):
-            b = bytes(core.encode_to_tiktoken_buffer(text, set()))
-            tokens = bytearray(len(b) // 2)  # the low 2 bytes of every uint32 (ids < 65536)
-            tokens[0::2] = b[0::4]
-            tokens[1::2] = b[1::4]
-            return tokens
-    else:
-        def _encode(text):
-            tokens = array("H")
-            tokens.fromlist(encoding.encode_ordinary(text))  # twice as fast as extend
-            return little_endian(tokens)
+    global _encoding
+    _encoding = encoding
+
+
+def encode(text):
+    """Text's tokens as little-endian uint16 bytes."""
+    tokens = array("H")
+    tokens.fromlist(_encoding.encode_ordinary(text))  # twice as fast as extend
+    return little_endian(tokens)
 
 
 def encode_task(task):
@@ -281,7 +280,7 @@ def encode_task(task):
                                  f"{start + e.start})") from None
             if starts_document:
                 parts.append(EOT_BYTES)
-            parts.append(_encode(text))
+            parts.append(encode(text))
             nbytes += len(data)
     finally:
         if f:

@@ -159,41 +159,30 @@ def test_safe_cuts(ref):
 
 def test_tokens(ref, encoding):
     """(a) Every article of the local valid and test splits, tokenized by prepare.py's
-    path (1 and 2 workers, small tasks so that long articles are cut into pieces, with
-    tiktoken's token buffer and with its list API), equals tiktoken's gpt2 encoding."""
-    has_buffer = hasattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer")
-    print(f"     (this tiktoken {'has' if has_buffer else 'lacks'} encode_to_tiktoken_buffer)")
-    configs = [(True, 1, prepare.TASK_BYTES), (True, 2, prepare.TASK_BYTES), (True, 2, 4096),
-               (False, 2, 4096)]
-    try:
-        for split in ("valid", "test"):
-            path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
-            articles = prepare.read_documents(path, "wikitext")
-            expected = [ref.encode_ordinary(a) for a in articles]
-            files = [(path, prepare.document_starts(path, "wikitext"))]
-            for use_buffer, workers, task_bytes in configs:
-                prepare.USE_TOKEN_BUFFER = use_buffer
-                data = b"".join(d for d, _ in prepare.tokenize(encoding, files, 0, len(articles),
-                                                               workers, task_bytes))
-                got = split_at_eot(list(struct.unpack(f"<{len(data) // 2}H", data)))
-                wrong = [i for i, (g, e) in enumerate(zip(got or [], expected)) if g != e]
-                check(f"tokens: {split}, {len(articles)} articles, workers={workers}, tasks of "
-                      f"{task_bytes} bytes, {'token buffer' if use_buffer else 'list'}: each "
-                      "equals tiktoken gpt2", got is not None and len(got) == len(expected)
-                      and not wrong, f"{len(got or [])} documents, articles {wrong[:5]} differ")
-        text = "A literal <|endoftext|> is text, not token 50256. <|endoftext|>\n"
-        path = os.path.join(TMP, "special.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        for use_buffer in (True, False):
-            prepare.USE_TOKEN_BUFFER = use_buffer
-            data = b"".join(d for d, _ in prepare.tokenize(encoding, [(path, [0])], 0, 1, 1))
-            tokens = list(struct.unpack(f"<{len(data) // 2}H", data))
-            check(f"tokens: a literal <|endoftext|> in the text is ordinary text "
-                  f"({'token buffer' if use_buffer else 'list'})",
-                  tokens == [prepare.EOT] + ref.encode_ordinary(text) and tokens.count(50256) == 1)
-    finally:
-        prepare.USE_TOKEN_BUFFER = True
+    path (1 and 2 workers, small tasks so that long articles are cut into pieces), equals
+    tiktoken's gpt2 encoding."""
+    for split in ("valid", "test"):
+        path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
+        articles = prepare.read_documents(path, "wikitext")
+        expected = [ref.encode_ordinary(a) for a in articles]
+        files = [(path, prepare.document_starts(path, "wikitext"))]
+        for workers, task_bytes in ((1, prepare.TASK_BYTES), (2, prepare.TASK_BYTES), (2, 4096)):
+            data = b"".join(d for d, _ in prepare.tokenize(encoding, files, 0, len(articles),
+                                                           workers, task_bytes))
+            got = split_at_eot(list(struct.unpack(f"<{len(data) // 2}H", data)))
+            wrong = [i for i, (g, e) in enumerate(zip(got or [], expected)) if g != e]
+            check(f"tokens: {split}, {len(articles)} articles, workers={workers}, tasks of "
+                  f"{task_bytes} bytes: each equals tiktoken gpt2",
+                  got is not None and len(got) == len(expected) and not wrong,
+                  f"{len(got or [])} documents, articles {wrong[:5]} differ")
+    text = "A literal <|endoftext|> is text, not token 50256. <|endoftext|>\n"
+    path = os.path.join(TMP, "special.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    data = b"".join(d for d, _ in prepare.tokenize(encoding, [(path, [0])], 0, 1, 1))
+    tokens = list(struct.unpack(f"<{len(data) // 2}H", data))
+    check("tokens: a literal <|endoftext|> in the text is ordinary text",
+          tokens == [prepare.EOT] + ref.encode_ordinary(text) and tokens.count(50256) == 1)
 
 
 def test_prepare_command(ref):
