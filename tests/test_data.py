@@ -326,7 +326,8 @@ class Server:
                        the connection closes; later requests as /<name>
     /stall/<name>      first request: half the file, then silence for 3 s
     /norange/<name>    ignores Range (always 200 and the whole file)
-    /api               the JSON in self.api"""
+    /api               the JSON in self.api
+    anything else      404"""
 
     def __init__(self):
         self.files, self.requests, self.first = {}, [], set()
@@ -344,7 +345,7 @@ class Server:
                     return self.send(200, server.api, {})
                 kind, name = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
                 data = server.files.get(name)
-                if data is None:
+                if data is None or kind not in ("", "broken", "stall", "norange"):
                     return self.send(404, b"not found", {})
                 first = (kind, name) not in server.first
                 server.first.add((kind, name))
