@@ -248,12 +248,14 @@ _encoding = None  # the encoding this process tokenizes with (set_encoding sets 
 
 
 def set_encoding(encoding):
+    """The pool's initializer: each worker process keeps the encoding in a global."""
     global _encoding
     _encoding = encoding
 
 
 def encode(text):
-    """Text's tokens as little-endian uint16 bytes."""
+    """Text's tokens as little-endian uint16 bytes. encode_ordinary: a literal
+    "<|endoftext|>" in the text is ordinary text, not the EOT token."""
     tokens = array("H")
     tokens.fromlist(_encoding.encode_ordinary(text))  # twice as fast as extend
     return little_endian(tokens)
