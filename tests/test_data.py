@@ -1,5 +1,6 @@
 """
-Tests of data/prepare.py: GPT-2 tokens, shards, parallel tokenization, downloads.
+Tests of data/prepare.py (GPT-2 tokens, shards, parallel tokenization) and
+data/download.py (downloads).
 
     python3 tests/test_data.py
 
@@ -27,6 +28,7 @@ import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "data"))
+import download  # noqa: E402
 import prepare  # noqa: E402
 import tiktoken  # noqa: E402
 
@@ -157,41 +159,30 @@ def test_safe_cuts(ref):
 
 def test_tokens(ref, encoding):
     """(a) Every article of the local valid and test splits, tokenized by prepare.py's
-    path (1 and 2 workers, small tasks so that long articles are cut into pieces, with
-    tiktoken's token buffer and with its list API), equals tiktoken's gpt2 encoding."""
-    has_buffer = hasattr(getattr(encoding, "_core_bpe", None), "encode_to_tiktoken_buffer")
-    print(f"     (this tiktoken {'has' if has_buffer else 'lacks'} encode_to_tiktoken_buffer)")
-    configs = [(True, 1, prepare.TASK_BYTES), (True, 2, prepare.TASK_BYTES), (True, 2, 4096),
-               (False, 2, 4096)]
-    try:
-        for split in ("valid", "test"):
-            path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
-            articles = prepare.read_documents(path, "wikitext")
-            expected = [ref.encode_ordinary(a) for a in articles]
-            files = [(path, prepare.document_starts(path, "wikitext"))]
-            for use_buffer, workers, task_bytes in configs:
-                prepare.USE_TOKEN_BUFFER = use_buffer
-                data = b"".join(d for d, _ in prepare.tokenize(encoding, files, 0, len(articles),
-                                                               workers, task_bytes))
-                got = split_at_eot(list(struct.unpack(f"<{len(data) // 2}H", data)))
-                wrong = [i for i, (g, e) in enumerate(zip(got or [], expected)) if g != e]
-                check(f"tokens: {split}, {len(articles)} articles, workers={workers}, tasks of "
-                      f"{task_bytes} bytes, {'token buffer' if use_buffer else 'list'}: each "
-                      "equals tiktoken gpt2", got is not None and len(got) == len(expected)
-                      and not wrong, f"{len(got or [])} documents, articles {wrong[:5]} differ")
-        text = "A literal <|endoftext|> is text, not token 50256. <|endoftext|>\n"
-        path = os.path.join(TMP, "special.txt")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        for use_buffer in (True, False):
-            prepare.USE_TOKEN_BUFFER = use_buffer
-            data = b"".join(d for d, _ in prepare.tokenize(encoding, [(path, [0])], 0, 1, 1))
-            tokens = list(struct.unpack(f"<{len(data) // 2}H", data))
-            check(f"tokens: a literal <|endoftext|> in the text is ordinary text "
-                  f"({'token buffer' if use_buffer else 'list'})",
-                  tokens == [prepare.EOT] + ref.encode_ordinary(text) and tokens.count(50256) == 1)
-    finally:
-        prepare.USE_TOKEN_BUFFER = True
+    path (1 and 2 workers, small tasks so that long articles are cut into pieces), equals
+    tiktoken's gpt2 encoding."""
+    for split in ("valid", "test"):
+        path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
+        articles = prepare.read_documents(path, "wikitext")
+        expected = [ref.encode_ordinary(a) for a in articles]
+        files = [(path, prepare.document_starts(path, "wikitext"))]
+        for workers, task_bytes in ((1, prepare.TASK_BYTES), (2, prepare.TASK_BYTES), (2, 4096)):
+            data = b"".join(d for d, _ in prepare.tokenize(encoding, files, 0, len(articles),
+                                                           workers, task_bytes))
+            got = split_at_eot(list(struct.unpack(f"<{len(data) // 2}H", data)))
+            wrong = [i for i, (g, e) in enumerate(zip(got or [], expected)) if g != e]
+            check(f"tokens: {split}, {len(articles)} articles, workers={workers}, tasks of "
+                  f"{task_bytes} bytes: each equals tiktoken gpt2",
+                  got is not None and len(got) == len(expected) and not wrong,
+                  f"{len(got or [])} documents, articles {wrong[:5]} differ")
+    text = "A literal <|endoftext|> is text, not token 50256. <|endoftext|>\n"
+    path = os.path.join(TMP, "special.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    data = b"".join(d for d, _ in prepare.tokenize(encoding, [(path, [0])], 0, 1, 1))
+    tokens = list(struct.unpack(f"<{len(data) // 2}H", data))
+    check("tokens: a literal <|endoftext|> in the text is ordinary text",
+          tokens == [prepare.EOT] + ref.encode_ordinary(text) and tokens.count(50256) == 1)
 
 
 def test_prepare_command(ref):
@@ -335,7 +326,8 @@ class Server:
                        the connection closes; later requests as /<name>
     /stall/<name>      first request: half the file, then silence for 3 s
     /norange/<name>    ignores Range (always 200 and the whole file)
-    /api               the JSON in self.api"""
+    /api               the JSON in self.api
+    anything else      404"""
 
     def __init__(self):
         self.files, self.requests, self.first = {}, [], set()
@@ -353,7 +345,7 @@ class Server:
                     return self.send(200, server.api, {})
                 kind, name = (parts[0], parts[1]) if len(parts) == 2 else ("", parts[0])
                 data = server.files.get(name)
-                if data is None:
+                if data is None or kind not in ("", "broken", "stall", "norange"):
                     return self.send(404, b"not found", {})
                 first = (kind, name) not in server.first
                 server.first.add((kind, name))
@@ -399,8 +391,8 @@ def test_download():
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         os.environ.pop(var, None)
     os.environ["no_proxy"] = "127.0.0.1,localhost"
-    prepare.NETWORK_TIMEOUT = 1
-    prepare.RETRY_WAIT = 0
+    download.NETWORK_TIMEOUT = 1
+    download.RETRY_WAIT = 0
     server = Server()
     try:
         payload = random.Random(7).randbytes(300_000)
@@ -414,9 +406,9 @@ def test_download():
 
         def fetch(url, name, **kw):
             try:
-                prepare.download(url, target(name), **kw)
+                download.download(url, target(name), **kw)
                 return None
-            except prepare.DownloadError as e:
+            except download.DownloadError as e:
                 return str(e)
 
         error = fetch(f"{server.url}/a.bin", "a.bin", sha256=digest, size=len(payload))
@@ -469,16 +461,16 @@ def test_download():
 
         # WikiText through the mirrors: a zip in the original layout, sha256 checked
         buffer = io.BytesIO()
-        raw = {s: f" \n = {s.title()} = \n \n text of {s} \n".encode() for s in prepare.WIKITEXT_SPLITS}
+        raw = {s: f" \n = {s.title()} = \n \n text of {s} \n".encode() for s in download.WIKITEXT_SPLITS}
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
             for s, data in raw.items():
                 z.writestr(f"wikitext-103-raw/wiki.{s}.raw", data)
         server.files["wikitext-103-raw-v1.zip"] = buffer.getvalue()
-        saved = (prepare.WIKITEXT_MIRRORS, prepare.WIKITEXT["wikitext-103"], prepare.HF_API)
-        prepare.WIKITEXT_MIRRORS = [f"{server.url}/nothing-here/", f"{server.url}/"]
-        prepare.WIKITEXT["wikitext-103"] = dict(saved[1], size=len(buffer.getvalue()),
-                                                sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
-        prepare.HF_API = server.url + "/api?{config}"
+        saved = (download.WIKITEXT_MIRRORS, download.WIKITEXT["wikitext-103"], download.HF_API)
+        download.WIKITEXT_MIRRORS = [f"{server.url}/nothing-here/", f"{server.url}/"]
+        download.WIKITEXT["wikitext-103"] = dict(saved[1], size=len(buffer.getvalue()),
+                                                 sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+        download.HF_API = server.url + "/api?{config}"
         try:
             out = os.path.join(TMP, "wt103")
             raw_dir, files = prepare.wikitext_source("wikitext-103", out, offline=False)
@@ -492,12 +484,12 @@ def test_download():
             os.makedirs(hand)
             with open(os.path.join(hand, "wikitext-103-raw-v1.zip"), "wb") as f:
                 f.write(buffer.getvalue())
-            prepare.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # nothing listens there
+            download.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # nothing listens there
             raw_dir4, _ = prepare.wikitext_source("wikitext-103", os.path.dirname(hand), False)
             check("wikitext-103: a zip put into <out-dir>/raw by hand is checked and unpacked",
                   raw_dir4 == hand and os.path.isfile(os.path.join(hand, "wiki.train.raw")))
-            prepare.WIKITEXT["wikitext-103"]["sha256"] = "0" * 64
-            prepare.WIKITEXT_MIRRORS = [f"{server.url}/"]
+            download.WIKITEXT["wikitext-103"]["sha256"] = "0" * 64
+            download.WIKITEXT_MIRRORS = [f"{server.url}/"]
             out = os.path.join(TMP, "wt103-bad")
             try:
                 import pyarrow.parquet
@@ -516,7 +508,7 @@ def test_download():
                   and (has_pyarrow or "pyarrow" in log), log)
             test_parquet(server, has_pyarrow)
         finally:
-            prepare.WIKITEXT_MIRRORS, prepare.WIKITEXT["wikitext-103"], prepare.HF_API = saved
+            download.WIKITEXT_MIRRORS, download.WIKITEXT["wikitext-103"], download.HF_API = saved
     finally:
         server.close()
 
@@ -552,13 +544,13 @@ def test_parquet(server, has_pyarrow):
         listing.append({"type": "file", "path": f"{config}/{name}", "size": len(data),
                         "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data)}})
     server.api = json.dumps(listing).encode()
-    prepare.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # no zip
-    saved = prepare.HF_FILE
-    prepare.HF_FILE = server.url + "/{config}/{name}"
+    download.WIKITEXT_MIRRORS = ["http://127.0.0.1:9/"]  # no zip
+    saved = download.HF_FILE
+    download.HF_FILE = server.url + "/{config}/{name}"
     try:
         raw_dir, split_files = prepare.wikitext_source("wikitext-103", os.path.join(TMP, "hf"), False)
     finally:
-        prepare.HF_FILE = saved
+        download.HF_FILE = saved
     same = all(open(os.path.join(raw_dir, f"wiki.{s}.raw"), encoding="utf-8", newline="").read()
                == raw[s] for s in raw)
     check("wikitext-103: the Hugging Face parquet files (sha256 checked) become the raw "
