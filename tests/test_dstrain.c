@@ -34,7 +34,7 @@ static int load_text_config(DSConfig* c, const char* json) {
 
 static void test_sample_config_loads_unchanged(void) {
     DSConfig c;
-    int rc = ds_config_load(&c, "../shared/configs/ds_config.json", err, sizeof err);
+    int rc = ds_config_load(&c, "configs/ds_config.json", err, sizeof err);
     CHECK(rc == 0, "%s", err);
     rc = ds_config_validate(&c, err, sizeof err);
     CHECK(rc == 0, "%s", err);
