@@ -134,7 +134,7 @@ static void test_invalid_values_are_refused(void) {
 }
 
 // ----------------------------------------------------------------------------
-// batch: every row of DEEPSPEED.md section 2 and every error, in DeepSpeed's order
+// batch: every row of doc/deepspeed.md section 2 and every error, in DeepSpeed's order
 
 static int resolve(int64_t tb, int64_t mb, int64_t ga, int ws, DSConfig* c) {
     ds_config_defaults(c);
@@ -216,7 +216,8 @@ static void test_schedules_match_reference(void) {
 }
 
 // ----------------------------------------------------------------------------
-// loss scaler and step logic: traces worked out by hand from DEEPSPEED.md section 3
+// loss scaler and step logic: traces worked out by hand from doc/deepspeed.md
+// sections 3 and 4
 
 static DSConfig fp16_config(double loss_scale, int power, int window, int hysteresis, int consecutive, double min_scale) {
     DSConfig c;
