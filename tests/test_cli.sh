@@ -4,8 +4,7 @@
 # and resume bit for bit. Needs ./train_gpt_cpu and the prepared data (make data).
 set -u
 cd "$(dirname "$0")/.."
-TMP=tests/tmp/cli
-. tests/lib.sh
+. tests/lib.sh test_cli
 
 # a tiny model on the real WikiText shards, so every run takes seconds
 TINY=(--layers 2 --heads 2 --dim 32 --seq-len 32 --val-every 0 --sample-tokens 0)

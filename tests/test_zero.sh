@@ -5,8 +5,7 @@
 # or killed rank ending the run instead of hanging. Needs ./train_gpt_cpu built with MPI.
 set -u
 cd "$(dirname "$0")/.."
-TMP=tests/tmp/zero
-. tests/lib.sh
+. tests/lib.sh test_zero
 
 if ! command -v mpirun >/dev/null || ! grep -q "MPI_Init" <(strings $BIN 2>/dev/null); then
     bad "ZeRO tests need Open MPI and a trainer built with it (apt-get install openmpi-bin libopenmpi-dev; make)"
