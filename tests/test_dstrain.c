@@ -4,9 +4,9 @@ reading and validation, DeepSpeed's batch rules, LR schedules against an indepen
 Python implementation, the loss scaler and step logic against traces worked out from
 DeepSpeed's algorithm, the data loader, checkpoint files and the tokenizer.
 
-    make test_dstrain && d=$(mktemp -d) && python3 tests/schedule_reference.py $d/sched && ./test_dstrain $d
-(DIR/sched is written by tests/schedule_reference.py first; `make test` does both, in a
-temporary folder of its own)
+    make test_dstrain && python3 tests/schedule_reference.py DIR/sched && ./test_dstrain DIR
+(DIR: any folder for the files the tests write, for example from mktemp -d; `make test`
+does both in a temporary folder of its own)
 */
 #include "../dstrain.h"
 #include "test.h"
