@@ -1,7 +1,7 @@
 """
 An independent PyTorch GPT-2 that writes the reference file test_gpt.c and test_gpt.cu
 compare against: the initial weights, one micro batch's logits, loss and gradients, and
-two short training runs done the way DeepSpeed does them (section 4 of DEEPSPEED.md).
+two short training runs done the way DeepSpeed does them (doc/deepspeed.md sections 4 to 6).
 
     /usr/bin/python3 dev/reference.py [--out dev/data/gpt2_reference.bin]
 

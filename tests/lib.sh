@@ -1,6 +1,9 @@
-# lib.sh: what the shell tests share. Source it from the repository root with TMP set:
-# it makes a fresh $TMP and counts results; end a test script with `summary`.
-rm -rf "$TMP"; mkdir -p "$TMP"
+# lib.sh: what the test scripts share. Source it from the repository root as
+# `. tests/lib.sh NAME`: it counts results (end with `summary`) and makes $TMP, a folder
+# of this run's own (/tmp/NAME.XXXXXX), so that runs side by side in one checkout never
+# meet. $TMP is removed at exit, unless a check failed: then `summary` says where it is.
+TMP=$(mktemp -d -t "$1.XXXXXX") || exit 1
+trap '[ $failed -ne 0 ] || rm -rf "$TMP"' EXIT
 BIN=./train_gpt_cpu
 passed=0; failed=0
 
@@ -17,8 +20,12 @@ expect_error() {
     else bad "$name" "exit $rc, wanted an error containing: $want" "got: $out"; fi
 }
 
+# where the files are when a check failed (then they are kept)
+kept() { [ $failed -eq 0 ] || echo "files kept in $TMP"; }
+
 # the runner's summary line; the exit status says whether everything passed
 summary() {
+    kept
     echo "$passed passed, $failed failed"
     [ $failed -eq 0 ]
 }

@@ -3,11 +3,9 @@
 # Each program prints its own summary line; a program that crashes counts as a failure.
 set -u
 cd "$(dirname "$0")/.."
-mkdir -p tests/tmp
-python3 tests/schedule_reference.py tests/tmp/sched
+. tests/lib.sh test_dstrain  # the counters, and $TMP for test_dstrain's files
+python3 tests/schedule_reference.py "$TMP/sched"
 
-passed=0
-failed=0
 skipped=0
 run() {
     echo "== $*"
@@ -30,7 +28,7 @@ run() {
 
 run ./test_compare
 run python3 tests/test_compare.py
-run ./test_dstrain tests/tmp
+run ./test_dstrain "$TMP"
 run ./test_gpt dev/data/gpt2_reference.bin
 run bash tests/test_cli.sh
 run bash tests/test_zero.sh
@@ -68,5 +66,6 @@ cuda_tests() {
 cuda_tests
 
 echo
+kept
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

@@ -1,5 +1,5 @@
 """Learning-rate schedules computed independently from DeepSpeed's formulas
-(DEEPSPEED.md section 4), for test_dstrain.c to compare against.
+(doc/deepspeed.md section 6), for test_dstrain.c to compare against.
 
 Writes, into the folder given as argument, one ds_config file per case
 (sched_N.json) and expected.txt with lines "sched_N.json it lr" for it = -1 .. 40.

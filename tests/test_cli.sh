@@ -4,8 +4,7 @@
 # and resume bit for bit. Needs ./train_gpt_cpu and the prepared data (make data).
 set -u
 cd "$(dirname "$0")/.."
-TMP=tests/tmp/cli
-. tests/lib.sh
+. tests/lib.sh test_cli
 
 # a tiny model on the real WikiText shards, so every run takes seconds
 TINY=(--layers 2 --heads 2 --dim 32 --seq-len 32 --val-every 0 --sample-tokens 0)
@@ -31,7 +30,13 @@ expect_error "torchrun-style launch asks for mpirun" "WORLD_SIZE=2 asks for seve
 expect_error "resume without checkpoint" "--resume: no checkpoint in '$TMP/empty'" $BIN --resume --checkpoint-dir $TMP/empty
 
 # --- the sample DeepSpeed config, unchanged ---------------------------------------------
-out=$($BIN -c ../shared/configs/ds_config.json "${TINY[@]}" --steps 2 --checkpoint-dir "" 2>&1); rc=$?
+SAMPLE=configs/ds_config.json
+# the shipped copy must stay byte for byte the seed config, checked where ../shared exists
+if [ -f ../shared/configs/ds_config.json ]; then
+    if cmp -s $SAMPLE ../shared/configs/ds_config.json; then ok "$SAMPLE is the seed config unchanged"
+    else bad "$SAMPLE is the seed config unchanged" "$(diff $SAMPLE ../shared/configs/ds_config.json | head -5)"; fi
+fi
+out=$($BIN -c $SAMPLE "${TINY[@]}" --steps 2 --checkpoint-dir "" 2>&1); rc=$?
 if [ $rc -eq 0 ] && grep -qF "train_batch_size 16 = micro batch 4 x 4 accumulation steps x 1 ranks" <<<"$out" \
    && grep -qF "fp16: dynamic loss scale 2^16, window 1000, hysteresis 2, min 1" <<<"$out" \
    && grep -qF "zero_optimization.stage 2 with 1 rank" <<<"$out" && grep -q "step     2/2" <<<"$out"; then
@@ -98,7 +103,6 @@ if [ $rc -eq 0 ] && grep -q "model: GPT-2, 2 layers, 2 heads, 32 channels, seque
 else bad "init-from takes the model size from the file" "exit $rc" "$(tail -3 <<<"$out")"; fi
 
 # --- fp16 loss scaling through the trainer, with injected overflows (DSTRAIN_INJECT_INF) ---
-SAMPLE=../shared/configs/ds_config.json
 out=$(DSTRAIN_INJECT_INF=2,3,6 $BIN -c $SAMPLE "${TINY[@]}" --steps 8 --save-every 4 --checkpoint-dir $TMP/fp16 --log $TMP/fp16.jsonl 2>&1); rc=$?
 if [ $rc -eq 0 ] \
    && grep -qF "OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 65536, but hysteresis is 2. Reducing hysteresis to 1" <<<"$out" \

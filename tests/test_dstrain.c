@@ -4,19 +4,32 @@ reading and validation, DeepSpeed's batch rules, LR schedules against an indepen
 Python implementation, the loss scaler and step logic against traces worked out from
 DeepSpeed's algorithm, the data loader, checkpoint files and the tokenizer.
 
-    make test_dstrain && ./test_dstrain tests/tmp
-(tests/tmp/sched is written by tests/schedule_reference.py first; `make test` does both)
+    make test_dstrain && python3 tests/schedule_reference.py DIR/sched && ./test_dstrain DIR
+(DIR: any folder for the files the tests write, for example from mktemp -d; `make test`
+does both in a temporary folder of its own)
 */
 #include "../dstrain.h"
 #include "test.h"
 
-static const char* TMP = "tests/tmp";
+static const char* TMP; // the folder given as argument, for every file the tests write
 static char err[2048];
+
+// TMP/name in out, a buffer of PATH_LEN bytes
+static const char* tmp_path(char* out, const char* name) {
+    format_path(out, PATH_LEN, "%s/%s", TMP, name);
+    return out;
+}
+
+// What an error about the file TMP/name says: before, then the path in quotes.
+static const char* names_tmp(const char* before, const char* name) {
+    static char text[PATH_LEN + 256];
+    format_path(text, sizeof text, "%s'%s/%s'", before, TMP, name);
+    return text;
+}
 
 static const char* write_tmp(const char* name, const char* text) {
     static char path[PATH_LEN];
-    format_path(path, sizeof path, "%s/%s", TMP, name);
-    FILE* f = fopenCheck(path, "w");
+    FILE* f = fopenCheck(tmp_path(path, name), "w");
     fputs(text, f);
     fclose(f);
     return path;
@@ -34,7 +47,7 @@ static int load_text_config(DSConfig* c, const char* json) {
 
 static void test_sample_config_loads_unchanged(void) {
     DSConfig c;
-    int rc = ds_config_load(&c, "../shared/configs/ds_config.json", err, sizeof err);
+    int rc = ds_config_load(&c, "configs/ds_config.json", err, sizeof err);
     CHECK(rc == 0, "%s", err);
     rc = ds_config_validate(&c, err, sizeof err);
     CHECK(rc == 0, "%s", err);
@@ -77,8 +90,9 @@ static void test_malformed_json_names_line_and_column(void) {
     CHECK_ERR(rc, err, "top level must be a JSON object");
     rc = load_text_config(&c, "");
     CHECK_ERR(rc, err, "unexpected end of input");
-    rc = ds_config_load(&c, "tests/tmp/does_not_exist.json", err, sizeof err);
-    CHECK_ERR(rc, err, "cannot open 'tests/tmp/does_not_exist.json'");
+    char path[PATH_LEN];
+    rc = ds_config_load(&c, tmp_path(path, "does_not_exist.json"), err, sizeof err);
+    CHECK_ERR(rc, err, names_tmp("cannot open ", "does_not_exist.json"));
 }
 
 static void test_wrong_types_name_the_key(void) {
@@ -134,7 +148,7 @@ static void test_invalid_values_are_refused(void) {
 }
 
 // ----------------------------------------------------------------------------
-// batch: every row of DEEPSPEED.md section 2 and every error, in DeepSpeed's order
+// batch: every row of doc/deepspeed.md section 2 and every error, in DeepSpeed's order
 
 static int resolve(int64_t tb, int64_t mb, int64_t ga, int ws, DSConfig* c) {
     ds_config_defaults(c);
@@ -216,7 +230,8 @@ static void test_schedules_match_reference(void) {
 }
 
 // ----------------------------------------------------------------------------
-// loss scaler and step logic: traces worked out by hand from DEEPSPEED.md section 3
+// loss scaler and step logic: traces worked out by hand from doc/deepspeed.md
+// sections 3 and 4
 
 static DSConfig fp16_config(double loss_scale, int power, int window, int hysteresis, int consecutive, double min_scale) {
     DSConfig c;
@@ -340,8 +355,7 @@ static void test_step_plan_skip_and_clip(void) {
 // Shard whose token i is `first + i` (mod 65536): a sequence is identified by its first token.
 static const char* write_shard(const char* name, int first, int n, int magic, int version, int header_count) {
     static char path[PATH_LEN];
-    format_path(path, sizeof path, "%s/%s", TMP, name);
-    FILE* f = fopenCheck(path, "wb");
+    FILE* f = fopenCheck(tmp_path(path, name), "wb");
     int32_t header[256] = {0};
     header[0] = magic; header[1] = version; header[2] = header_count;
     fwrite(header, sizeof header, 1, f);
@@ -457,8 +471,8 @@ static void test_loader_seek_resumes_and_epochs_reshuffle(void) {
 static void test_loader_refuses_bad_data(void) {
     DataLoader L;
     char path[PATH_LEN];
-    int rc = dataloader_init(&L, "tests/tmp/nothing_*.bin", 1, 4, 0, 1, 1, 0, 0, 50257, err, sizeof err);
-    CHECK_ERR(rc, err, "no data shards match 'tests/tmp/nothing_*.bin'");
+    int rc = dataloader_init(&L, tmp_path(path, "nothing_*.bin"), 1, 4, 0, 1, 1, 0, 0, 50257, err, sizeof err);
+    CHECK_ERR(rc, err, names_tmp("no data shards match ", "nothing_*.bin"));
     format_path(path, sizeof path, "%s", write_shard("bad_magic.bin", 0, 100, 12345, 1, 100));
     rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
     CHECK_ERR(rc, err, "bad magic 12345");
@@ -474,10 +488,10 @@ static void test_loader_refuses_bad_data(void) {
     format_path(path, sizeof path, "%s", write_shard("small.bin", 0, 30, SHARD_MAGIC, 1, 30));
     rc = dataloader_init(&L, path, 4, 8, 0, 1, 4, 0, 0, 65536, err, sizeof err);
     CHECK_ERR(rc, err, "30 tokens make 3 sequences of 8+1 tokens, fewer than one batch of 4 sequences");
-    FILE* f = fopenCheck(write_tmp("tiny.bin", ""), "wb");
+    FILE* f = fopenCheck(tmp_path(path, "tiny.bin"), "wb");
     fwrite("abc", 1, 3, f);
     fclose(f);
-    rc = dataloader_init(&L, "tests/tmp/tiny.bin", 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
+    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
     CHECK_ERR(rc, err, "shorter than the 1024-byte header");
 }
 
@@ -501,7 +515,7 @@ static void test_model_file_roundtrip_and_truncation(void) {
     CHECK_ERR(model_file_read(path, q, n + 1, err, sizeof err), err, "1234 parameters, the model has 1235");
     CHECK(truncate(path, 1024 + 4 * (off_t)n - 4) == 0, "truncate");
     CHECK_ERR(model_file_config(path, &r, &rn, err, sizeof err), err, "size does not match its header");
-    CHECK_ERR(model_file_config("tests/tmp/none.bin", &r, &rn, err, sizeof err), err, "'tests/tmp/none.bin'");
+    CHECK_ERR(model_file_config(tmp_path(path, "none.bin"), &r, &rn, err, sizeof err), err, names_tmp("", "none.bin"));
     free(p);
     free(q);
 }
@@ -511,15 +525,15 @@ static void test_optimizer_partitions_load_on_any_world_size(void) {
     size_t n = 1001, padded = 1008; // padded to a multiple of 2 * 4
     float *master = (float*)callocCheck(padded, 4), *m = (float*)callocCheck(padded, 4), *v = (float*)callocCheck(padded, 4);
     for (size_t i = 0; i < n; i++) { master[i] = (float)i; m[i] = (float)i * 0.001f; v[i] = (float)i * 1e-6f; }
-    char tmp[PATH_LEN];
-    checkpoint_begin("tests/tmp/ckpt", 5, tmp, sizeof tmp);
+    char dir[PATH_LEN], tmp[PATH_LEN];
+    checkpoint_begin(tmp_path(dir, "ckpt"), 5, tmp, sizeof tmp);
     for (int r = 0; r < 4; r++) {
         size_t off = padded / 4 * r, cnt = padded / 4;
         optim_file_write(tmp, r, 4, off, cnt, n, master + off, m + off, v + off);
     }
-    checkpoint_commit("tests/tmp/ckpt", 5, tmp);
+    checkpoint_commit(dir, 5, tmp);
     char folder[PATH_LEN];
-    CHECK(checkpoint_latest("tests/tmp/ckpt", folder, sizeof folder, err, sizeof err) == 0, "%s", err);
+    CHECK(checkpoint_latest(dir, folder, sizeof folder, err, sizeof err) == 0, "%s", err);
     CHECK(strstr(folder, "step_00000005") != NULL, "latest names step 5: %s", folder);
     for (int world = 1; world <= 3; world++) {
         size_t wpad = (n + 2 * world - 1) / (2 * world) * (2 * world);
@@ -548,23 +562,22 @@ static void test_optimizer_partitions_load_on_any_world_size(void) {
 }
 
 static void test_checkpoint_commit_keeps_previous_on_crash(void) {
-    char tmp[PATH_LEN], folder[PATH_LEN];
+    char dir[PATH_LEN], tmp[PATH_LEN], folder[PATH_LEN];
     float x = 1.0f;
     ModelConfig mc = gpt2_config(1, 1, 4, 4, 10);
-    remove_folder("tests/tmp/ck2/step_00000001");
-    checkpoint_begin("tests/tmp/ck2", 1, tmp, sizeof tmp);
+    checkpoint_begin(tmp_path(dir, "ck2"), 1, tmp, sizeof tmp);
     char path[PATH_LEN];
     format_path(path, sizeof path, "%s/model.bin", tmp);
     model_file_write(path, &mc, &x, 1);
-    checkpoint_commit("tests/tmp/ck2", 1, tmp);
+    checkpoint_commit(dir, 1, tmp);
     // a save of step 2 that "crashes" before its commit: latest still names step 1
-    checkpoint_begin("tests/tmp/ck2", 2, tmp, sizeof tmp);
+    checkpoint_begin(dir, 2, tmp, sizeof tmp);
     format_path(path, sizeof path, "%s/model.bin", tmp);
     model_file_write(path, &mc, &x, 1);
-    CHECK(checkpoint_latest("tests/tmp/ck2", folder, sizeof folder, err, sizeof err) == 0 && strstr(folder, "step_00000001"), "latest: %s", folder);
+    CHECK(checkpoint_latest(dir, folder, sizeof folder, err, sizeof err) == 0 && strstr(folder, "step_00000001"), "latest: %s", folder);
     // a corrupt latest file is refused
     write_tmp("ck2/latest", "../../etc\n");
-    CHECK_ERR(checkpoint_latest("tests/tmp/ck2", folder, sizeof folder, err, sizeof err), err, "does not name a checkpoint folder");
+    CHECK_ERR(checkpoint_latest(dir, folder, sizeof folder, err, sizeof err), err, "does not name a checkpoint folder");
 }
 
 static void test_state_file_roundtrip(void) {
@@ -667,7 +680,11 @@ static void test_tcp_rendezvous_reaches_every_rank(void) {
 }
 
 int main(int argc, char** argv) {
-    if (argc > 1) TMP = argv[1];
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s DIR (a folder for the files the tests write, with DIR/sched from tests/schedule_reference.py)\n", argv[0]);
+        return 2;
+    }
+    TMP = argv[1];
     make_dirs(TMP);
     RUN(test_sample_config_loads_unchanged);
     RUN(test_malformed_json_names_line_and_column);

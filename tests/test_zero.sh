@@ -5,8 +5,7 @@
 # or killed rank ending the run instead of hanging. Needs ./train_gpt_cpu built with MPI.
 set -u
 cd "$(dirname "$0")/.."
-TMP=tests/tmp/zero
-. tests/lib.sh
+. tests/lib.sh test_zero
 
 if ! command -v mpirun >/dev/null || ! grep -q "MPI_Init" <(strings $BIN 2>/dev/null); then
     bad "ZeRO tests need Open MPI and a trainer built with it (apt-get install openmpi-bin libopenmpi-dev; make)"
@@ -112,7 +111,7 @@ for ranks in 2 1; do
 done
 
 # --- the sample config on 8 ranks is refused, with what to change -------------------------
-out=$(timeout 120 "${MPI[@]}" -np 8 $BIN -c ../shared/configs/ds_config.json "${TINY[@]}" --steps 1 --checkpoint-dir "" 2>&1); rc=$?
+out=$(timeout 120 "${MPI[@]}" -np 8 $BIN -c configs/ds_config.json "${TINY[@]}" --steps 1 --checkpoint-dir "" 2>&1); rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -qF "Micro batch size per gpu: 0 has to be greater than 0 (with 8 ranks and 4 accumulation steps, train_batch_size must be at least 32" <<<"$out"; then
     ok "sample config on 8 ranks refused with the batch-size error and a hint"
 else bad "sample config on 8 ranks refused with the batch-size error and a hint" "exit $rc" "$(head -3 <<<"$out")"; fi
