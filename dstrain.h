@@ -219,7 +219,7 @@ char* read_text_file(const char* path, char* err, size_t errlen) {
 
 // ----------------------------------------------------------------------------
 // ds_config: DeepSpeed's ds_config.json. Keys, defaults and meaning follow DeepSpeed
-// (see README "Configuration"); a known key with a value of the wrong type is an
+// (doc/deepspeed.md section 1); a known key with a value of the wrong type is an
 // error naming the key, an unknown key is warned about once and ignored.
 
 // The JSON reader of part 3 (plumbing): the values it returns, and its entry points.
@@ -516,7 +516,7 @@ int ds_config_load(DSConfig* c, const char* path, char* err, size_t errlen) {
 }
 
 // ----------------------------------------------------------------------------
-// batch: DeepSpeed's rules (DEEPSPEED.md section 2) with floor division, then its
+// batch: DeepSpeed's rules (doc/deepspeed.md section 2) with floor division, then its
 // checks in its order, each error saying what to change.
 
 int ds_resolve_batch(DSConfig* c, int world_size, char* err, size_t errlen) {
@@ -549,7 +549,7 @@ int ds_resolve_batch(DSConfig* c, int world_size, char* err, size_t errlen) {
 // ----------------------------------------------------------------------------
 // schedules: the learning rate for schedule iteration `it`. DeepSpeed starts a schedule
 // at it = -1 and steps it once after every applied optimizer step, so update k uses
-// lr_at(k - 1). Formulas: DEEPSPEED.md section 4.
+// lr_at(k - 1). Formulas: doc/deepspeed.md section 6.
 
 double warmup_gamma(const DSConfig* c, int64_t it, int64_t W) {
     if (c->warmup_type == WARMUP_LOG) return log((double)(it + 1)) / log((double)W);
@@ -591,7 +591,7 @@ double lr_at(const DSConfig* c, int64_t it) {
 }
 
 // ----------------------------------------------------------------------------
-// loss scaler: DeepSpeed's dynamic loss scaling (DEEPSPEED.md section 3), and the static
+// loss scaler: DeepSpeed's dynamic loss scaling (doc/deepspeed.md section 3), and the static
 // scale for fp16.loss_scale > 0. Without fp16 the scale is 1 and nothing is skipped.
 
 typedef struct {
@@ -649,7 +649,7 @@ int loss_scaler_update(LossScaler* s, int overflow, int verbose) {
 
 // ----------------------------------------------------------------------------
 // step logic: what happens after the gradients of an optimizer step are complete
-// (DEEPSPEED.md section 4). The trainer measures (overflow, sum of squares of the
+// (doc/deepspeed.md section 4). The trainer measures (overflow, sum of squares of the
 // scaled gradients, both already combined over ranks), asks step_plan what to do,
 // applies it with its own kernels, then calls step_finish.
 
@@ -759,7 +759,7 @@ void comm_init_single(Comm* c) {
 double ring_bytes(const Comm* c, double total) { return total * (c->world_size - 1) / c->world_size; }
 
 // ----------------------------------------------------------------------------
-// ZeRO: DeepSpeed's stages 0, 1 and 2 (DEEPSPEED.md section 5), written once against
+// ZeRO: DeepSpeed's stages 0, 1 and 2 (doc/deepspeed.md section 7), written once against
 // Comm and BufferOps (host loops on the CPU, kernels on the GPU).
 //
 // All parameters form one flat buffer padded to a multiple of 2 x ranks; rank k owns the
@@ -2778,7 +2778,7 @@ void zero_share_weights(Trainer* tr) {
     free(displs);
 }
 
-// DeepSpeed's step once the step's gradients are complete (DEEPSPEED.md section 4):
+// DeepSpeed's step once the step's gradients are complete (doc/deepspeed.md section 4):
 // reduce, overflow check and global norm combined over ranks, one unscale-and-clip
 // factor, AdamW on this rank's partition, all-gather of the weights, schedule, scaler.
 StepPlan optimizer_step(Trainer* tr) {
