@@ -7,12 +7,26 @@ schedules, loss scaler, data loader, checkpoints, logs, command line) is in dstr
 Each layer is a pair of functions, xxx_forward / xxx_backward, with the tensor shapes in
 a comment; backward functions accumulate into gradients with +=.
 
+Sections, in order; train_gpt.cu has the same ones in the same order, with the same names,
+and its own GPU-only ones between them:
+    encoder            token and position embeddings
+    layernorm
+    matmul             the plain loops that define it, and the functions the layers call
+    attention          causal self-attention
+    gelu               tanh approximation
+    residual           (CPU only: the GPU adds the residual inside its matmul)
+    classifier         softmax and cross-entropy
+    GPT-2              weights, activations, forward, backward
+    fast matmul        (CPU only) the blocked AVX-512 GEMM behind matmul
+    optimizer buffers  the arithmetic of dstrain.h's ZeRO on host memory
+    the trainer        the model behind dstrain.h's ModelOps, and main
+
     make train_gpt_cpu && ./train_gpt_cpu --help
 */
 #include "dstrain.h"
 
 // ----------------------------------------------------------------------------
-// layers
+// encoder: token and position embeddings
 
 // out (B,T,C) = wte[inp] + wpe[t]
 void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) {
@@ -41,6 +55,9 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* in
         }
     }
 }
+
+// ----------------------------------------------------------------------------
+// layernorm
 
 // out (N,C) = (inp - mean) * rstd * weight + bias, per row; saves mean, rstd (N) for backward
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) {
@@ -98,211 +115,82 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     }
 }
 
-/*
-matmul: fp32 matmul forward and backward for the CPU trainer (llm.c layouts), parallelised with OpenMP.
+// ----------------------------------------------------------------------------
+// matmul: the three products of a Linear layer, weight (OC,C) row-major as in PyTorch.
+// The plain loops come first: they define the products and are the oracle that
+// dev/cpu/matmul.c holds the fast GEMM to. The layers call matmul_forward,
+// matmul_backward_input and matmul_backward_weight, which run the blocked GEMM of section
+// "fast matmul" at the end of the model code.
 
-Checks and benchmark: dev/cpu/matmul.c.
-The kernel relies on the compiler fusing a * b + c into FMAs: GCC does so by default (-std=gnu*),
-but not with -std=c11 and the like, which then need -ffp-contract=fast (no -ffast-math needed).
-
-All three products of a Linear layer are one routine, gemm(): C (M, N) (+)= A (M, K) @ B (K, N)
-  forward:  out      = inp    @ weight^T + bias   M = BT, N = OC, K = C
-  backward: dinp    += dout   @ weight            M = BT, N = C,  K = OC
-            dweight += dout^T @ inp               M = OC, N = C,  K = BT
-
-Blocking (BLIS style), sized for an AVX-512 core with 48 KiB L1d and 2 MiB L2:
-  - register tile GEMM_MR x GEMM_NR = 8 x 48: 8 * 3 = 24 zmm accumulators, 3 zmm of B and one broadcast of A,
-    out of 32 registers. One k step is 3 vector loads, 8 broadcasts and 24 FMAs, so the two FMA ports,
-    not the loads, are the limit, and 24 independent accumulators cover the FMA latency. GEMM_NR = 48 divides
-    C = 768, 3072 and OC = 2304, 50304, GEMM_MR = 8 divides BT and every OC, so the GPT-2 shapes have no edges.
-  - GEMM_KC = 256 (the depth of one block): the kernel keeps an GEMM_MR x GEMM_KC sliver of A (8 KiB) in L1 while it
-    sweeps the GEMM_NR-wide slivers of the GEMM_KC x GEMM_NC block of B (384 KiB), which stays in L2 along with the
-    GEMM_MC x GEMM_KC block of A (256 KiB) and the GEMM_MC x GEMM_NC tile of C.
-  - GEMM_MC x GEMM_NC = 256 x 384 output tiles are the unit of parallel work (fewer rows when there would be fewer
-    tiles than threads): every tile is computed by one thread, over K in GEMM_KC steps in a fixed order,
-    so the results do not depend on the number of threads.
-Operands are used in place when their layout already suits the kernel, otherwise copied ("packed"):
-  - A is read by broadcasts, so any layout works if one index is contiguous: a k-contiguous A
-    (inp, dout) is copied row by row into a (GEMM_MC, GEMM_KC) block, giving the kernel constant offsets between
-    rows; an i-contiguous A (dout^T) is read in place.
-  - B is read as GEMM_NR-wide vectors and must be contiguous along N: dinp's weight and dweight's inp are
-    read in place; forward's weight^T is packed, 16 x 16 blocks at a time, into GEMM_NR-wide slivers.
-Scratch: the packed blocks live in one static buffer (640 KiB per thread), allocated on the
-first call and regrown only if the thread count grows; it stays reachable (no leak) and is reused by
-every call. So the functions are not reentrant: call them from one thread at a time (the trainer does).
-*/
-#ifdef __cplusplus
-#define restrict __restrict__ // the CUDA tests and kernel checks compile this file as C++
-#endif
-#define GEMM_MR 8     // rows of the register tile (broadcasts of A)
-#define GEMM_NR 48    // columns of the register tile (3 vectors of 16 floats of B)
-#define GEMM_KC 256   // depth of a block
-#define GEMM_MC 256   // rows of an output tile
-#define GEMM_NC 384   // columns of an output tile
-
-// GCC vector extensions: one zmm register with AVX-512; without it the compiler splits them (slower, same results)
-typedef float vec16 __attribute__((vector_size(64)));
-typedef int ivec16 __attribute__((vector_size(64)));
-typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
-#define AT16(p) (*(vec16_unaligned*)(p))  // the 16 floats at p (any alignment), to load or store
-
-// dst[k * ldd + j] = src[j * lds + k] for a 16 x 16 block (16 loads, 64 shuffles, 16 stores)
-static inline void transpose16(float* dst, long ldd, const float* src, long lds) {
-    const ivec16 lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29}, hi1 = lo1 + 2;
-    const ivec16 lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, hi2 = lo2 + 2;
-    const ivec16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, hi4 = lo4 + 4;
-    vec16 r[16], t[16];
-    for (int i = 0; i < 16; i++) r[i] = AT16(src + i * lds);
-    for (int i = 0; i < 16; i += 2) {  // interleave single floats of row pairs
-        t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
-        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
-    }
-    for (int i = 0; i < 16; i += 4)  // then pairs of floats: each 128-bit lane now holds 4 x 4 transposed
-        for (int c = 0; c < 2; c++) {
-            r[i + 2 * c] = __builtin_shuffle(t[i + c], t[i + 2 + c], lo2);
-            r[i + 2 * c + 1] = __builtin_shuffle(t[i + c], t[i + 2 + c], hi2);
+// out (BT,OC) = inp (BT,C) @ weight^T + bias; bias (OC) or NULL
+void matmul_forward_naive(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
+    #pragma omp parallel for
+    for (int b = 0; b < BT; b++) {
+        for (int o = 0; o < OC; o++) {
+            float s = bias ? bias[o] : 0.0f;
+            for (int i = 0; i < C; i++) s += inp[(size_t)b * C + i] * weight[(size_t)o * C + i];
+            out[(size_t)b * OC + o] = s;
         }
-    for (int i = 0; i < 16; i += 8)  // then 128-bit lanes, twice
-        for (int c = 0; c < 4; c++) {
-            t[i + c] = __builtin_shuffle(r[i + c], r[i + 4 + c], lo4);
-            t[i + 4 + c] = __builtin_shuffle(r[i + c], r[i + 4 + c], hi4);
-        }
-    for (int c = 0; c < 8; c++) {
-        r[c] = __builtin_shuffle(t[c], t[8 + c], lo4);
-        r[8 + c] = __builtin_shuffle(t[c], t[8 + c], hi4);
-    }
-    for (int i = 0; i < 16; i++) AT16(dst + i * ldd) = r[i];
-}
-
-// c (mr, nr) = (accumulate ? c : bias or 0) + a (GEMM_MR, kc) @ b (kc, GEMM_NR), keeping only the top-left mr x nr.
-// a(i, k) is a[i * GEMM_KC + k] if a_rows (a packed block) else a[k * lda + i]; b(k, j) is b[k * ldb + j].
-static inline __attribute__((always_inline)) void kernel(int kc, const float* restrict a, int a_rows, long lda,
-                                                         const float* restrict b, long ldb, float* restrict c,
-                                                         long ldc, int mr, int nr, int accumulate, const float* bias) {
-    vec16 acc[GEMM_MR][GEMM_NR / 16] = {0};
-    for (int k = 0; k < kc; k++, b += ldb) {
-        vec16 bv[GEMM_NR / 16];
-        for (int v = 0; v < GEMM_NR / 16; v++) bv[v] = AT16(b + 16 * v);
-        for (int i = 0; i < GEMM_MR; i++) {
-            float ai = a_rows ? a[i * GEMM_KC + k] : a[k * lda + i];
-            for (int v = 0; v < GEMM_NR / 16; v++) acc[i][v] += ai * bv[v];
-        }
-    }
-    if (mr == GEMM_MR && nr == GEMM_NR) {
-        for (int i = 0; i < GEMM_MR; i++)
-            for (int v = 0; v < GEMM_NR / 16; v++) {
-                vec16 base = {0};
-                if (accumulate) base = AT16(c + i * ldc + 16 * v);
-                else if (bias) base = AT16(bias + 16 * v);
-                AT16(c + i * ldc + 16 * v) = base + acc[i][v];
-            }
-    } else {  // a tile on the edge of C
-        float tile[GEMM_MR][GEMM_NR];
-        for (int i = 0; i < GEMM_MR; i++)
-            for (int v = 0; v < GEMM_NR / 16; v++) AT16(&tile[i][16 * v]) = acc[i][v];
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < nr; j++)
-                c[i * ldc + j] = (accumulate ? c[i * ldc + j] : bias ? bias[j] : 0.0f) + tile[i][j];
     }
 }
 
-// C (M, N) (+)= A (M, K) @ B (K, N), with A(i, k) = A[i * ars + k * acs], B(k, j) = B[k * brs + j * bcs]
-// and C(i, j) = C[i * ldc + j]. Each of A and B must be contiguous along one index (a stride of 1).
-// accumulate = 0: C = bias (N, or NULL for 0) + A @ B.
+// dinp (BT,C) += dout (BT,OC) @ weight (OC,C)
+void matmul_backward_input_naive(float* dinp, const float* dout, const float* weight, int BT, int C, int OC) {
+    #pragma omp parallel for
+    for (int b = 0; b < BT; b++) {
+        for (int i = 0; i < C; i++) {
+            float s = 0.0f;
+            for (int o = 0; o < OC; o++) s += dout[(size_t)b * OC + o] * weight[(size_t)o * C + i];
+            dinp[(size_t)b * C + i] += s;
+        }
+    }
+}
+
+// dweight (OC,C) += dout^T (OC,BT) @ inp (BT,C)
+void matmul_backward_weight_naive(float* dweight, const float* dout, const float* inp, int BT, int C, int OC) {
+    #pragma omp parallel for
+    for (int o = 0; o < OC; o++) {
+        for (int i = 0; i < C; i++) {
+            float s = 0.0f;
+            for (int b = 0; b < BT; b++) s += dout[(size_t)b * OC + o] * inp[(size_t)b * C + i];
+            dweight[(size_t)o * C + i] += s;
+        }
+    }
+}
+
+// C (M,N) (+)= A (M,K) @ B (K,N) with strides: section "fast matmul"
 static void gemm(int M, int N, int K, const float* A, long ars, long acs, const float* B, long brs, long bcs,
-                 float* C, long ldc, int accumulate, const float* bias) {
-    const long per_thread = GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC;  // floats of scratch per thread: packed A block, packed B block
-    static float* scratch = NULL;
-    static int scratch_threads = 0;
-    if (omp_get_max_threads() > scratch_threads) {
-        free(scratch);
-        scratch_threads = omp_get_max_threads();
-        scratch = (float*)aligned_alloc(64, sizeof(float) * per_thread * scratch_threads);
-        if (scratch == NULL) fatal("matmul: out of memory for %zu bytes of scratch", sizeof(float) * per_thread * scratch_threads);
-    }
-    int a_rows = acs == 1;  // A contiguous along K: copy its rows; else contiguous along M: use in place
-    int nt = (N + GEMM_NC - 1) / GEMM_NC, tm = GEMM_MC;  // tiles of tm rows (at most GEMM_MC) and GEMM_NC columns
-    while (tm > GEMM_MR && (M + tm - 1) / tm * nt < omp_get_max_threads()) tm /= 2;  // enough tiles for all threads
-    int mt = (M + tm - 1) / tm;
-    #pragma omp parallel
-    {
-        float* pa = scratch + per_thread * omp_get_thread_num();
-        float* pb = pa + GEMM_MC * GEMM_KC;
-        #pragma omp for schedule(static)
-        for (int t = 0; t < mt * nt; t++) {
-            int i0 = (t / nt) * tm, j0 = (t % nt) * GEMM_NC;
-            int mc = M - i0 < tm ? M - i0 : tm, nc = N - j0 < GEMM_NC ? N - j0 : GEMM_NC;
-            // A in place needs whole GEMM_MR slivers; B in place needs whole GEMM_NR slivers and stride 1 along N
-            int a_packed = a_rows || mc % GEMM_MR, b_packed = bcs != 1 || nc % GEMM_NR;
-            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
-                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
-                const float* Ab = A + i0 * ars + k0 * acs;
-                const float* Bb = B + k0 * brs + j0 * bcs;
-                int mc_pad = (mc + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
-                if (a_rows) {  // pa (mc_pad, GEMM_KC) = A block, zero rows below mc
-                    for (int i = 0; i < mc_pad; i++)
-                        if (i < mc) memcpy(pa + i * GEMM_KC, Ab + i * ars, kc * sizeof(float));
-                        else memset(pa + i * GEMM_KC, 0, kc * sizeof(float));
-                } else if (a_packed) {  // pa (kc, GEMM_MC) = A block^T, zero columns right of mc
-                    for (int k = 0; k < kc; k++) {
-                        memcpy(pa + k * GEMM_MC, Ab + k * acs, mc * sizeof(float));
-                        memset(pa + k * GEMM_MC + mc, 0, (mc_pad - mc) * sizeof(float));
-                    }
-                }
-                if (b_packed) {  // pb: GEMM_NR-wide slivers of the B block, each (kc, GEMM_NR), zero columns right of nc
-                    for (int j = 0; j < (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR; j += 16)
-                        for (int k = 0; k < kc; k += 16) {
-                            float* dst = pb + (j / GEMM_NR) * GEMM_NR * kc + j % GEMM_NR;
-                            if (bcs != 1 && k + 16 <= kc && j + 16 <= nc)
-                                transpose16(dst + k * GEMM_NR, GEMM_NR, Bb + j * bcs + k * brs, bcs);
-                            else
-                                for (int kk = k; kk < k + 16 && kk < kc; kk++)
-                                    for (int jj = 0; jj < 16; jj++)
-                                        dst[kk * GEMM_NR + jj] = j + jj < nc ? Bb[kk * brs + (j + jj) * bcs] : 0.0f;
-                        }
-                }
-                for (int is = 0; is < mc; is += GEMM_MR) {
-                    const float* a = a_rows ? pa + is * GEMM_KC : a_packed ? pa + is : Ab + is;
-                    long lda = a_packed ? GEMM_MC : acs;
-                    for (int js = 0; js < nc; js += GEMM_NR) {
-                        const float* b = b_packed ? pb + js * kc : Bb + js;
-                        long ldb = b_packed ? GEMM_NR : brs;
-                        float* c = C + (i0 + is) * ldc + j0 + js;
-                        int mr = mc - is < GEMM_MR ? mc - is : GEMM_MR, nr = nc - js < GEMM_NR ? nc - js : GEMM_NR;
-                        int acc = accumulate || k0 > 0;
-                        const float* bi = bias ? bias + j0 + js : NULL;
-                        if (a_rows) kernel(kc, a, 1, 0, b, ldb, c, ldc, mr, nr, acc, bi);  // two copies of the
-                        else kernel(kc, a, 0, lda, b, ldb, c, ldc, mr, nr, acc, bi);       // kernel, one per A layout
-                    }
-                }
-            }
-        }
-    }
-}
+                 float* C, long ldc, int accumulate, const float* bias);
 
-// out (BT, OC) = inp (BT, C) @ weight^T + bias; weight (OC, C) row-major (PyTorch Linear layout); bias (OC) or NULL
+// as matmul_forward_naive
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
     gemm(BT, OC, C, inp, C, 1, weight, 1, C, out, OC, 0, bias);
 }
 
-// dinp (BT, C) += dout (BT, OC) @ weight (OC, C)
-// dweight (OC, C) += dout^T (OC, BT) @ inp (BT, C)
-// dbias (OC) += sum over BT of dout; dbias may be NULL
-void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int BT, int C, int OC) {
+// as matmul_backward_input_naive
+void matmul_backward_input(float* dinp, const float* dout, const float* weight, int BT, int C, int OC) {
     gemm(BT, C, OC, dout, OC, 1, weight, C, 1, dinp, C, 1, NULL);
+}
+
+// as matmul_backward_weight_naive
+void matmul_backward_weight(float* dweight, const float* dout, const float* inp, int BT, int C, int OC) {
     gemm(OC, C, BT, dout, 1, OC, inp, C, 1, dweight, C, 1, NULL);
-    if (dbias) {
-        #pragma omp parallel for
-        for (int o0 = 0; o0 < OC; o0 += 64) {  // 64 columns of dout at a time, summed down the rows
-            int n = OC - o0 < 64 ? OC - o0 : 64;
-            float sum[64] = {0};
-            for (int b = 0; b < BT; b++)
-                for (int o = 0; o < n; o++) sum[o] += dout[(long)b * OC + o0 + o];
-            for (int o = 0; o < n; o++) dbias[o0 + o] += sum[o];
-        }
+}
+
+// dbias (OC) += sum over BT of dout (BT,OC)
+void bias_backward(float* dbias, const float* dout, int BT, int OC) {
+    #pragma omp parallel for
+    for (int o0 = 0; o0 < OC; o0 += 64) {  // 64 columns of dout at a time, summed down the rows
+        int n = OC - o0 < 64 ? OC - o0 : 64;
+        float sum[64] = {0};
+        for (int b = 0; b < BT; b++)
+            for (int o = 0; o < n; o++) sum[o] += dout[(long)b * OC + o0 + o];
+        for (int o = 0; o < n; o++) dbias[o0 + o] += sum[o];
     }
 }
+
+// ----------------------------------------------------------------------------
+// attention: causal self-attention
 
 // Causal self-attention. qkv (B,T,3C) holds [q | k | v]; head h uses channels h*hs..(h+1)*hs.
 // out (B,T,C); att (B,NH,T,T) saves the softmax for backward (zero above the diagonal).
@@ -376,6 +264,9 @@ void attention_backward(float* dqkv, float* datt, const float* dout, const float
     }
 }
 
+// ----------------------------------------------------------------------------
+// gelu (tanh approximation)
+
 #define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 
 // out (N) = GELU(inp), tanh approximation
@@ -400,6 +291,9 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) {
     }
 }
 
+// ----------------------------------------------------------------------------
+// residual
+
 // out (N) = a + b
 void residual_forward(float* out, const float* a, const float* b, size_t N) {
     #pragma omp parallel for
@@ -411,6 +305,9 @@ void residual_backward(float* da, float* db, const float* dout, size_t N) {
     #pragma omp parallel for
     for (size_t i = 0; i < N; i++) { da[i] += dout[i]; db[i] += dout[i]; }
 }
+
+// ----------------------------------------------------------------------------
+// classifier: softmax over the V real tokens of the padded (N,Vp) logits and cross-entropy
 
 // Softmax over the V real tokens of each row of logits (N,Vp) into probs (N,Vp) (padding
 // columns 0) and, with targets, the loss of each row: losses (N) = -log probs[target].
@@ -623,7 +520,8 @@ static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B,
     float* dwte = sink->region(sink, 0, wte_n);
     float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
     softmax_crossentropy_backward(a->probs, targets, dloss_scale / (float)BT, BT, Vp);
-    matmul_backward(d->lnf, dwte, NULL, a->probs, a->lnf, m->w.wte, BT, C, Vp);
+    matmul_backward_weight(dwte, a->probs, a->lnf, BT, C, Vp);
+    matmul_backward_input(d->lnf, a->probs, m->w.wte, BT, C, Vp);
     float* dlast = d->residual3 + (L - 1) * cap * C;
     const float* last = a->residual3 + (L - 1) * cap * C;
     layernorm_backward(dlast, dlnf, dlnf + C, d->lnf, last, m->w.lnfw, a->lnf_mean, a->lnf_rstd, BT, C);
@@ -640,15 +538,23 @@ static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B,
         float* dresidual3 = d->residual3 + oC;
         // residual3 = residual2 + fcproj
         residual_backward(d->residual2 + oC, d->fcproj + oC, dresidual3, BT * C);
-        matmul_backward(d->fch_gelu + oF, g.fcprojw, g.fcprojb, d->fcproj + oC, a->fch_gelu + oF, w->fcprojw, BT, F, C);
+        matmul_backward_weight(g.fcprojw, d->fcproj + oC, a->fch_gelu + oF, BT, F, C);
+        bias_backward(g.fcprojb, d->fcproj + oC, BT, C);
+        matmul_backward_input(d->fch_gelu + oF, d->fcproj + oC, w->fcprojw, BT, F, C);
         gelu_backward(d->fch + oF, a->fch + oF, d->fch_gelu + oF, BT * F);
-        matmul_backward(d->ln2 + oC, g.fcw, g.fcb, d->fch + oF, a->ln2 + oC, w->fcw, BT, C, F);
+        matmul_backward_weight(g.fcw, d->fch + oF, a->ln2 + oC, BT, C, F);
+        bias_backward(g.fcb, d->fch + oF, BT, F);
+        matmul_backward_input(d->ln2 + oC, d->fch + oF, w->fcw, BT, C, F);
         layernorm_backward(d->residual2 + oC, g.ln2w, g.ln2b, d->ln2 + oC, a->residual2 + oC, w->ln2w, a->ln2_mean + o1, a->ln2_rstd + o1, BT, C);
         // residual2 = residual + attproj
         residual_backward(dresidual, d->attproj + oC, d->residual2 + oC, BT * C);
-        matmul_backward(d->atty + oC, g.attprojw, g.attprojb, d->attproj + oC, a->atty + oC, w->attprojw, BT, C, C);
+        matmul_backward_weight(g.attprojw, d->attproj + oC, a->atty + oC, BT, C, C);
+        bias_backward(g.attprojb, d->attproj + oC, BT, C);
+        matmul_backward_input(d->atty + oC, d->attproj + oC, w->attprojw, BT, C, C);
         attention_backward(d->qkv + l * cap * 3 * C, d->att + oatt, d->atty + oC, a->qkv + l * cap * 3 * C, a->att + oatt, B, T, C, NH);
-        matmul_backward(d->ln1 + oC, g.qkvw, g.qkvb, d->qkv + l * cap * 3 * C, a->ln1 + oC, w->qkvw, BT, C, 3 * C);
+        matmul_backward_weight(g.qkvw, d->qkv + l * cap * 3 * C, a->ln1 + oC, BT, C, 3 * C);
+        bias_backward(g.qkvb, d->qkv + l * cap * 3 * C, BT, 3 * C);
+        matmul_backward_input(d->ln1 + oC, d->qkv + l * cap * 3 * C, w->qkvw, BT, C, 3 * C);
         layernorm_backward(dresidual, g.ln1w, g.ln1b, d->ln1 + oC, residual, w->ln1w, a->ln1_mean + o1, a->ln1_rstd + o1, BT, C);
         sink->done(sink, layer_off, m->layer_size);
     }
@@ -656,6 +562,190 @@ static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B,
     encoder_backward(dwte, dwpe, d->encoded, inputs, B, T, C);
     sink->done(sink, wpe_off, wpe_n);
     sink->done(sink, 0, wte_n);
+}
+
+// ----------------------------------------------------------------------------
+// fast matmul: the blocked GEMM behind matmul_forward, matmul_backward_input and
+// matmul_backward_weight, parallelised with OpenMP
+
+/*
+Checks (against the plain loops of section "matmul") and benchmark: dev/cpu/matmul.c.
+The kernel relies on the compiler fusing a * b + c into FMAs: GCC does so by default (-std=gnu*),
+but not with -std=c11 and the like, which then need -ffp-contract=fast (no -ffast-math needed).
+
+The three products of a Linear layer are one routine, gemm(): C (M, N) (+)= A (M, K) @ B (K, N)
+  forward:  out      = inp    @ weight^T + bias   M = BT, N = OC, K = C
+  backward: dinp    += dout   @ weight            M = BT, N = C,  K = OC
+            dweight += dout^T @ inp               M = OC, N = C,  K = BT
+
+Blocking (BLIS style), sized for an AVX-512 core with 48 KiB L1d and 2 MiB L2:
+  - register tile GEMM_MR x GEMM_NR = 8 x 48: 8 * 3 = 24 zmm accumulators, 3 zmm of B and one broadcast of A,
+    out of 32 registers. One k step is 3 vector loads, 8 broadcasts and 24 FMAs, so the two FMA ports,
+    not the loads, are the limit, and 24 independent accumulators cover the FMA latency. GEMM_NR = 48 divides
+    C = 768, 3072 and OC = 2304, 50304, GEMM_MR = 8 divides BT and every OC, so the GPT-2 shapes have no edges.
+  - GEMM_KC = 256 (the depth of one block): the kernel keeps an GEMM_MR x GEMM_KC sliver of A (8 KiB) in L1 while it
+    sweeps the GEMM_NR-wide slivers of the GEMM_KC x GEMM_NC block of B (384 KiB), which stays in L2 along with the
+    GEMM_MC x GEMM_KC block of A (256 KiB) and the GEMM_MC x GEMM_NC tile of C.
+  - GEMM_MC x GEMM_NC = 256 x 384 output tiles are the unit of parallel work (fewer rows when there would be fewer
+    tiles than threads): every tile is computed by one thread, over K in GEMM_KC steps in a fixed order,
+    so the results do not depend on the number of threads.
+Operands are used in place when their layout already suits the kernel, otherwise copied ("packed"):
+  - A is read by broadcasts, so any layout works if one index is contiguous: a k-contiguous A
+    (inp, dout) is copied row by row into a (GEMM_MC, GEMM_KC) block, giving the kernel constant offsets between
+    rows; an i-contiguous A (dout^T) is read in place.
+  - B is read as GEMM_NR-wide vectors and must be contiguous along N: dinp's weight and dweight's inp are
+    read in place; forward's weight^T is packed, 16 x 16 blocks at a time, into GEMM_NR-wide slivers.
+Scratch: the packed blocks live in one static buffer (640 KiB per thread), allocated on the
+first call and regrown only if the thread count grows; it stays reachable (no leak) and is reused by
+every call. So the functions are not reentrant: call them from one thread at a time (the trainer does).
+*/
+#ifdef __cplusplus
+#define restrict __restrict__ // the CUDA tests and kernel checks compile this file as C++
+#endif
+#define GEMM_MR 8     // rows of the register tile (broadcasts of A)
+#define GEMM_NR 48    // columns of the register tile (3 vectors of 16 floats of B)
+#define GEMM_KC 256   // depth of a block
+#define GEMM_MC 256   // rows of an output tile
+#define GEMM_NC 384   // columns of an output tile
+
+// GCC vector extensions: one zmm register with AVX-512; without it the compiler splits them (slower, same results)
+typedef float vec16 __attribute__((vector_size(64)));
+typedef int ivec16 __attribute__((vector_size(64)));
+typedef float vec16_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+#define AT16(p) (*(vec16_unaligned*)(p))  // the 16 floats at p (any alignment), to load or store
+
+// dst[k * ldd + j] = src[j * lds + k] for a 16 x 16 block (16 loads, 64 shuffles, 16 stores)
+static inline void transpose16(float* dst, long ldd, const float* src, long lds) {
+    const ivec16 lo1 = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29}, hi1 = lo1 + 2;
+    const ivec16 lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}, hi2 = lo2 + 2;
+    const ivec16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}, hi4 = lo4 + 4;
+    vec16 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = AT16(src + i * lds);
+    for (int i = 0; i < 16; i += 2) {  // interleave single floats of row pairs
+        t[i] = __builtin_shuffle(r[i], r[i + 1], lo1);
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi1);
+    }
+    for (int i = 0; i < 16; i += 4)  // then pairs of floats: each 128-bit lane now holds 4 x 4 transposed
+        for (int c = 0; c < 2; c++) {
+            r[i + 2 * c] = __builtin_shuffle(t[i + c], t[i + 2 + c], lo2);
+            r[i + 2 * c + 1] = __builtin_shuffle(t[i + c], t[i + 2 + c], hi2);
+        }
+    for (int i = 0; i < 16; i += 8)  // then 128-bit lanes, twice
+        for (int c = 0; c < 4; c++) {
+            t[i + c] = __builtin_shuffle(r[i + c], r[i + 4 + c], lo4);
+            t[i + 4 + c] = __builtin_shuffle(r[i + c], r[i + 4 + c], hi4);
+        }
+    for (int c = 0; c < 8; c++) {
+        r[c] = __builtin_shuffle(t[c], t[8 + c], lo4);
+        r[8 + c] = __builtin_shuffle(t[c], t[8 + c], hi4);
+    }
+    for (int i = 0; i < 16; i++) AT16(dst + i * ldd) = r[i];
+}
+
+// c (mr, nr) = (accumulate ? c : bias or 0) + a (GEMM_MR, kc) @ b (kc, GEMM_NR), keeping only the top-left mr x nr.
+// a(i, k) is a[i * GEMM_KC + k] if a_rows (a packed block) else a[k * lda + i]; b(k, j) is b[k * ldb + j].
+static inline __attribute__((always_inline)) void kernel(int kc, const float* restrict a, int a_rows, long lda,
+                                                         const float* restrict b, long ldb, float* restrict c,
+                                                         long ldc, int mr, int nr, int accumulate, const float* bias) {
+    vec16 acc[GEMM_MR][GEMM_NR / 16] = {0};
+    for (int k = 0; k < kc; k++, b += ldb) {
+        vec16 bv[GEMM_NR / 16];
+        for (int v = 0; v < GEMM_NR / 16; v++) bv[v] = AT16(b + 16 * v);
+        for (int i = 0; i < GEMM_MR; i++) {
+            float ai = a_rows ? a[i * GEMM_KC + k] : a[k * lda + i];
+            for (int v = 0; v < GEMM_NR / 16; v++) acc[i][v] += ai * bv[v];
+        }
+    }
+    if (mr == GEMM_MR && nr == GEMM_NR) {
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int v = 0; v < GEMM_NR / 16; v++) {
+                vec16 base = {0};
+                if (accumulate) base = AT16(c + i * ldc + 16 * v);
+                else if (bias) base = AT16(bias + 16 * v);
+                AT16(c + i * ldc + 16 * v) = base + acc[i][v];
+            }
+    } else {  // a tile on the edge of C
+        float tile[GEMM_MR][GEMM_NR];
+        for (int i = 0; i < GEMM_MR; i++)
+            for (int v = 0; v < GEMM_NR / 16; v++) AT16(&tile[i][16 * v]) = acc[i][v];
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                c[i * ldc + j] = (accumulate ? c[i * ldc + j] : bias ? bias[j] : 0.0f) + tile[i][j];
+    }
+}
+
+// C (M, N) (+)= A (M, K) @ B (K, N), with A(i, k) = A[i * ars + k * acs], B(k, j) = B[k * brs + j * bcs]
+// and C(i, j) = C[i * ldc + j]. Each of A and B must be contiguous along one index (a stride of 1).
+// accumulate = 0: C = bias (N, or NULL for 0) + A @ B.
+static void gemm(int M, int N, int K, const float* A, long ars, long acs, const float* B, long brs, long bcs,
+                 float* C, long ldc, int accumulate, const float* bias) {
+    const long per_thread = GEMM_MC * GEMM_KC + GEMM_KC * GEMM_NC;  // floats of scratch per thread: packed A block, packed B block
+    static float* scratch = NULL;
+    static int scratch_threads = 0;
+    if (omp_get_max_threads() > scratch_threads) {
+        free(scratch);
+        scratch_threads = omp_get_max_threads();
+        scratch = (float*)aligned_alloc(64, sizeof(float) * per_thread * scratch_threads);
+        if (scratch == NULL) fatal("matmul: out of memory for %zu bytes of scratch", sizeof(float) * per_thread * scratch_threads);
+    }
+    int a_rows = acs == 1;  // A contiguous along K: copy its rows; else contiguous along M: use in place
+    int nt = (N + GEMM_NC - 1) / GEMM_NC, tm = GEMM_MC;  // tiles of tm rows (at most GEMM_MC) and GEMM_NC columns
+    while (tm > GEMM_MR && (M + tm - 1) / tm * nt < omp_get_max_threads()) tm /= 2;  // enough tiles for all threads
+    int mt = (M + tm - 1) / tm;
+    #pragma omp parallel
+    {
+        float* pa = scratch + per_thread * omp_get_thread_num();
+        float* pb = pa + GEMM_MC * GEMM_KC;
+        #pragma omp for schedule(static)
+        for (int t = 0; t < mt * nt; t++) {
+            int i0 = (t / nt) * tm, j0 = (t % nt) * GEMM_NC;
+            int mc = M - i0 < tm ? M - i0 : tm, nc = N - j0 < GEMM_NC ? N - j0 : GEMM_NC;
+            // A in place needs whole GEMM_MR slivers; B in place needs whole GEMM_NR slivers and stride 1 along N
+            int a_packed = a_rows || mc % GEMM_MR, b_packed = bcs != 1 || nc % GEMM_NR;
+            for (int k0 = 0; k0 < K; k0 += GEMM_KC) {
+                int kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;
+                const float* Ab = A + i0 * ars + k0 * acs;
+                const float* Bb = B + k0 * brs + j0 * bcs;
+                int mc_pad = (mc + GEMM_MR - 1) / GEMM_MR * GEMM_MR;
+                if (a_rows) {  // pa (mc_pad, GEMM_KC) = A block, zero rows below mc
+                    for (int i = 0; i < mc_pad; i++)
+                        if (i < mc) memcpy(pa + i * GEMM_KC, Ab + i * ars, kc * sizeof(float));
+                        else memset(pa + i * GEMM_KC, 0, kc * sizeof(float));
+                } else if (a_packed) {  // pa (kc, GEMM_MC) = A block^T, zero columns right of mc
+                    for (int k = 0; k < kc; k++) {
+                        memcpy(pa + k * GEMM_MC, Ab + k * acs, mc * sizeof(float));
+                        memset(pa + k * GEMM_MC + mc, 0, (mc_pad - mc) * sizeof(float));
+                    }
+                }
+                if (b_packed) {  // pb: GEMM_NR-wide slivers of the B block, each (kc, GEMM_NR), zero columns right of nc
+                    for (int j = 0; j < (nc + GEMM_NR - 1) / GEMM_NR * GEMM_NR; j += 16)
+                        for (int k = 0; k < kc; k += 16) {
+                            float* dst = pb + (j / GEMM_NR) * GEMM_NR * kc + j % GEMM_NR;
+                            if (bcs != 1 && k + 16 <= kc && j + 16 <= nc)
+                                transpose16(dst + k * GEMM_NR, GEMM_NR, Bb + j * bcs + k * brs, bcs);
+                            else
+                                for (int kk = k; kk < k + 16 && kk < kc; kk++)
+                                    for (int jj = 0; jj < 16; jj++)
+                                        dst[kk * GEMM_NR + jj] = j + jj < nc ? Bb[kk * brs + (j + jj) * bcs] : 0.0f;
+                        }
+                }
+                for (int is = 0; is < mc; is += GEMM_MR) {
+                    const float* a = a_rows ? pa + is * GEMM_KC : a_packed ? pa + is : Ab + is;
+                    long lda = a_packed ? GEMM_MC : acs;
+                    for (int js = 0; js < nc; js += GEMM_NR) {
+                        const float* b = b_packed ? pb + js * kc : Bb + js;
+                        long ldb = b_packed ? GEMM_NR : brs;
+                        float* c = C + (i0 + is) * ldc + j0 + js;
+                        int mr = mc - is < GEMM_MR ? mc - is : GEMM_MR, nr = nc - js < GEMM_NR ? nc - js : GEMM_NR;
+                        int acc = accumulate || k0 > 0;
+                        const float* bi = bias ? bias + j0 + js : NULL;
+                        if (a_rows) kernel(kc, a, 1, 0, b, ldb, c, ldc, mr, nr, acc, bi);  // two copies of the
+                        else kernel(kc, a, 0, lda, b, ldb, c, ldc, mr, nr, acc, bi);       // kernel, one per A layout
+                    }
+                }
+            }
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
