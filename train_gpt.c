@@ -311,7 +311,7 @@ void residual_backward(float* da, float* db, const float* dout, size_t N) {
 
 // Softmax over the V real tokens of each row of logits (N,Vp) into probs (N,Vp) (padding
 // columns 0) and, with targets, the loss of each row: losses (N) = -log probs[target].
-void softmax_crossentropy_forward(float* probs, float* losses, const float* logits, const int* targets, int N, int V, int Vp) {
+void classifier_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V, int Vp) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* x = logits + (size_t)n * Vp;
@@ -330,7 +330,7 @@ void softmax_crossentropy_forward(float* probs, float* losses, const float* logi
 
 // dlogits (N,Vp) = (probs - onehot(target)) * dloss, in place over probs: the padding
 // columns of probs are 0, so their gradient is 0
-void softmax_crossentropy_backward(float* probs_to_dlogits, const int* targets, float dloss, int N, int Vp) {
+void classifier_backward(float* probs_to_dlogits, const int* targets, float dloss, int N, int Vp) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         float* d = probs_to_dlogits + (size_t)n * Vp;
@@ -497,7 +497,7 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     const float* last = a->residual3 + (L - 1) * cap * C;
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnfw, m->w.lnfb, BT, C);
     matmul_forward(a->logits, a->lnf, m->w.wte, NULL, BT, C, Vp); // tied output layer
-    softmax_crossentropy_forward(a->probs, a->losses, a->logits, targets, BT, V, Vp);
+    classifier_forward(a->losses, a->probs, a->logits, targets, BT, V, Vp);
     if (!targets) return 0.0f;
     double sum = 0.0;
     for (size_t i = 0; i < BT; i++) sum += a->losses[i];
@@ -519,7 +519,7 @@ static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B,
     memset(d->memory, 0, d->num_floats * sizeof(float));
     float* dwte = sink->region(sink, 0, wte_n);
     float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
-    softmax_crossentropy_backward(a->probs, targets, dloss_scale / (float)BT, BT, Vp);
+    classifier_backward(a->probs, targets, dloss_scale / (float)BT, BT, Vp);
     matmul_backward_weight(dwte, a->probs, a->lnf, BT, C, Vp);
     matmul_backward_input(d->lnf, a->probs, m->w.wte, BT, C, Vp);
     float* dlast = d->residual3 + (L - 1) * cap * C;

@@ -875,7 +875,7 @@ static void attention_backward(floatX* dqkv, float* D, const floatX* dout, const
 // ----------------------------------------------------------------------------
 // gelu (tanh approximation)
 
-#define GELU_COEF 0.7978845608028654f // sqrt(2 / pi)
+#define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 
 // out (N) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); one thread per pack
 __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t N) {
@@ -884,7 +884,7 @@ __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t N) {
     PackX x = *(const PackX*)(inp + i), o;
     for (int k = 0; k < X_PER_PACK; k++) {
         float v = to_float(x.v[k]);
-        o.v[k] = to_floatX(0.5f * v * (1.0f + tanhf(GELU_COEF * (v + 0.044715f * v * v * v))));
+        o.v[k] = to_floatX(0.5f * v * (1.0f + tanhf(GELU_SCALE * (v + 0.044715f * v * v * v))));
     }
     *(PackX*)(out + i) = o;
 }
@@ -896,8 +896,8 @@ __global__ void gelu_backward_kernel(floatX* d, const floatX* inp, size_t N) {
     PackX x = *(const PackX*)(inp + i), g = *(const PackX*)(d + i);
     for (int k = 0; k < X_PER_PACK; k++) {
         float v = to_float(x.v[k]);
-        float th = tanhf(GELU_COEF * (v + 0.044715f * v * v * v));
-        float grad = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_COEF * (1.0f + 3.0f * 0.044715f * v * v);
+        float th = tanhf(GELU_SCALE * (v + 0.044715f * v * v * v));
+        float grad = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_SCALE * (1.0f + 3.0f * 0.044715f * v * v);
         g.v[k] = to_floatX(grad * to_float(g.v[k]));
     }
     *(PackX*)(d + i) = g;
