@@ -371,12 +371,10 @@ static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
 
 // Points a layer's gradient tensors into `g`, the gradient of the layer's parameters
 // (the layer's tensors are contiguous in the flat layout).
-static void point_layer_grads(LayerWeights* lg, float* g, const ModelConfig* c, int l, const Weights* w) {
-    const float* first = w->layer[l].ln1w;
+static void point_layer_grads(LayerWeights* lg, float* g, const LayerWeights* w) {
     float** dst = (float**)lg;
-    float* const* src = (float* const*)&w->layer[l];
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = g + (src[i] - first);
-    (void)c;
+    float* const* src = (float* const*)w;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = g + (src[i] - w->ln1w);
 }
 
 // Activations saved by forward for backward; the gradient buffers reuse the layout
@@ -435,7 +433,43 @@ typedef struct {
     size_t layer_offset0, layer_size; // flat offset of layer 0 and the size of one layer
     Activations act, dact;
     int max_B, max_T;  // the activations' capacity
+    int* targets;      // (B,T) of the last forward, for backward
+    int last_B, last_T; // of the last forward
 } GPT2;
+
+// Layer l's activations: its slices of the per-layer tensors.
+typedef struct {
+    float* residual; // the layer's input: encoded, or the previous layer's residual3
+    float *ln1, *qkv, *atty, *att, *attproj, *residual2, *ln2, *fch, *fch_gelu, *fcproj, *residual3;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
+} LayerActivations;
+
+// layer l's slice of tensor t, n elements per layer; NULL stays NULL (gradients have no statistics)
+static float* layer_slice(float* t, int l, size_t n) { return t ? t + l * n : NULL; }
+
+// a: the activations or their gradients (the same layout); per-layer strides use the capacity
+static LayerActivations layer_activations(const GPT2* m, const Activations* a, int l) {
+    size_t N = (size_t)m->max_B * m->max_T, C = m->config.channels, F = m->config.ffn_hidden;
+    size_t att = (size_t)m->max_B * m->config.num_heads * m->max_T * m->max_T;
+    LayerActivations la;
+    la.residual = l == 0 ? a->encoded : layer_slice(a->residual3, l - 1, N * C);
+    la.ln1 = layer_slice(a->ln1, l, N * C);
+    la.qkv = layer_slice(a->qkv, l, N * 3 * C);
+    la.atty = layer_slice(a->atty, l, N * C);
+    la.att = layer_slice(a->att, l, att);
+    la.attproj = layer_slice(a->attproj, l, N * C);
+    la.residual2 = layer_slice(a->residual2, l, N * C);
+    la.ln2 = layer_slice(a->ln2, l, N * C);
+    la.fch = layer_slice(a->fch, l, N * F);
+    la.fch_gelu = layer_slice(a->fch_gelu, l, N * F);
+    la.fcproj = layer_slice(a->fcproj, l, N * C);
+    la.residual3 = layer_slice(a->residual3, l, N * C);
+    la.ln1_mean = layer_slice(a->ln1_mean, l, N);
+    la.ln1_rstd = layer_slice(a->ln1_rstd, l, N);
+    la.ln2_mean = layer_slice(a->ln2_mean, l, N);
+    la.ln2_rstd = layer_slice(a->ln2_rstd, l, N);
+    return la;
+}
 
 static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
     memset(m, 0, sizeof(*m));
@@ -447,6 +481,7 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
     m->layer_size = c->num_layers > 1 ? (size_t)(m->w.layer[1].ln1w - m->w.layer[0].ln1w) : (size_t)(m->w.lnfw - m->w.layer[0].ln1w);
     activations_alloc(&m->act, c, B, T, 0);
     activations_alloc(&m->dact, c, B, T, 1);
+    m->targets = (int*)callocCheck((size_t)B * T, sizeof(int));
     m->max_B = B;
     m->max_T = T;
 }
@@ -455,6 +490,7 @@ static void gpt2_free(GPT2* m) {
     free(m->params);
     free(m->w.layer);
     free(m->act.memory); free(m->dact.memory);
+    free(m->targets);
 }
 
 // Runs the model on inputs (B,T); with targets, returns the mean loss. B, T <= capacity.
@@ -466,36 +502,27 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
         if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size)) fatal("target token %d at position %d is outside the vocabulary (%d)", targets[i], i, c->vocab_size);
     }
     int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
-    size_t BT = (size_t)B * T, cap = (size_t)m->max_B * m->max_T; // per-layer strides use the capacity
+    size_t BT = (size_t)B * T;
+    m->last_B = B;
+    m->last_T = T;
+    if (targets) memcpy(m->targets, targets, BT * sizeof(int));
     Activations* a = &m->act;
     encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
     for (int l = 0; l < L; l++) {
         const LayerWeights* w = &m->w.layer[l];
-        const float* residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * cap * C;
-        float* ln1 = a->ln1 + l * cap * C;
-        float* qkv = a->qkv + l * cap * 3 * C;
-        float* atty = a->atty + l * cap * C;
-        float* att = a->att + l * (size_t)m->max_B * NH * m->max_T * m->max_T;
-        float* attproj = a->attproj + l * cap * C;
-        float* residual2 = a->residual2 + l * cap * C;
-        float* ln2 = a->ln2 + l * cap * C;
-        float* fch = a->fch + l * cap * F;
-        float* fch_gelu = a->fch_gelu + l * cap * F;
-        float* fcproj = a->fcproj + l * cap * C;
-        float* residual3 = a->residual3 + l * cap * C;
-        layernorm_forward(ln1, a->ln1_mean + l * cap, a->ln1_rstd + l * cap, residual, w->ln1w, w->ln1b, BT, C);
-        matmul_forward(qkv, ln1, w->qkvw, w->qkvb, BT, C, 3 * C);
-        attention_forward(atty, att, qkv, B, T, C, NH);
-        matmul_forward(attproj, atty, w->attprojw, w->attprojb, BT, C, C);
-        residual_forward(residual2, residual, attproj, BT * C);
-        layernorm_forward(ln2, a->ln2_mean + l * cap, a->ln2_rstd + l * cap, residual2, w->ln2w, w->ln2b, BT, C);
-        matmul_forward(fch, ln2, w->fcw, w->fcb, BT, C, F);
-        gelu_forward(fch_gelu, fch, BT * F);
-        matmul_forward(fcproj, fch_gelu, w->fcprojw, w->fcprojb, BT, F, C);
-        residual_forward(residual3, residual2, fcproj, BT * C);
+        LayerActivations la = layer_activations(m, a, l);
+        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w->ln1w, w->ln1b, BT, C);
+        matmul_forward(la.qkv, la.ln1, w->qkvw, w->qkvb, BT, C, 3 * C);
+        attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+        matmul_forward(la.attproj, la.atty, w->attprojw, w->attprojb, BT, C, C);
+        residual_forward(la.residual2, la.residual, la.attproj, BT * C);
+        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w->ln2w, w->ln2b, BT, C);
+        matmul_forward(la.fch, la.ln2, w->fcw, w->fcb, BT, C, F);
+        gelu_forward(la.fch_gelu, la.fch, BT * F);
+        matmul_forward(la.fcproj, la.fch_gelu, w->fcprojw, w->fcprojb, BT, F, C);
+        residual_forward(la.residual3, la.residual2, la.fcproj, BT * C);
     }
-    const float* last = a->residual3 + (L - 1) * cap * C;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnfw, m->w.lnfb, BT, C);
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, a, L - 1).residual3, m->w.lnfw, m->w.lnfb, BT, C);
     matmul_forward(a->logits, a->lnf, m->w.wte, NULL, BT, C, Vp); // tied output layer
     classifier_forward(a->losses, a->probs, a->logits, targets, BT, V, Vp);
     if (!targets) return 0.0f;
@@ -504,14 +531,16 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     return (float)(sum / BT);
 }
 
-// The gradient of dloss_scale * (mean loss of the last forward), accumulated (+=) into
-// the buffers the sink gives for each region of parameters, which are handed back from
-// the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0, positions,
-// and last the token embedding, which also receives the classifier's gradient first.
-static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
+// The gradient of dloss_scale * (mean loss of the last forward, which had targets),
+// accumulated (+=) into the buffers the sink gives for each region of parameters, handed
+// back from the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0,
+// positions, and last the token embedding, which receives the classifier's gradient first.
+// inputs: those of that forward.
+static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
     const ModelConfig* c = &m->config;
+    if (B != m->last_B || T != m->last_T) fatal("backward: batch (%d, %d) is not that of the last forward (%d, %d)", B, T, m->last_B, m->last_T);
     int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
-    size_t BT = (size_t)B * T, cap = (size_t)m->max_B * m->max_T;
+    size_t BT = (size_t)B * T;
     Activations *a = &m->act, *d = &m->dact;
     size_t wte_n = (size_t)Vp * C, wpe_off = (size_t)(m->w.wpe - m->params), wpe_n = (size_t)c->max_seq_len * C;
     size_t lnf_off = (size_t)(m->w.lnfw - m->params);
@@ -519,43 +548,38 @@ static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B,
     memset(d->memory, 0, d->num_floats * sizeof(float));
     float* dwte = sink->region(sink, 0, wte_n);
     float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
-    classifier_backward(a->probs, targets, dloss_scale / (float)BT, BT, Vp);
+    classifier_backward(a->probs, m->targets, dloss_scale / (float)BT, BT, Vp);
     matmul_backward_weight(dwte, a->probs, a->lnf, BT, C, Vp);
     matmul_backward_input(d->lnf, a->probs, m->w.wte, BT, C, Vp);
-    float* dlast = d->residual3 + (L - 1) * cap * C;
-    const float* last = a->residual3 + (L - 1) * cap * C;
-    layernorm_backward(dlast, dlnf, dlnf + C, d->lnf, last, m->w.lnfw, a->lnf_mean, a->lnf_rstd, BT, C);
+    layernorm_backward(layer_activations(m, d, L - 1).residual3, dlnf, dlnf + C, d->lnf, layer_activations(m, a, L - 1).residual3, m->w.lnfw,
+                       a->lnf_mean, a->lnf_rstd, BT, C);
     sink->done(sink, lnf_off, 2 * (size_t)C);
     for (int l = L - 1; l >= 0; l--) {
         const LayerWeights* w = &m->w.layer[l];
         LayerWeights g;
         size_t layer_off = m->layer_offset0 + l * m->layer_size;
-        point_layer_grads(&g, sink->region(sink, layer_off, m->layer_size), c, l, &m->w);
-        const float* residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * cap * C;
-        float* dresidual = l == 0 ? d->encoded : d->residual3 + (l - 1) * cap * C;
-        size_t o1 = l * cap, oC = l * cap * C, oF = l * cap * F;
-        size_t oatt = l * (size_t)m->max_B * NH * m->max_T * m->max_T;
-        float* dresidual3 = d->residual3 + oC;
-        // residual3 = residual2 + fcproj
-        residual_backward(d->residual2 + oC, d->fcproj + oC, dresidual3, BT * C);
-        matmul_backward_weight(g.fcprojw, d->fcproj + oC, a->fch_gelu + oF, BT, F, C);
-        bias_backward(g.fcprojb, d->fcproj + oC, BT, C);
-        matmul_backward_input(d->fch_gelu + oF, d->fcproj + oC, w->fcprojw, BT, F, C);
-        gelu_backward(d->fch + oF, a->fch + oF, d->fch_gelu + oF, BT * F);
-        matmul_backward_weight(g.fcw, d->fch + oF, a->ln2 + oC, BT, C, F);
-        bias_backward(g.fcb, d->fch + oF, BT, F);
-        matmul_backward_input(d->ln2 + oC, d->fch + oF, w->fcw, BT, C, F);
-        layernorm_backward(d->residual2 + oC, g.ln2w, g.ln2b, d->ln2 + oC, a->residual2 + oC, w->ln2w, a->ln2_mean + o1, a->ln2_rstd + o1, BT, C);
-        // residual2 = residual + attproj
-        residual_backward(dresidual, d->attproj + oC, d->residual2 + oC, BT * C);
-        matmul_backward_weight(g.attprojw, d->attproj + oC, a->atty + oC, BT, C, C);
-        bias_backward(g.attprojb, d->attproj + oC, BT, C);
-        matmul_backward_input(d->atty + oC, d->attproj + oC, w->attprojw, BT, C, C);
-        attention_backward(d->qkv + l * cap * 3 * C, d->att + oatt, d->atty + oC, a->qkv + l * cap * 3 * C, a->att + oatt, B, T, C, NH);
-        matmul_backward_weight(g.qkvw, d->qkv + l * cap * 3 * C, a->ln1 + oC, BT, C, 3 * C);
-        bias_backward(g.qkvb, d->qkv + l * cap * 3 * C, BT, 3 * C);
-        matmul_backward_input(d->ln1 + oC, d->qkv + l * cap * 3 * C, w->qkvw, BT, C, 3 * C);
-        layernorm_backward(dresidual, g.ln1w, g.ln1b, d->ln1 + oC, residual, w->ln1w, a->ln1_mean + o1, a->ln1_rstd + o1, BT, C);
+        point_layer_grads(&g, sink->region(sink, layer_off, m->layer_size), w);
+        LayerActivations la = layer_activations(m, a, l), dla = layer_activations(m, d, l);
+        // residual3 = residual2 + fcproj(gelu(fc(ln2)))
+        residual_backward(dla.residual2, dla.fcproj, dla.residual3, BT * C);
+        matmul_backward_weight(g.fcprojw, dla.fcproj, la.fch_gelu, BT, F, C);
+        bias_backward(g.fcprojb, dla.fcproj, BT, C);
+        matmul_backward_input(dla.fch_gelu, dla.fcproj, w->fcprojw, BT, F, C);
+        gelu_backward(dla.fch, la.fch, dla.fch_gelu, BT * F);
+        matmul_backward_weight(g.fcw, dla.fch, la.ln2, BT, C, F);
+        bias_backward(g.fcb, dla.fch, BT, F);
+        matmul_backward_input(dla.ln2, dla.fch, w->fcw, BT, C, F);
+        layernorm_backward(dla.residual2, g.ln2w, g.ln2b, dla.ln2, la.residual2, w->ln2w, la.ln2_mean, la.ln2_rstd, BT, C);
+        // residual2 = residual + attproj(attention(qkv(ln1)))
+        residual_backward(dla.residual, dla.attproj, dla.residual2, BT * C);
+        matmul_backward_weight(g.attprojw, dla.attproj, la.atty, BT, C, C);
+        bias_backward(g.attprojb, dla.attproj, BT, C);
+        matmul_backward_input(dla.atty, dla.attproj, w->attprojw, BT, C, C);
+        attention_backward(dla.qkv, dla.att, dla.atty, la.qkv, la.att, B, T, C, NH);
+        matmul_backward_weight(g.qkvw, dla.qkv, la.ln1, BT, C, 3 * C);
+        bias_backward(g.qkvb, dla.qkv, BT, 3 * C);
+        matmul_backward_input(dla.ln1, dla.qkv, w->qkvw, BT, C, 3 * C);
+        layernorm_backward(dla.residual, g.ln1w, g.ln1b, dla.ln1, la.residual, w->ln1w, la.ln1_mean, la.ln1_rstd, BT, C);
         sink->done(sink, layer_off, m->layer_size);
     }
     float* dwpe = sink->region(sink, wpe_off, wpe_n);
@@ -815,7 +839,8 @@ static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(f
 static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((GPT2*)model)->params + offset, master, n * sizeof(float)); }
 static float cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
 static void cpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
-    gpt2_backward((GPT2*)m, inputs, targets, B, T, dloss_scale, sink);
+    (void)targets; // forward kept them
+    gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink);
 }
 static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {
