@@ -369,8 +369,8 @@ static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
     param_table_free(&t);
 }
 
-// Points a layer's gradient tensors into `g`, the gradient of the layer's parameters
-// (the layer's tensors are contiguous in the flat layout).
+// Points lg's tensors into `g`, the gradient of the layer whose weights are w, each at its
+// weight's offset from the layer's first tensor (a layer's tensors are contiguous).
 static void point_layer_grads(LayerWeights* lg, float* g, const LayerWeights* w) {
     float** dst = (float**)lg;
     float* const* src = (float* const*)w;
