@@ -24,130 +24,145 @@ Tolerances (fp32 on both sides, same math, different summation order):
 #include "tests/test.h"
 #include "tests/reference.h"
 
-static Reference ref;
+// What the tests share, passed to each: the reference, and a model of its configuration
+// whose weights each test sets before it uses them.
+typedef struct {
+    Reference ref;
+    GPT2 model;
+} Fixture;
 
-static ModelConfig reference_model_config(void) {
-    ModelConfig c = gpt2_config(ref.L, ref.H, ref.C, ref.maxT, ref.V);
-    return c;
+static ModelConfig reference_model_config(const Reference* ref) { return gpt2_config(ref->L, ref->H, ref->C, ref->maxT, ref->V); }
+
+static void test_layout_matches_reference(Fixture* f) {
+    const Reference* ref = &f->ref;
+    CHECK(f->model.num_params == (size_t)ref->num_params, "parameter count %zu vs reference %d", f->model.num_params, ref->num_params);
 }
 
-static GPT2 model;
-
-static void test_layout_matches_reference(void) {
-    CHECK(model.num_params == (size_t)ref.num_params, "parameter count %zu vs reference %d", model.num_params, ref.num_params);
-}
-
-static void test_forward_logits_and_loss(void) {
-    memcpy(model.params, ref.params, model.num_params * sizeof(float));
-    float loss = gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
-    TensorErr e_logits = tensor_err_strided(model.act.logits, ref.logits, (size_t)ref.B * ref.T, ref.V, ref.Vp, ref.V);
-    double e_loss = rel_err(loss, ref.loss, 0);
-    printf("    logits rel err %.2e, loss %.7f vs %.7f (rel err %.2e)\n", e_logits.rel_err, loss, ref.loss, e_loss);
+static void test_forward_logits_and_loss(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
+    memcpy(model->params, ref->params, model->num_params * sizeof(float));
+    float loss = gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    TensorErr e_logits = tensor_err_strided(model->act.logits, ref->logits, (size_t)ref->B * ref->T, ref->V, ref->Vp, ref->V);
+    double e_loss = rel_err(loss, ref->loss, 0);
+    printf("    logits rel err %.2e, loss %.7f vs %.7f (rel err %.2e)\n", e_logits.rel_err, loss, ref->loss, e_loss);
     CHECK_TENSOR(e_logits, 1e-5, "logits");
     CHECK(e_loss <= 1e-5, "loss rel err %.3e > 1e-5", e_loss);
 }
 
-// The driver's state for one rank with the given ZeRO stage, weights set to the reference's.
-static Trainer tr;
-
-static void setup_run(const DSConfig* cfg, int stage) {
-    if (tr.zero.master) zero_free(&tr.zero);
-    memset(&tr, 0, sizeof tr);
-    tr.ops = &CPU_OPS;
-    tr.model = &model;
-    tr.mc = model.config;
-    tr.num_params = model.num_params;
-    tr.cfg = *cfg;
-    tr.cfg.zero_stage = stage;
-    comm_init_single(&tr.comm);
+// The driver's state for one rank with the given ZeRO stage, the model's weights set to the
+// reference's; the caller frees it with zero_free(&tr->zero).
+static void setup_run(Trainer* tr, Fixture* f, const DSConfig* cfg, int stage) {
+    memset(tr, 0, sizeof *tr);
+    tr->ops = &CPU_OPS;
+    tr->model = &f->model;
+    tr->mc = f->model.config;
+    tr->num_params = f->model.num_params;
+    tr->cfg = *cfg;
+    tr->cfg.zero_stage = stage;
+    comm_init_single(&tr->comm);
     size_t embedding_n, region_max;
-    gradient_regions(&tr.mc, &embedding_n, &region_max);
-    zero_init(&tr.zero, stage, &tr.comm, &HOST_BUFFERS, tr.num_params, embedding_n, region_max, &tr.cfg);
-    train_state_init(&tr.state, &tr.cfg);
-    memcpy(tr.zero.master, ref.params, tr.num_params * sizeof(float));
-    zero_share_weights(&tr);
+    gradient_regions(&tr->mc, &embedding_n, &region_max);
+    zero_init(&tr->zero, stage, &tr->comm, &HOST_BUFFERS, tr->num_params, embedding_n, region_max, &tr->cfg);
+    train_state_init(&tr->state, &tr->cfg);
+    memcpy(tr->zero.master, f->ref.params, tr->num_params * sizeof(float));
+    zero_share_weights(tr);
 }
 
-static void test_backward_every_gradient_tensor(void) {
-    DSConfig cfg = reference_ds_config(&ref, 1);
-    setup_run(&cfg, 0);
+static void test_backward_every_gradient_tensor(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
+    DSConfig cfg = reference_ds_config(ref, 1);
+    Trainer tr;
+    setup_run(&tr, f, &cfg, 0);
     zero_begin_step(&tr.zero);
-    gpt2_forward(&model, ref.inputs, ref.targets, ref.B, ref.T);
-    gpt2_backward(&model, ref.inputs, ref.targets, ref.B, ref.T, 1.0f, &tr.zero.sink);
+    gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    gpt2_backward(model, ref->inputs, ref->B, ref->T, 1.0f, &tr.zero.sink);
     const float* grads = tr.zero.grads;
-    ParamTable table = param_table(&model.config);
+    ParamTable table = param_table(&model->config);
     const ParamTensor* t = table.tensors;
     int n = table.count;
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
-        TensorErr e = tensor_err(grads + t[i].offset, ref.grads + t[i].offset, t[i].size);
+        TensorErr e = tensor_err(grads + t[i].offset, ref->grads + t[i].offset, t[i].size);
         CHECK_TENSOR(e, 1e-4, "gradient of %s", t[i].name);
         if (e.rel_err > worst) { worst = e.rel_err; worst_name = t[i].name; }
     }
     printf("    %d gradient tensors, worst rel err %.2e (%s)\n", n, worst, worst_name);
     param_table_free(&table);
+    zero_free(&tr.zero);
 }
 
 // Optimizer steps from the reference's initial weights (see reference_train_steps).
-static TrainState run_steps(const DSConfig* cfg, int stage, int steps, const int* inject, int n_inject, float* losses, float* norms, float* lrs) {
-    setup_run(cfg, stage);
-    reference_train_steps(&tr, &ref, steps, inject, n_inject, losses, norms, lrs);
+// The model ends with the run's weights.
+static TrainState run_steps(Fixture* f, const DSConfig* cfg, int stage, int steps, const int* inject, int n_inject, float* losses, float* norms,
+                            float* lrs) {
+    Trainer tr;
+    setup_run(&tr, f, cfg, stage);
+    reference_train_steps(&tr, &f->ref, steps, inject, n_inject, losses, norms, lrs);
+    zero_free(&tr.zero);
     return tr.state;
 }
 
-static void train_reference_run(int adam_w_mode, int stage, float* losses, float* norms, float* lrs) {
-    DSConfig cfg = reference_ds_config(&ref, adam_w_mode);
-    run_steps(&cfg, stage, ref.steps, NULL, 0, losses, norms, lrs);
+static void train_reference_run(Fixture* f, int adam_w_mode, int stage, float* losses, float* norms, float* lrs) {
+    DSConfig cfg = reference_ds_config(&f->ref, adam_w_mode);
+    run_steps(f, &cfg, stage, f->ref.steps, NULL, 0, losses, norms, lrs);
 }
 
-static void check_training_run(int run, int stage) {
+static void check_training_run(Fixture* f, int run, int stage) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
     float losses[64], norms[64], lrs[64];
-    train_reference_run(run == 0, stage, losses, norms, lrs);
-    for (int s = 0; s < ref.steps; s++) {
-        double e = rel_err(losses[s], ref.losses[run][s], 0);
-        printf("    step %d: loss %.6f vs %.6f (rel err %.1e), norm %.5f vs %.5f, lr %.3e vs %.3e\n", s, losses[s], ref.losses[run][s], e,
-               norms[s], ref.norms[run][s], lrs[s], ref.lrs[run][s]);
+    train_reference_run(f, run == 0, stage, losses, norms, lrs);
+    for (int s = 0; s < ref->steps; s++) {
+        double e = rel_err(losses[s], ref->losses[run][s], 0);
+        printf("    step %d: loss %.6f vs %.6f (rel err %.1e), norm %.5f vs %.5f, lr %.3e vs %.3e\n", s, losses[s], ref->losses[run][s], e,
+               norms[s], ref->norms[run][s], lrs[s], ref->lrs[run][s]);
         CHECK(e <= 1e-5, "step %d loss rel err %.3e > 1e-5", s, e);
-        CHECK(rel_err(norms[s], ref.norms[run][s], 0) <= 1e-4, "step %d grad norm %.7f vs %.7f", s, norms[s], ref.norms[run][s]);
-        CHECK(rel_err(lrs[s], ref.lrs[run][s], 0) <= 1e-6, "step %d lr %.7e vs %.7e", s, lrs[s], ref.lrs[run][s]);
+        CHECK(rel_err(norms[s], ref->norms[run][s], 0) <= 1e-4, "step %d grad norm %.7f vs %.7f", s, norms[s], ref->norms[run][s]);
+        CHECK(rel_err(lrs[s], ref->lrs[run][s], 0) <= 1e-6, "step %d lr %.7e vs %.7e", s, lrs[s], ref->lrs[run][s]);
     }
-    TensorErr e = tensor_err(model.params, ref.final[run], model.num_params);
+    TensorErr e = tensor_err(model->params, ref->final[run], model->num_params);
     printf("    final weights rel err %.2e\n", e.rel_err);
     CHECK_TENSOR(e, 1e-4, "final weights");
 }
 
-static void test_ten_adamw_steps_with_clipping_and_warmup(void) { check_training_run(0, 0); }
-static void test_ten_adam_l2_steps_adam_w_mode_false(void) { check_training_run(1, 0); }
+static void test_ten_adamw_steps_with_clipping_and_warmup(Fixture* f) { check_training_run(f, 0, 0); }
+static void test_ten_adam_l2_steps_adam_w_mode_false(Fixture* f) { check_training_run(f, 1, 0); }
 
 // ZeRO stage 2 hands gradients over region by region into buckets; with buckets of 1000
 // elements every region is split over many buckets and both buffers take turns.
-static void test_ten_steps_through_zero_stage2_small_buckets(void) {
-    DSConfig saved = reference_ds_config(&ref, 1);
+static void test_ten_steps_through_zero_stage2_small_buckets(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
+    DSConfig saved = reference_ds_config(ref, 1);
     saved.reduce_bucket_size = 1000;
     saved.overlap_comm = 1;
     float losses[64], norms[64], lrs[64];
-    run_steps(&saved, 2, ref.steps, NULL, 0, losses, norms, lrs);
-    for (int s = 0; s < ref.steps; s++) CHECK(rel_err(losses[s], ref.losses[0][s], 0) <= 1e-5, "step %d loss %.7f vs %.7f", s, losses[s], ref.losses[0][s]);
-    TensorErr e = tensor_err(model.params, ref.final[0], model.num_params);
+    run_steps(f, &saved, 2, ref->steps, NULL, 0, losses, norms, lrs);
+    for (int s = 0; s < ref->steps; s++) CHECK(rel_err(losses[s], ref->losses[0][s], 0) <= 1e-5, "step %d loss %.7f vs %.7f", s, losses[s], ref->losses[0][s]);
+    TensorErr e = tensor_err(model->params, ref->final[0], model->num_params);
     printf("    stage 2: final weights rel err %.2e\n", e.rel_err);
     CHECK_TENSOR(e, 1e-4, "final weights");
 }
 
-static void test_two_runs_are_bit_identical(void) {
+static void test_two_runs_are_bit_identical(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
     float l1[64], n1[64], r1[64], l2[64], n2[64], r2[64];
-    train_reference_run(1, 0, l1, n1, r1);
-    float* first = (float*)mallocCheck(model.num_params * sizeof(float));
-    memcpy(first, model.params, model.num_params * sizeof(float));
-    train_reference_run(1, 0, l2, n2, r2);
-    CHECK_BITWISE(model.params, first, model.num_params, "weights of two identical runs");
-    CHECK_BITWISE(l2, l1, ref.steps, "losses of two identical runs");
+    train_reference_run(f, 1, 0, l1, n1, r1);
+    float* first = (float*)mallocCheck(model->num_params * sizeof(float));
+    memcpy(first, model->params, model->num_params * sizeof(float));
+    train_reference_run(f, 1, 0, l2, n2, r2);
+    CHECK_BITWISE(model->params, first, model->num_params, "weights of two identical runs");
+    CHECK_BITWISE(l2, l1, ref->steps, "losses of two identical runs");
     free(first);
 }
 
 // The reference's configuration with DeepSpeed's fp16 dynamic loss scaling (2^16, hysteresis 2).
-static DSConfig reference_fp16_config(void) {
-    DSConfig c = reference_ds_config(&ref, 1);
+static DSConfig reference_fp16_config(const Reference* ref) {
+    DSConfig c = reference_ds_config(ref, 1);
     c.fp16_enabled = 1; c.fp16_loss_scale = 0; c.fp16_initial_scale_power = 16;
     c.fp16_loss_scale_window = 1000; c.fp16_hysteresis = 2; c.fp16_min_loss_scale = 1;
     return c;
@@ -158,16 +173,18 @@ static DSConfig reference_fp16_config(void) {
 // of the scaled gradients is exactly S times the true norm, and 1 / (S * clip) applied to
 // S * g is exactly g / clip. The run must therefore equal the fp32 run bit for bit (the
 // issue asks for "fp32 rounding"; exact equality is the stronger statement that holds).
-static void test_fp16_scaling_gives_the_fp32_update(void) {
+static void test_fp16_scaling_gives_the_fp32_update(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
     float l32[64], n32[64], r32[64], l16[64], n16[64], r16[64];
-    DSConfig f32 = reference_ds_config(&ref, 1), f16 = reference_fp16_config();
-    run_steps(&f32, 0, ref.steps, NULL, 0, l32, n32, r32);
-    float* w32 = (float*)mallocCheck(model.num_params * sizeof(float));
-    memcpy(w32, model.params, model.num_params * sizeof(float));
-    TrainState st = run_steps(&f16, 0, ref.steps, NULL, 0, l16, n16, r16);
+    DSConfig f32 = reference_ds_config(ref, 1), f16 = reference_fp16_config(ref);
+    run_steps(f, &f32, 0, ref->steps, NULL, 0, l32, n32, r32);
+    float* w32 = (float*)mallocCheck(model->num_params * sizeof(float));
+    memcpy(w32, model->params, model->num_params * sizeof(float));
+    TrainState st = run_steps(f, &f16, 0, ref->steps, NULL, 0, l16, n16, r16);
     CHECK(st.skipped == 0 && st.scaler.scale == 65536, "no overflow, scale 2^16");
-    for (int s = 0; s < ref.steps; s++) CHECK(n16[s] == n32[s], "step %d: logged norm %.9g is not the unscaled norm %.9g", s, n16[s], n32[s]);
-    CHECK_BITWISE(model.params, w32, model.num_params, "weights of the scaled run against the fp32 run");
+    for (int s = 0; s < ref->steps; s++) CHECK(n16[s] == n32[s], "step %d: logged norm %.9g is not the unscaled norm %.9g", s, n16[s], n32[s]);
+    CHECK_BITWISE(model->params, w32, model->num_params, "weights of the scaled run against the fp32 run");
     free(w32);
 }
 
@@ -175,11 +192,13 @@ static void test_fp16_scaling_gives_the_fp32_update(void) {
 // 10 steps with 2 overflows end with the weights of 8 clean steps (every step of the
 // reference uses the same micro batches, so leaving out a step's micro batches is leaving
 // out the step).
-static void test_injected_overflows_skip_exactly_those_steps(void) {
+static void test_injected_overflows_skip_exactly_those_steps(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = &f->model;
     float l[64], n[64], r[64], l8[64], n8[64], r8[64];
     int inject[2] = {3, 7};
-    DSConfig f16 = reference_fp16_config(), f32 = reference_ds_config(&ref, 1);
-    TrainState st = run_steps(&f16, 0, ref.steps, inject, 2, l, n, r);
+    DSConfig f16 = reference_fp16_config(ref), f32 = reference_ds_config(ref, 1);
+    TrainState st = run_steps(f, &f16, 0, ref->steps, inject, 2, l, n, r);
     CHECK(st.step == 10 && st.skipped == 2 && st.adam_t == 8 && st.sched_it == 7, "step %lld skipped %lld t %lld sched_it %lld",
           (long long)st.step, (long long)st.skipped, (long long)st.adam_t, (long long)st.sched_it);
     // first overflow only spends the hysteresis; the second halves the scale
@@ -187,34 +206,37 @@ static void test_injected_overflows_skip_exactly_those_steps(void) {
           st.scaler.scale, (long long)st.scaler.hyst, (long long)st.scaler.last_overflow_iter);
     CHECK(isnan(n[3]) && isnan(n[7]) && isfinite(n[4]), "skipped steps have no norm");
     CHECK(r[3] == r[4] && r[7] == r[8], "a skipped step leaves the schedule where it was: the next applied step uses its lr");
-    float* w16 = (float*)mallocCheck(model.num_params * sizeof(float));
-    memcpy(w16, model.params, model.num_params * sizeof(float));
-    run_steps(&f32, 0, ref.steps - 2, NULL, 0, l8, n8, r8);
+    float* w16 = (float*)mallocCheck(model->num_params * sizeof(float));
+    memcpy(w16, model->params, model->num_params * sizeof(float));
+    run_steps(f, &f32, 0, ref->steps - 2, NULL, 0, l8, n8, r8);
     int applied = 0;
-    for (int s = 0; s < ref.steps; s++) {
+    for (int s = 0; s < ref->steps; s++) {
         if (s == 3 || s == 7) continue;
         CHECK(r[s] == r8[applied] && n[s] == n8[applied], "applied step %d: lr %g vs %g, norm %g vs %g", s, r[s], r8[applied], n[s], n8[applied]);
         applied++;
     }
-    CHECK_BITWISE(w16, model.params, model.num_params, "weights against the run without the skipped steps");
+    CHECK_BITWISE(w16, model->params, model->num_params, "weights against the run without the skipped steps");
     free(w16);
 }
 
 int main(int argc, char** argv) {
     const char* path = argc > 1 ? argv[1] : "dev/data/gpt2_reference.bin";
-    reference_load(&ref, path);
-    ModelConfig c = reference_model_config();
-    gpt2_build(&model, &c, ref.B, ref.T);
-    printf("reference: %s: %d layers, %d heads, %d channels, B %d, T %d, %d micro batches, %d steps\n", path, ref.L, ref.H, ref.C, ref.B, ref.T, ref.ga, ref.steps);
-    RUN(test_layout_matches_reference);
-    RUN(test_forward_logits_and_loss);
-    RUN(test_backward_every_gradient_tensor);
-    RUN(test_ten_adamw_steps_with_clipping_and_warmup);
-    RUN(test_ten_adam_l2_steps_adam_w_mode_false);
-    RUN(test_ten_steps_through_zero_stage2_small_buckets);
-    RUN(test_two_runs_are_bit_identical);
-    RUN(test_fp16_scaling_gives_the_fp32_update);
-    RUN(test_injected_overflows_skip_exactly_those_steps);
-    gpt2_free(&model);
+    Fixture f;
+    Reference* ref = &f.ref;
+    reference_load(ref, path);
+    ModelConfig c = reference_model_config(ref);
+    gpt2_build(&f.model, &c, ref->B, ref->T);
+    printf("reference: %s: %d layers, %d heads, %d channels, B %d, T %d, %d micro batches, %d steps\n", path, ref->L, ref->H, ref->C, ref->B, ref->T,
+           ref->ga, ref->steps);
+    RUN_WITH(test_layout_matches_reference, &f);
+    RUN_WITH(test_forward_logits_and_loss, &f);
+    RUN_WITH(test_backward_every_gradient_tensor, &f);
+    RUN_WITH(test_ten_adamw_steps_with_clipping_and_warmup, &f);
+    RUN_WITH(test_ten_adam_l2_steps_adam_w_mode_false, &f);
+    RUN_WITH(test_ten_steps_through_zero_stage2_small_buckets, &f);
+    RUN_WITH(test_two_runs_are_bit_identical, &f);
+    RUN_WITH(test_fp16_scaling_gives_the_fp32_update, &f);
+    RUN_WITH(test_injected_overflows_skip_exactly_those_steps, &f);
+    gpt2_free(&f.model);
     return test_summary();
 }

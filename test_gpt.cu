@@ -57,11 +57,9 @@ namespace cpu {
 #include "tests/test.h"
 #include "tests/reference.h"
 
-static Reference ref;
-
 // the DeepSpeed config the reference trained with; FP16 adds its loss scaling
-static DSConfig gpu_reference_config(int adam_w_mode) {
-    DSConfig c = reference_ds_config(&ref, adam_w_mode);
+static DSConfig gpu_reference_config(const Reference* ref, int adam_w_mode) {
+    DSConfig c = reference_ds_config(ref, adam_w_mode);
 #if defined(ENABLE_FP16)
     c.fp16_enabled = 1;
     c.fp16_loss_scale = 65536.0;
@@ -73,33 +71,35 @@ static DSConfig gpu_reference_config(int adam_w_mode) {
 // tolerances (derivation at the top)
 
 typedef struct { double logits, loss, grad, norm, lr; } Tolerances;
-static Tolerances tol;
 
-static void tolerances_init(void) {
+static Tolerances tolerances(const Reference* ref) {
+    Tolerances tol;
     tol.lr = 1e-6; // the schedule is host arithmetic, the same in every build
 #if defined(ENABLE_FP32)
+    (void)ref;
     tol.logits = 1e-5; tol.loss = 1e-5; tol.grad = 1e-4; tol.norm = 1e-4;
 #else
     double u = strcmp(PRECISION_NAME, "fp16") == 0 ? ldexp(1.0, -11) : ldexp(1.0, -8);
-    int n_fwd = 5 + 13 * ref.L, n_bwd = n_fwd + 3 + 10 * ref.L;
+    int n_fwd = 5 + 13 * ref->L, n_bwd = n_fwd + 3 + 10 * ref->L;
     double max_logit = 0.0;
-    for (size_t i = 0; i < (size_t)ref.B * ref.T * ref.V; i++) max_logit = fmax(max_logit, fabs(ref.logits[i]));
+    for (size_t i = 0; i < (size_t)ref->B * ref->T * ref->V; i++) max_logit = fmax(max_logit, fabs(ref->logits[i]));
     tol.logits = n_fwd * u;
-    tol.loss = 2.0 * tol.logits * max_logit / ref.loss;
+    tol.loss = 2.0 * tol.logits * max_logit / ref->loss;
     tol.grad = n_bwd * u;
     tol.norm = tol.grad;
     printf("tolerances (%s, u = 2^%d, %d layers): logits %d u = %.3g, loss %.3g, gradients %d u = %.3g\n", PRECISION_NAME,
-           (int)log2(u), ref.L, n_fwd, tol.logits, tol.loss, n_bwd, tol.grad);
+           (int)log2(u), ref->L, n_fwd, tol.logits, tol.loss, n_bwd, tol.grad);
 #endif
+    return tol;
 }
 
 // relative tolerance of step s's loss of run `run`
-static double step_loss_tolerance(int run, int s) {
+static double step_loss_tolerance(const Reference* ref, const Tolerances* tol, int run, int s) {
 #if defined(ENABLE_FP32)
-    (void)run; (void)s;
-    return tol.loss;
+    (void)ref; (void)run; (void)s;
+    return tol->loss;
 #else
-    return tol.loss + tol.grad * fabs(ref.losses[run][0] - ref.losses[run][s]) / ref.losses[run][s];
+    return tol->loss + tol->grad * fabs(ref->losses[run][0] - ref->losses[run][s]) / ref->losses[run][s];
 #endif
 }
 
@@ -107,13 +107,18 @@ static double step_loss_tolerance(int run, int s) {
 // helpers: the driver's state for one rank (ZeRO stage 0), as in test_gpt.c, for any model
 // behind ModelOps: the GPU trainer's, or the CPU trainer's for --write-cpu-reference
 
-static GPT2* model;
-static Options options;
-static Trainer tr;
-static float* host_grads;   // num_params
-static float* host_logits;  // B*T*Vp
+// What the tests share, passed to each: the reference, its tolerances, a GPU model of its
+// configuration whose weights each test sets before it uses them, and host scratch.
+typedef struct {
+    Reference ref;
+    Tolerances tol;
+    GPT2* model;
+    Options options;
+    float* host_grads;  // num_params
+    float* host_logits; // B*T*Vp
+} Fixture;
 
-static ModelConfig reference_model_config(void) { return gpt2_config(ref.L, ref.H, ref.C, ref.maxT, ref.V); }
+static ModelConfig reference_model_config(const Reference* ref) { return gpt2_config(ref->L, ref->H, ref->C, ref->maxT, ref->V); }
 
 static void download_floatX(float* dst, const floatX* src, size_t n) {
     floatX* tmp = (floatX*)mallocCheck(n * sizeof(floatX));
@@ -123,64 +128,64 @@ static void download_floatX(float* dst, const floatX* src, size_t n) {
     free(tmp);
 }
 
-// A fresh driver state for model m (behind ops) with the reference's initial weights as
-// the fp32 master and zero moments; the model's weights set from the master.
-static void setup_run(const ModelOps* ops, void* m, const DSConfig* cfg) {
-    if (tr.zero.master) zero_free(&tr.zero);
-    memset(&tr, 0, sizeof tr);
-    tr.ops = ops;
-    tr.model = m;
-    tr.mc = reference_model_config();
-    tr.num_params = ops->num_params(m);
-    tr.cfg = *cfg;
-    comm_init_single(&tr.comm);
+// A fresh driver state in *tr (freeing what it held; the caller zero_free's the last) for
+// model m (behind ops) with the reference's initial weights as the fp32 master and zero
+// moments; the model's weights set from the master.
+static void setup_run(Trainer* tr, const Reference* ref, const ModelOps* ops, void* m, const DSConfig* cfg) {
+    if (tr->zero.master) zero_free(&tr->zero);
+    memset(tr, 0, sizeof *tr);
+    tr->ops = ops;
+    tr->model = m;
+    tr->mc = reference_model_config(ref);
+    tr->num_params = ops->num_params(m);
+    tr->cfg = *cfg;
+    comm_init_single(&tr->comm);
     size_t embedding_n, region_max;
-    gradient_regions(&tr.mc, &embedding_n, &region_max);
-    zero_init(&tr.zero, 0, &tr.comm, ops->buf, tr.num_params, embedding_n, region_max, &tr.cfg);
-    train_state_init(&tr.state, &tr.cfg);
-    ops->buf->from_host(tr.zero.master, ref.params, tr.num_params);
-    zero_share_weights(&tr);
+    gradient_regions(&tr->mc, &embedding_n, &region_max);
+    zero_init(&tr->zero, 0, &tr->comm, ops->buf, tr->num_params, embedding_n, region_max, &tr->cfg);
+    train_state_init(&tr->state, &tr->cfg);
+    ops->buf->from_host(tr->zero.master, ref->params, tr->num_params);
+    zero_share_weights(tr);
 }
 
 // the gradient of micro batch 0's mean loss at the reference's weights, unscaled
 // (backpropagated times `scale`, as loss scaling does), into grads (host)
-static void micro_batch_gradients(const ModelOps* ops, void* m, float scale, float* grads) {
-    DSConfig cfg = gpu_reference_config(1);
-    setup_run(ops, m, &cfg);
-    zero_begin_step(&tr.zero);
-    ops->forward(m, ref.inputs, ref.targets, ref.B, ref.T);
-    ops->backward(m, ref.inputs, ref.targets, ref.B, ref.T, scale, &tr.zero.sink);
-    zero_end_backward(&tr.zero);
-    ops->buf->to_host(grads, tr.zero.grads, tr.num_params);
-    for (size_t i = 0; i < tr.num_params; i++) grads[i] /= scale;
+static void micro_batch_gradients(Trainer* tr, const Reference* ref, const ModelOps* ops, void* m, float scale, float* grads) {
+    DSConfig cfg = gpu_reference_config(ref, 1);
+    setup_run(tr, ref, ops, m, &cfg);
+    zero_begin_step(&tr->zero);
+    ops->forward(m, ref->inputs, ref->targets, ref->B, ref->T);
+    ops->backward(m, ref->inputs, ref->targets, ref->B, ref->T, scale, &tr->zero.sink);
+    zero_end_backward(&tr->zero);
+    ops->buf->to_host(grads, tr->zero.grads, tr->num_params);
+    for (size_t i = 0; i < tr->num_params; i++) grads[i] /= scale;
 }
 
 // the GPU model's gradient; FP16 backpropagates it times 2^16, as loss scaling does
-static void reference_gradients(GPT2* m, float* grads) {
-    micro_batch_gradients(&GPU_OPS, m, strcmp(PRECISION_NAME, "fp16") == 0 ? 65536.0f : 1.0f, grads);
+static void reference_gradients(Trainer* tr, const Reference* ref, GPT2* m, float* grads) {
+    micro_batch_gradients(tr, ref, &GPU_OPS, m, strcmp(PRECISION_NAME, "fp16") == 0 ? 65536.0f : 1.0f, grads);
 }
 
 // the reference's ten steps from its initial weights, with the GPU model
-static void train_reference_run(int adam_w_mode, float* losses, float* norms, float* lrs) {
-    DSConfig cfg = gpu_reference_config(adam_w_mode);
-    setup_run(&GPU_OPS, model, &cfg);
-    reference_train_steps(&tr, &ref, ref.steps, NULL, 0, losses, norms, lrs);
+static void train_reference_run(Trainer* tr, Fixture* f, int adam_w_mode, float* losses, float* norms, float* lrs) {
+    DSConfig cfg = gpu_reference_config(&f->ref, adam_w_mode);
+    setup_run(tr, &f->ref, &GPU_OPS, f->model, &cfg);
+    reference_train_steps(tr, &f->ref, f->ref.steps, NULL, 0, losses, norms, lrs);
 }
 
-static float* master_weights(void) {
-    float* w = (float*)mallocCheck(tr.num_params * sizeof(float));
-    tr.ops->buf->to_host(w, tr.zero.master, tr.num_params);
+static float* master_weights(const Trainer* tr) {
+    float* w = (float*)mallocCheck(tr->num_params * sizeof(float));
+    tr->ops->buf->to_host(w, tr->zero.master, tr->num_params);
     return w;
 }
 
 // --write-cpu-reference: the reference's configuration (dev/reference.py's), computed by the CPU trainer
-static void reference_from_cpu(void) {
-    Reference* r = &ref;
+static void reference_from_cpu(Reference* r) {
     r->V = 50257; r->Vp = 50304; r->maxT = 64; r->L = 2; r->H = 4; r->C = 64; r->B = 4; r->T = 64; r->ga = 2; r->steps = 10;
     r->warmup_steps = 4; r->warmup_type = 0;
     r->lr = 1e-3f; r->beta1 = 0.9f; r->beta2 = 0.95f; r->eps = 1e-8f; r->weight_decay = 0.1f; r->grad_clip = 1.0f;
     r->warmup_min_lr = 1e-4f; r->warmup_max_lr = 1e-3f;
-    ModelConfig c = reference_model_config();
+    ModelConfig c = reference_model_config(r);
     size_t P = gpt2_num_params(&c), tokens = (size_t)r->ga * r->B * r->T, bt = (size_t)r->B * r->T;
     r->num_params = (int)P;
     r->params = (float*)mallocCheck(P * sizeof(float));
@@ -202,32 +207,34 @@ static void reference_from_cpu(void) {
     for (size_t i = 0; i < tokens; i++) { r->inputs[i] = (int)rng_below(&rng, r->V); r->targets[i] = (int)rng_below(&rng, r->V); }
     cpu::GPT2 cm;
     cpu::gpt2_build(&cm, &c, r->B, r->T);
-    DSConfig cfg = gpu_reference_config(1);
-    setup_run(&cpu::CPU_OPS, &cm, &cfg);
+    Trainer tr = {};
+    DSConfig cfg = gpu_reference_config(r, 1);
+    setup_run(&tr, r, &cpu::CPU_OPS, &cm, &cfg);
     r->loss = cpu::gpt2_forward(&cm, r->inputs, r->targets, r->B, r->T);
     r->logits = (float*)mallocCheck(bt * r->V * sizeof(float));
     for (size_t row = 0; row < bt; row++) memcpy(r->logits + row * r->V, cm.act.logits + row * r->Vp, r->V * sizeof(float));
     r->grads = (float*)mallocCheck(P * sizeof(float));
-    micro_batch_gradients(&cpu::CPU_OPS, &cm, 1.0f, r->grads);
+    micro_batch_gradients(&tr, r, &cpu::CPU_OPS, &cm, 1.0f, r->grads);
     for (int run = 0; run < 2; run++) {
         r->losses[run] = (float*)mallocCheck(r->steps * sizeof(float));
         r->norms[run] = (float*)mallocCheck(r->steps * sizeof(float));
         r->lrs[run] = (float*)mallocCheck(r->steps * sizeof(float));
-        cfg = gpu_reference_config(run == 0);
-        setup_run(&cpu::CPU_OPS, &cm, &cfg);
-        reference_train_steps(&tr, &ref, r->steps, NULL, 0, r->losses[run], r->norms[run], r->lrs[run]);
-        r->final[run] = master_weights();
+        cfg = gpu_reference_config(r, run == 0);
+        setup_run(&tr, r, &cpu::CPU_OPS, &cm, &cfg);
+        reference_train_steps(&tr, r, r->steps, NULL, 0, r->losses[run], r->norms[run], r->lrs[run]);
+        r->final[run] = master_weights(&tr);
     }
     zero_free(&tr.zero);
-    memset(&tr, 0, sizeof tr);
     cpu::gpt2_free(&cm);
 }
 
 // ----------------------------------------------------------------------------
 // tests
 
-static void test_layout_matches_reference(void) {
-    CHECK(model->num_params == (size_t)ref.num_params, "parameter count %zu vs reference %d", model->num_params, ref.num_params);
+static void test_layout_matches_reference(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = f->model;
+    CHECK(model->num_params == (size_t)ref->num_params, "parameter count %zu vs reference %d", model->num_params, ref->num_params);
 }
 
 static void test_config_must_ask_for_the_build_precision(void) {
@@ -246,148 +253,181 @@ static void test_config_must_ask_for_the_build_precision(void) {
     }
 }
 
-static void test_forward_logits_and_loss(void) {
-    DSConfig cfg = gpu_reference_config(1);
-    setup_run(&GPU_OPS, model, &cfg);
-    float loss = gpt2_forward(model, ref.inputs, ref.targets, ref.B, ref.T);
-    download_floatX(host_logits, model->act.logits, (size_t)ref.B * ref.T * ref.Vp);
-    TensorErr e_logits = tensor_err_strided(host_logits, ref.logits, (size_t)ref.B * ref.T, ref.V, ref.Vp, ref.V);
-    double e_loss = rel_err(loss, ref.loss, 0);
-    printf("    logits rel err %.2e (tolerance %.2e), loss %.7f vs %.7f (rel err %.2e, tolerance %.2e)\n", e_logits.rel_err, tol.logits, loss,
-           ref.loss, e_loss, tol.loss);
-    CHECK_TENSOR(e_logits, tol.logits, "logits");
-    CHECK(e_loss <= tol.loss, "loss rel err %.3e > %.3e", e_loss, tol.loss);
+static void test_forward_logits_and_loss(Fixture* f) {
+    const Reference* ref = &f->ref;
+    const Tolerances* tol = &f->tol;
+    GPT2* model = f->model;
+    Trainer tr = {};
+    DSConfig cfg = gpu_reference_config(ref, 1);
+    setup_run(&tr, ref, &GPU_OPS, model, &cfg);
+    float loss = gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    download_floatX(f->host_logits, model->act.logits, (size_t)ref->B * ref->T * ref->Vp);
+    TensorErr e_logits = tensor_err_strided(f->host_logits, ref->logits, (size_t)ref->B * ref->T, ref->V, ref->Vp, ref->V);
+    double e_loss = rel_err(loss, ref->loss, 0);
+    printf("    logits rel err %.2e (tolerance %.2e), loss %.7f vs %.7f (rel err %.2e, tolerance %.2e)\n", e_logits.rel_err, tol->logits, loss,
+           ref->loss, e_loss, tol->loss);
+    CHECK_TENSOR(e_logits, tol->logits, "logits");
+    CHECK(e_loss <= tol->loss, "loss rel err %.3e > %.3e", e_loss, tol->loss);
+    zero_free(&tr.zero);
 }
 
-static void test_backward_every_gradient_tensor(void) {
-    reference_gradients(model, host_grads);
+static void test_backward_every_gradient_tensor(Fixture* f) {
+    const Reference* ref = &f->ref;
+    const Tolerances* tol = &f->tol;
+    GPT2* model = f->model;
+    Trainer tr = {};
+    reference_gradients(&tr, ref, model, f->host_grads);
     ParamTable table = param_table(&model->config);
     const ParamTensor* t = table.tensors;
     int n = table.count;
     double worst = 0.0;
     const char* worst_name = "";
     for (int i = 0; i < n; i++) {
-        TensorErr e = tensor_err(host_grads + t[i].offset, ref.grads + t[i].offset, t[i].size);
+        TensorErr e = tensor_err(f->host_grads + t[i].offset, ref->grads + t[i].offset, t[i].size);
         printf("    %-18s rel err %.2e\n", t[i].name, e.rel_err);
-        CHECK_TENSOR(e, tol.grad, "gradient of %s", t[i].name);
+        CHECK_TENSOR(e, tol->grad, "gradient of %s", t[i].name);
         if (e.rel_err > worst) { worst = e.rel_err; worst_name = t[i].name; }
     }
-    printf("    %d gradient tensors, worst rel err %.2e (%s), tolerance %.2e\n", n, worst, worst_name, tol.grad);
+    printf("    %d gradient tensors, worst rel err %.2e (%s), tolerance %.2e\n", n, worst, worst_name, tol->grad);
     param_table_free(&table);
+    zero_free(&tr.zero);
 }
 
 // --recompute recomputes LayerNorm and GELU outputs with the kernels that made them, so the
 // gradients are the same bits as when they are stored
-static void test_recompute_gives_identical_gradients(void) {
-    Options o = options;
+static void test_recompute_gives_identical_gradients(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = f->model;
+    Trainer tr = {};
+    Options o = f->options;
     o.recompute = 1;
     ModelConfig c = model->config;
-    GPT2* r = (GPT2*)gpu_build(&c, ref.B, ref.T, &o);
+    GPT2* r = (GPT2*)gpu_build(&c, ref->B, ref->T, &o);
     float* stored = (float*)mallocCheck(model->num_params * sizeof(float));
-    reference_gradients(model, stored);
-    reference_gradients(r, host_grads);
-    CHECK_BITWISE(host_grads, stored, model->num_params, "gradients with --recompute against stored activations");
+    reference_gradients(&tr, ref, model, stored);
+    reference_gradients(&tr, ref, r, f->host_grads);
+    CHECK_BITWISE(f->host_grads, stored, model->num_params, "gradients with --recompute against stored activations");
     gpu_free(r);
     free(stored);
+    zero_free(&tr.zero);
 }
 
-static void check_training_run(int run) {
+static void check_training_run(Fixture* f, int run) {
+    const Reference* ref = &f->ref;
+    const Tolerances* tol = &f->tol;
+    Trainer tr = {};
     float losses[64], norms[64], lrs[64];
-    train_reference_run(run == 0, losses, norms, lrs);
+    train_reference_run(&tr, f, run == 0, losses, norms, lrs);
     CHECK(tr.state.skipped == 0, "%lld steps skipped (overflow)", (long long)tr.state.skipped);
-    for (int s = 0; s < ref.steps; s++) {
-        double e = rel_err(losses[s], ref.losses[run][s], 0), t = step_loss_tolerance(run, s);
-        printf("    step %d: loss %.6f vs %.6f (rel err %.1e, tolerance %.1e), norm %.5f vs %.5f, lr %.3e vs %.3e\n", s, losses[s], ref.losses[run][s],
-               e, t, norms[s], ref.norms[run][s], lrs[s], ref.lrs[run][s]);
+    for (int s = 0; s < ref->steps; s++) {
+        double e = rel_err(losses[s], ref->losses[run][s], 0), t = step_loss_tolerance(ref, tol, run, s);
+        printf("    step %d: loss %.6f vs %.6f (rel err %.1e, tolerance %.1e), norm %.5f vs %.5f, lr %.3e vs %.3e\n", s, losses[s], ref->losses[run][s],
+               e, t, norms[s], ref->norms[run][s], lrs[s], ref->lrs[run][s]);
         CHECK(e <= t, "step %d loss rel err %.3e > %.3e", s, e, t);
-        CHECK(rel_err(norms[s], ref.norms[run][s], 0) <= tol.norm, "step %d grad norm %.7f vs %.7f", s, norms[s], ref.norms[run][s]);
-        CHECK(rel_err(lrs[s], ref.lrs[run][s], 0) <= tol.lr, "step %d lr %.7e vs %.7e", s, lrs[s], ref.lrs[run][s]);
+        CHECK(rel_err(norms[s], ref->norms[run][s], 0) <= tol->norm, "step %d grad norm %.7f vs %.7f", s, norms[s], ref->norms[run][s]);
+        CHECK(rel_err(lrs[s], ref->lrs[run][s], 0) <= tol->lr, "step %d lr %.7e vs %.7e", s, lrs[s], ref->lrs[run][s]);
     }
 #if defined(ENABLE_FP32)
-    float* w = master_weights();
-    TensorErr e = tensor_err(w, ref.final[run], model->num_params);
+    float* w = master_weights(&tr);
+    TensorErr e = tensor_err(w, ref->final[run], f->model->num_params);
     printf("    final weights rel err %.2e\n", e.rel_err);
     CHECK_TENSOR(e, 1e-4, "final weights");
     free(w);
 #endif
+    zero_free(&tr.zero);
 }
 
-static void test_ten_adamw_steps_with_clipping_and_warmup(void) { check_training_run(0); }
-static void test_ten_adam_l2_steps_adam_w_mode_false(void) { check_training_run(1); }
+static void test_ten_adamw_steps_with_clipping_and_warmup(Fixture* f) { check_training_run(f, 0); }
+static void test_ten_adam_l2_steps_adam_w_mode_false(Fixture* f) { check_training_run(f, 1); }
 
-static void test_two_runs_are_bit_identical(void) {
+static void test_two_runs_are_bit_identical(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = f->model;
+    Trainer tr = {};
     float l1[64], n1[64], r1[64], l2[64], n2[64], r2[64];
-    train_reference_run(1, l1, n1, r1);
-    float* first = master_weights();
-    train_reference_run(1, l2, n2, r2);
-    float* second = master_weights();
+    train_reference_run(&tr, f, 1, l1, n1, r1);
+    float* first = master_weights(&tr);
+    train_reference_run(&tr, f, 1, l2, n2, r2);
+    float* second = master_weights(&tr);
     CHECK_BITWISE(second, first, model->num_params, "weights of two identical runs");
-    CHECK_BITWISE(l2, l1, ref.steps, "losses of two identical runs");
-    CHECK_BITWISE(n2, n1, ref.steps, "grad norms of two identical runs");
+    CHECK_BITWISE(l2, l1, ref->steps, "losses of two identical runs");
+    CHECK_BITWISE(n2, n1, ref->steps, "grad norms of two identical runs");
     free(first);
     free(second);
+    zero_free(&tr.zero);
 }
 
 // What a checkpoint does (the master and moments copied to the host, later copied back in
 // a fresh run, the weights shared from the master) gives back the same run: the steps after
 // the restore repeat bit for bit. This needs set_weights to refresh the floatX weights.
-static void test_save_restore_round_trip_is_bit_identical(void) {
-    int first = ref.steps / 2, rest = ref.steps - first;
+static void test_save_restore_round_trip_is_bit_identical(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = f->model;
+    Trainer tr = {};
+    int first = ref->steps / 2, rest = ref->steps - first;
     float l[64], n[64], r[64], l2[64], n2[64], r2[64];
-    DSConfig cfg = gpu_reference_config(1);
-    setup_run(&GPU_OPS, model, &cfg);
-    reference_train_steps(&tr, &ref, first, NULL, 0, l, n, r);
+    DSConfig cfg = gpu_reference_config(ref, 1);
+    setup_run(&tr, ref, &GPU_OPS, model, &cfg);
+    reference_train_steps(&tr, ref, first, NULL, 0, l, n, r);
     TrainState saved = tr.state;
     size_t P = tr.zero.n;
     float* host = (float*)mallocCheck(3 * P * sizeof(float));
     DEVICE_BUFFERS.to_host(host, tr.zero.master, P);
     DEVICE_BUFFERS.to_host(host + P, tr.zero.m, P);
     DEVICE_BUFFERS.to_host(host + 2 * P, tr.zero.v, P);
-    reference_train_steps(&tr, &ref, rest, NULL, 0, l, n, r);
-    float* after = master_weights();
-    train_reference_run(0, l2, n2, r2); // something else in between
-    setup_run(&GPU_OPS, model, &cfg);    // a fresh run, then the restore
+    reference_train_steps(&tr, ref, rest, NULL, 0, l, n, r);
+    float* after = master_weights(&tr);
+    train_reference_run(&tr, f, 0, l2, n2, r2); // something else in between
+    setup_run(&tr, ref, &GPU_OPS, model, &cfg);    // a fresh run, then the restore
     DEVICE_BUFFERS.from_host(tr.zero.master, host, P);
     DEVICE_BUFFERS.from_host(tr.zero.m, host + P, P);
     DEVICE_BUFFERS.from_host(tr.zero.v, host + 2 * P, P);
     zero_share_weights(&tr);
     tr.state = saved;
-    reference_train_steps(&tr, &ref, rest, NULL, 0, l2, n2, r2);
-    float* again = master_weights();
+    reference_train_steps(&tr, ref, rest, NULL, 0, l2, n2, r2);
+    float* again = master_weights(&tr);
     CHECK_BITWISE(l2, l, rest, "losses after the restore");
     CHECK_BITWISE(again, after, tr.num_params, "weights after the restore");
     free(host); free(after); free(again);
+    zero_free(&tr.zero);
 }
 
 // An inf in the gradients (as an fp16 overflow) skips exactly that step: with DeepSpeed's
 // static fp16 scale, 4 steps with an overflow at the second equal 3 clean steps bit for bit.
-static void test_injected_overflow_skips_exactly_that_step(void) {
+static void test_injected_overflow_skips_exactly_that_step(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = f->model;
+    Trainer tr = {};
     float l[64], n[64], r[64];
-    DSConfig cfg = gpu_reference_config(1);
+    DSConfig cfg = gpu_reference_config(ref, 1);
     cfg.fp16_enabled = 1; // the overflow check is part of fp16's loss scaling
     cfg.fp16_loss_scale = 65536.0;
     int inject = 1;
-    setup_run(&GPU_OPS, model, &cfg);
-    reference_train_steps(&tr, &ref, 4, &inject, 1, l, n, r);
+    setup_run(&tr, ref, &GPU_OPS, model, &cfg);
+    reference_train_steps(&tr, ref, 4, &inject, 1, l, n, r);
     CHECK(tr.state.step == 4 && tr.state.skipped == 1 && tr.state.adam_t == 3, "step %lld skipped %lld t %lld", (long long)tr.state.step,
           (long long)tr.state.skipped, (long long)tr.state.adam_t);
     CHECK(isnan(n[1]) && isfinite(n[2]), "the skipped step has no norm");
-    float* skipped = master_weights();
-    setup_run(&GPU_OPS, model, &cfg);
-    reference_train_steps(&tr, &ref, 3, NULL, 0, l, n, r);
-    float* clean = master_weights();
+    float* skipped = master_weights(&tr);
+    setup_run(&tr, ref, &GPU_OPS, model, &cfg);
+    reference_train_steps(&tr, ref, 3, NULL, 0, l, n, r);
+    float* clean = master_weights(&tr);
     CHECK_BITWISE(skipped, clean, tr.num_params, "weights against the run without the skipped step");
     free(skipped);
     free(clean);
+    zero_free(&tr.zero);
 }
 
 // The global-norm and inf/nan kernels against the host, and an injected inf or nan seen.
-static void test_grad_stats_match_host_and_see_inf_nan(void) {
-    reference_gradients(model, host_grads);
-    DEVICE_BUFFERS.to_host(host_grads, tr.zero.grads, tr.num_params); // as the step logic sees them (scaled)
+static void test_grad_stats_match_host_and_see_inf_nan(Fixture* f) {
+    const Reference* ref = &f->ref;
+    GPT2* model = f->model;
+    Trainer tr = {};
+    reference_gradients(&tr, ref, model, f->host_grads);
+    DEVICE_BUFFERS.to_host(f->host_grads, tr.zero.grads, tr.num_params); // as the step logic sees them (scaled)
     int nonfinite;
     double sumsq, again, host_sumsq = 0.0;
-    for (size_t i = 0; i < tr.num_params; i++) host_sumsq += (double)host_grads[i] * host_grads[i];
+    for (size_t i = 0; i < tr.num_params; i++) host_sumsq += (double)f->host_grads[i] * f->host_grads[i];
     DEVICE_BUFFERS.stats(tr.zero.grads, tr.num_params, &nonfinite, &sumsq);
     // both sum the exact fp64 squares in fp64, each within n 2^-53 of the exact sum
     double bound = 2.0 * tr.num_params * ldexp(1.0, -53);
@@ -403,40 +443,42 @@ static void test_grad_stats_match_host_and_see_inf_nan(void) {
     DEVICE_BUFFERS.from_host(tr.zero.grads, &nan, 1);
     DEVICE_BUFFERS.stats(tr.zero.grads, tr.num_params, &nonfinite, &sumsq);
     CHECK(nonfinite == 1, "a nan in the first gradient was not seen");
+    zero_free(&tr.zero);
 }
 
 int main(int argc, char** argv) {
+    Fixture f = {};
+    Reference* ref = &f.ref;
     if (argc == 3 && strcmp(argv[1], "--write-cpu-reference") == 0) {
         double t0 = wall_seconds();
-        reference_from_cpu();
-        reference_save(&ref, argv[2]);
+        reference_from_cpu(ref);
+        reference_save(ref, argv[2]);
         printf("wrote %s: the CPU trainer's reference (%.1f s)\n", argv[2], wall_seconds() - t0);
         return 0;
     }
     const char* path = argc > 1 ? argv[1] : "dev/data/gpt2_reference.bin";
-    reference_load(&ref, path);
-    tolerances_init();
-    ModelConfig c = reference_model_config();
-    options_defaults(&options);
-    model = (GPT2*)gpu_build(&c, ref.B, ref.T, &options);
-    host_grads = (float*)mallocCheck(model->num_params * sizeof(float));
-    host_logits = (float*)mallocCheck((size_t)ref.B * ref.T * ref.Vp * sizeof(float));
-    printf("reference: %s: %d layers, %d heads, %d channels, B %d, T %d, %d micro batches, %d steps; %s build on %s\n", path, ref.L, ref.H, ref.C,
-           ref.B, ref.T, ref.ga, ref.steps, PRECISION_NAME, device_prop.name);
-    RUN(test_layout_matches_reference);
+    reference_load(ref, path);
+    f.tol = tolerances(ref);
+    ModelConfig c = reference_model_config(ref);
+    options_defaults(&f.options);
+    f.model = (GPT2*)gpu_build(&c, ref->B, ref->T, &f.options);
+    f.host_grads = (float*)mallocCheck(f.model->num_params * sizeof(float));
+    f.host_logits = (float*)mallocCheck((size_t)ref->B * ref->T * ref->Vp * sizeof(float));
+    printf("reference: %s: %d layers, %d heads, %d channels, B %d, T %d, %d micro batches, %d steps; %s build on %s\n", path, ref->L, ref->H, ref->C,
+           ref->B, ref->T, ref->ga, ref->steps, PRECISION_NAME, device_prop.name);
+    RUN_WITH(test_layout_matches_reference, &f);
     RUN(test_config_must_ask_for_the_build_precision);
-    RUN(test_forward_logits_and_loss);
-    RUN(test_backward_every_gradient_tensor);
-    RUN(test_recompute_gives_identical_gradients);
-    RUN(test_ten_adamw_steps_with_clipping_and_warmup);
-    RUN(test_ten_adam_l2_steps_adam_w_mode_false);
-    RUN(test_two_runs_are_bit_identical);
-    RUN(test_save_restore_round_trip_is_bit_identical);
-    RUN(test_injected_overflow_skips_exactly_that_step);
-    RUN(test_grad_stats_match_host_and_see_inf_nan);
-    zero_free(&tr.zero);
-    gpu_free(model);
-    free(host_grads);
-    free(host_logits);
+    RUN_WITH(test_forward_logits_and_loss, &f);
+    RUN_WITH(test_backward_every_gradient_tensor, &f);
+    RUN_WITH(test_recompute_gives_identical_gradients, &f);
+    RUN_WITH(test_ten_adamw_steps_with_clipping_and_warmup, &f);
+    RUN_WITH(test_ten_adam_l2_steps_adam_w_mode_false, &f);
+    RUN_WITH(test_two_runs_are_bit_identical, &f);
+    RUN_WITH(test_save_restore_round_trip_is_bit_identical, &f);
+    RUN_WITH(test_injected_overflow_skips_exactly_that_step, &f);
+    RUN_WITH(test_grad_stats_match_host_and_see_inf_nan, &f);
+    gpu_free(f.model);
+    free(f.host_grads);
+    free(f.host_logits);
     return test_summary();
 }

@@ -7,12 +7,26 @@ schedules, loss scaler, data loader, checkpoints, logs, command line) is in dstr
 Each layer is a pair of functions, xxx_forward / xxx_backward, with the tensor shapes in
 a comment; backward functions accumulate into gradients with +=.
 
+Sections, in order; train_gpt.cu has the same ones in the same order, with the same names,
+and its own GPU-only ones between them:
+    encoder            token and position embeddings
+    layernorm
+    matmul             the plain loops that define it, and the functions the layers call
+    attention          causal self-attention
+    gelu               tanh approximation
+    residual           (CPU only: the GPU adds the residual inside its matmul)
+    classifier         softmax and cross-entropy
+    GPT-2              weights, activations, forward, backward
+    fast matmul        (CPU only) the blocked AVX-512 GEMM behind matmul
+    optimizer buffers  the arithmetic of dstrain.h's ZeRO on host memory
+    the trainer        the model behind dstrain.h's ModelOps, and main
+
     make train_gpt_cpu && ./train_gpt_cpu --help
 */
 #include "dstrain.h"
 
 // ----------------------------------------------------------------------------
-// layers
+// encoder: token and position embeddings
 
 // out (B,T,C) = wte[inp] + wpe[t]
 void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) {
@@ -41,6 +55,9 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* in
         }
     }
 }
+
+// ----------------------------------------------------------------------------
+// layernorm
 
 // out (N,C) = (inp - mean) * rstd * weight + bias, per row; saves mean, rstd (N) for backward
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) {
@@ -98,14 +115,489 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     }
 }
 
-/*
-matmul: fp32 matmul forward and backward for the CPU trainer (llm.c layouts), parallelised with OpenMP.
+// ----------------------------------------------------------------------------
+// matmul: the three products of a Linear layer, weight (OC,C) row-major as in PyTorch.
+// The plain loops come first: they define the products and are the oracle that
+// dev/cpu/matmul.c holds the fast GEMM to. The layers call matmul_forward,
+// matmul_backward_input and matmul_backward_weight, which run the blocked GEMM of section
+// "fast matmul" at the end of the model code.
 
-Checks and benchmark: dev/cpu/matmul.c.
+// out (BT,OC) = inp (BT,C) @ weight^T + bias; bias (OC) or NULL
+void matmul_forward_naive(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
+    #pragma omp parallel for
+    for (int b = 0; b < BT; b++) {
+        for (int o = 0; o < OC; o++) {
+            float s = bias ? bias[o] : 0.0f;
+            for (int i = 0; i < C; i++) s += inp[(size_t)b * C + i] * weight[(size_t)o * C + i];
+            out[(size_t)b * OC + o] = s;
+        }
+    }
+}
+
+// dinp (BT,C) += dout (BT,OC) @ weight (OC,C)
+void matmul_backward_input_naive(float* dinp, const float* dout, const float* weight, int BT, int C, int OC) {
+    #pragma omp parallel for
+    for (int b = 0; b < BT; b++) {
+        for (int i = 0; i < C; i++) {
+            float s = 0.0f;
+            for (int o = 0; o < OC; o++) s += dout[(size_t)b * OC + o] * weight[(size_t)o * C + i];
+            dinp[(size_t)b * C + i] += s;
+        }
+    }
+}
+
+// dweight (OC,C) += dout^T (OC,BT) @ inp (BT,C)
+void matmul_backward_weight_naive(float* dweight, const float* dout, const float* inp, int BT, int C, int OC) {
+    #pragma omp parallel for
+    for (int o = 0; o < OC; o++) {
+        for (int i = 0; i < C; i++) {
+            float s = 0.0f;
+            for (int b = 0; b < BT; b++) s += dout[(size_t)b * OC + o] * inp[(size_t)b * C + i];
+            dweight[(size_t)o * C + i] += s;
+        }
+    }
+}
+
+// C (M,N) (+)= A (M,K) @ B (K,N) with strides: section "fast matmul"
+static void gemm(int M, int N, int K, const float* A, long ars, long acs, const float* B, long brs, long bcs,
+                 float* C, long ldc, int accumulate, const float* bias);
+
+// as matmul_forward_naive
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
+    gemm(BT, OC, C, inp, C, 1, weight, 1, C, out, OC, 0, bias);
+}
+
+// as matmul_backward_input_naive
+void matmul_backward_input(float* dinp, const float* dout, const float* weight, int BT, int C, int OC) {
+    gemm(BT, C, OC, dout, OC, 1, weight, C, 1, dinp, C, 1, NULL);
+}
+
+// as matmul_backward_weight_naive
+void matmul_backward_weight(float* dweight, const float* dout, const float* inp, int BT, int C, int OC) {
+    gemm(OC, C, BT, dout, 1, OC, inp, C, 1, dweight, C, 1, NULL);
+}
+
+// dbias (OC) += sum over BT of dout (BT,OC)
+void bias_backward(float* dbias, const float* dout, int BT, int OC) {
+    #pragma omp parallel for
+    for (int o0 = 0; o0 < OC; o0 += 64) {  // 64 columns of dout at a time, summed down the rows
+        int n = OC - o0 < 64 ? OC - o0 : 64;
+        float sum[64] = {0};
+        for (int b = 0; b < BT; b++)
+            for (int o = 0; o < n; o++) sum[o] += dout[(long)b * OC + o0 + o];
+        for (int o = 0; o < n; o++) dbias[o0 + o] += sum[o];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// attention: causal self-attention
+
+// Causal self-attention. qkv (B,T,3C) holds [q | k | v]; head h uses channels h*hs..(h+1)*hs.
+// out (B,T,C); att (B,NH,T,T) saves the softmax for backward (zero above the diagonal).
+void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    size_t C3 = 3 * (size_t)C;
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                float* a = att + (((size_t)b * NH + h) * T + t) * T;
+                float maxval = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float s = 0.0f;
+                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
+                    a[t2] = s * scale;
+                    if (a[t2] > maxval) maxval = a[t2];
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) { a[t2] = expf(a[t2] - maxval); sum += a[t2]; }
+                for (int t2 = 0; t2 <= t; t2++) a[t2] /= sum;
+                for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
+                float* o = out + ((size_t)b * T + t) * C + h * hs;
+                for (int i = 0; i < hs; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
+                }
+            }
+        }
+    }
+}
+
+// dqkv (B,T,3C) += ..., from dout (B,T,C); datt (B,NH,T,T) is scratch
+void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    size_t C3 = 3 * (size_t)C;
+    // parallel over (b, h): a head's q, k, v gradients are written by its own thread only
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const float* a = att + (((size_t)b * NH + h) * T + t) * T;
+                float* da = datt + (((size_t)b * NH + h) * T + t) * T;
+                const float* d = dout + ((size_t)b * T + t) * C + h * hs;
+                // through out = att @ v
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float* dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float s = 0.0f;
+                    for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
+                    da[t2] = s;
+                }
+                // through the softmax: dpre = att * (datt - sum(att * datt))
+                float dot = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) dot += a[t2] * da[t2];
+                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                float* dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    float dpre = a[t2] * (da[t2] - dot) * scale;
+                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float* dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
+                }
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// gelu (tanh approximation)
+
+#define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
+
+// out (N) = GELU(inp), tanh approximation
+void gelu_forward(float* out, const float* inp, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
+    }
+}
+
+// dinp (N) += GELU'(inp) * dout
+void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) {
+        float x = inp[i];
+        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
+        float th = tanhf(u);
+        float sech2 = 1.0f - th * th;
+        float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] += grad * dout[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// residual
+
+// out (N) = a + b
+void residual_forward(float* out, const float* a, const float* b, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i];
+}
+
+// da (N) += dout, db (N) += dout
+void residual_backward(float* da, float* db, const float* dout, size_t N) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < N; i++) { da[i] += dout[i]; db[i] += dout[i]; }
+}
+
+// ----------------------------------------------------------------------------
+// classifier: softmax over the V real tokens of the padded (N,Vp) logits and cross-entropy
+
+// Softmax over the V real tokens of each row of logits (N,Vp) into probs (N,Vp) (padding
+// columns 0) and, with targets, the loss of each row: losses (N) = -log probs[target].
+void classifier_forward(float* losses, float* probs, const float* logits, const int* targets, int N, int V, int Vp) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* x = logits + (size_t)n * Vp;
+        float* p = probs + (size_t)n * Vp;
+        float maxval = -INFINITY;
+        for (int i = 0; i < V; i++) if (x[i] > maxval) maxval = x[i];
+        double sum = 0.0;
+        for (int i = 0; i < V; i++) { p[i] = expf(x[i] - maxval); sum += p[i]; }
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < V; i++) p[i] *= inv;
+        for (int i = V; i < Vp; i++) p[i] = 0.0f;
+        // -log p[target] from the log-sum-exp, accurate even when p[target] underflows
+        if (targets) losses[n] = (float)(log(sum) - (x[targets[n]] - maxval));
+    }
+}
+
+// dlogits (N,Vp) = (probs - onehot(target)) * dloss, in place over probs: the padding
+// columns of probs are 0, so their gradient is 0
+void classifier_backward(float* probs_to_dlogits, const int* targets, float dloss, int N, int Vp) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        float* d = probs_to_dlogits + (size_t)n * Vp;
+        for (int i = 0; i < Vp; i++) d[i] *= dloss;
+        d[targets[n]] -= dloss;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
+
+typedef struct {
+    float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
+} LayerWeights; // GPT2_LAYER_TENSORS pointers, in layout order
+
+typedef struct {
+    float* wte;
+    float* wpe;
+    LayerWeights* layer; // num_layers
+    float* lnfw;
+    float* lnfb;
+} Weights;
+
+// Points w's tensors into the flat parameter buffer `base`.
+static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
+    ParamTable t = param_table(c);
+    w->wte = base + param_named(&t, "wte")->offset;
+    w->wpe = base + param_named(&t, "wpe")->offset;
+    w->layer = (LayerWeights*)callocCheck(c->num_layers, sizeof(LayerWeights));
+    for (int l = 0; l < c->num_layers; l++) {
+        float** p = (float**)&w->layer[l];
+        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + param_layer(&t, l, i)->offset;
+    }
+    w->lnfw = base + param_named(&t, "lnfw")->offset;
+    w->lnfb = base + param_named(&t, "lnfb")->offset;
+    param_table_free(&t);
+}
+
+// Points lg's tensors into `g`, the gradient of the layer whose weights are w, each at its
+// weight's offset from the layer's first tensor (a layer's tensors are contiguous).
+static void point_layer_grads(LayerWeights* lg, float* g, const LayerWeights* w) {
+    float** dst = (float**)lg;
+    float* const* src = (float* const*)w;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = g + (src[i] - w->ln1w);
+}
+
+// Activations saved by forward for backward; the gradient buffers reuse the layout
+// (without the statistics, logits and probabilities, which have no gradient buffer).
+typedef struct {
+    float* encoded;   // (B,T,C)
+    float* ln1;       // (L,B,T,C)
+    float* ln1_mean;  // (L,B,T)
+    float* ln1_rstd;  // (L,B,T)
+    float* qkv;       // (L,B,T,3C)
+    float* atty;      // (L,B,T,C)
+    float* att;       // (L,B,NH,T,T)
+    float* attproj;   // (L,B,T,C)
+    float* residual2; // (L,B,T,C)
+    float* ln2;       // (L,B,T,C)
+    float* ln2_mean;  // (L,B,T)
+    float* ln2_rstd;  // (L,B,T)
+    float* fch;       // (L,B,T,4C)
+    float* fch_gelu;  // (L,B,T,4C)
+    float* fcproj;    // (L,B,T,C)
+    float* residual3; // (L,B,T,C)
+    float* lnf;       // (B,T,C)
+    float* lnf_mean;  // (B,T)
+    float* lnf_rstd;  // (B,T)
+    float* logits;    // (B,T,Vp)
+    float* probs;     // (B,T,Vp), turned into dlogits in backward
+    float* losses;    // (B,T)
+    float* memory;
+    size_t num_floats;
+} Activations;
+
+static void activations_alloc(Activations* a, const ModelConfig* c, int B, int T, int for_grads) {
+    size_t L = c->num_layers, BT = (size_t)B * T, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
+    size_t fwd = for_grads ? 0 : 1; // tensors that only forward needs
+    struct { float** ptr; size_t n; } t[] = {
+        {&a->encoded, BT * C}, {&a->ln1, L * BT * C}, {&a->ln1_mean, fwd * L * BT}, {&a->ln1_rstd, fwd * L * BT},
+        {&a->qkv, L * BT * 3 * C}, {&a->atty, L * BT * C}, {&a->att, L * B * NH * T * T}, {&a->attproj, L * BT * C},
+        {&a->residual2, L * BT * C}, {&a->ln2, L * BT * C}, {&a->ln2_mean, fwd * L * BT}, {&a->ln2_rstd, fwd * L * BT},
+        {&a->fch, L * BT * F}, {&a->fch_gelu, L * BT * F}, {&a->fcproj, L * BT * C}, {&a->residual3, L * BT * C},
+        {&a->lnf, BT * C}, {&a->lnf_mean, fwd * BT}, {&a->lnf_rstd, fwd * BT},
+        {&a->logits, fwd * BT * Vp}, {&a->probs, fwd * BT * Vp}, {&a->losses, fwd * BT},
+    };
+    size_t total = 0, n = sizeof(t) / sizeof(t[0]);
+    for (size_t i = 0; i < n; i++) total += t[i].n;
+    a->memory = (float*)callocCheck(total, sizeof(float));
+    a->num_floats = total;
+    float* p = a->memory;
+    for (size_t i = 0; i < n; i++) { *t[i].ptr = t[i].n ? p : NULL; p += t[i].n; }
+}
+
+typedef struct {
+    ModelConfig config;
+    size_t num_params;
+    float* params;     // fp32 working weights (the fp32 master copy and Adam moments belong to ZeRO)
+    Weights w;         // tensors inside params
+    size_t layer_offset0, layer_size; // flat offset of layer 0 and the size of one layer
+    Activations act, dact;
+    int max_B, max_T;  // the activations' capacity
+    int* targets;      // (B,T) of the last forward, for backward
+    int last_B, last_T; // of the last forward
+} GPT2;
+
+// Layer l's activations: its slices of the per-layer tensors.
+typedef struct {
+    float* residual; // the layer's input: encoded, or the previous layer's residual3
+    float *ln1, *qkv, *atty, *att, *attproj, *residual2, *ln2, *fch, *fch_gelu, *fcproj, *residual3;
+    float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
+} LayerActivations;
+
+// layer l's slice of tensor t, n elements per layer; NULL stays NULL (gradients have no statistics)
+static float* layer_slice(float* t, int l, size_t n) { return t ? t + l * n : NULL; }
+
+// a: the activations or their gradients (the same layout); per-layer strides use the capacity
+static LayerActivations layer_activations(const GPT2* m, const Activations* a, int l) {
+    size_t N = (size_t)m->max_B * m->max_T, C = m->config.channels, F = m->config.ffn_hidden;
+    size_t att = (size_t)m->max_B * m->config.num_heads * m->max_T * m->max_T;
+    LayerActivations la;
+    la.residual = l == 0 ? a->encoded : layer_slice(a->residual3, l - 1, N * C);
+    la.ln1 = layer_slice(a->ln1, l, N * C);
+    la.qkv = layer_slice(a->qkv, l, N * 3 * C);
+    la.atty = layer_slice(a->atty, l, N * C);
+    la.att = layer_slice(a->att, l, att);
+    la.attproj = layer_slice(a->attproj, l, N * C);
+    la.residual2 = layer_slice(a->residual2, l, N * C);
+    la.ln2 = layer_slice(a->ln2, l, N * C);
+    la.fch = layer_slice(a->fch, l, N * F);
+    la.fch_gelu = layer_slice(a->fch_gelu, l, N * F);
+    la.fcproj = layer_slice(a->fcproj, l, N * C);
+    la.residual3 = layer_slice(a->residual3, l, N * C);
+    la.ln1_mean = layer_slice(a->ln1_mean, l, N);
+    la.ln1_rstd = layer_slice(a->ln1_rstd, l, N);
+    la.ln2_mean = layer_slice(a->ln2_mean, l, N);
+    la.ln2_rstd = layer_slice(a->ln2_rstd, l, N);
+    return la;
+}
+
+static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
+    memset(m, 0, sizeof(*m));
+    m->config = *c;
+    m->num_params = gpt2_num_params(c);
+    m->params = (float*)callocCheck(m->num_params, sizeof(float));
+    gpt2_point_weights(&m->w, m->params, c);
+    m->layer_offset0 = (size_t)(m->w.layer[0].ln1w - m->params);
+    m->layer_size = c->num_layers > 1 ? (size_t)(m->w.layer[1].ln1w - m->w.layer[0].ln1w) : (size_t)(m->w.lnfw - m->w.layer[0].ln1w);
+    activations_alloc(&m->act, c, B, T, 0);
+    activations_alloc(&m->dact, c, B, T, 1);
+    m->targets = (int*)callocCheck((size_t)B * T, sizeof(int));
+    m->max_B = B;
+    m->max_T = T;
+}
+
+static void gpt2_free(GPT2* m) {
+    free(m->params);
+    free(m->w.layer);
+    free(m->act.memory); free(m->dact.memory);
+    free(m->targets);
+}
+
+// Runs the model on inputs (B,T); with targets, returns the mean loss. B, T <= capacity.
+static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
+    const ModelConfig* c = &m->config;
+    if (B > m->max_B || T > m->max_T || T > c->max_seq_len) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
+    for (int i = 0; i < B * T; i++) {
+        if (inputs[i] < 0 || inputs[i] >= c->vocab_size) fatal("input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, c->vocab_size);
+        if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size)) fatal("target token %d at position %d is outside the vocabulary (%d)", targets[i], i, c->vocab_size);
+    }
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    size_t BT = (size_t)B * T;
+    m->last_B = B;
+    m->last_T = T;
+    if (targets) memcpy(m->targets, targets, BT * sizeof(int));
+    Activations* a = &m->act;
+    encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
+    for (int l = 0; l < L; l++) {
+        const LayerWeights* w = &m->w.layer[l];
+        LayerActivations la = layer_activations(m, a, l);
+        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w->ln1w, w->ln1b, BT, C);
+        matmul_forward(la.qkv, la.ln1, w->qkvw, w->qkvb, BT, C, 3 * C);
+        attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+        matmul_forward(la.attproj, la.atty, w->attprojw, w->attprojb, BT, C, C);
+        residual_forward(la.residual2, la.residual, la.attproj, BT * C);
+        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w->ln2w, w->ln2b, BT, C);
+        matmul_forward(la.fch, la.ln2, w->fcw, w->fcb, BT, C, F);
+        gelu_forward(la.fch_gelu, la.fch, BT * F);
+        matmul_forward(la.fcproj, la.fch_gelu, w->fcprojw, w->fcprojb, BT, F, C);
+        residual_forward(la.residual3, la.residual2, la.fcproj, BT * C);
+    }
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, a, L - 1).residual3, m->w.lnfw, m->w.lnfb, BT, C);
+    matmul_forward(a->logits, a->lnf, m->w.wte, NULL, BT, C, Vp); // tied output layer
+    classifier_forward(a->losses, a->probs, a->logits, targets, BT, V, Vp);
+    if (!targets) return 0.0f;
+    double sum = 0.0;
+    for (size_t i = 0; i < BT; i++) sum += a->losses[i];
+    return (float)(sum / BT);
+}
+
+// The gradient of dloss_scale * (mean loss of the last forward, which had targets),
+// accumulated (+=) into the buffers the sink gives for each region of parameters, handed
+// back from the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0,
+// positions, and last the token embedding, which receives the classifier's gradient first.
+// inputs: those of that forward.
+static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
+    const ModelConfig* c = &m->config;
+    if (B != m->last_B || T != m->last_T) fatal("backward: batch (%d, %d) is not that of the last forward (%d, %d)", B, T, m->last_B, m->last_T);
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
+    size_t BT = (size_t)B * T;
+    Activations *a = &m->act, *d = &m->dact;
+    size_t wte_n = (size_t)Vp * C, wpe_off = (size_t)(m->w.wpe - m->params), wpe_n = (size_t)c->max_seq_len * C;
+    size_t lnf_off = (size_t)(m->w.lnfw - m->params);
+    // gradients of activations are accumulated with +=, so start each backward from zero
+    memset(d->memory, 0, d->num_floats * sizeof(float));
+    float* dwte = sink->region(sink, 0, wte_n);
+    float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
+    classifier_backward(a->probs, m->targets, dloss_scale / (float)BT, BT, Vp);
+    matmul_backward_weight(dwte, a->probs, a->lnf, BT, C, Vp);
+    matmul_backward_input(d->lnf, a->probs, m->w.wte, BT, C, Vp);
+    layernorm_backward(layer_activations(m, d, L - 1).residual3, dlnf, dlnf + C, d->lnf, layer_activations(m, a, L - 1).residual3, m->w.lnfw,
+                       a->lnf_mean, a->lnf_rstd, BT, C);
+    sink->done(sink, lnf_off, 2 * (size_t)C);
+    for (int l = L - 1; l >= 0; l--) {
+        const LayerWeights* w = &m->w.layer[l];
+        LayerWeights g;
+        size_t layer_off = m->layer_offset0 + l * m->layer_size;
+        point_layer_grads(&g, sink->region(sink, layer_off, m->layer_size), w);
+        LayerActivations la = layer_activations(m, a, l), dla = layer_activations(m, d, l);
+        // residual3 = residual2 + fcproj(gelu(fc(ln2)))
+        residual_backward(dla.residual2, dla.fcproj, dla.residual3, BT * C);
+        matmul_backward_weight(g.fcprojw, dla.fcproj, la.fch_gelu, BT, F, C);
+        bias_backward(g.fcprojb, dla.fcproj, BT, C);
+        matmul_backward_input(dla.fch_gelu, dla.fcproj, w->fcprojw, BT, F, C);
+        gelu_backward(dla.fch, la.fch, dla.fch_gelu, BT * F);
+        matmul_backward_weight(g.fcw, dla.fch, la.ln2, BT, C, F);
+        bias_backward(g.fcb, dla.fch, BT, F);
+        matmul_backward_input(dla.ln2, dla.fch, w->fcw, BT, C, F);
+        layernorm_backward(dla.residual2, g.ln2w, g.ln2b, dla.ln2, la.residual2, w->ln2w, la.ln2_mean, la.ln2_rstd, BT, C);
+        // residual2 = residual + attproj(attention(qkv(ln1)))
+        residual_backward(dla.residual, dla.attproj, dla.residual2, BT * C);
+        matmul_backward_weight(g.attprojw, dla.attproj, la.atty, BT, C, C);
+        bias_backward(g.attprojb, dla.attproj, BT, C);
+        matmul_backward_input(dla.atty, dla.attproj, w->attprojw, BT, C, C);
+        attention_backward(dla.qkv, dla.att, dla.atty, la.qkv, la.att, B, T, C, NH);
+        matmul_backward_weight(g.qkvw, dla.qkv, la.ln1, BT, C, 3 * C);
+        bias_backward(g.qkvb, dla.qkv, BT, 3 * C);
+        matmul_backward_input(dla.ln1, dla.qkv, w->qkvw, BT, C, 3 * C);
+        layernorm_backward(dla.residual, g.ln1w, g.ln1b, dla.ln1, la.residual, w->ln1w, la.ln1_mean, la.ln1_rstd, BT, C);
+        sink->done(sink, layer_off, m->layer_size);
+    }
+    float* dwpe = sink->region(sink, wpe_off, wpe_n);
+    encoder_backward(dwte, dwpe, d->encoded, inputs, B, T, C);
+    sink->done(sink, wpe_off, wpe_n);
+    sink->done(sink, 0, wte_n);
+}
+
+// ----------------------------------------------------------------------------
+// fast matmul: the blocked GEMM behind matmul_forward, matmul_backward_input and
+// matmul_backward_weight, parallelised with OpenMP
+
+/*
+Checks (against the plain loops of section "matmul") and benchmark: dev/cpu/matmul.c.
 The kernel relies on the compiler fusing a * b + c into FMAs: GCC does so by default (-std=gnu*),
 but not with -std=c11 and the like, which then need -ffp-contract=fast (no -ffast-math needed).
 
-All three products of a Linear layer are one routine, gemm(): C (M, N) (+)= A (M, K) @ B (K, N)
+The three products of a Linear layer are one routine, gemm(): C (M, N) (+)= A (M, K) @ B (K, N)
   forward:  out      = inp    @ weight^T + bias   M = BT, N = OC, K = C
   backward: dinp    += dout   @ weight            M = BT, N = C,  K = OC
             dweight += dout^T @ inp               M = OC, N = C,  K = BT
@@ -280,384 +772,6 @@ static void gemm(int M, int N, int K, const float* A, long ars, long acs, const 
     }
 }
 
-// out (BT, OC) = inp (BT, C) @ weight^T + bias; weight (OC, C) row-major (PyTorch Linear layout); bias (OC) or NULL
-void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int C, int OC) {
-    gemm(BT, OC, C, inp, C, 1, weight, 1, C, out, OC, 0, bias);
-}
-
-// dinp (BT, C) += dout (BT, OC) @ weight (OC, C)
-// dweight (OC, C) += dout^T (OC, BT) @ inp (BT, C)
-// dbias (OC) += sum over BT of dout; dbias may be NULL
-void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                     const float* weight, int BT, int C, int OC) {
-    gemm(BT, C, OC, dout, OC, 1, weight, C, 1, dinp, C, 1, NULL);
-    gemm(OC, C, BT, dout, 1, OC, inp, C, 1, dweight, C, 1, NULL);
-    if (dbias) {
-        #pragma omp parallel for
-        for (int o0 = 0; o0 < OC; o0 += 64) {  // 64 columns of dout at a time, summed down the rows
-            int n = OC - o0 < 64 ? OC - o0 : 64;
-            float sum[64] = {0};
-            for (int b = 0; b < BT; b++)
-                for (int o = 0; o < n; o++) sum[o] += dout[(long)b * OC + o0 + o];
-            for (int o = 0; o < n; o++) dbias[o0 + o] += sum[o];
-        }
-    }
-}
-
-// Causal self-attention. qkv (B,T,3C) holds [q | k | v]; head h uses channels h*hs..(h+1)*hs.
-// out (B,T,C); att (B,NH,T,T) saves the softmax for backward (zero above the diagonal).
-void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    size_t C3 = 3 * (size_t)C;
-    #pragma omp parallel for collapse(3)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
-                float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                float maxval = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) s += q[i] * k[i];
-                    a[t2] = s * scale;
-                    if (a[t2] > maxval) maxval = a[t2];
-                }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) { a[t2] = expf(a[t2] - maxval); sum += a[t2]; }
-                for (int t2 = 0; t2 <= t; t2++) a[t2] /= sum;
-                for (int t2 = t + 1; t2 < T; t2++) a[t2] = 0.0f;
-                float* o = out + ((size_t)b * T + t) * C + h * hs;
-                for (int i = 0; i < hs; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
-                }
-            }
-        }
-    }
-}
-
-// dqkv (B,T,3C) += ..., from dout (B,T,C); datt (B,NH,T,T) is scratch
-void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    float scale = 1.0f / sqrtf((float)hs);
-    size_t C3 = 3 * (size_t)C;
-    // parallel over (b, h): a head's q, k, v gradients are written by its own thread only
-    #pragma omp parallel for collapse(2)
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                float* da = datt + (((size_t)b * NH + h) * T + t) * T;
-                const float* d = dout + ((size_t)b * T + t) * C + h * hs;
-                // through out = att @ v
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float* dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
-                    da[t2] = s;
-                }
-                // through the softmax: dpre = att * (datt - sum(att * datt))
-                float dot = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) dot += a[t2] * da[t2];
-                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
-                float* dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    float dpre = a[t2] * (da[t2] - dot) * scale;
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float* dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
-                }
-            }
-        }
-    }
-}
-
-#define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
-
-// out (N) = GELU(inp), tanh approximation
-void gelu_forward(float* out, const float* inp, size_t N) {
-    #pragma omp parallel for
-    for (size_t i = 0; i < N; i++) {
-        float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SCALE * (x + 0.044715f * x * x * x)));
-    }
-}
-
-// dinp (N) += GELU'(inp) * dout
-void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) {
-    #pragma omp parallel for
-    for (size_t i = 0; i < N; i++) {
-        float x = inp[i];
-        float u = GELU_SCALE * (x + 0.044715f * x * x * x);
-        float th = tanhf(u);
-        float sech2 = 1.0f - th * th;
-        float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] += grad * dout[i];
-    }
-}
-
-// out (N) = a + b
-void residual_forward(float* out, const float* a, const float* b, size_t N) {
-    #pragma omp parallel for
-    for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i];
-}
-
-// da (N) += dout, db (N) += dout
-void residual_backward(float* da, float* db, const float* dout, size_t N) {
-    #pragma omp parallel for
-    for (size_t i = 0; i < N; i++) { da[i] += dout[i]; db[i] += dout[i]; }
-}
-
-// Softmax over the V real tokens of each row of logits (N,Vp) into probs (N,Vp) (padding
-// columns 0) and, with targets, the loss of each row: losses (N) = -log probs[target].
-void softmax_crossentropy_forward(float* probs, float* losses, const float* logits, const int* targets, int N, int V, int Vp) {
-    #pragma omp parallel for
-    for (int n = 0; n < N; n++) {
-        const float* x = logits + (size_t)n * Vp;
-        float* p = probs + (size_t)n * Vp;
-        float maxval = -INFINITY;
-        for (int i = 0; i < V; i++) if (x[i] > maxval) maxval = x[i];
-        double sum = 0.0;
-        for (int i = 0; i < V; i++) { p[i] = expf(x[i] - maxval); sum += p[i]; }
-        float inv = (float)(1.0 / sum);
-        for (int i = 0; i < V; i++) p[i] *= inv;
-        for (int i = V; i < Vp; i++) p[i] = 0.0f;
-        // -log p[target] from the log-sum-exp, accurate even when p[target] underflows
-        if (targets) losses[n] = (float)(log(sum) - (x[targets[n]] - maxval));
-    }
-}
-
-// dlogits (N,Vp) = (probs - onehot(target)) * dloss, in place over probs: the padding
-// columns of probs are 0, so their gradient is 0
-void softmax_crossentropy_backward(float* probs_to_dlogits, const int* targets, float dloss, int N, int Vp) {
-    #pragma omp parallel for
-    for (int n = 0; n < N; n++) {
-        float* d = probs_to_dlogits + (size_t)n * Vp;
-        for (int i = 0; i < Vp; i++) d[i] *= dloss;
-        d[targets[n]] -= dloss;
-    }
-}
-
-// ----------------------------------------------------------------------------
-// GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
-
-typedef struct {
-    float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
-} LayerWeights; // GPT2_LAYER_TENSORS pointers, in layout order
-
-typedef struct {
-    float* wte;
-    float* wpe;
-    LayerWeights* layer; // num_layers
-    float* lnfw;
-    float* lnfb;
-} Weights;
-
-// Points w's tensors into the flat parameter buffer `base`.
-static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
-    ParamTable t = param_table(c);
-    w->wte = base + param_named(&t, "wte")->offset;
-    w->wpe = base + param_named(&t, "wpe")->offset;
-    w->layer = (LayerWeights*)callocCheck(c->num_layers, sizeof(LayerWeights));
-    for (int l = 0; l < c->num_layers; l++) {
-        float** p = (float**)&w->layer[l];
-        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + param_layer(&t, l, i)->offset;
-    }
-    w->lnfw = base + param_named(&t, "lnfw")->offset;
-    w->lnfb = base + param_named(&t, "lnfb")->offset;
-    param_table_free(&t);
-}
-
-// Points a layer's gradient tensors into `g`, the gradient of the layer's parameters
-// (the layer's tensors are contiguous in the flat layout).
-static void point_layer_grads(LayerWeights* lg, float* g, const ModelConfig* c, int l, const Weights* w) {
-    const float* first = w->layer[l].ln1w;
-    float** dst = (float**)lg;
-    float* const* src = (float* const*)&w->layer[l];
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = g + (src[i] - first);
-    (void)c;
-}
-
-// Activations saved by forward for backward; the gradient buffers reuse the layout
-// (without the statistics, logits and probabilities, which have no gradient buffer).
-typedef struct {
-    float* encoded;   // (B,T,C)
-    float* ln1;       // (L,B,T,C)
-    float* ln1_mean;  // (L,B,T)
-    float* ln1_rstd;  // (L,B,T)
-    float* qkv;       // (L,B,T,3C)
-    float* atty;      // (L,B,T,C)
-    float* att;       // (L,B,NH,T,T)
-    float* attproj;   // (L,B,T,C)
-    float* residual2; // (L,B,T,C)
-    float* ln2;       // (L,B,T,C)
-    float* ln2_mean;  // (L,B,T)
-    float* ln2_rstd;  // (L,B,T)
-    float* fch;       // (L,B,T,4C)
-    float* fch_gelu;  // (L,B,T,4C)
-    float* fcproj;    // (L,B,T,C)
-    float* residual3; // (L,B,T,C)
-    float* lnf;       // (B,T,C)
-    float* lnf_mean;  // (B,T)
-    float* lnf_rstd;  // (B,T)
-    float* logits;    // (B,T,Vp)
-    float* probs;     // (B,T,Vp), turned into dlogits in backward
-    float* losses;    // (B,T)
-    float* memory;
-    size_t num_floats;
-} Activations;
-
-static void activations_alloc(Activations* a, const ModelConfig* c, int B, int T, int for_grads) {
-    size_t L = c->num_layers, BT = (size_t)B * T, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
-    size_t fwd = for_grads ? 0 : 1; // tensors that only forward needs
-    struct { float** ptr; size_t n; } t[] = {
-        {&a->encoded, BT * C}, {&a->ln1, L * BT * C}, {&a->ln1_mean, fwd * L * BT}, {&a->ln1_rstd, fwd * L * BT},
-        {&a->qkv, L * BT * 3 * C}, {&a->atty, L * BT * C}, {&a->att, L * B * NH * T * T}, {&a->attproj, L * BT * C},
-        {&a->residual2, L * BT * C}, {&a->ln2, L * BT * C}, {&a->ln2_mean, fwd * L * BT}, {&a->ln2_rstd, fwd * L * BT},
-        {&a->fch, L * BT * F}, {&a->fch_gelu, L * BT * F}, {&a->fcproj, L * BT * C}, {&a->residual3, L * BT * C},
-        {&a->lnf, BT * C}, {&a->lnf_mean, fwd * BT}, {&a->lnf_rstd, fwd * BT},
-        {&a->logits, fwd * BT * Vp}, {&a->probs, fwd * BT * Vp}, {&a->losses, fwd * BT},
-    };
-    size_t total = 0, n = sizeof(t) / sizeof(t[0]);
-    for (size_t i = 0; i < n; i++) total += t[i].n;
-    a->memory = (float*)callocCheck(total, sizeof(float));
-    a->num_floats = total;
-    float* p = a->memory;
-    for (size_t i = 0; i < n; i++) { *t[i].ptr = t[i].n ? p : NULL; p += t[i].n; }
-}
-
-typedef struct {
-    ModelConfig config;
-    size_t num_params;
-    float* params;     // fp32 working weights (the fp32 master copy and Adam moments belong to ZeRO)
-    Weights w;         // tensors inside params
-    size_t layer_offset0, layer_size; // flat offset of layer 0 and the size of one layer
-    Activations act, dact;
-    int max_B, max_T;  // the activations' capacity
-} GPT2;
-
-static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
-    memset(m, 0, sizeof(*m));
-    m->config = *c;
-    m->num_params = gpt2_num_params(c);
-    m->params = (float*)callocCheck(m->num_params, sizeof(float));
-    gpt2_point_weights(&m->w, m->params, c);
-    m->layer_offset0 = (size_t)(m->w.layer[0].ln1w - m->params);
-    m->layer_size = c->num_layers > 1 ? (size_t)(m->w.layer[1].ln1w - m->w.layer[0].ln1w) : (size_t)(m->w.lnfw - m->w.layer[0].ln1w);
-    activations_alloc(&m->act, c, B, T, 0);
-    activations_alloc(&m->dact, c, B, T, 1);
-    m->max_B = B;
-    m->max_T = T;
-}
-
-static void gpt2_free(GPT2* m) {
-    free(m->params);
-    free(m->w.layer);
-    free(m->act.memory); free(m->dact.memory);
-}
-
-// Runs the model on inputs (B,T); with targets, returns the mean loss. B, T <= capacity.
-static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
-    const ModelConfig* c = &m->config;
-    if (B > m->max_B || T > m->max_T || T > c->max_seq_len) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
-    for (int i = 0; i < B * T; i++) {
-        if (inputs[i] < 0 || inputs[i] >= c->vocab_size) fatal("input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, c->vocab_size);
-        if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size)) fatal("target token %d at position %d is outside the vocabulary (%d)", targets[i], i, c->vocab_size);
-    }
-    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
-    size_t BT = (size_t)B * T, cap = (size_t)m->max_B * m->max_T; // per-layer strides use the capacity
-    Activations* a = &m->act;
-    encoder_forward(a->encoded, inputs, m->w.wte, m->w.wpe, B, T, C);
-    for (int l = 0; l < L; l++) {
-        const LayerWeights* w = &m->w.layer[l];
-        const float* residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * cap * C;
-        float* ln1 = a->ln1 + l * cap * C;
-        float* qkv = a->qkv + l * cap * 3 * C;
-        float* atty = a->atty + l * cap * C;
-        float* att = a->att + l * (size_t)m->max_B * NH * m->max_T * m->max_T;
-        float* attproj = a->attproj + l * cap * C;
-        float* residual2 = a->residual2 + l * cap * C;
-        float* ln2 = a->ln2 + l * cap * C;
-        float* fch = a->fch + l * cap * F;
-        float* fch_gelu = a->fch_gelu + l * cap * F;
-        float* fcproj = a->fcproj + l * cap * C;
-        float* residual3 = a->residual3 + l * cap * C;
-        layernorm_forward(ln1, a->ln1_mean + l * cap, a->ln1_rstd + l * cap, residual, w->ln1w, w->ln1b, BT, C);
-        matmul_forward(qkv, ln1, w->qkvw, w->qkvb, BT, C, 3 * C);
-        attention_forward(atty, att, qkv, B, T, C, NH);
-        matmul_forward(attproj, atty, w->attprojw, w->attprojb, BT, C, C);
-        residual_forward(residual2, residual, attproj, BT * C);
-        layernorm_forward(ln2, a->ln2_mean + l * cap, a->ln2_rstd + l * cap, residual2, w->ln2w, w->ln2b, BT, C);
-        matmul_forward(fch, ln2, w->fcw, w->fcb, BT, C, F);
-        gelu_forward(fch_gelu, fch, BT * F);
-        matmul_forward(fcproj, fch_gelu, w->fcprojw, w->fcprojb, BT, F, C);
-        residual_forward(residual3, residual2, fcproj, BT * C);
-    }
-    const float* last = a->residual3 + (L - 1) * cap * C;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, last, m->w.lnfw, m->w.lnfb, BT, C);
-    matmul_forward(a->logits, a->lnf, m->w.wte, NULL, BT, C, Vp); // tied output layer
-    softmax_crossentropy_forward(a->probs, a->losses, a->logits, targets, BT, V, Vp);
-    if (!targets) return 0.0f;
-    double sum = 0.0;
-    for (size_t i = 0; i < BT; i++) sum += a->losses[i];
-    return (float)(sum / BT);
-}
-
-// The gradient of dloss_scale * (mean loss of the last forward), accumulated (+=) into
-// the buffers the sink gives for each region of parameters, which are handed back from
-// the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0, positions,
-// and last the token embedding, which also receives the classifier's gradient first.
-static void gpt2_backward(GPT2* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
-    const ModelConfig* c = &m->config;
-    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
-    size_t BT = (size_t)B * T, cap = (size_t)m->max_B * m->max_T;
-    Activations *a = &m->act, *d = &m->dact;
-    size_t wte_n = (size_t)Vp * C, wpe_off = (size_t)(m->w.wpe - m->params), wpe_n = (size_t)c->max_seq_len * C;
-    size_t lnf_off = (size_t)(m->w.lnfw - m->params);
-    // gradients of activations are accumulated with +=, so start each backward from zero
-    memset(d->memory, 0, d->num_floats * sizeof(float));
-    float* dwte = sink->region(sink, 0, wte_n);
-    float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
-    softmax_crossentropy_backward(a->probs, targets, dloss_scale / (float)BT, BT, Vp);
-    matmul_backward(d->lnf, dwte, NULL, a->probs, a->lnf, m->w.wte, BT, C, Vp);
-    float* dlast = d->residual3 + (L - 1) * cap * C;
-    const float* last = a->residual3 + (L - 1) * cap * C;
-    layernorm_backward(dlast, dlnf, dlnf + C, d->lnf, last, m->w.lnfw, a->lnf_mean, a->lnf_rstd, BT, C);
-    sink->done(sink, lnf_off, 2 * (size_t)C);
-    for (int l = L - 1; l >= 0; l--) {
-        const LayerWeights* w = &m->w.layer[l];
-        LayerWeights g;
-        size_t layer_off = m->layer_offset0 + l * m->layer_size;
-        point_layer_grads(&g, sink->region(sink, layer_off, m->layer_size), c, l, &m->w);
-        const float* residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * cap * C;
-        float* dresidual = l == 0 ? d->encoded : d->residual3 + (l - 1) * cap * C;
-        size_t o1 = l * cap, oC = l * cap * C, oF = l * cap * F;
-        size_t oatt = l * (size_t)m->max_B * NH * m->max_T * m->max_T;
-        float* dresidual3 = d->residual3 + oC;
-        // residual3 = residual2 + fcproj
-        residual_backward(d->residual2 + oC, d->fcproj + oC, dresidual3, BT * C);
-        matmul_backward(d->fch_gelu + oF, g.fcprojw, g.fcprojb, d->fcproj + oC, a->fch_gelu + oF, w->fcprojw, BT, F, C);
-        gelu_backward(d->fch + oF, a->fch + oF, d->fch_gelu + oF, BT * F);
-        matmul_backward(d->ln2 + oC, g.fcw, g.fcb, d->fch + oF, a->ln2 + oC, w->fcw, BT, C, F);
-        layernorm_backward(d->residual2 + oC, g.ln2w, g.ln2b, d->ln2 + oC, a->residual2 + oC, w->ln2w, a->ln2_mean + o1, a->ln2_rstd + o1, BT, C);
-        // residual2 = residual + attproj
-        residual_backward(dresidual, d->attproj + oC, d->residual2 + oC, BT * C);
-        matmul_backward(d->atty + oC, g.attprojw, g.attprojb, d->attproj + oC, a->atty + oC, w->attprojw, BT, C, C);
-        attention_backward(d->qkv + l * cap * 3 * C, d->att + oatt, d->atty + oC, a->qkv + l * cap * 3 * C, a->att + oatt, B, T, C, NH);
-        matmul_backward(d->ln1 + oC, g.qkvw, g.qkvb, d->qkv + l * cap * 3 * C, a->ln1 + oC, w->qkvw, BT, C, 3 * C);
-        layernorm_backward(dresidual, g.ln1w, g.ln1b, d->ln1 + oC, residual, w->ln1w, a->ln1_mean + o1, a->ln1_rstd + o1, BT, C);
-        sink->done(sink, layer_off, m->layer_size);
-    }
-    float* dwpe = sink->region(sink, wpe_off, wpe_n);
-    encoder_backward(dwte, dwpe, d->encoded, inputs, B, T, C);
-    sink->done(sink, wpe_off, wpe_n);
-    sink->done(sink, 0, wte_n);
-}
-
 // ----------------------------------------------------------------------------
 // optimizer buffers: the arithmetic ZeRO does on gradients, master weights and moments
 // (dstrain.h's BufferOps), on host memory with OpenMP
@@ -725,7 +839,8 @@ static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(f
 static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((GPT2*)model)->params + offset, master, n * sizeof(float)); }
 static float cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
 static void cpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
-    gpt2_backward((GPT2*)m, inputs, targets, B, T, dloss_scale, sink);
+    (void)targets; // forward kept them
+    gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink);
 }
 static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {

@@ -1,10 +1,28 @@
 /*
 train_gpt.cu: the GPU trainer. GPT-2 as explicit CUDA kernels (forward and backward), matrix
 products through cuBLASLt, a flash-attention-style causal attention kernel, fused AdamW,
-trained the way DeepSpeed trains it, on one GPU. Everything that is not model math (config, batch rules,
+trained the way DeepSpeed trains it. Everything that is not model math (config, batch rules,
 loss scaler, step logic, data loader, checkpoints, logs, command line, the training loop) is
 in dstrain.h and shared with the CPU trainer, train_gpt.c, which is the reference for every
 layer here: both compute the same function, layer by layer.
+
+Sections, in order; train_gpt.c has the same ones in the same order, with the same names,
+and its own CPU-only ones between them:
+    checked CUDA and cuBLAS calls  (GPU only)
+    precision                      (GPU only) floatX
+    device, stream, cuBLASLt       (GPU only)
+    reductions                     (GPU only) warp and block sums
+    encoder                        token and position embeddings
+    layernorm
+    column sums                    (GPU only) bias and LayerNorm weight gradients
+    matmul                         cuBLASLt
+    attention                      causal self-attention, flash-attention style
+    gelu                           tanh approximation
+    classifier                     softmax and cross-entropy
+    GPT-2                          weights, activations, forward, backward
+    optimizer buffers              the arithmetic of dstrain.h's ZeRO, on the device
+    device statistics              (GPU only) MFU and memory
+    the trainer                    the model behind dstrain.h's ModelOps, and main
 
     make train_gpt_cu PRECISION=BF16 && ./train_gpt_cu --help      (PRECISION: FP32, FP16, BF16)
 
@@ -385,11 +403,6 @@ static void column_sums(float* dst_norm, float* dst, const floatX* dout, const f
     launchCheck();
 }
 
-// dbias (OC) += sum over rows of dout (N,OC)
-static void bias_backward(float* dbias, const floatX* dout, int N, int OC, float* scratch) {
-    column_sums(NULL, dbias, dout, NULL, NULL, NULL, N, OC, scratch);
-}
-
 // dinp (N,C) += LayerNorm backward; dweight (C) += sum dout * norm; dbias (C) += sum dout
 static void layernorm_backward(floatX* dinp, float* dweight, float* dbias, const floatX* dout, const floatX* inp, const floatX* weight,
                                const float* mean, const float* rstd, int N, int C, float* scratch) {
@@ -512,6 +525,11 @@ static void matmul_backward_input(floatX* dinp, const floatX* dout, const floatX
 // dweight (OC,C), fp32, += dout^T (OC,N) @ inp (N,C); column-major: dweight^T (C x OC) += inp^T (C x N) dout (N x OC)
 static void matmul_backward_weight(float* dweight, const floatX* dout, const floatX* inp, int N, int C, int OC) {
     matmul_cublaslt(dweight, CUDA_R_32F, NULL, 1.0f, inp, C, 0, dout, OC, 1, C, OC, N, 1.0f, NULL);
+}
+
+// dbias (OC) += sum over rows of dout (N,OC) (section "column sums")
+static void bias_backward(float* dbias, const floatX* dout, int N, int OC, float* scratch) {
+    column_sums(NULL, dbias, dout, NULL, NULL, NULL, N, OC, scratch);
 }
 
 // ----------------------------------------------------------------------------
@@ -875,7 +893,7 @@ static void attention_backward(floatX* dqkv, float* D, const floatX* dout, const
 // ----------------------------------------------------------------------------
 // gelu (tanh approximation)
 
-#define GELU_COEF 0.7978845608028654f // sqrt(2 / pi)
+#define GELU_SCALE 0.7978845608028654f // sqrt(2 / pi)
 
 // out (N) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); one thread per pack
 __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t N) {
@@ -884,7 +902,7 @@ __global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t N) {
     PackX x = *(const PackX*)(inp + i), o;
     for (int k = 0; k < X_PER_PACK; k++) {
         float v = to_float(x.v[k]);
-        o.v[k] = to_floatX(0.5f * v * (1.0f + tanhf(GELU_COEF * (v + 0.044715f * v * v * v))));
+        o.v[k] = to_floatX(0.5f * v * (1.0f + tanhf(GELU_SCALE * (v + 0.044715f * v * v * v))));
     }
     *(PackX*)(out + i) = o;
 }
@@ -896,8 +914,8 @@ __global__ void gelu_backward_kernel(floatX* d, const floatX* inp, size_t N) {
     PackX x = *(const PackX*)(inp + i), g = *(const PackX*)(d + i);
     for (int k = 0; k < X_PER_PACK; k++) {
         float v = to_float(x.v[k]);
-        float th = tanhf(GELU_COEF * (v + 0.044715f * v * v * v));
-        float grad = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_COEF * (1.0f + 3.0f * 0.044715f * v * v);
+        float th = tanhf(GELU_SCALE * (v + 0.044715f * v * v * v));
+        float grad = 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * GELU_SCALE * (1.0f + 3.0f * 0.044715f * v * v);
         g.v[k] = to_floatX(grad * to_float(g.v[k]));
     }
     *(PackX*)(d + i) = g;
@@ -967,152 +985,6 @@ static void classifier_backward(floatX* logits, const float* lse, const int* tar
     classifier_backward_kernel<<<N, CLASSIFIER_THREADS, 0, stream>>>(logits, lse, targets, dloss, V, Vp);
     launchCheck();
 }
-
-// ----------------------------------------------------------------------------
-// optimizer buffers: the arithmetic ZeRO (dstrain.h) does on the fp32 gradients, master
-// weights and Adam moments, as kernels on the device (dstrain.h's BufferOps)
-
-// A fixed grid, independent of the device, so the partial sums and their order are too.
-#define STATS_BLOCKS 1024
-#define STATS_THREADS 512
-
-// partial sums of squares (STATS_BLOCKS, fp64) and counts of inf/nan over g (n): the global
-// norm and the overflow check in one read of the gradients
-__global__ void __launch_bounds__(STATS_THREADS) grad_stats_kernel(double* partial_sumsq, int* partial_nonfinite, const float* g, size_t n) {
-    double ss = 0.0;
-    int bad = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float v = g[i];
-        ss += (double)v * v;
-        bad += !isfinite(v);
-    }
-    ss = block_sum(ss);
-    bad = block_sum(bad);
-    if (threadIdx.x == 0) { partial_sumsq[blockIdx.x] = ss; partial_nonfinite[blockIdx.x] = bad; }
-}
-
-// the totals of grad_stats_kernel's partials
-typedef struct { double sumsq; int nonfinite; } GradStatsTotals;
-
-// out = the partials added in order; one block of STATS_BLOCKS threads
-__global__ void __launch_bounds__(STATS_BLOCKS) grad_stats_finalize_kernel(GradStatsTotals* out, const double* partial_sumsq, const int* partial_nonfinite) {
-    double ss = block_sum(partial_sumsq[threadIdx.x]);
-    int bad = block_sum(partial_nonfinite[threadIdx.x]);
-    if (threadIdx.x == 0) { out->sumsq = ss; out->nonfinite = bad; }
-}
-
-// buffers of grad_stats: the partials, the totals, and their pinned host copy
-typedef struct {
-    double* partial_sumsq;  // (STATS_BLOCKS)
-    int* partial_nonfinite; // (STATS_BLOCKS)
-    GradStatsTotals* device;
-    GradStatsTotals* host;
-} GradStats;
-
-static void grad_stats_init(GradStats* s) {
-    cudaCheck(cudaMalloc(&s->partial_sumsq, STATS_BLOCKS * sizeof(double)));
-    cudaCheck(cudaMalloc(&s->partial_nonfinite, STATS_BLOCKS * sizeof(int)));
-    cudaCheck(cudaMalloc(&s->device, sizeof(GradStatsTotals)));
-    cudaCheck(cudaMallocHost(&s->host, sizeof(GradStatsTotals)));
-}
-
-// Any inf/nan in g (n), and its sum of squares, on the host (one sync: the step logic needs them).
-static void grad_stats(GradStats* s, const float* g, size_t n, int* nonfinite, double* sumsq) {
-    grad_stats_kernel<<<STATS_BLOCKS, STATS_THREADS, 0, stream>>>(s->partial_sumsq, s->partial_nonfinite, g, n);
-    launchCheck();
-    grad_stats_finalize_kernel<<<1, STATS_BLOCKS, 0, stream>>>(s->device, s->partial_sumsq, s->partial_nonfinite);
-    launchCheck();
-    cudaCheck(cudaMemcpyAsync(s->host, s->device, sizeof(GradStatsTotals), cudaMemcpyDeviceToHost, stream));
-    cudaCheck(cudaStreamSynchronize(stream));
-    *nonfinite = s->host->nonfinite > 0;
-    *sumsq = s->host->sumsq;
-}
-
-// AdamW with DeepSpeed's semantics (DEEPSPEED.md section 4, step 5) over n parameters, as
-// host_adamw in train_gpt.c: g = grad * grad_factor (unscale and clip); adam_w_mode false
-// adds L2 to g; fp32 master, m, v. (The floatX weights follow through ModelOps.set_weights.)
-__global__ void adamw_kernel(float* master, float* m, float* v, const float* grads, size_t n, float grad_factor, float lr,
-                             float b1, float b2, float bc1, float bc2, float eps, float wd, int decoupled) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float p = master[i];
-    float g = grads[i] * grad_factor;
-    if (!decoupled) g += wd * p;
-    float mi = b1 * m[i] + (1.0f - b1) * g;
-    float vi = b2 * v[i] + (1.0f - b2) * g * g;
-    float update = (mi / bc1) / (sqrtf(vi / bc2) + eps);
-    if (decoupled) update += wd * p;
-    m[i] = mi;
-    v[i] = vi;
-    master[i] = p - lr * update;
-}
-
-static void adamw_update(float* master, float* m, float* v, const float* grads, size_t n, const StepPlan* p, const DSConfig* c) {
-    float b1 = (float)c->betas[0], b2 = (float)c->betas[1];
-    float bc1 = 1.0f - powf(b1, (float)p->adam_t), bc2 = 1.0f - powf(b2, (float)p->adam_t);
-    adamw_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(master, m, v, grads, n, p->grad_factor, p->lr, b1, b2, bc1, bc2, (float)c->eps,
-                                                     (float)c->weight_decay, c->adam_w_mode);
-    launchCheck();
-}
-
-// dst (n) += scale * src
-__global__ void add_scaled_kernel(float* dst, const float* src, float scale, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] += scale * src[i];
-}
-
-// dst (n) *= s
-__global__ void scale_kernel(float* dst, float s, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] *= s;
-}
-
-// dst (n) = src rounded to floatX: the working weights from the fp32 master
-__global__ void weights_from_master_kernel(floatX* dst, const float* src, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = to_floatX(src[i]);
-}
-
-static void weights_from_master(floatX* dst, const float* master, size_t n) {
-    weights_from_master_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, master, n);
-    launchCheck();
-}
-
-static void* buffer_alloc(size_t bytes) {
-    void* p;
-    cudaCheck(cudaMalloc(&p, bytes ? bytes : 1));
-    cudaCheck(cudaMemset(p, 0, bytes));
-    return p;
-}
-static void buffer_release(void* p) { cudaCheck(cudaFree(p)); }
-static void buffer_copy(float* dst, const float* src, size_t n) { cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream)); }
-static void buffer_zero(float* dst, size_t n) { cudaCheck(cudaMemsetAsync(dst, 0, n * sizeof(float), stream)); }
-static void buffer_add_scaled(float* dst, const float* src, float scale, size_t n) {
-    add_scaled_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, src, scale, n);
-    launchCheck();
-}
-static void buffer_scale(float* dst, float s, size_t n) {
-    scale_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, s, n);
-    launchCheck();
-}
-static void buffer_stats(const float* g, size_t n, int* nonfinite, double* sumsq) {
-    static GradStats s; // for the life of the process
-    static int ready = 0;
-    if (!ready) { grad_stats_init(&s); ready = 1; }
-    grad_stats(&s, g, n, nonfinite, sumsq);
-}
-// host copies are complete (and the host buffer free to change) when these return
-static void buffer_to_host(float* host_dst, const float* src, size_t n) {
-    cudaCheck(cudaMemcpyAsync(host_dst, src, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
-    cudaCheck(cudaStreamSynchronize(stream));
-}
-static void buffer_from_host(float* dst, const float* host_src, size_t n) {
-    cudaCheck(cudaMemcpyAsync(dst, host_src, n * sizeof(float), cudaMemcpyHostToDevice, stream));
-    cudaCheck(cudaStreamSynchronize(stream));
-}
-
-static const BufferOps DEVICE_BUFFERS = {0, buffer_alloc, buffer_release, buffer_copy, buffer_zero, buffer_add_scaled, buffer_scale,
-                                         buffer_stats, adamw_update, buffer_to_host, buffer_from_host};
 
 // ----------------------------------------------------------------------------
 // GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
@@ -1430,6 +1302,152 @@ static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_
     sink->done(sink, o->wpe, o->wpe_n);
     sink->done(sink, o->wte, o->wte_n);
 }
+
+// ----------------------------------------------------------------------------
+// optimizer buffers: the arithmetic ZeRO (dstrain.h) does on the fp32 gradients, master
+// weights and Adam moments, as kernels on the device (dstrain.h's BufferOps)
+
+// A fixed grid, independent of the device, so the partial sums and their order are too.
+#define STATS_BLOCKS 1024
+#define STATS_THREADS 512
+
+// partial sums of squares (STATS_BLOCKS, fp64) and counts of inf/nan over g (n): the global
+// norm and the overflow check in one read of the gradients
+__global__ void __launch_bounds__(STATS_THREADS) grad_stats_kernel(double* partial_sumsq, int* partial_nonfinite, const float* g, size_t n) {
+    double ss = 0.0;
+    int bad = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float v = g[i];
+        ss += (double)v * v;
+        bad += !isfinite(v);
+    }
+    ss = block_sum(ss);
+    bad = block_sum(bad);
+    if (threadIdx.x == 0) { partial_sumsq[blockIdx.x] = ss; partial_nonfinite[blockIdx.x] = bad; }
+}
+
+// the totals of grad_stats_kernel's partials
+typedef struct { double sumsq; int nonfinite; } GradStatsTotals;
+
+// out = the partials added in order; one block of STATS_BLOCKS threads
+__global__ void __launch_bounds__(STATS_BLOCKS) grad_stats_finalize_kernel(GradStatsTotals* out, const double* partial_sumsq, const int* partial_nonfinite) {
+    double ss = block_sum(partial_sumsq[threadIdx.x]);
+    int bad = block_sum(partial_nonfinite[threadIdx.x]);
+    if (threadIdx.x == 0) { out->sumsq = ss; out->nonfinite = bad; }
+}
+
+// buffers of grad_stats: the partials, the totals, and their pinned host copy
+typedef struct {
+    double* partial_sumsq;  // (STATS_BLOCKS)
+    int* partial_nonfinite; // (STATS_BLOCKS)
+    GradStatsTotals* device;
+    GradStatsTotals* host;
+} GradStats;
+
+static void grad_stats_init(GradStats* s) {
+    cudaCheck(cudaMalloc(&s->partial_sumsq, STATS_BLOCKS * sizeof(double)));
+    cudaCheck(cudaMalloc(&s->partial_nonfinite, STATS_BLOCKS * sizeof(int)));
+    cudaCheck(cudaMalloc(&s->device, sizeof(GradStatsTotals)));
+    cudaCheck(cudaMallocHost(&s->host, sizeof(GradStatsTotals)));
+}
+
+// Any inf/nan in g (n), and its sum of squares, on the host (one sync: the step logic needs them).
+static void grad_stats(GradStats* s, const float* g, size_t n, int* nonfinite, double* sumsq) {
+    grad_stats_kernel<<<STATS_BLOCKS, STATS_THREADS, 0, stream>>>(s->partial_sumsq, s->partial_nonfinite, g, n);
+    launchCheck();
+    grad_stats_finalize_kernel<<<1, STATS_BLOCKS, 0, stream>>>(s->device, s->partial_sumsq, s->partial_nonfinite);
+    launchCheck();
+    cudaCheck(cudaMemcpyAsync(s->host, s->device, sizeof(GradStatsTotals), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    *nonfinite = s->host->nonfinite > 0;
+    *sumsq = s->host->sumsq;
+}
+
+// AdamW with DeepSpeed's semantics (DEEPSPEED.md section 4, step 5) over n parameters, as
+// host_adamw in train_gpt.c: g = grad * grad_factor (unscale and clip); adam_w_mode false
+// adds L2 to g; fp32 master, m, v. (The floatX weights follow through ModelOps.set_weights.)
+__global__ void adamw_kernel(float* master, float* m, float* v, const float* grads, size_t n, float grad_factor, float lr,
+                             float b1, float b2, float bc1, float bc2, float eps, float wd, int decoupled) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float p = master[i];
+    float g = grads[i] * grad_factor;
+    if (!decoupled) g += wd * p;
+    float mi = b1 * m[i] + (1.0f - b1) * g;
+    float vi = b2 * v[i] + (1.0f - b2) * g * g;
+    float update = (mi / bc1) / (sqrtf(vi / bc2) + eps);
+    if (decoupled) update += wd * p;
+    m[i] = mi;
+    v[i] = vi;
+    master[i] = p - lr * update;
+}
+
+static void adamw_update(float* master, float* m, float* v, const float* grads, size_t n, const StepPlan* p, const DSConfig* c) {
+    float b1 = (float)c->betas[0], b2 = (float)c->betas[1];
+    float bc1 = 1.0f - powf(b1, (float)p->adam_t), bc2 = 1.0f - powf(b2, (float)p->adam_t);
+    adamw_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(master, m, v, grads, n, p->grad_factor, p->lr, b1, b2, bc1, bc2, (float)c->eps,
+                                                     (float)c->weight_decay, c->adam_w_mode);
+    launchCheck();
+}
+
+// dst (n) += scale * src
+__global__ void add_scaled_kernel(float* dst, const float* src, float scale, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] += scale * src[i];
+}
+
+// dst (n) *= s
+__global__ void scale_kernel(float* dst, float s, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] *= s;
+}
+
+// dst (n) = src rounded to floatX: the working weights from the fp32 master
+__global__ void weights_from_master_kernel(floatX* dst, const float* src, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = to_floatX(src[i]);
+}
+
+static void weights_from_master(floatX* dst, const float* master, size_t n) {
+    weights_from_master_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, master, n);
+    launchCheck();
+}
+
+static void* buffer_alloc(size_t bytes) {
+    void* p;
+    cudaCheck(cudaMalloc(&p, bytes ? bytes : 1));
+    cudaCheck(cudaMemset(p, 0, bytes));
+    return p;
+}
+static void buffer_release(void* p) { cudaCheck(cudaFree(p)); }
+static void buffer_copy(float* dst, const float* src, size_t n) { cudaCheck(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream)); }
+static void buffer_zero(float* dst, size_t n) { cudaCheck(cudaMemsetAsync(dst, 0, n * sizeof(float), stream)); }
+static void buffer_add_scaled(float* dst, const float* src, float scale, size_t n) {
+    add_scaled_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, src, scale, n);
+    launchCheck();
+}
+static void buffer_scale(float* dst, float s, size_t n) {
+    scale_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(dst, s, n);
+    launchCheck();
+}
+static void buffer_stats(const float* g, size_t n, int* nonfinite, double* sumsq) {
+    static GradStats s; // for the life of the process
+    static int ready = 0;
+    if (!ready) { grad_stats_init(&s); ready = 1; }
+    grad_stats(&s, g, n, nonfinite, sumsq);
+}
+// host copies are complete (and the host buffer free to change) when these return
+static void buffer_to_host(float* host_dst, const float* src, size_t n) {
+    cudaCheck(cudaMemcpyAsync(host_dst, src, n * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+}
+static void buffer_from_host(float* dst, const float* host_src, size_t n) {
+    cudaCheck(cudaMemcpyAsync(dst, host_src, n * sizeof(float), cudaMemcpyHostToDevice, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+}
+
+static const BufferOps DEVICE_BUFFERS = {0, buffer_alloc, buffer_release, buffer_copy, buffer_zero, buffer_add_scaled, buffer_scale,
+                                         buffer_stats, adamw_update, buffer_to_host, buffer_from_host};
 
 // ----------------------------------------------------------------------------
 // device statistics: MFU and memory

@@ -22,9 +22,11 @@ static int test_failed_checks, tests_passed, tests_failed;
 // err contains the substring `want`
 #define CHECK_ERR(rc, err, want) CHECK((rc) != 0 && strstr(err, want) != NULL, "expected an error containing \"%s\", got rc %d: \"%s\"", want, rc, err)
 
-#define RUN(test) do { \
+// RUN(test) runs test(); RUN_WITH(test, arg) runs test(arg), for tests that share a fixture
+#define RUN(test) RUN_WITH(test, )
+#define RUN_WITH(test, arg) do { \
     int before = test_failed_checks; \
-    test(); \
+    test(arg); \
     if (test_failed_checks == before) { tests_passed++; printf("ok   %s\n", #test); } \
     else { tests_failed++; printf("FAIL %s\n", #test); } \
     fflush(stdout); \

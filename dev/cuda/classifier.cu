@@ -1,7 +1,7 @@
 /*
 The fused classifier (softmax over the V real tokens of the padded logits, cross-entropy,
 and its gradient written in place over the logits) against the CPU trainer's
-softmax_crossentropy_forward / softmax_crossentropy_backward; then a benchmark at GPT-2
+classifier_forward / classifier_backward; then a benchmark at GPT-2
 124M's shape (B 16, T 1024, Vp 50304).
 
     make dev/cuda/classifier && ./dev/cuda/classifier
@@ -22,8 +22,8 @@ static void check_size(int N, int V, int Vp) {
     classifier_forward(d_losses, d_lse, d_logits, d_targets, N, V, Vp);
     classifier_backward(d_logits, d_lse, d_targets, dloss, N, V, Vp);
     float *probs = (float*)mallocCheck(n * sizeof(float)), *losses = (float*)mallocCheck(N * sizeof(float));
-    cpu::softmax_crossentropy_forward(probs, losses, logits, targets, N, V, Vp);
-    cpu::softmax_crossentropy_backward(probs, targets, dloss, N, Vp);
+    cpu::classifier_forward(losses, probs, logits, targets, N, V, Vp);
+    cpu::classifier_backward(probs, targets, dloss, N, Vp);
     float *g_losses = host_float(d_losses, N), *g_dlogits = host_float(d_logits, n);
     // losses: fp32 sums over V terms; dlogits: one rounding, an fp32 exp of the logit minus the log-sum-exp
     check("forward: losses", g_losses, losses, N, tolerance(0, 0, V));

@@ -1,7 +1,8 @@
 /*
 The cuBLASLt matrix products (forward with bias and residual epilogue, input and weight
-gradients, and the bias gradient's column sums) against the CPU trainer's matmul_forward /
-matmul_backward, then a benchmark of GPT-2 124M's products.
+gradients, and the bias gradient's column sums) against the CPU trainer's matmul_forward,
+matmul_backward_input, matmul_backward_weight and bias_backward, then a benchmark of GPT-2
+124M's products.
 
     make dev/cuda/matmul && ./dev/cuda/matmul
 */
@@ -30,8 +31,10 @@ static void check_size(int N, int C, int OC, int with_bias, int with_residual) {
     matmul_backward_input(d_dinp, d_dout, d_w, N, C, OC);
     matmul_backward_weight(d_dw, d_dout, d_inp, N, C, OC);
     if (with_bias) bias_backward(d_db, d_dout, N, OC, d_scratch);
-    float* dinp = (float*)callocCheck(NC, sizeof(float));
-    cpu::matmul_backward(dinp, dw, with_bias ? db : NULL, dout, inp, w, N, C, OC);
+    float* dinp = (float*)callocCheck(NC, sizeof(float)); // the CPU accumulates: from 0, as the GPU writes
+    cpu::matmul_backward_input(dinp, dout, w, N, C, OC);
+    cpu::matmul_backward_weight(dw, dout, inp, N, C, OC);
+    if (with_bias) cpu::bias_backward(db, dout, N, OC);
     float *g_dinp = host_float(d_dinp, NC), *g_dw = host_float(d_dw, OCC), *g_db = host_float(d_db, OC);
     check("backward: dinp", g_dinp, dinp, NC, tolerance(1, 0, OC));
     check("backward: dweight (accumulated, fp32)", g_dw, dw, OCC, tolerance(0, 0, N + 1));
