@@ -6,7 +6,7 @@
 
 CC ?= gcc
 CFLAGS ?= -O3 -march=native
-CFLAGS += -fopenmp -Wall -Wextra -Wno-unused-function
+CFLAGS += -fopenmp -Wall -Wextra
 LDLIBS = -lm
 # the Python with PyTorch, for the reference tests (Debian's python3-torch)
 PYTHON_TORCH ?= /usr/bin/python3
@@ -40,7 +40,7 @@ REFERENCE = dev/data/gpt2_reference.bin
 
 train: train_gpt data
 
-# the GPU trainer arrives with train_gpt.cu; until then, and on machines without a GPU, the CPU trainer
+# from train_gpt.cu where nvcc and a GPU are present, otherwise from train_gpt.c (the CPU trainer)
 train_gpt: train_gpt.c $(HEADERS) $(if $(USE_GPU_TRAINER),FORCE)
 	@if [ -n "$(NVCC)" ] && [ "$(HAS_GPU)" != "0" ] && [ "$(HAS_GPU)" != "" ] && [ -f train_gpt.cu ]; then \
 		echo "building ./train_gpt from train_gpt.cu (nvcc: $(NVCC), PRECISION=$(PRECISION))"; \
@@ -99,7 +99,7 @@ clean:
 
 NVCC_FLAGS = -O3 -std=c++17 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
 	-gencode arch=compute_$(lastword $(CUDA_ARCHS)),code=compute_$(lastword $(CUDA_ARCHS)) \
-	-Xcompiler -fopenmp,-Wall,-Wextra,-Wno-unused-function
+	-Xcompiler -fopenmp,-Wall,-Wextra
 NVCC_LDLIBS = -lcublasLt -lm
 NVCC_ENABLE_fp32 = -DENABLE_FP32
 NVCC_ENABLE_fp16 = -DENABLE_FP16

@@ -781,7 +781,6 @@ double ring_bytes(const Comm* c, double total) { return total * (c->world_size -
 // bucket is always one contiguous range and its reduce-scatter is exact.
 
 typedef struct {
-    int host;                                                  // buffers are host memory
     void* (*alloc)(size_t bytes);                              // zero-filled
     void (*release)(void* p);
     void (*copy)(float* dst, const float* src, size_t n);
@@ -2400,268 +2399,30 @@ int launcher_world_size(const char** var) {
     return 1;
 }
 
-#if defined(__CUDACC__) && defined(USE_NCCL)
-#include <cuda_runtime.h>
-#include <nccl.h>
-
-// NCCL backend: device buffers. Collectives run on their own stream, ordered after the
-// trainer's compute stream with events, so a stage-2 bucket's reduce-scatter overlaps the
-// rest of backward; wait() makes the compute stream wait for the result. NCCL needs equal
-// counts for its reduce-scatter and all-gather, and partitions are uneven ranges, so a
-// bucket is reduced to each owner with grouped ncclReduce calls and the weights are
-// gathered with grouped ncclBroadcast calls (the same bytes on the wire).
-typedef struct {
-    ncclComm_t comm;
-    cudaStream_t stream;
-    cudaStream_t* compute; // the trainer's stream (created after the communicator)
-    double* scalars;       // device scratch for host scalars
-} NcclImpl;
-
-typedef struct { cudaEvent_t done; } NcclRequest;
-
-void nccl_check(ncclResult_t r, const char* what, int line) {
-    if (r != ncclSuccess) fatal("NCCL error in %s (dstrain.h:%d): %s", what, line, ncclGetErrorString(r));
-}
-#define ncclCheck(call, what) nccl_check(call, what, __LINE__)
-
-void nccl_begin(Comm* c) { // the collective sees everything the compute stream did before
-    NcclImpl* n = (NcclImpl*)c->impl;
-    cudaEvent_t e;
-    cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
-    cudaEventRecord(e, *n->compute);
-    cudaStreamWaitEvent(n->stream, e, 0);
-    cudaEventDestroy(e);
-}
-
-void* nccl_end(Comm* c) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    NcclRequest* r = (NcclRequest*)mallocCheck(sizeof(NcclRequest));
-    cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming);
-    cudaEventRecord(r->done, n->stream);
-    return r;
-}
-
-void nccl_wait(Comm* c, void* request, const char* what) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    NcclRequest* r = (NcclRequest*)request;
-    double start = wall_seconds();
-    cudaError_t q;
-    while ((q = cudaEventQuery(r->done)) == cudaErrorNotReady) {
-        ncclResult_t async = ncclSuccess;
-        ncclCommGetAsyncError(n->comm, &async);
-        if (async != ncclSuccess) fatal("rank %d: collective '%s' failed: %s", c->rank, what, ncclGetErrorString(async));
-        if (wall_seconds() - start > c->timeout_s) {
-            fprintf(stderr, "error: rank %d: collective '%s' did not complete within %.0f s (another rank died, hangs, or took a different path); ending the run\n", c->rank, what, c->timeout_s);
-            ncclCommAbort(n->comm);
-            exit(3);
-        }
-        usleep(50);
-    }
-    if (q != cudaSuccess) fatal("rank %d: collective '%s': %s", c->rank, what, cudaGetErrorString(q));
-    cudaStreamWaitEvent(*n->compute, r->done, 0);
-    cudaEventDestroy(r->done);
-    free(r);
-}
-
-void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    nccl_begin(c);
-    cudaMemcpyAsync(n->scalars, v, count * sizeof(double), cudaMemcpyHostToDevice, n->stream);
-    ncclCheck(ncclAllReduce(n->scalars, n->scalars, count, ncclDouble, op_max ? ncclMax : ncclSum, n->comm, n->stream), what);
-    cudaMemcpyAsync(v, n->scalars, count * sizeof(double), cudaMemcpyDeviceToHost, n->stream);
-    nccl_wait(c, nccl_end(c), what);
-    c->bytes_sent += 2 * ring_bytes(c, count * 8.0);
-}
-
-void nccl_allreduce_f32(Comm* c, float* buf, size_t count, const char* what) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    nccl_begin(c);
-    ncclCheck(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, n->comm, n->stream), what);
-    nccl_wait(c, nccl_end(c), what);
-    c->bytes_sent += 2 * ring_bytes(c, count * 4.0);
-}
-
-void* nccl_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    nccl_begin(c);
-    ncclCheck(ncclGroupStart(), what);
-    size_t offset = 0;
-    for (int k = 0; k < c->world_size; k++) {
-        if (counts[k]) ncclCheck(ncclReduce(send + offset, recv, counts[k], ncclFloat, ncclSum, k, n->comm, n->stream), what);
-        offset += counts[k];
-    }
-    ncclCheck(ncclGroupEnd(), what);
-    c->bytes_sent += ring_bytes(c, offset * 4.0);
-    return nccl_end(c);
-}
-
-void nccl_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    nccl_begin(c);
-    ncclCheck(ncclGroupStart(), what);
-    double total = 0;
-    for (int k = 0; k < c->world_size; k++) {
-        char* p = (char*)buf + displs[k] * elem_size;
-        if (counts[k]) ncclCheck(ncclBroadcast(p, p, counts[k] * elem_size, ncclInt8, k, n->comm, n->stream), what);
-        total += counts[k] * elem_size;
-    }
-    ncclCheck(ncclGroupEnd(), what);
-    nccl_wait(c, nccl_end(c), what);
-    c->bytes_sent += ring_bytes(c, total);
-}
-
-void nccl_barrier(Comm* c, const char* what) {
-    double zero = 0;
-    nccl_allreduce_f64(c, &zero, 1, 0, what);
-}
-
-void nccl_finalize(Comm* c) {
-    NcclImpl* n = (NcclImpl*)c->impl;
-    ncclCommDestroy(n->comm);
-    cudaFree(n->scalars);
-    cudaStreamDestroy(n->stream);
-    free(n);
-}
-
-// `id` must be the same on every rank (from ncclGetUniqueId on rank 0, shared by MPI,
-// TCP or a file); the device must already be selected.
-void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const ncclUniqueId* id, cudaStream_t* compute) {
-    NcclImpl* n = (NcclImpl*)callocCheck(1, sizeof(NcclImpl));
-    Comm m = {"nccl", rank, world, local_rank, 300.0, 0.0, n, nccl_allreduce_f64, nccl_allreduce_f32, nccl_reduce_scatter_start,
-              nccl_wait, nccl_allgather, nccl_barrier, nccl_finalize};
-    *c = m;
-    n->compute = compute;
-    if (cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking) != cudaSuccess || cudaMalloc(&n->scalars, 64 * sizeof(double)) != cudaSuccess) {
-        fatal("rank %d: cannot create the NCCL stream", rank);
-    }
-    ncclCheck(ncclCommInitRank(&n->comm, world, *id, rank), "ncclCommInitRank");
-}
-
+// The ranks of a trainer on host buffers (ModelOps.init_comm of the CPU trainer): mpirun
+// (the MPI backend, in builds with MPI), or one. MPI has no rendezvous to bound: the
+// timeout applies to the collectives (train_main sets it for every backend).
+void comm_init_host(Comm* c, int* argc, char*** argv, double timeout_s) {
+    (void)timeout_s;
+    const char* var = NULL;
+    int launched = launcher_world_size(&var);
 #ifdef USE_MPI
-// MPI for device buffers through host copies: how several ranks share one GPU (NCCL
-// refuses that), so a single-GPU machine can test sharding. Collectives are blocking.
-typedef struct { cudaStream_t* compute; float* host; size_t capacity; } StagedImpl;
-
-float* staged_host(Comm* c, size_t bytes) {
-    StagedImpl* s = (StagedImpl*)c->impl;
-    if (bytes > s->capacity) {
-        free(s->host);
-        s->host = (float*)mallocCheck(bytes);
-        s->capacity = bytes;
-    }
-    cudaStreamSynchronize(*s->compute); // the device data is complete
-    return s->host;
-}
-
-void staged_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
-    float* h = staged_host(c, n * sizeof(float));
-    cudaMemcpy(h, buf, n * sizeof(float), cudaMemcpyDeviceToHost);
-    mpi_allreduce_f32(c, h, n, what);
-    cudaMemcpy(buf, h, n * sizeof(float), cudaMemcpyHostToDevice);
-}
-
-void* staged_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
-    size_t total = 0;
-    for (int k = 0; k < c->world_size; k++) total += counts[k];
-    float* h = staged_host(c, (total + counts[c->rank]) * sizeof(float));
-    cudaMemcpy(h, send, total * sizeof(float), cudaMemcpyDeviceToHost);
-    mpi_wait(c, mpi_reduce_scatter_start(c, h, h + total, counts, what), what);
-    cudaMemcpy(recv, h + total, counts[c->rank] * sizeof(float), cudaMemcpyHostToDevice);
-    return NULL;
-}
-
-void staged_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
-
-void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
-    size_t end = 0;
-    for (int k = 0; k < c->world_size; k++) if (displs[k] + counts[k] > end) end = displs[k] + counts[k];
-    char* h = (char*)staged_host(c, end * elem_size);
-    cudaMemcpy(h, buf, end * elem_size, cudaMemcpyDeviceToHost);
-    mpi_allgather(c, h, elem_size, counts, displs, what);
-    cudaMemcpy(buf, h, end * elem_size, cudaMemcpyHostToDevice);
-}
-
-// Turns an MPI communicator into one for device buffers.
-void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
-    StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
-    s->compute = compute;
-    c->impl = s;
-    c->backend = "mpi (device buffers staged through host memory: several ranks share a GPU)";
-    c->allreduce_f32 = staged_allreduce_f32;
-    c->reduce_scatter_start = staged_reduce_scatter_start;
-    c->wait = staged_wait;
-    c->allgather = staged_allgather;
-}
-
-void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
-#endif
-
-// The GPU trainer's ranks: one GPU per local rank, NCCL between them. NCCL's unique id
-// travels over MPI (mpirun), over TCP to MASTER_ADDR:MASTER_PORT (torchrun, the
-// DeepSpeed launcher, Slurm), or through DSTRAIN_NCCL_ID_FILE on a shared file system.
-// When several ranks must share a GPU, MPI with host staging replaces NCCL.
-void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, double timeout_s) {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
-    LaunchEnv env = {0, 1, 0, NULL};
-    char err[512];
-    int from_env = launch_env(&env, err, sizeof err);
-    if (from_env < 0) fatal("%s", err);
-    ncclUniqueId id;
-#ifdef USE_MPI
-    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
-        Comm probe;
-        comm_init_mpi(&probe, argc, argv);
-        int local_ranks = 0;
-        MPI_Comm local;
-        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, probe.rank, MPI_INFO_NULL, &local);
-        MPI_Comm_size(local, &local_ranks);
-        MPI_Comm_free(&local);
-        cudaSetDevice(probe.local_rank % devices);
-        if (probe.world_size == 1 || local_ranks > devices) { // NCCL cannot put two ranks on one GPU
-            *c = probe;
-            if (probe.world_size > 1) comm_stage_through_host(c, compute);
-            return;
-        }
-        if (probe.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
-        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
-        comm_init_nccl(c, probe.rank, probe.world_size, probe.local_rank, &id, compute);
-        c->finalize = nccl_mpi_finalize; // MPI launched the ranks: finalize it too
-        return;
-    }
+    // mpirun (Open MPI, MPICH) or srun with PMIx start MPI programs
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) { comm_init_mpi(c, argc, argv); return; }
 #else
     (void)argc; (void)argv;
 #endif
-    if (from_env == 0 || env.world_size == 1) { cudaSetDevice(0); comm_init_single(c); return; }
-    cudaSetDevice(env.local_rank % devices);
-    if (env.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
-    const char* file = getenv("DSTRAIN_NCCL_ID_FILE");
-    if (file) { // rank 0 writes the id atomically, the others wait for it
-        char tmp[PATH_LEN];
-        format_path(tmp, sizeof tmp, "%s.tmp", file);
-        if (env.rank == 0) {
-            FILE* f = fopenCheck(tmp, "wb");
-            fwrite_check(&id, sizeof id, 1, f, tmp);
-            fclose(f);
-            if (rename(tmp, file) != 0) fatal("cannot rename '%s' to '%s': %s", tmp, file, strerror(errno));
-        } else {
-            double start = wall_seconds();
-            while (file_size(file) != (long long)sizeof id) {
-                if (wall_seconds() - start > timeout_s) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within %.0f s (--comm-timeout)", env.rank, file, timeout_s);
-                usleep(100000);
-            }
-            FILE* f = fopenCheck(file, "rb");
-            fread_check(&id, sizeof id, 1, f, file);
-            fclose(f);
-        }
-    } else {
-        const char *addr = getenv("MASTER_ADDR"), *port = getenv("MASTER_PORT");
-        if (!addr || !port) fatal("%s launch (rank %d of %d): set MASTER_ADDR and MASTER_PORT (or DSTRAIN_NCCL_ID_FILE) so the ranks can meet", env.source, env.rank, env.world_size);
-        if (tcp_broadcast(&id, sizeof id, env.rank, env.world_size, addr, port, timeout_s, err, sizeof err)) fatal("%s", err);
-    }
-    comm_init_nccl(c, env.rank, env.world_size, env.local_rank, &id, compute);
-}
+    if (launched > 1) {
+        fatal("%s=%d asks for several ranks, but this trainer %s: launch it with mpirun -np N", var, launched,
+#ifdef USE_MPI
+              "takes its ranks from MPI"
+#else
+              "was built without MPI (install Open MPI and rebuild with make)"
 #endif
+        );
+    }
+    comm_init_single(c);
+}
 
 // ============================================================================
 // PART 4: the training driver
@@ -2676,13 +2437,17 @@ void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, doub
 
 typedef struct {
     const char* name;                                      // "CPU trainer (fp32)", printed at start
+    // the ranks: this process's rank and the backend between them (host MPI, NCCL, ...)
+    void (*init_comm)(Comm* c, int* argc, char*** argv, double timeout_s);
+    void (*describe_run)(const DSConfig* c, const Comm* comm); // refuses what it cannot run, says what it does
     const BufferOps* buf;                                  // arithmetic on the optimizer's buffers
     void* (*build)(const ModelConfig* c, int B, int T, const Options* opt); // activations for (B, T) at most
     size_t (*num_params)(void* model);
     void* (*weights)(void* model, size_t* elem_size);      // the flat working weights (for the all-gather)
     void (*set_weights)(void* model, size_t offset, const float* master, size_t n); // fp32 master -> working weights
     float (*forward)(void* model, const int* inputs, const int* targets, int B, int T); // mean loss
-    void (*backward)(void* model, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink);
+    // gradients of the last forward (same inputs) for loss * dloss_scale, region by region into sink
+    void (*backward)(void* model, const int* inputs, int B, int T, float dloss_scale, GradSink* sink);
     const float* (*probs)(void* model, int position);      // softmax of the last forward at (0, position), host
     void (*describe_memory)(void* model);                  // activations and other buffers of the model
     // optional (NULL on the CPU): MFU and device memory of the step just taken
@@ -2821,7 +2586,7 @@ float train_step(Trainer* tr, StepPlan* plan) {
         tr->forward_ms += ms_since(t0);
         t0 = wall_seconds();
         // DeepSpeed backpropagates loss * scale / ga: the gradient of the step's mean loss, scaled
-        tr->ops->backward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T, loss_scale / tr->ga, &tr->zero.sink);
+        tr->ops->backward(tr->model, tr->train.inputs, tr->B, tr->T, loss_scale / tr->ga, &tr->zero.sink);
         zero_end_backward(&tr->zero);
         tr->backward_ms += ms_since(t0);
     }
@@ -2976,28 +2741,6 @@ void init_weights(Trainer* tr) {
     zero_share_weights(tr);
 }
 
-// The ranks: mpirun (MPI backend, in builds with MPI), or one.
-void init_comm(Comm* c, int* argc, char*** argv) {
-    const char* var = NULL;
-    int launched = launcher_world_size(&var);
-#ifdef USE_MPI
-    // mpirun (Open MPI, MPICH) or srun with PMIx start MPI programs
-    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) { comm_init_mpi(c, argc, argv); return; }
-#else
-    (void)argc; (void)argv;
-#endif
-    if (launched > 1) {
-        fatal("%s=%d asks for several ranks, but this trainer %s: launch it with mpirun -np N", var, launched,
-#ifdef USE_MPI
-              "takes its ranks from MPI"
-#else
-              "was built without MPI (install Open MPI and rebuild with make)"
-#endif
-        );
-    }
-    comm_init_single(c);
-}
-
 // The model configuration: from the checkpoint being resumed, a model file, or the flags.
 ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, CheckpointState* resume_state) {
     char err[1024], path[PATH_LEN];
@@ -3060,23 +2803,19 @@ void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region
 }
 
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.
-int train_main(int argc, char** argv, const ModelOps* ops, void (*describe_run)(const DSConfig*, const Comm*)) {
+int train_main(int argc, char** argv, const ModelOps* ops) {
     Trainer tr;
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
     tr.last_saved = -1;
     parse_args(&tr.opt, argc, argv); // first: --comm-timeout bounds the ranks' rendezvous
-#if defined(DSTRAIN_GPU_STREAM) && defined(USE_NCCL)
-    comm_init_gpu(&tr.comm, &argc, &argv, &DSTRAIN_GPU_STREAM, tr.opt.comm_timeout); // one GPU per local rank
-#else
-    init_comm(&tr.comm, &argc, &argv);
-#endif
+    ops->init_comm(&tr.comm, &argc, &argv, tr.opt.comm_timeout);
     if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
     tr.comm.timeout_s = tr.opt.comm_timeout;
     load_effective_config(&tr.cfg, &tr.opt, tr.comm.world_size);
     printf("dstrain %s, %d rank(s) (%s backend)\n", ops->name, tr.comm.world_size, tr.comm.backend);
     print_config(&tr.cfg, tr.comm.world_size);
-    describe_run(&tr.cfg, &tr.comm);
+    ops->describe_run(&tr.cfg, &tr.comm);
 
     char resume_folder[PATH_LEN] = {0}, err[1024];
     CheckpointState resume_state;

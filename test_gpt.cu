@@ -155,7 +155,7 @@ static void micro_batch_gradients(Trainer* tr, const Reference* ref, const Model
     setup_run(tr, ref, ops, m, &cfg);
     zero_begin_step(&tr->zero);
     ops->forward(m, ref->inputs, ref->targets, ref->B, ref->T);
-    ops->backward(m, ref->inputs, ref->targets, ref->B, ref->T, scale, &tr->zero.sink);
+    ops->backward(m, ref->inputs, ref->B, ref->T, scale, &tr->zero.sink);
     zero_end_backward(&tr->zero);
     ops->buf->to_host(grads, tr->zero.grads, tr->num_params);
     for (size_t i = 0; i < tr->num_params; i++) grads[i] /= scale;
@@ -177,6 +177,29 @@ static float* master_weights(const Trainer* tr) {
     float* w = (float*)mallocCheck(tr->num_params * sizeof(float));
     tr->ops->buf->to_host(w, tr->zero.master, tr->num_params);
     return w;
+}
+
+// writes r in the format reference_load reads
+static void reference_save(const Reference* r, const char* path) {
+    FILE* f = fopenCheck(path, "wb");
+    int32_t h[256] = {20261127, 1, r->V, r->Vp, r->maxT, r->L, r->H, r->C, r->B, r->T, r->ga, r->steps, r->num_params, r->warmup_steps, r->warmup_type};
+    float hp[16] = {r->lr, r->beta1, r->beta2, r->eps, r->weight_decay, r->grad_clip, r->warmup_min_lr, r->warmup_max_lr};
+    size_t P = r->num_params, tok = (size_t)r->ga * r->B * r->T;
+    fwrite_check(h, sizeof h, 1, f, path);
+    fwrite_check(hp, sizeof hp, 1, f, path);
+    fwrite_check(r->params, sizeof(float), P, f, path);
+    fwrite_check(r->inputs, sizeof(int), tok, f, path);
+    fwrite_check(r->targets, sizeof(int), tok, f, path);
+    fwrite_check(r->logits, sizeof(float), (size_t)r->B * r->T * r->V, f, path);
+    fwrite_check(&r->loss, sizeof(float), 1, f, path);
+    fwrite_check(r->grads, sizeof(float), P, f, path);
+    for (int run = 0; run < 2; run++) {
+        fwrite_check(r->losses[run], sizeof(float), r->steps, f, path);
+        fwrite_check(r->norms[run], sizeof(float), r->steps, f, path);
+        fwrite_check(r->lrs[run], sizeof(float), r->steps, f, path);
+        fwrite_check(r->final[run], sizeof(float), P, f, path);
+    }
+    if (fclose(f) != 0) fatal("cannot write '%s': %s", path, strerror(errno));
 }
 
 // --write-cpu-reference: the reference's configuration (dev/reference.py's), computed by the CPU trainer

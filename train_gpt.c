@@ -804,7 +804,7 @@ static void host_stats(const float* g, size_t n, int* nonfinite, double* sumsq) 
     *sumsq = ss;
 }
 
-// AdamW with DeepSpeed's semantics (DEEPSPEED.md section 4, step 5) over n parameters.
+// AdamW with DeepSpeed's semantics (doc/deepspeed.md section 5) over n parameters.
 // The gradients are multiplied by p->grad_factor first: unscale and clip in one factor.
 static void host_adamw(float* params, float* m, float* v, const float* grads, size_t n, const StepPlan* p, const DSConfig* c) {
     float b1 = (float)c->betas[0], b2 = (float)c->betas[1], eps = (float)c->eps, wd = (float)c->weight_decay, lr = p->lr;
@@ -822,7 +822,7 @@ static void host_adamw(float* params, float* m, float* v, const float* grads, si
     }
 }
 
-static const BufferOps HOST_BUFFERS = {1, host_alloc, host_release, host_copy, host_zero, host_add_scaled, host_scale,
+static const BufferOps HOST_BUFFERS = {host_alloc, host_release, host_copy, host_zero, host_add_scaled, host_scale,
                                        host_stats, host_adamw, host_copy, host_copy};
 
 // ----------------------------------------------------------------------------
@@ -838,19 +838,13 @@ static size_t cpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
 static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(float); return ((GPT2*)model)->params; }
 static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((GPT2*)model)->params + offset, master, n * sizeof(float)); }
 static float cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
-static void cpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
-    (void)targets; // forward kept them
-    gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink);
-}
+static void cpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink); }
 static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {
     GPT2* m = (GPT2*)model;
     printf("  activations: %.1f MB (forward) + %.1f MB (their gradients)\n", m->act.num_floats * 4 / 1e6, m->dact.num_floats * 4 / 1e6);
 }
 static void cpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
-
-static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", &HOST_BUFFERS, cpu_build, cpu_num_params, cpu_weights, cpu_set_weights,
-                                 cpu_forward, cpu_backward, cpu_probs, cpu_describe_memory, NULL, cpu_free};
 
 // Says plainly which configured features this run does without.
 static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
@@ -863,8 +857,11 @@ static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
     if (c->fp16_enabled) printf("note: fp16.enabled: the CPU trainer computes in fp32 and applies DeepSpeed's loss scaling to the fp32 gradients\n");
 }
 
+static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", comm_init_host, cpu_describe_run, &HOST_BUFFERS, cpu_build, cpu_num_params,
+                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_backward, cpu_probs, cpu_describe_memory, NULL, cpu_free};
+
 #ifndef TESTING
 int main(int argc, char** argv) {
-    return train_main(argc, argv, &CPU_OPS, cpu_describe_run);
+    return train_main(argc, argv, &CPU_OPS);
 }
 #endif

@@ -22,6 +22,7 @@ and its own CPU-only ones between them:
     GPT-2                          weights, activations, forward, backward
     optimizer buffers              the arithmetic of dstrain.h's ZeRO, on the device
     device statistics              (GPU only) MFU and memory
+    several GPUs                   (GPU only) NCCL, host staging through MPI, comm_init_gpu
     the trainer                    the model behind dstrain.h's ModelOps, and main
 
     make train_gpt_cu PRECISION=BF16 && ./train_gpt_cu --help      (PRECISION: FP32, FP16, BF16)
@@ -58,9 +59,6 @@ Determinism: no floating-point atomics anywhere. Every reduction (LayerNorm and 
 gradients, the embedding gradient, the attention gradients, the global norm) has a fixed
 order, so two identical runs are bit-identical.
 */
-#include <cuda_runtime.h>
-static cudaStream_t stream; // the one stream of compute; dstrain.h orders its NCCL collectives after it
-#define DSTRAIN_GPU_STREAM stream
 #include "dstrain.h"
 #include <cublasLt.h>
 #include <cuda_bf16.h>
@@ -68,6 +66,9 @@ static cudaStream_t stream; // the one stream of compute; dstrain.h orders its N
 #include <cuda_runtime.h>
 #include <mma.h>
 #include <type_traits>
+#ifdef USE_NCCL
+#include <nccl.h>
+#endif
 
 // ----------------------------------------------------------------------------
 // checked CUDA and cuBLAS calls
@@ -122,6 +123,7 @@ struct alignas(16) PackX { floatX v[X_PER_PACK]; };
 // ----------------------------------------------------------------------------
 // device, stream, cuBLASLt: one device and one stream per process
 
+static cudaStream_t stream; // the one stream of compute; NCCL's collectives are ordered after it (several GPUs)
 static cudaDeviceProp device_prop;
 static cublasLtHandle_t cublaslt;
 static void* cublaslt_workspace;
@@ -133,7 +135,7 @@ static void cuda_setup(void) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) fatal("no CUDA device (%s): the GPU trainer needs an NVIDIA GPU; build the CPU trainer with `make train_gpt_cpu`", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
-    int device = 0; // chosen by dstrain.h's comm_init_gpu: one GPU per local rank
+    int device = 0; // chosen by comm_init_gpu (several GPUs): one GPU per local rank
     cudaCheck(cudaGetDevice(&device));
     cudaCheck(cudaGetDeviceProperties(&device_prop, device));
     cudaCheck(cudaStreamCreate(&stream));
@@ -1363,7 +1365,7 @@ static void grad_stats(GradStats* s, const float* g, size_t n, int* nonfinite, d
     *sumsq = s->host->sumsq;
 }
 
-// AdamW with DeepSpeed's semantics (DEEPSPEED.md section 4, step 5) over n parameters, as
+// AdamW with DeepSpeed's semantics (doc/deepspeed.md section 5) over n parameters, as
 // host_adamw in train_gpt.c: g = grad * grad_factor (unscale and clip); adam_w_mode false
 // adds L2 to g; fp32 master, m, v. (The floatX weights follow through ModelOps.set_weights.)
 __global__ void adamw_kernel(float* master, float* m, float* v, const float* grads, size_t n, float grad_factor, float lr,
@@ -1446,7 +1448,7 @@ static void buffer_from_host(float* dst, const float* host_src, size_t n) {
     cudaCheck(cudaStreamSynchronize(stream));
 }
 
-static const BufferOps DEVICE_BUFFERS = {0, buffer_alloc, buffer_release, buffer_copy, buffer_zero, buffer_add_scaled, buffer_scale,
+static const BufferOps DEVICE_BUFFERS = {buffer_alloc, buffer_release, buffer_copy, buffer_zero, buffer_add_scaled, buffer_scale,
                                          buffer_stats, adamw_update, buffer_to_host, buffer_from_host};
 
 // ----------------------------------------------------------------------------
@@ -1484,6 +1486,281 @@ static double flops_per_token(const GPT2* m) {
 }
 
 // ----------------------------------------------------------------------------
+// several GPUs: the ranks of the GPU trainer and the backends between them, behind
+// dstrain.h's Comm: NCCL between GPUs (one per local rank), and MPI with host staging
+// where several ranks share a GPU. gpu_init_comm is ModelOps.init_comm.
+
+#ifdef USE_NCCL
+
+// NCCL backend: device buffers. Collectives run on their own stream, ordered after the
+// trainer's compute stream with events, so a stage-2 bucket's reduce-scatter overlaps the
+// rest of backward; wait() makes the compute stream wait for the result. NCCL needs equal
+// counts for its reduce-scatter and all-gather, and partitions are uneven ranges, so a
+// bucket is reduced to each owner with grouped ncclReduce calls and the weights are
+// gathered with grouped ncclBroadcast calls (the same bytes on the wire).
+typedef struct {
+    ncclComm_t comm;
+    cudaStream_t stream;
+    cudaStream_t* compute; // the trainer's stream (created after the communicator)
+    double* scalars;       // device scratch for host scalars
+} NcclImpl;
+
+typedef struct { cudaEvent_t done; } NcclRequest;
+
+static void nccl_check(ncclResult_t r, const char* what, int line) {
+    if (r != ncclSuccess) fatal("NCCL error in %s (train_gpt.cu:%d): %s", what, line, ncclGetErrorString(r));
+}
+#define ncclCheck(call, what) nccl_check(call, what, __LINE__)
+
+static void nccl_begin(Comm* c) { // the collective sees everything the compute stream did before
+    NcclImpl* n = (NcclImpl*)c->impl;
+    cudaEvent_t e;
+    cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+    cudaEventRecord(e, *n->compute);
+    cudaStreamWaitEvent(n->stream, e, 0);
+    cudaEventDestroy(e);
+}
+
+static void* nccl_end(Comm* c) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    NcclRequest* r = (NcclRequest*)mallocCheck(sizeof(NcclRequest));
+    cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming);
+    cudaEventRecord(r->done, n->stream);
+    return r;
+}
+
+static void nccl_wait(Comm* c, void* request, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    NcclRequest* r = (NcclRequest*)request;
+    double start = wall_seconds();
+    cudaError_t q;
+    while ((q = cudaEventQuery(r->done)) == cudaErrorNotReady) {
+        ncclResult_t async = ncclSuccess;
+        ncclCommGetAsyncError(n->comm, &async);
+        if (async != ncclSuccess) fatal("rank %d: collective '%s' failed: %s", c->rank, what, ncclGetErrorString(async));
+        if (wall_seconds() - start > c->timeout_s) {
+            fprintf(stderr, "error: rank %d: collective '%s' did not complete within %.0f s (another rank died, hangs, or took a different path); ending the run\n", c->rank, what, c->timeout_s);
+            ncclCommAbort(n->comm);
+            exit(3);
+        }
+        usleep(50);
+    }
+    if (q != cudaSuccess) fatal("rank %d: collective '%s': %s", c->rank, what, cudaGetErrorString(q));
+    cudaStreamWaitEvent(*n->compute, r->done, 0);
+    cudaEventDestroy(r->done);
+    free(r);
+}
+
+static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    cudaMemcpyAsync(n->scalars, v, count * sizeof(double), cudaMemcpyHostToDevice, n->stream);
+    ncclCheck(ncclAllReduce(n->scalars, n->scalars, count, ncclDouble, op_max ? ncclMax : ncclSum, n->comm, n->stream), what);
+    cudaMemcpyAsync(v, n->scalars, count * sizeof(double), cudaMemcpyDeviceToHost, n->stream);
+    nccl_wait(c, nccl_end(c), what);
+    c->bytes_sent += 2 * ring_bytes(c, count * 8.0);
+}
+
+static void nccl_allreduce_f32(Comm* c, float* buf, size_t count, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    ncclCheck(ncclAllReduce(buf, buf, count, ncclFloat, ncclSum, n->comm, n->stream), what);
+    nccl_wait(c, nccl_end(c), what);
+    c->bytes_sent += 2 * ring_bytes(c, count * 4.0);
+}
+
+static void* nccl_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    ncclCheck(ncclGroupStart(), what);
+    size_t offset = 0;
+    for (int k = 0; k < c->world_size; k++) {
+        if (counts[k]) ncclCheck(ncclReduce(send + offset, recv, counts[k], ncclFloat, ncclSum, k, n->comm, n->stream), what);
+        offset += counts[k];
+    }
+    ncclCheck(ncclGroupEnd(), what);
+    c->bytes_sent += ring_bytes(c, offset * 4.0);
+    return nccl_end(c);
+}
+
+static void nccl_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    nccl_begin(c);
+    ncclCheck(ncclGroupStart(), what);
+    double total = 0;
+    for (int k = 0; k < c->world_size; k++) {
+        char* p = (char*)buf + displs[k] * elem_size;
+        if (counts[k]) ncclCheck(ncclBroadcast(p, p, counts[k] * elem_size, ncclInt8, k, n->comm, n->stream), what);
+        total += counts[k] * elem_size;
+    }
+    ncclCheck(ncclGroupEnd(), what);
+    nccl_wait(c, nccl_end(c), what);
+    c->bytes_sent += ring_bytes(c, total);
+}
+
+static void nccl_barrier(Comm* c, const char* what) {
+    double zero = 0;
+    nccl_allreduce_f64(c, &zero, 1, 0, what);
+}
+
+static void nccl_finalize(Comm* c) {
+    NcclImpl* n = (NcclImpl*)c->impl;
+    ncclCommDestroy(n->comm);
+    cudaFree(n->scalars);
+    cudaStreamDestroy(n->stream);
+    free(n);
+}
+
+// `id` must be the same on every rank (from ncclGetUniqueId on rank 0, shared by MPI,
+// TCP or a file); the device must already be selected.
+static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const ncclUniqueId* id, cudaStream_t* compute) {
+    NcclImpl* n = (NcclImpl*)callocCheck(1, sizeof(NcclImpl));
+    Comm m = {"nccl", rank, world, local_rank, 300.0, 0.0, n, nccl_allreduce_f64, nccl_allreduce_f32, nccl_reduce_scatter_start,
+              nccl_wait, nccl_allgather, nccl_barrier, nccl_finalize};
+    *c = m;
+    n->compute = compute;
+    if (cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking) != cudaSuccess || cudaMalloc(&n->scalars, 64 * sizeof(double)) != cudaSuccess) {
+        fatal("rank %d: cannot create the NCCL stream", rank);
+    }
+    ncclCheck(ncclCommInitRank(&n->comm, world, *id, rank), "ncclCommInitRank");
+}
+
+#ifdef USE_MPI
+// MPI for device buffers through host copies: how several ranks share one GPU (NCCL
+// refuses that), so a single-GPU machine can test sharding. Collectives are blocking.
+typedef struct { cudaStream_t* compute; float* host; size_t capacity; } StagedImpl;
+
+static float* staged_host(Comm* c, size_t bytes) {
+    StagedImpl* s = (StagedImpl*)c->impl;
+    if (bytes > s->capacity) {
+        free(s->host);
+        s->host = (float*)mallocCheck(bytes);
+        s->capacity = bytes;
+    }
+    cudaStreamSynchronize(*s->compute); // the device data is complete
+    return s->host;
+}
+
+static void staged_allreduce_f32(Comm* c, float* buf, size_t n, const char* what) {
+    float* h = staged_host(c, n * sizeof(float));
+    cudaMemcpy(h, buf, n * sizeof(float), cudaMemcpyDeviceToHost);
+    mpi_allreduce_f32(c, h, n, what);
+    cudaMemcpy(buf, h, n * sizeof(float), cudaMemcpyHostToDevice);
+}
+
+static void* staged_reduce_scatter_start(Comm* c, const float* send, float* recv, const size_t* counts, const char* what) {
+    size_t total = 0;
+    for (int k = 0; k < c->world_size; k++) total += counts[k];
+    float* h = staged_host(c, (total + counts[c->rank]) * sizeof(float));
+    cudaMemcpy(h, send, total * sizeof(float), cudaMemcpyDeviceToHost);
+    mpi_wait(c, mpi_reduce_scatter_start(c, h, h + total, counts, what), what);
+    cudaMemcpy(recv, h + total, counts[c->rank] * sizeof(float), cudaMemcpyHostToDevice);
+    return NULL;
+}
+
+static void staged_wait(Comm* c, void* request, const char* what) { (void)c; (void)request; (void)what; }
+
+static void staged_allgather(Comm* c, void* buf, size_t elem_size, const size_t* counts, const size_t* displs, const char* what) {
+    size_t end = 0;
+    for (int k = 0; k < c->world_size; k++) if (displs[k] + counts[k] > end) end = displs[k] + counts[k];
+    char* h = (char*)staged_host(c, end * elem_size);
+    cudaMemcpy(h, buf, end * elem_size, cudaMemcpyDeviceToHost);
+    mpi_allgather(c, h, elem_size, counts, displs, what);
+    cudaMemcpy(buf, h, end * elem_size, cudaMemcpyHostToDevice);
+}
+
+// Turns an MPI communicator into one for device buffers.
+static void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
+    StagedImpl* s = (StagedImpl*)callocCheck(1, sizeof(StagedImpl));
+    s->compute = compute;
+    c->impl = s;
+    c->backend = "mpi (device buffers staged through host memory: several ranks share a GPU)";
+    c->allreduce_f32 = staged_allreduce_f32;
+    c->reduce_scatter_start = staged_reduce_scatter_start;
+    c->wait = staged_wait;
+    c->allgather = staged_allgather;
+}
+
+static void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
+#endif
+
+// The GPU trainer's ranks: one GPU per local rank, NCCL between them. NCCL's unique id
+// travels over MPI (mpirun), over TCP to MASTER_ADDR:MASTER_PORT (torchrun, the
+// DeepSpeed launcher, Slurm), or through DSTRAIN_NCCL_ID_FILE on a shared file system.
+// When several ranks must share a GPU, MPI with host staging replaces NCCL.
+static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, double timeout_s) {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
+    LaunchEnv env = {0, 1, 0, NULL};
+    char err[512];
+    int from_env = launch_env(&env, err, sizeof err);
+    if (from_env < 0) fatal("%s", err);
+    ncclUniqueId id;
+#ifdef USE_MPI
+    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
+        Comm probe;
+        comm_init_mpi(&probe, argc, argv);
+        int local_ranks = 0;
+        MPI_Comm local;
+        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, probe.rank, MPI_INFO_NULL, &local);
+        MPI_Comm_size(local, &local_ranks);
+        MPI_Comm_free(&local);
+        cudaSetDevice(probe.local_rank % devices);
+        if (probe.world_size == 1 || local_ranks > devices) { // NCCL cannot put two ranks on one GPU
+            *c = probe;
+            if (probe.world_size > 1) comm_stage_through_host(c, compute);
+            return;
+        }
+        if (probe.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+        comm_init_nccl(c, probe.rank, probe.world_size, probe.local_rank, &id, compute);
+        c->finalize = nccl_mpi_finalize; // MPI launched the ranks: finalize it too
+        return;
+    }
+#else
+    (void)argc; (void)argv;
+#endif
+    if (from_env == 0 || env.world_size == 1) { cudaSetDevice(0); comm_init_single(c); return; }
+    cudaSetDevice(env.local_rank % devices);
+    if (env.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+    const char* file = getenv("DSTRAIN_NCCL_ID_FILE");
+    if (file) { // rank 0 writes the id atomically, the others wait for it
+        char tmp[PATH_LEN];
+        format_path(tmp, sizeof tmp, "%s.tmp", file);
+        if (env.rank == 0) {
+            FILE* f = fopenCheck(tmp, "wb");
+            fwrite_check(&id, sizeof id, 1, f, tmp);
+            fclose(f);
+            if (rename(tmp, file) != 0) fatal("cannot rename '%s' to '%s': %s", tmp, file, strerror(errno));
+        } else {
+            double start = wall_seconds();
+            while (file_size(file) != (long long)sizeof id) {
+                if (wall_seconds() - start > timeout_s) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within %.0f s (--comm-timeout)", env.rank, file, timeout_s);
+                usleep(100000);
+            }
+            FILE* f = fopenCheck(file, "rb");
+            fread_check(&id, sizeof id, 1, f, file);
+            fclose(f);
+        }
+    } else {
+        const char *addr = getenv("MASTER_ADDR"), *port = getenv("MASTER_PORT");
+        if (!addr || !port) fatal("%s launch (rank %d of %d): set MASTER_ADDR and MASTER_PORT (or DSTRAIN_NCCL_ID_FILE) so the ranks can meet", env.source, env.rank, env.world_size);
+        if (tcp_broadcast(&id, sizeof id, env.rank, env.world_size, addr, port, timeout_s, err, sizeof err)) fatal("%s", err);
+    }
+    comm_init_nccl(c, env.rank, env.world_size, env.local_rank, &id, compute);
+}
+#endif
+
+// One GPU per local rank and NCCL between them; a build without NCCL uses host MPI.
+static void gpu_init_comm(Comm* c, int* argc, char*** argv, double timeout_s) {
+#ifdef USE_NCCL
+    comm_init_gpu(c, argc, argv, &stream, timeout_s);
+#else
+    comm_init_host(c, argc, argv, timeout_s);
+#endif
+}
+
+// ----------------------------------------------------------------------------
 // the trainer: the model behind dstrain.h's ModelOps; the training driver is train_main
 
 static void* gpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
@@ -1498,10 +1775,7 @@ static void* gpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(f
 static void gpu_set_weights(void* model, size_t offset, const float* master, size_t n) { weights_from_master(((GPT2*)model)->params + offset, master, n); }
 
 static float gpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
-static void gpu_backward(void* m, const int* inputs, const int* targets, int B, int T, float dloss_scale, GradSink* sink) {
-    (void)targets; // forward uploaded them; backward uses the device copy
-    gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink);
-}
+static void gpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink); }
 
 // softmax of the last forward's logits at (0, position), over the V real tokens, on the host
 static const float* gpu_probs(void* model, int position) {
@@ -1543,9 +1817,6 @@ static void gpu_device_stats(void* model, double step_seconds, double tokens_per
 
 static void gpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
 
-static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", &DEVICE_BUFFERS, gpu_build, gpu_num_params, gpu_weights, gpu_set_weights,
-                                 gpu_forward, gpu_backward, gpu_probs, gpu_describe_memory, gpu_device_stats, gpu_free};
-
 // The ds_config must ask for the precision this binary was built for. Returns 0, or -1
 // with the reason and the command that builds the right binary in err.
 static int precision_config_check(const DSConfig* c, char* err, size_t errlen) {
@@ -1579,8 +1850,12 @@ static void gpu_describe_run(const DSConfig* c, const Comm* comm) {
     }
 }
 
+static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", gpu_init_comm, gpu_describe_run, &DEVICE_BUFFERS, gpu_build,
+                                 gpu_num_params, gpu_weights, gpu_set_weights, gpu_forward, gpu_backward, gpu_probs, gpu_describe_memory,
+                                 gpu_device_stats, gpu_free};
+
 #ifndef TESTING
 int main(int argc, char** argv) {
-    return train_main(argc, argv, &GPU_OPS, gpu_describe_run);
+    return train_main(argc, argv, &GPU_OPS);
 }
 #endif

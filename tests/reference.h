@@ -1,7 +1,7 @@
 /*
 reference.h: the PyTorch reference file that dev/reference.py writes (its format is
-documented there), read by test_gpt.c and test_gpt.cu; and the error measure both use.
-Include after dstrain.h.
+documented there), read by test_gpt.c and test_gpt.cu, and the optimizer steps both take
+on it. The error measures are in compare.h. Include after dstrain.h.
 */
 #ifndef REFERENCE_H
 #define REFERENCE_H
@@ -77,29 +77,6 @@ static void reference_load(Reference* r, const char* path) {
     reference_check_finite(r, path);
 }
 
-// writes r in the format reference_load reads
-static void reference_save(const Reference* r, const char* path) {
-    FILE* f = fopenCheck(path, "wb");
-    int32_t h[256] = {20261127, 1, r->V, r->Vp, r->maxT, r->L, r->H, r->C, r->B, r->T, r->ga, r->steps, r->num_params, r->warmup_steps, r->warmup_type};
-    float hp[16] = {r->lr, r->beta1, r->beta2, r->eps, r->weight_decay, r->grad_clip, r->warmup_min_lr, r->warmup_max_lr};
-    size_t P = r->num_params, tok = (size_t)r->ga * r->B * r->T;
-    fwrite_check(h, sizeof h, 1, f, path);
-    fwrite_check(hp, sizeof hp, 1, f, path);
-    fwrite_check(r->params, sizeof(float), P, f, path);
-    fwrite_check(r->inputs, sizeof(int), tok, f, path);
-    fwrite_check(r->targets, sizeof(int), tok, f, path);
-    fwrite_check(r->logits, sizeof(float), (size_t)r->B * r->T * r->V, f, path);
-    fwrite_check(&r->loss, sizeof(float), 1, f, path);
-    fwrite_check(r->grads, sizeof(float), P, f, path);
-    for (int run = 0; run < 2; run++) {
-        fwrite_check(r->losses[run], sizeof(float), r->steps, f, path);
-        fwrite_check(r->norms[run], sizeof(float), r->steps, f, path);
-        fwrite_check(r->lrs[run], sizeof(float), r->steps, f, path);
-        fwrite_check(r->final[run], sizeof(float), P, f, path);
-    }
-    if (fclose(f) != 0) fatal("cannot write '%s': %s", path, strerror(errno));
-}
-
 // the DeepSpeed config the reference trained with
 static DSConfig reference_ds_config(const Reference* r, int adam_w_mode) {
     DSConfig c;
@@ -126,7 +103,7 @@ static void reference_train_steps(Trainer* tr, const Reference* r, int steps, co
         float scale = (float)tr->state.scaler.scale;
         for (int micro = 0; micro < r->ga; micro++) {
             loss_sum += tr->ops->forward(tr->model, r->inputs + micro * bt, r->targets + micro * bt, r->B, r->T);
-            tr->ops->backward(tr->model, r->inputs + micro * bt, r->targets + micro * bt, r->B, r->T, scale / r->ga, &tr->zero.sink);
+            tr->ops->backward(tr->model, r->inputs + micro * bt, r->B, r->T, scale / r->ga, &tr->zero.sink);
             zero_end_backward(&tr->zero);
         }
         StepPlan plan = optimizer_step(tr);
