@@ -19,6 +19,9 @@ import sys
 from compare import rel_diff
 
 HEADER = 1024  # int64 header[128]
+# header words, as dstrain.h's enums name them
+OPTIM_OFFSET, OPTIM_COUNT, OPTIM_NUM_PARAMS = 4, 5, 6
+STATE_WORLD_SIZE, STATE_SCALE, STATE_END = 11, 20, 24  # [2, 11) counters and data position, [12, 20) seed and RNG, [20, 24) loss scaler
 
 
 def header(path):
@@ -38,11 +41,11 @@ def optimizer_state(folder):
     files = sorted(glob.glob(os.path.join(folder, "optim_rank*_of_*.bin")))
     if not files:
         sys.exit(f"{folder}: no optimizer files")
-    n = header(files[0])[6]
+    n = header(files[0])[OPTIM_NUM_PARAMS]
     state = [array.array("f", bytes(4 * n)) for _ in range(3)]
     for path in files:
         h = header(path)
-        lo, count = h[4], h[5]
+        lo, count = h[OPTIM_OFFSET], h[OPTIM_COUNT]
         for k in range(3):
             part = floats(path, HEADER + 4 * k * count, count)
             keep = max(0, min(count, n - lo))  # padding beyond the parameters is not state
@@ -73,10 +76,9 @@ def main():
     mb = floats(os.path.join(b, "model.bin"), HEADER, len(sb["master"]))
     worst = max(worst, compare("model.bin", ma, mb, report))
     ha, hb = header(os.path.join(a, "state.bin")), header(os.path.join(b, "state.bin"))
-    # header words: [2..10] counters and data position, [11] optimizer files, [12] seed,
-    # [16..19] RNG, [20..23] loss scaler
-    last = 20 if "--ignore-scaler" in sys.argv else 24
-    counters_equal = ha[:11] == hb[:11] and ha[12:last] == hb[12:last]
+    # everything but the number of ranks (and the loss scaler with --ignore-scaler)
+    last = STATE_SCALE if "--ignore-scaler" in sys.argv else STATE_END
+    counters_equal = ha[:STATE_WORLD_SIZE] == hb[:STATE_WORLD_SIZE] and ha[STATE_WORLD_SIZE + 1:last] == hb[STATE_WORLD_SIZE + 1:last]
     report.append("state counters " + ("identical" if counters_equal else f"differ: {ha[:last]} vs {hb[:last]}"))
     print(f"{a} ({fa} optimizer files) vs {b} ({fb}): " + ", ".join(report))
     sys.exit(0 if worst <= tol and counters_equal else 1)

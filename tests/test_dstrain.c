@@ -471,7 +471,7 @@ static void test_loader_seek_resumes_and_epochs_reshuffle(void) {
 static void test_loader_refuses_bad_data(void) {
     DataLoader L;
     char path[PATH_LEN];
-    int rc = dataloader_init(&L, tmp_path(path, "nothing_*.bin"), 1, 4, 0, 1, 1, 0, 0, 50257, err, sizeof err);
+    int rc = dataloader_init(&L, tmp_path(path, "nothing_*.bin"), 1, 4, 0, 1, 1, 0, 0, GPT2_VOCAB_SIZE, err, sizeof err);
     CHECK_ERR(rc, err, names_tmp("no data shards match ", "nothing_*.bin"));
     format_path(path, sizeof path, "%s", write_shard("bad_magic.bin", 0, 100, 12345, 1, 100));
     rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
@@ -483,7 +483,7 @@ static void test_loader_refuses_bad_data(void) {
     rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
     CHECK_ERR(rc, err, "header says 100 tokens (1224 bytes) but the file has 1204 bytes");
     format_path(path, sizeof path, "%s", write_shard("range.bin", 50250, 100, SHARD_MAGIC, 1, 100));
-    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 50257, err, sizeof err);
+    rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, GPT2_VOCAB_SIZE, err, sizeof err);
     CHECK_ERR(rc, err, "token id 50257 at position 7 is outside the vocabulary (size 50257)");
     format_path(path, sizeof path, "%s", write_shard("small.bin", 0, 30, SHARD_MAGIC, 1, 30));
     rc = dataloader_init(&L, path, 4, 8, 0, 1, 4, 0, 0, 65536, err, sizeof err);
@@ -607,7 +607,7 @@ static void test_tokenizer_reads_and_refuses_truncation(void) {
     char path[PATH_LEN];
     format_path(path, sizeof path, "%s/tok.bin", TMP);
     FILE* f = fopenCheck(path, "wb");
-    uint32_t header[256] = {20240328, 2, 3, 2};
+    uint32_t header[256] = {TOKENIZER_MAGIC, TOKENIZER_VERSION, 3, 2};
     fwrite(header, sizeof header, 1, f);
     const char* words[] = {"a", "bc", "<|end|>"};
     for (int i = 0; i < 3; i++) { unsigned char n = (unsigned char)strlen(words[i]); fwrite(&n, 1, 1, f); fwrite(words[i], 1, n, f); }
@@ -621,7 +621,7 @@ static void test_tokenizer_reads_and_refuses_truncation(void) {
     tokenizer_free(&tk);
     // the real GPT-2 tokenizer, where `make data` wrote it
     if (tokenizer_load(&tk, "data/gpt2_tokenizer.bin", err, sizeof err) == 0) {
-        CHECK(tk.vocab_size == 50257 && tk.eot_token == 50256 && strcmp(tokenizer_decode(&tk, 50256), "<|endoftext|>") == 0, "GPT-2 EOT");
+        CHECK(tk.vocab_size == GPT2_VOCAB_SIZE && tk.eot_token == GPT2_VOCAB_SIZE - 1 && strcmp(tokenizer_decode(&tk, 50256), "<|endoftext|>") == 0, "GPT-2 EOT");
         CHECK(strcmp(tokenizer_decode(&tk, 464), "The") == 0, "token 464 is 'The', got '%s'", tokenizer_decode(&tk, 464));
         tokenizer_free(&tk);
     }
