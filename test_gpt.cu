@@ -204,11 +204,12 @@ static void reference_save(const Reference* r, const char* path) {
 
 // --write-cpu-reference: the reference's configuration (dev/reference.py's), computed by the CPU trainer
 static void reference_from_cpu(Reference* r) {
-    r->V = 50257; r->Vp = 50304; r->maxT = 64; r->L = 2; r->H = 4; r->C = 64; r->B = 4; r->T = 64; r->ga = 2; r->steps = 10;
+    r->V = GPT2_VOCAB_SIZE; r->maxT = 64; r->L = 2; r->H = 4; r->C = 64; r->B = 4; r->T = 64; r->ga = 2; r->steps = 10;
     r->warmup_steps = 4; r->warmup_type = 0;
     r->lr = 1e-3f; r->beta1 = 0.9f; r->beta2 = 0.95f; r->eps = 1e-8f; r->weight_decay = 0.1f; r->grad_clip = 1.0f;
     r->warmup_min_lr = 1e-4f; r->warmup_max_lr = 1e-3f;
     ModelConfig c = reference_model_config(r);
+    r->Vp = c.padded_vocab_size;
     size_t P = gpt2_num_params(&c), tokens = (size_t)r->ga * r->B * r->T, bt = (size_t)r->B * r->T;
     r->num_params = (int)P;
     r->params = (float*)mallocCheck(P * sizeof(float));
