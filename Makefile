@@ -105,15 +105,28 @@ NVCC_ENABLE_fp32 = -DENABLE_FP32
 NVCC_ENABLE_fp16 = -DENABLE_FP16
 NVCC_ENABLE_bf16 = -DENABLE_BF16
 NCCL_FOUND := $(if $(wildcard $(dir $(NVCC))../include/nccl.h /usr/include/nccl.h /usr/local/include/nccl.h),yes,no)
-MPI_FOUND := $(if $(MPICC),yes,no)
 ifeq ($(NCCL_FOUND),yes)
 NVCC_FLAGS += -DUSE_NCCL
 NVCC_LDLIBS += -lnccl
 endif
+# MPI's flags from its wrapper (Open MPI or MPICH), translated for nvcc by dev/mpi_flags.sh;
+# a wrapper that answers neither query gives a build without MPI, said once
+ifneq ($(MPICC),)
+MPI_NVCC_COMPILE := $(shell sh dev/mpi_flags.sh compile $(MPICC) || echo unknown)
+MPI_NVCC_LINK := $(shell sh dev/mpi_flags.sh link $(MPICC) || echo unknown)
+MPI_FOUND := $(if $(filter unknown,$(MPI_NVCC_COMPILE) $(MPI_NVCC_LINK)),no,yes)
+ifeq ($(MPI_FOUND),no)
+ifneq ($(filter cuda train_gpt_cu% test_gpt_cu% dev/cuda/%,$(MAKECMDGOALS) $(if $(USE_GPU_TRAINER),train)),)
+$(info note: $(MPICC) tells neither its Open MPI (--showme) nor its MPICH (-compile_info) flags: the CUDA targets are built without MPI)
+endif
+endif
+else
+MPI_FOUND := no
+endif
 ifeq ($(MPI_FOUND),yes)
 # MPI's C API only (its C++ bindings are skipped)
-NVCC_FLAGS += -DUSE_MPI -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX $(shell $(MPICC) --showme:compile 2>/dev/null)
-NVCC_LDLIBS += $(shell $(MPICC) --showme:link 2>/dev/null | sed 's/-Wl,/-Xlinker /g; s/-pthread/-Xcompiler -pthread/g')
+NVCC_FLAGS += -DUSE_MPI -DOMPI_SKIP_MPICXX -DMPICH_SKIP_MPICXX $(MPI_NVCC_COMPILE)
+NVCC_LDLIBS += $(MPI_NVCC_LINK)
 endif
 
 TRAIN_GPT_CU = train_gpt_cu_fp32 train_gpt_cu_fp16 train_gpt_cu_bf16
