@@ -29,8 +29,8 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
     json ............. json_parse: a JSON reader whose errors give line and column
     command line ..... Options, parse_args, load_effective_config, print_config
     mpi .............. comm_init_mpi: the MPI backend (host buffers), waits with a timeout
-    launchers ........ launch_env, tcp_broadcast, launcher_world_size: mpirun, torchrun,
-                       the DeepSpeed launcher, Slurm
+    launchers ........ launch_env, tcp_broadcast, launcher_world_size, comm_init_host:
+                       mpirun, torchrun, the DeepSpeed launcher, Slurm
   PART 4: the training driver
     training driver .. ModelOps (what a trainer supplies), Trainer, train_step, evaluate,
                        save_checkpoint, load_checkpoint, train_main
@@ -819,7 +819,7 @@ typedef struct {
     float* bucket[2];      // contiguous_gradients: regions are copied into the bucket being filled
     void* request[2];      // its reduce-scatter
     int in_flight[2];
-    float* received[2];    // (max part) this rank's share of a bucket
+    float* received[2];    // (max part) this rank's share of a bucket (stage 1: of a chunk, in received[0])
     size_t bucket_hi[2], bucket_lo[2]; // flat range the bucket covers, filled from hi down to lo
     int current;
     float* embedding_grad; // the tied embedding's gradient, held across the backward pass
@@ -827,6 +827,7 @@ typedef struct {
     size_t embedding_n, region_max;
     GradSink sink;
     int overlap;
+    size_t *share_count, *share_displ; // (world) scratch of each collective: nothing is allocated per step
 } Zero;
 
 void zero_plan(Zero* z, size_t num_params, int world) {
@@ -853,13 +854,12 @@ size_t zero_bucket_base(const Zero* z, int i) { return z->bucket_hi[i] > z->buck
 
 // Stage 2: starts the reduce-scatter of bucket i's filled range [bucket_lo, bucket_hi).
 void zero_bucket_launch(Zero* z, int i) {
-    size_t* counts = (size_t*)mallocCheck(z->comm->world_size * sizeof(size_t));
+    size_t* counts = z->share_count; // the backends read it before they return
     zero_shares(z, z->bucket_lo[i], z->bucket_hi[i], counts);
     const float* send = z->bucket[i] + (z->bucket_lo[i] - zero_bucket_base(z, i));
     if (z->comm->world_size == 1) { z->buf->copy(z->received[i], send, counts[0]); z->request[i] = NULL; }
     else z->request[i] = z->comm->reduce_scatter_start(z->comm, send, z->received[i], counts, "reduce-scatter of a gradient bucket");
     z->in_flight[i] = 1;
-    free(counts);
 }
 
 // Stage 2: waits for bucket i's reduce-scatter and adds this rank's share, averaged over
@@ -927,6 +927,9 @@ void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_
     z->sink.region = zero_sink_region;
     z->sink.done = stage == 2 ? zero_sink_done : zero_sink_full_done;
     z->bucket_size = (size_t)c->reduce_bucket_size < z->padded ? (size_t)c->reduce_bucket_size : z->padded;
+    z->share_count = (size_t*)callocCheck(comm->world_size, sizeof(size_t));
+    z->share_displ = (size_t*)callocCheck(comm->world_size, sizeof(size_t));
+    if (stage == 1 && comm->world_size > 1) z->received[0] = (float*)buf->alloc(z->n * sizeof(float));
     if (stage == 2) {
         z->overlap = c->overlap_comm;
         for (int i = 0; i < 2; i++) {
@@ -949,7 +952,7 @@ ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
     m.grads = (double)(z->stage == 2 ? z->n : z->padded) * 4;
     m.master = (double)z->n * 4;
     m.moments = (double)z->n * 8;
-    m.buckets = z->stage == 2 ? (double)(2 * z->bucket_size + 2 * z->n) * 4 : 0;
+    m.buckets = z->stage == 2 ? (double)(2 * z->bucket_size + 2 * z->n) * 4 : z->received[0] ? (double)z->n * 4 : 0;
     m.held_grads = z->stage == 2 ? (double)(z->embedding_n + z->region_max) * 4 : 0;
     return m;
 }
@@ -969,6 +972,8 @@ void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_ty
     if (z->stage == 2) {
         printf("  plus buffers: 2 gradient buckets of %zu elements and their received shares %.1f MB; tied-embedding gradient held across backward %.1f MB; layer gradient %.1f MB\n",
                z->bucket_size, m.buckets / MB, (double)z->embedding_n * 4 / MB, (double)z->region_max * 4 / MB);
+    } else if (m.buckets > 0) {
+        printf("  plus buffers: this rank's share of the gradients' reduce-scatter %.1f MB\n", m.buckets / MB);
     }
 }
 
@@ -999,9 +1004,9 @@ float* zero_reduce_gradients(Zero* z) {
     }
     // stage 1: reduce-scatter in chunks of reduce_bucket_size, each rank's share lands in its partition
     if (c->world_size == 1) return z->grads; // one rank: its gradient is the average
-    size_t* counts = (size_t*)mallocCheck(c->world_size * sizeof(size_t));
+    size_t* counts = z->share_count;
     size_t chunk = z->bucket_size;
-    float* mine = (float*)z->buf->alloc(z->n * sizeof(float));
+    float* mine = z->received[0];
     for (size_t lo = 0; lo < z->padded; lo += chunk) {
         size_t hi = lo + chunk < z->padded ? lo + chunk : z->padded;
         zero_shares(z, lo, hi, counts);
@@ -1010,8 +1015,6 @@ float* zero_reduce_gradients(Zero* z) {
         size_t a = z->lo > lo ? z->lo : lo, b = z->lo + z->n < hi ? z->lo + z->n : hi;
         if (b > a) z->buf->copy(z->grads + a, mine, b - a);
     }
-    z->buf->release(mine);
-    free(counts);
     z->buf->scale(z->grads + z->lo, inv, z->n);
     return z->grads + z->lo;
 }
@@ -1024,6 +1027,9 @@ void zero_free(Zero* z) {
         b->release(z->embedding_grad);
         b->release(z->region_grad);
     }
+    if (z->stage == 1 && z->received[0]) b->release(z->received[0]);
+    free(z->share_count);
+    free(z->share_displ);
     free(z->part_count);
     free(z->part_start);
 }
@@ -2399,28 +2405,30 @@ int launcher_world_size(const char** var) {
     return 1;
 }
 
+// mpirun (Open MPI, MPICH) or srun with PMIx started this process as an MPI rank
+int launched_by_mpi(void) { return getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK"); }
+
+// Ranks that a launcher started but this build cannot join would each train alone and
+// write the same files: the run ends instead, saying why (`reason`) and what to do.
+void refuse_ranks(const char* reason) {
+    const char* var = NULL;
+    int launched = launcher_world_size(&var);
+    if (launched > 1) fatal("%s=%d asks for several ranks, but this trainer %s", var, launched, reason);
+}
+#define NO_MPI_BUILD "was built without MPI (install Open MPI and rebuild with make)"
+
 // The ranks of a trainer on host buffers (ModelOps.init_comm of the CPU trainer): mpirun
 // (the MPI backend, in builds with MPI), or one. MPI has no rendezvous to bound: the
 // timeout applies to the collectives (train_main sets it for every backend).
 void comm_init_host(Comm* c, int* argc, char*** argv, double timeout_s) {
     (void)timeout_s;
-    const char* var = NULL;
-    int launched = launcher_world_size(&var);
 #ifdef USE_MPI
-    // mpirun (Open MPI, MPICH) or srun with PMIx start MPI programs
-    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) { comm_init_mpi(c, argc, argv); return; }
+    if (launched_by_mpi()) { comm_init_mpi(c, argc, argv); return; }
+    refuse_ranks("takes its ranks from MPI: launch it with mpirun -np N");
 #else
     (void)argc; (void)argv;
+    refuse_ranks(NO_MPI_BUILD);
 #endif
-    if (launched > 1) {
-        fatal("%s=%d asks for several ranks, but this trainer %s: launch it with mpirun -np N", var, launched,
-#ifdef USE_MPI
-              "takes its ranks from MPI"
-#else
-              "was built without MPI (install Open MPI and rebuild with make)"
-#endif
-        );
-    }
     comm_init_single(c);
 }
 
@@ -2530,8 +2538,7 @@ void zero_share_weights(Trainer* tr) {
     size_t elem;
     char* w = (char*)tr->ops->weights(tr->model, &elem);
     int ws = tr->comm.world_size;
-    size_t* counts = (size_t*)mallocCheck(ws * sizeof(size_t));
-    size_t* displs = (size_t*)mallocCheck(ws * sizeof(size_t));
+    size_t *counts = z->share_count, *displs = z->share_displ;
     size_t chunk = (size_t)tr->cfg.allgather_bucket_size;
     for (size_t lo = 0; lo < tr->num_params; lo += chunk) {
         size_t hi = lo + chunk < tr->num_params ? lo + chunk : tr->num_params;
@@ -2539,8 +2546,6 @@ void zero_share_weights(Trainer* tr) {
         for (int k = 0; k < ws; k++) displs[k] = z->part_start[k] > lo ? (z->part_start[k] < hi ? z->part_start[k] - lo : hi - lo) : 0;
         tr->comm.allgather(&tr->comm, w + lo * elem, elem, counts, displs, "all-gather of the updated weights");
     }
-    free(counts);
-    free(displs);
 }
 
 // DeepSpeed's step once the step's gradients are complete (doc/deepspeed.md section 4):

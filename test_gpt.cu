@@ -467,6 +467,16 @@ static void test_grad_stats_match_host_and_see_inf_nan(Fixture* f) {
     DEVICE_BUFFERS.from_host(tr.zero.grads, &nan, 1);
     DEVICE_BUFFERS.stats(tr.zero.grads, tr.num_params, &nonfinite, &sumsq);
     CHECK(nonfinite == 1, "a nan in the first gradient was not seen");
+    DEVICE_BUFFERS.from_host(tr.zero.grads, &zero, 1);
+    // beyond fp16's range: an overflow where DeepSpeed's gradients are fp16, not in the other builds
+    const float below = 65519.0f, above = -65520.0f; // fp16 rounds 65519 to 65504, its largest value, and 65520 to inf
+    DEVICE_BUFFERS.from_host(tr.zero.grads + last, &below, 1);
+    DEVICE_BUFFERS.stats(tr.zero.grads, tr.num_params, &nonfinite, &sumsq);
+    CHECK(nonfinite == 0, "65519 (fp16: 65504) counted as an overflow");
+    DEVICE_BUFFERS.from_host(tr.zero.grads + last, &above, 1);
+    DEVICE_BUFFERS.stats(tr.zero.grads, tr.num_params, &nonfinite, &sumsq);
+    int fp16 = strcmp(PRECISION_NAME, "fp16") == 0;
+    CHECK(nonfinite == fp16, "-65520 in a %s build: %d overflow(s) counted, expected %d", PRECISION_NAME, nonfinite, fp16);
     zero_free(&tr.zero);
 }
 

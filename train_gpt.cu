@@ -22,7 +22,7 @@ and its own CPU-only ones between them:
     GPT-2                          weights, activations, forward, backward
     optimizer buffers              the arithmetic of dstrain.h's ZeRO, on the device
     device statistics              (GPU only) MFU and memory
-    several GPUs                   (GPU only) NCCL, host staging through MPI, comm_init_gpu
+    several GPUs                   (GPU only) NCCL, host staging through MPI, gpu_init_comm
     the trainer                    the model behind dstrain.h's ModelOps, and main
 
     make train_gpt_cu PRECISION=BF16 && ./train_gpt_cu --help      (PRECISION: FP32, FP16, BF16)
@@ -41,10 +41,9 @@ Precision, chosen at build time (-DENABLE_FP32 / -DENABLE_FP16 / -DENABLE_BF16, 
     without a conversion. Activation gradients are floatX.
   - FP16 needs DeepSpeed's loss scaling (dstrain.h): backward receives loss scale / ga as
     dloss_scale, so every fp16 activation gradient carries the scale. An fp16 overflow in
-    the backward pass shows up as inf/nan in the fp32 weight gradients, which grad_stats
-    reports; a weight gradient whose unscaled value would merely exceed fp16's range is
-    not an overflow here (it is stored in fp32), where DeepSpeed's fp16 gradients would
-    have skipped the step.
+    the backward pass shows up as inf/nan in the fp32 weight gradients, and a scaled weight
+    gradient of 65520 or more would have been inf in DeepSpeed's fp16 gradients: grad_stats
+    counts both as an overflow (GRAD_OVERFLOW_AT), so the step is skipped as there.
 
 Layer structure (shapes in each kernel's comment). Per layer, with residual stream x:
     ln1 = LN(x); qkv = ln1 W_qkv^T + b; y = attention(qkv); x2 = x + y W_proj^T + b
@@ -135,7 +134,7 @@ static void cuda_setup(void) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) fatal("no CUDA device (%s): the GPU trainer needs an NVIDIA GPU; build the CPU trainer with `make train_gpt_cpu`", e != cudaSuccess ? cudaGetErrorString(e) : "none found");
-    int device = 0; // chosen by comm_init_gpu (several GPUs): one GPU per local rank
+    int device = 0; // chosen by gpu_init_comm (several GPUs): one GPU per local rank
     cudaCheck(cudaGetDevice(&device));
     cudaCheck(cudaGetDeviceProperties(&device_prop, device));
     cudaCheck(cudaStreamCreate(&stream));
@@ -275,9 +274,9 @@ static int token_buckets_upload(TokenBuckets* tb, const int* inp, int BT, int V)
     return nb;
 }
 
-static void encoder_backward(float* dwte, float* dwpe, const floatX* dout, const int* inp_host, int B, int T, int C, int V, TokenBuckets* tb) {
-    int BT = B * T;
-    int nb = token_buckets_upload(tb, inp_host, BT, V);
+// tb: the buckets of this batch's tokens (token_buckets_upload, nb of them, done by forward
+// so that backward does no host work)
+static void encoder_backward(float* dwte, float* dwpe, const floatX* dout, int B, int T, int C, const TokenBuckets* tb, int nb) {
     encoder_backward_wte_kernel<<<dim3(nb, ceil_div(C, 256)), 256, 0, stream>>>(dwte, dout, tb->device, tb->device + 3 * nb, C);
     launchCheck();
     encoder_backward_wpe_kernel<<<ceil_div((size_t)T * C, 256), 256, 0, stream>>>(dwpe, dout, B, T, C);
@@ -1077,7 +1076,8 @@ typedef struct {
     int* inputs;           // (B,T) on the device
     int* targets;          // (B,T) on the device
     int last_B, last_T;    // of the last forward
-    TokenBuckets buckets;  // encoder backward
+    TokenBuckets buckets;  // encoder backward: the last forward's tokens sorted into buckets
+    int num_buckets;
     float* losses_host;    // pinned (B,T)
     floatX* logits_row;    // pinned (Vp): for probs
     float* probs_host;     // (Vp)
@@ -1217,7 +1217,10 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     m->last_B = B;
     m->last_T = T;
     cudaCheck(cudaMemcpyAsync(m->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, stream));
-    if (targets) cudaCheck(cudaMemcpyAsync(m->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, stream));
+    if (targets) {
+        cudaCheck(cudaMemcpyAsync(m->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, stream));
+        m->num_buckets = token_buckets_upload(&m->buckets, inputs, BT, V); // for backward, which then needs no host work
+    }
     Activations* a = &m->act;
     const floatX* wte = m->params + o->wte;
     encoder_forward(a->encoded, m->inputs, wte, m->params + o->wpe, B, T, C);
@@ -1250,8 +1253,9 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
 // accumulated (+=) into the buffers the sink gives for each region of parameters, handed
 // back from the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0,
 // positions, and last the token embedding, which receives the classifier's gradient first.
-// inputs: those of that forward (the embedding's scatter sorts them on the host).
+// inputs: those of that forward, which already sorted them for the embedding's scatter.
 static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
+    (void)inputs;
     const ModelConfig* c = &m->config;
     const Layout* o = &m->layout;
     if (B != m->last_B || T != m->last_T) fatal("backward: batch (%d, %d) is not that of the last forward (%d, %d)", B, T, m->last_B, m->last_T);
@@ -1300,7 +1304,7 @@ static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_
         sink->done(sink, off, o->layer_n);
     }
     float* dwpe = sink->region(sink, o->wpe, o->wpe_n);
-    encoder_backward(dwte, dwpe, dres, inputs, B, T, C, V, &m->buckets);
+    encoder_backward(dwte, dwpe, dres, B, T, C, &m->buckets, m->num_buckets);
     sink->done(sink, o->wpe, o->wpe_n);
     sink->done(sink, o->wte, o->wte_n);
 }
@@ -1313,15 +1317,26 @@ static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_
 #define STATS_BLOCKS 1024
 #define STATS_THREADS 512
 
-// partial sums of squares (STATS_BLOCKS, fp64) and counts of inf/nan over g (n): the global
-// norm and the overflow check in one read of the gradients
+// The smallest gradient magnitude that is an overflow. FP16: the averaged, scaled weight
+// gradients are fp32 here, but DeepSpeed holds them in fp16, where a magnitude of 65520 or
+// more rounds to inf (65504 is fp16's largest finite value): such a step is skipped as
+// DeepSpeed would skip it. Partial sums (per micro batch, per rank) are not checked.
+// Other builds: inf and NaN only.
+#if defined(ENABLE_FP16)
+#define GRAD_OVERFLOW_AT 65520.0f
+#else
+#define GRAD_OVERFLOW_AT INFINITY
+#endif
+
+// partial sums of squares (STATS_BLOCKS, fp64) and counts of overflows (NaN, or a magnitude
+// of GRAD_OVERFLOW_AT or more) over g (n): the global norm and the overflow check in one read
 __global__ void __launch_bounds__(STATS_THREADS) grad_stats_kernel(double* partial_sumsq, int* partial_nonfinite, const float* g, size_t n) {
     double ss = 0.0;
     int bad = 0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float v = g[i];
         ss += (double)v * v;
-        bad += !isfinite(v);
+        bad += !(fabsf(v) < GRAD_OVERFLOW_AT); // true for NaN too
     }
     ss = block_sum(ss);
     bad = block_sum(bad);
@@ -1488,7 +1503,8 @@ static double flops_per_token(const GPT2* m) {
 // ----------------------------------------------------------------------------
 // several GPUs: the ranks of the GPU trainer and the backends between them, behind
 // dstrain.h's Comm: NCCL between GPUs (one per local rank), and MPI with host staging
-// where several ranks share a GPU. gpu_init_comm is ModelOps.init_comm.
+// where several ranks share a GPU or the build has no NCCL. gpu_init_comm is
+// ModelOps.init_comm.
 
 #ifdef USE_NCCL
 
@@ -1503,9 +1519,11 @@ typedef struct {
     cudaStream_t stream;
     cudaStream_t* compute; // the trainer's stream (created after the communicator)
     double* scalars;       // device scratch for host scalars
+    double* host_scalars;  // pinned: copies to and from it are asynchronous, so the wait below polls
 } NcclImpl;
 
 typedef struct { cudaEvent_t done; } NcclRequest;
+#define NCCL_SCALARS 64 // the most host scalars one all-reduce takes (the step's statistics are a few)
 
 static void nccl_check(ncclResult_t r, const char* what, int line) {
     if (r != ncclSuccess) fatal("NCCL error in %s (train_gpt.cu:%d): %s", what, line, ncclGetErrorString(r));
@@ -1553,11 +1571,14 @@ static void nccl_wait(Comm* c, void* request, const char* what) {
 
 static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
+    if (count > NCCL_SCALARS) fatal("internal: %s: %d scalars, at most %d", what, count, NCCL_SCALARS);
     nccl_begin(c);
-    cudaMemcpyAsync(n->scalars, v, count * sizeof(double), cudaMemcpyHostToDevice, n->stream);
+    memcpy(n->host_scalars, v, count * sizeof(double));
+    cudaCheck(cudaMemcpyAsync(n->scalars, n->host_scalars, count * sizeof(double), cudaMemcpyHostToDevice, n->stream));
     ncclCheck(ncclAllReduce(n->scalars, n->scalars, count, ncclDouble, op_max ? ncclMax : ncclSum, n->comm, n->stream), what);
-    cudaMemcpyAsync(v, n->scalars, count * sizeof(double), cudaMemcpyDeviceToHost, n->stream);
-    nccl_wait(c, nccl_end(c), what);
+    cudaCheck(cudaMemcpyAsync(n->host_scalars, n->scalars, count * sizeof(double), cudaMemcpyDeviceToHost, n->stream));
+    nccl_wait(c, nccl_end(c), what); // polled, bounded by the timeout
+    memcpy(v, n->host_scalars, count * sizeof(double));
     c->bytes_sent += 2 * ring_bytes(c, count * 8.0);
 }
 
@@ -1607,6 +1628,7 @@ static void nccl_finalize(Comm* c) {
     NcclImpl* n = (NcclImpl*)c->impl;
     ncclCommDestroy(n->comm);
     cudaFree(n->scalars);
+    cudaFreeHost(n->host_scalars);
     cudaStreamDestroy(n->stream);
     free(n);
 }
@@ -1619,11 +1641,12 @@ static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const n
               nccl_wait, nccl_allgather, nccl_barrier, nccl_finalize};
     *c = m;
     n->compute = compute;
-    if (cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking) != cudaSuccess || cudaMalloc(&n->scalars, 64 * sizeof(double)) != cudaSuccess) {
-        fatal("rank %d: cannot create the NCCL stream", rank);
-    }
+    cudaCheck(cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking));
+    cudaCheck(cudaMalloc(&n->scalars, NCCL_SCALARS * sizeof(double)));
+    cudaCheck(cudaMallocHost(&n->host_scalars, NCCL_SCALARS * sizeof(double)));
     ncclCheck(ncclCommInitRank(&n->comm, world, *id, rank), "ncclCommInitRank");
 }
+#endif
 
 #ifdef USE_MPI
 // MPI for device buffers through host copies: how several ranks share one GPU (NCCL
@@ -1681,82 +1704,96 @@ static void comm_stage_through_host(Comm* c, cudaStream_t* compute) {
     c->allgather = staged_allgather;
 }
 
+#ifdef USE_NCCL
 static void nccl_mpi_finalize(Comm* c) { nccl_finalize(c); MPI_Finalize(); }
 #endif
-
-// The GPU trainer's ranks: one GPU per local rank, NCCL between them. NCCL's unique id
-// travels over MPI (mpirun), over TCP to MASTER_ADDR:MASTER_PORT (torchrun, the
-// DeepSpeed launcher, Slurm), or through DSTRAIN_NCCL_ID_FILE on a shared file system.
-// When several ranks must share a GPU, MPI with host staging replaces NCCL.
-static void comm_init_gpu(Comm* c, int* argc, char*** argv, cudaStream_t* compute, double timeout_s) {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
-    LaunchEnv env = {0, 1, 0, NULL};
-    char err[512];
-    int from_env = launch_env(&env, err, sizeof err);
-    if (from_env < 0) fatal("%s", err);
-    ncclUniqueId id;
-#ifdef USE_MPI
-    if (getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE") || getenv("PMIX_RANK")) {
-        Comm probe;
-        comm_init_mpi(&probe, argc, argv);
-        int local_ranks = 0;
-        MPI_Comm local;
-        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, probe.rank, MPI_INFO_NULL, &local);
-        MPI_Comm_size(local, &local_ranks);
-        MPI_Comm_free(&local);
-        cudaSetDevice(probe.local_rank % devices);
-        if (probe.world_size == 1 || local_ranks > devices) { // NCCL cannot put two ranks on one GPU
-            *c = probe;
-            if (probe.world_size > 1) comm_stage_through_host(c, compute);
-            return;
-        }
-        if (probe.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
-        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
-        comm_init_nccl(c, probe.rank, probe.world_size, probe.local_rank, &id, compute);
-        c->finalize = nccl_mpi_finalize; // MPI launched the ranks: finalize it too
-        return;
-    }
-#else
-    (void)argc; (void)argv;
 #endif
-    if (from_env == 0 || env.world_size == 1) { cudaSetDevice(0); comm_init_single(c); return; }
-    cudaSetDevice(env.local_rank % devices);
-    if (env.rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+
+#ifdef USE_NCCL
+// NCCL's unique id from rank 0, for ranks that a launcher's variables describe (env): through
+// DSTRAIN_NCCL_ID_FILE on a shared file system, or over TCP to MASTER_ADDR:MASTER_PORT.
+static void nccl_id_from_launcher(ncclUniqueId* id, const LaunchEnv* env, double timeout_s) {
+    if (env->rank == 0) ncclCheck(ncclGetUniqueId(id), "ncclGetUniqueId");
     const char* file = getenv("DSTRAIN_NCCL_ID_FILE");
     if (file) { // rank 0 writes the id atomically, the others wait for it
         char tmp[PATH_LEN];
         format_path(tmp, sizeof tmp, "%s.tmp", file);
-        if (env.rank == 0) {
+        if (env->rank == 0) {
             FILE* f = fopenCheck(tmp, "wb");
-            fwrite_check(&id, sizeof id, 1, f, tmp);
+            fwrite_check(id, sizeof *id, 1, f, tmp);
             fclose(f);
             if (rename(tmp, file) != 0) fatal("cannot rename '%s' to '%s': %s", tmp, file, strerror(errno));
         } else {
             double start = wall_seconds();
-            while (file_size(file) != (long long)sizeof id) {
-                if (wall_seconds() - start > timeout_s) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within %.0f s (--comm-timeout)", env.rank, file, timeout_s);
+            while (file_size(file) != (long long)sizeof *id) {
+                if (wall_seconds() - start > timeout_s) fatal("rank %d: DSTRAIN_NCCL_ID_FILE '%s' did not appear within %.0f s (--comm-timeout)", env->rank, file, timeout_s);
                 usleep(100000);
             }
             FILE* f = fopenCheck(file, "rb");
-            fread_check(&id, sizeof id, 1, f, file);
+            fread_check(id, sizeof *id, 1, f, file);
             fclose(f);
         }
-    } else {
-        const char *addr = getenv("MASTER_ADDR"), *port = getenv("MASTER_PORT");
-        if (!addr || !port) fatal("%s launch (rank %d of %d): set MASTER_ADDR and MASTER_PORT (or DSTRAIN_NCCL_ID_FILE) so the ranks can meet", env.source, env.rank, env.world_size);
-        if (tcp_broadcast(&id, sizeof id, env.rank, env.world_size, addr, port, timeout_s, err, sizeof err)) fatal("%s", err);
+        return;
     }
-    comm_init_nccl(c, env.rank, env.world_size, env.local_rank, &id, compute);
+    const char *addr = getenv("MASTER_ADDR"), *port = getenv("MASTER_PORT");
+    char err[512];
+    if (!addr || !port) fatal("%s launch (rank %d of %d): set MASTER_ADDR and MASTER_PORT (or DSTRAIN_NCCL_ID_FILE) so the ranks can meet", env->source, env->rank, env->world_size);
+    if (tcp_broadcast(id, sizeof *id, env->rank, env->world_size, addr, port, timeout_s, err, sizeof err)) fatal("%s", err);
 }
 #endif
 
-// One GPU per local rank and NCCL between them; a build without NCCL uses host MPI.
-static void gpu_init_comm(Comm* c, int* argc, char*** argv, double timeout_s) {
+// Ranks started by mpirun: NCCL between them where every rank has a GPU of its own and the
+// build has NCCL; otherwise (ranks sharing a GPU, or no NCCL) MPI with host staging.
+static void comm_init_gpu_mpi(Comm* c, int* argc, char*** argv, cudaStream_t* compute, int devices) {
+#ifdef USE_MPI
+    comm_init_mpi(c, argc, argv);
+    int local_ranks = 0;
+    MPI_Comm local;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &local);
+    MPI_Comm_size(local, &local_ranks);
+    MPI_Comm_free(&local);
+    cudaCheck(cudaSetDevice(c->local_rank % devices));
+    if (c->world_size == 1) return;
 #ifdef USE_NCCL
-    comm_init_gpu(c, argc, argv, &stream, timeout_s);
+    if (local_ranks <= devices) { // NCCL cannot put two ranks on one GPU
+        ncclUniqueId id;
+        if (c->rank == 0) ncclCheck(ncclGetUniqueId(&id), "ncclGetUniqueId");
+        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+        comm_init_nccl(c, c->rank, c->world_size, c->local_rank, &id, compute);
+        c->finalize = nccl_mpi_finalize; // MPI launched the ranks: finalize it too
+        return;
+    }
+#endif
+    comm_stage_through_host(c, compute);
 #else
-    comm_init_host(c, argc, argv, timeout_s);
+    (void)argc; (void)argv; (void)compute; (void)devices;
+    refuse_ranks(NO_MPI_BUILD ": launch it with torchrun-style variables (RANK, WORLD_SIZE, MASTER_ADDR), or rebuild with MPI");
+    cudaCheck(cudaSetDevice(0));
+    comm_init_single(c);
+#endif
+}
+
+// ModelOps.init_comm: the GPU trainer's ranks, one GPU per local rank. mpirun's ranks meet
+// through MPI (comm_init_gpu_mpi); ranks that torchrun, the DeepSpeed launcher or Slurm
+// describe with variables meet through NCCL, bounded by the timeout (--comm-timeout).
+static void gpu_init_comm(Comm* c, int* argc, char*** argv, double timeout_s) {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
+    if (launched_by_mpi()) { comm_init_gpu_mpi(c, argc, argv, &stream, devices); return; }
+    LaunchEnv env = {0, 1, 0, NULL};
+    char err[512];
+    int from_env = launch_env(&env, err, sizeof err);
+    if (from_env < 0) fatal("%s", err);
+    if (from_env == 0 || env.world_size == 1) { cudaCheck(cudaSetDevice(0)); comm_init_single(c); return; }
+    cudaCheck(cudaSetDevice(env.local_rank % devices));
+#ifdef USE_NCCL
+    ncclUniqueId id;
+    nccl_id_from_launcher(&id, &env, timeout_s);
+    comm_init_nccl(c, env.rank, env.world_size, env.local_rank, &id, &stream);
+#else
+    (void)timeout_s;
+    fatal("%s launch (rank %d of %d): ranks started this way meet through NCCL, and this trainer was built without it (install NCCL and rebuild with make, or launch with mpirun)",
+          env.source, env.rank, env.world_size);
 #endif
 }
 

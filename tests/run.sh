@@ -34,6 +34,7 @@ run bash tests/test_cli.sh
 run bash tests/test_zero.sh
 run python3 tests/test_data.py
 run bash tests/test_build.sh
+run bash tests/test_gpu_ranks.sh
 
 # The GPU trainer: wherever nvcc exists every CUDA target must compile (a failed build is a
 # failed test); its tests run where nvidia-smi -L lists a GPU, and are skipped elsewhere.
