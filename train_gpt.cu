@@ -128,6 +128,40 @@ static cublasLtHandle_t cublaslt;
 static void* cublaslt_workspace;
 static const size_t CUBLASLT_WORKSPACE_BYTES = 32u << 20; // what cuBLAS recommends for Hopper
 
+// How long the host waits for the device before it gives up: the device may wait for a
+// collective that another rank never joins. gpu_init_comm sets it (--comm-timeout), and
+// NCCL its checks: an asynchronous error ends the run at once, a timeout aborts the
+// communicator first, so that the other ranks stop too.
+static double device_timeout_s = 300.0;
+static void (*device_wait_check)(const char* what) = NULL;
+static void (*device_wait_abort)(void) = NULL;
+
+// The host waits until `done` has happened, polling, bounded by device_timeout_s.
+static void event_wait(cudaEvent_t done, const char* what) {
+    double start = wall_seconds();
+    cudaError_t q;
+    for (long polls = 0; (q = cudaEventQuery(done)) == cudaErrorNotReady; polls++) {
+        if (polls < 1000) continue; // spin first: most waits are short
+        if (device_wait_check) device_wait_check(what);
+        if (wall_seconds() - start > device_timeout_s) {
+            fprintf(stderr, "error: %s did not complete within %.0f s (--comm-timeout): a collective it waits for is stuck "
+                    "(another rank died, hangs, or took a different path); ending the run\n", what, device_timeout_s);
+            if (device_wait_abort) device_wait_abort();
+            exit(3);
+        }
+        usleep(50);
+    }
+    cudaCheck(q);
+}
+
+// The host waits for everything queued on the stream so far (bounded: event_wait).
+static void stream_wait(const char* what) {
+    static cudaEvent_t done = NULL;
+    if (done == NULL) cudaCheck(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    cudaCheck(cudaEventRecord(done, stream));
+    event_wait(done, what);
+}
+
 static void cuda_setup(void) {
     static int ready = 0;
     if (ready) return;
@@ -1243,7 +1277,7 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     if (!targets) return 0.0f;
     classifier_forward(a->losses, a->logits_lse, a->logits, m->targets, BT, V, Vp);
     cudaCheck(cudaMemcpyAsync(m->losses_host, a->losses, BT * sizeof(float), cudaMemcpyDeviceToHost, stream));
-    cudaCheck(cudaStreamSynchronize(stream));
+    stream_wait("the forward pass");
     double sum = 0.0;
     for (int i = 0; i < BT; i++) sum += m->losses_host[i];
     return (float)(sum / BT);
@@ -1375,7 +1409,7 @@ static void grad_stats(GradStats* s, const float* g, size_t n, int* nonfinite, d
     grad_stats_finalize_kernel<<<1, STATS_BLOCKS, 0, stream>>>(s->device, s->partial_sumsq, s->partial_nonfinite);
     launchCheck();
     cudaCheck(cudaMemcpyAsync(s->host, s->device, sizeof(GradStatsTotals), cudaMemcpyDeviceToHost, stream));
-    cudaCheck(cudaStreamSynchronize(stream));
+    stream_wait("the step's gradients");
     *nonfinite = s->host->nonfinite > 0;
     *sumsq = s->host->sumsq;
 }
@@ -1547,27 +1581,26 @@ static void* nccl_end(Comm* c) {
     return r;
 }
 
+// Comm.wait: the compute stream waits for the collective; the host does not (a stage-2
+// bucket is waited for inside backward). A collective that never completes is caught by
+// the next bounded host wait (event_wait), at the latest the step's gradient statistics.
 static void nccl_wait(Comm* c, void* request, const char* what) {
+    (void)what;
     NcclImpl* n = (NcclImpl*)c->impl;
     NcclRequest* r = (NcclRequest*)request;
-    double start = wall_seconds();
-    cudaError_t q;
-    while ((q = cudaEventQuery(r->done)) == cudaErrorNotReady) {
-        ncclResult_t async = ncclSuccess;
-        ncclCommGetAsyncError(n->comm, &async);
-        if (async != ncclSuccess) fatal("rank %d: collective '%s' failed: %s", c->rank, what, ncclGetErrorString(async));
-        if (wall_seconds() - start > c->timeout_s) {
-            fprintf(stderr, "error: rank %d: collective '%s' did not complete within %.0f s (another rank died, hangs, or took a different path); ending the run\n", c->rank, what, c->timeout_s);
-            ncclCommAbort(n->comm);
-            exit(3);
-        }
-        usleep(50);
-    }
-    if (q != cudaSuccess) fatal("rank %d: collective '%s': %s", c->rank, what, cudaGetErrorString(q));
-    cudaStreamWaitEvent(*n->compute, r->done, 0);
-    cudaEventDestroy(r->done);
+    cudaCheck(cudaStreamWaitEvent(*n->compute, r->done, 0));
+    cudaCheck(cudaEventDestroy(r->done)); // released once it has happened
     free(r);
 }
+
+// the communicator the device waits may depend on, for event_wait's checks
+static NcclImpl* nccl_active = NULL;
+static void nccl_wait_check(const char* what) {
+    ncclResult_t async = ncclSuccess;
+    ncclCommGetAsyncError(nccl_active->comm, &async);
+    if (async != ncclSuccess) fatal("%s: a collective failed: %s", what, ncclGetErrorString(async));
+}
+static void nccl_wait_abort(void) { ncclCommAbort(nccl_active->comm); }
 
 static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
@@ -1577,7 +1610,9 @@ static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const 
     cudaCheck(cudaMemcpyAsync(n->scalars, n->host_scalars, count * sizeof(double), cudaMemcpyHostToDevice, n->stream));
     ncclCheck(ncclAllReduce(n->scalars, n->scalars, count, ncclDouble, op_max ? ncclMax : ncclSum, n->comm, n->stream), what);
     cudaCheck(cudaMemcpyAsync(n->host_scalars, n->scalars, count * sizeof(double), cudaMemcpyDeviceToHost, n->stream));
-    nccl_wait(c, nccl_end(c), what); // polled, bounded by the timeout
+    NcclRequest* r = (NcclRequest*)nccl_end(c);
+    event_wait(r->done, what); // the host needs the result: polled, bounded by the timeout
+    nccl_wait(c, r, what);
     memcpy(v, n->host_scalars, count * sizeof(double));
     c->bytes_sent += 2 * ring_bytes(c, count * 8.0);
 }
@@ -1626,6 +1661,9 @@ static void nccl_barrier(Comm* c, const char* what) {
 
 static void nccl_finalize(Comm* c) {
     NcclImpl* n = (NcclImpl*)c->impl;
+    device_wait_check = NULL;
+    device_wait_abort = NULL;
+    nccl_active = NULL;
     ncclCommDestroy(n->comm);
     cudaFree(n->scalars);
     cudaFreeHost(n->host_scalars);
@@ -1645,6 +1683,9 @@ static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const n
     cudaCheck(cudaMalloc(&n->scalars, NCCL_SCALARS * sizeof(double)));
     cudaCheck(cudaMallocHost(&n->host_scalars, NCCL_SCALARS * sizeof(double)));
     ncclCheck(ncclCommInitRank(&n->comm, world, *id, rank), "ncclCommInitRank");
+    nccl_active = n;
+    device_wait_check = nccl_wait_check;
+    device_wait_abort = nccl_wait_abort;
 }
 #endif
 
@@ -1777,6 +1818,7 @@ static void comm_init_gpu_mpi(Comm* c, int* argc, char*** argv, cudaStream_t* co
 // through MPI (comm_init_gpu_mpi); ranks that torchrun, the DeepSpeed launcher or Slurm
 // describe with variables meet through NCCL, bounded by the timeout (--comm-timeout).
 static void gpu_init_comm(Comm* c, int* argc, char*** argv, double timeout_s) {
+    device_timeout_s = timeout_s;
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) fatal("no CUDA device found");
     if (launched_by_mpi()) { comm_init_gpu_mpi(c, argc, argv, &stream, devices); return; }
