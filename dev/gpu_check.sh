@@ -24,7 +24,6 @@
 # is set, the summary and a tarball of the logs are copied there too (2 files). Exit
 # status 0 when everything that ran passed.
 set -u
-cd "$(dirname "$0")/.." || exit 2
 
 deadline=${GPU_CHECK_DEADLINE:-480}
 while [ $# -gt 0 ]; do
@@ -36,8 +35,10 @@ while [ $# -gt 0 ]; do
         *) break ;;
     esac
 done
-ref=${1:-dev/data/gpt2_reference.bin}
+ref=${1:+$(realpath -m -- "$1")} # the repository root is the working folder below
 if ! [[ $deadline =~ ^[0-9]+$ ]]; then echo "gpu_check: the deadline is whole seconds, not '$deadline'" >&2; exit 2; fi
+cd "$(dirname "$0")/.." || exit 2
+ref=${ref:-dev/data/gpt2_reference.bin}
 end=$((SECONDS + deadline))
 reserve=10 # seconds kept for the summary
 
