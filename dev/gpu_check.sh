@@ -51,7 +51,9 @@ fi
 timeout 30 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader
 gpu=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-echo "deadline ${deadline} s; logs in $logs"
+summaries=("$logs/summary.txt") # each row is added as it comes, in case the run is killed
+if [ -n "${OUT:-}" ] && mkdir -p "$OUT"; then summaries+=("$OUT/gpu_check_summary.txt"); fi
+echo "deadline ${deadline} s; logs in $logs" | tee "${summaries[@]}"
 
 rows=()   # the summary table
 failed=0  # 1 once anything that ran did not pass
@@ -60,6 +62,7 @@ left() { echo $((end - SECONDS - reserve)); }
 # row SECTION RESULT SECONDS KEY: one line of the summary (FAIL and TIMEOUT fail the run)
 row() {
     rows+=("$(printf '%-26s %-7s %4ss  %s' "$1" "$2" "$3" "$4")")
+    echo "${rows[-1]}" | tee -a "${summaries[@]}"
     case $2 in FAIL | TIMEOUT) failed=1 ;; esac
 }
 
@@ -79,8 +82,11 @@ step() {
     # a shell function runs in a child bash, where timeout can reach it
     if declare -F "$1" > /dev/null; then set -- bash -c "$(declare -f "$1")"'; "$@"' _ "$@"; fi
     local t0=$SECONDS
-    timeout -k 5 "$t" "$@" > "$log" 2>&1
+    timeout -k 5 "$t" "$@" > "$log" 2>&1 & # waited for in the background, so that a signal ends it at once
+    running=$!
+    wait $running
     local rc=$?
+    running=""
     took=$((SECONDS - t0))
     case $rc in
         0) result=PASS ;;
@@ -91,13 +97,12 @@ step() {
 }
 # demote REASON: the last step exited 0 but its output says it failed
 demote() { [ "$result" = PASS ] && result=FAIL why=$1; }
-# record SECTION [KEY]: the summary row of the last step, echoed, with its log's tail on failure
+# record SECTION [KEY]: the summary row of the last step, with its log's tail on failure
 record() {
     local key=${2:-}
     [ "$result" = SKIP ] && key=""
     [ -n "$why" ] && key="$why${key:+; $key}"
     row "$1" "$result" "$took" "$key"
-    echo "${rows[-1]}"
     case $result in FAIL | TIMEOUT) tail -n 15 "$log" | sed 's/^/    | /' ;; esac
 }
 
@@ -108,23 +113,26 @@ finish() {
         printf '\n== summary: %s, %dm%02ds (deadline %ds)\n' "$gpu" $((s / 60)) $((s % 60)) "$deadline"
         printf '%-26s %-7s %5s  %s\n' section result time "key numbers"
         printf '%s\n' "${rows[@]}"
-        if ((failed)); then echo "SOME GPU CHECKS FAILED (logs: $logs)"; else echo "everything that ran passed (logs: $logs)"; fi
-    } | tee "$logs/summary.txt"
-    if [ -n "${OUT:-}" ] && mkdir -p "$OUT"; then
-        cp "$logs/summary.txt" "$OUT/gpu_check_summary.txt"
+        local skipped
+        skipped=$(printf '%s\n' "${rows[@]}" | grep -c '^.\{27\}SKIP ')
+        if ((failed)); then echo -n "SOME GPU CHECKS FAILED"; else echo -n "everything that ran passed"; fi
+        echo " ($skipped skipped; logs: $logs)"
+    } | tee "${summaries[@]}"
+    if [ ${#summaries[@]} -gt 1 ]; then
         (cd "$logs" && find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' -o -name '*.txt' \) -print0 |
             tar -czf "$OUT/gpu_check_logs.tar.gz" --null -T -)
         echo "summary and logs copied to $OUT (gpu_check_summary.txt, gpu_check_logs.tar.gz)"
     fi
     exit "$failed"
 }
-trap 'row interrupted FAIL 0 "stopped by a signal"; finish' INT TERM
+running="" # the step under way
+trap '[ -n "$running" ] && kill "$running"; row interrupted FAIL 0 "by a signal, during ${log##*/}"; finish' INT TERM
 
 export py
 py=$(command -v python3 || command -v /usr/bin/python3) # the synthetic data and the logs
 torch_py=""                                              # dev/reference.py
 for p in python3 /usr/bin/python3; do
-    if command -v "$p" > /dev/null && timeout 60 "$p" -c "import torch" 2> /dev/null; then torch_py=$(command -v "$p") && break; fi
+    if command -v "$p" > /dev/null && timeout 30 "$p" -c "import torch" 2> /dev/null; then torch_py=$(command -v "$p") && break; fi
 done
 
 echo "== build ($(nproc) jobs)"
@@ -138,7 +146,7 @@ fi
 
 echo "== reference tests"
 if [ -f "$ref" ]; then
-    ref_kind="$ref"
+    ref_kind=$(basename "$ref")
 elif [ -n "$torch_py" ]; then
     ref_kind="PyTorch ($torch_py)"
     step reference 120 20 "$torch_py" dev/reference.py --out "$ref" || rm -f "$ref"
@@ -222,7 +230,7 @@ elif step shard 60 20 write_shard "$logs/bench_train_000000.bin"; then
     bench fp16 fp16
     bench fp32 fp32
 else
-    record "124M synthetic data"
+    record "124M benchmark" "writing the synthetic data"
 fi
 
 # ZeRO on one GPU and checkpoints shared with the CPU trainer, on a small model:
@@ -306,17 +314,16 @@ fi
 
 echo "== compute-sanitizer on the small reference tests"
 sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null)
-for tool in memcheck racecheck; do
-    for p in fp32 bf16; do
-        if [ -z "$sanitizer" ]; then
-            row "$tool test_gpt_cu_$p" SKIP 0 "compute-sanitizer is not installed"
-        elif [ ! -f "$ref" ]; then
-            row "$tool test_gpt_cu_$p" SKIP 0 "no reference file"
-        else
-            step "${tool}_$p" 120 45 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "./test_gpt_cu_$p" "$ref"
+if [ -z "$sanitizer" ]; then
+    row compute-sanitizer SKIP 0 "not installed"
+elif [ ! -f "$ref" ]; then
+    row compute-sanitizer SKIP 0 "no reference file"
+else
+    for tool in memcheck racecheck; do
+        for p in fp32 bf16; do # started only with its whole cap left: a cut run would say nothing
+            step "${tool}_$p" 100 100 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "./test_gpt_cu_$p" "$ref"
             record "$tool test_gpt_cu_$p" "$(grep -hoE '(ERROR|RACECHECK) SUMMARY: .*' "$log" | tail -n 1)"
-        fi
+        done
     done
-done
-
+fi
 finish
