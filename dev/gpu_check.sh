@@ -125,11 +125,11 @@ finish() {
     fi
     exit "$failed"
 }
-running="" # the step under way
+running="" log="" # the step under way, and its log
 trap '[ -n "$running" ] && kill "$running"; row interrupted FAIL 0 "by a signal, during ${log##*/}"; finish' INT TERM
 
-export py
 py=$(command -v python3 || command -v /usr/bin/python3) # the synthetic data and the logs
+export py                                                # (write_shard runs in a child bash)
 torch_py=""                                              # dev/reference.py
 for p in python3 /usr/bin/python3; do
     if command -v "$p" > /dev/null && timeout 30 "$p" -c "import torch" 2> /dev/null; then torch_py=$(command -v "$p") && break; fi
