@@ -1,94 +1,189 @@
 #!/usr/bin/env bash
-# dev/gpu_check.sh: everything of the GPU trainer that needs a GPU, in one run of a few
-# minutes (under 5 on an H100), ending with a summary table:
-#   1. build every CUDA target for this GPU's architecture (make cuda, and the trainer in
-#      each precision);
-#   2. test_gpt_cu in FP32, FP16 and BF16 against the PyTorch reference file;
+# dev/gpu_check.sh: everything of the GPU trainer that needs a GPU, in one run bounded by a
+# deadline, ending with a one-screen summary table. Sections, most important first (the
+# deadline cuts from the end):
+#   1. build every CUDA target for this GPU's architecture (make cuda, the trainer in each
+#      precision, and the CPU trainer);
+#   2. test_gpt_cu in FP32, FP16 and BF16 against the reference file;
 #   3. every dev/cuda kernel check (correctness against the CPU trainer, and benchmarks);
-#   4. a benchmark of GPT-2 124M (12 layers, 12 heads, 768 channels, T = 1024, micro batch
-#      16) for each precision and once with --recompute: ms/step, tokens/s, MFU, memory,
-#      on synthetic token shards it writes itself (no network, no dataset needed).
+#   4. GPT-2 124M (12 layers, 12 heads, 768 channels, T 1024, micro batch 16), 10 steps in
+#      each precision and once with --recompute: ms/step, tokens/s, MFU, memory, on
+#      synthetic token shards it writes itself (no network, no dataset);
+#   5. ZeRO-2 with 2 ranks sharing this GPU against 1 rank, and a GPU checkpoint resumed by
+#      the CPU trainer;
+#   6. compute-sanitizer memcheck and racecheck on test_gpt_cu in FP32 and BF16.
 #
-#   dev/gpu_check.sh [REFERENCE]
+#   dev/gpu_check.sh [--deadline SECONDS] [REFERENCE]
 #
-# REFERENCE defaults to dev/data/gpt2_reference.bin. If it is missing it is generated with
-# /usr/bin/python3 dev/reference.py where PyTorch is installed, and otherwise written by the
-# CPU trainer (test_gpt_cu_fp32 --write-cpu-reference; the summary says which). Logs:
-# tests/tmp/gpu_check/. Exit status 0 when every test and check passed.
+# --deadline (or GPU_CHECK_DEADLINE) bounds the whole run, default 480 s: each step's
+# timeout is its own cap or the time left, whichever is shorter, and a section that no
+# longer fits is skipped and reported as such. REFERENCE defaults to
+# dev/data/gpt2_reference.bin; if it is missing, dev/reference.py writes it with the first
+# of python3 (PATH) and /usr/bin/python3 that has PyTorch, else the CPU trainer does
+# (test_gpt_cu_fp32 --write-cpu-reference). Logs go to a new mktemp -d folder; where $OUT
+# is set, the summary and a tarball of the logs are copied there too (2 files). Exit
+# status 0 when everything that ran passed.
 set -u
-cd "$(dirname "$0")/.."
-start=$(date +%s)
-out=tests/tmp/gpu_check
-mkdir -p "$out"
-ref=${1:-dev/data/gpt2_reference.bin}
-summary=()  # lines of the final table
-status=0
 
-elapsed() { local s=$(( $(date +%s) - start )); printf "%dm%02ds" $((s / 60)) $((s % 60)); }
-note() { summary+=("$(printf '%-28s %s' "$1" "$2")"); }
+deadline=${GPU_CHECK_DEADLINE:-480}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --deadline) deadline=${2:-}; shift 2 || shift ;;
+        --deadline=*) deadline=${1#*=}; shift ;;
+        -h | --help) sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "gpu_check: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+ref=${1:+$(realpath -m -- "$1")} # the repository root is the working folder below
+if ! [[ $deadline =~ ^[0-9]+$ ]]; then echo "gpu_check: the deadline is whole seconds, not '$deadline'" >&2; exit 2; fi
+cd "$(dirname "$0")/.." || exit 2
+ref=${ref:-dev/data/gpt2_reference.bin}
+end=$((SECONDS + deadline))
+reserve=10 # seconds kept for the summary
 
 echo "== device"
-if ! nvidia-smi -L 2>/dev/null | grep -q GPU; then
-    echo "no GPU: nvidia-smi -L lists none; nothing to check here (make test compiles the CUDA code everywhere)"
+if ! timeout 30 nvidia-smi -L 2>/dev/null | grep -q GPU; then
+    echo "gpu_check: no GPU here (nvidia-smi is missing or lists none): nothing to check." >&2
+    echo "Run it on a machine with an NVIDIA GPU; make test compiles the CUDA code everywhere." >&2
     exit 1
 fi
-nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
-nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-[ -n "$nvcc" ] && "$nvcc" --version | tail -n 1
+timeout 30 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader
+gpu=$(timeout 30 nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+logs=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+summaries=("$logs/summary.txt") # each row is added as it comes, in case the run is killed
+if [ -n "${OUT:-}" ] && mkdir -p "$OUT"; then summaries+=("$OUT/gpu_check_summary.txt"); fi
+echo "deadline ${deadline} s; logs in $logs" | tee "${summaries[@]}"
+
+rows=()   # the summary table
+failed=0  # 1 once anything that ran did not pass
+left() { echo $((end - SECONDS - reserve)); }
+
+# row SECTION RESULT SECONDS KEY: one line of the summary (FAIL and TIMEOUT fail the run)
+row() {
+    rows+=("$(printf '%-26s %-7s %4ss  %s' "$1" "$2" "$3" "$4")")
+    echo "${rows[-1]}" | tee -a "${summaries[@]}"
+    case $2 in FAIL | TIMEOUT) failed=1 ;; esac
+}
+
+# step NAME CAP MIN CMD...: runs CMD, output to $logs/NAME.log (in $log), for at most CAP
+# seconds and never past the deadline; skipped when fewer than MIN seconds are left. Sets
+# result (PASS, FAIL, TIMEOUT or SKIP), why and took; returns 0 on PASS.
+step() {
+    local name=$1 cap=$2 min=$3 t
+    shift 3
+    log=$logs/$name.log why="" took=0 t=$(left)
+    : > "$log"
+    if ((t < min)); then
+        result=SKIP why="deadline: ${t}s left, needs ${min}s"
+        return 1
+    fi
+    ((t > cap)) && t=$cap
+    # a shell function runs in a child bash, where timeout can reach it
+    if declare -F "$1" > /dev/null; then set -- bash -c "$(declare -f "$1")"'; "$@"' _ "$@"; fi
+    local t0=$SECONDS
+    timeout -k 5 "$t" "$@" > "$log" 2>&1 & # waited for in the background, so that a signal ends it at once
+    running=$!
+    wait $running
+    local rc=$?
+    running=""
+    took=$((SECONDS - t0))
+    case $rc in
+        0) result=PASS ;;
+        124 | 137) result=TIMEOUT why="killed after ${t}s" ;;
+        *) result=FAIL why="exit $rc" ;;
+    esac
+    [ "$result" = PASS ]
+}
+# demote REASON: the last step exited 0 but its output says it failed
+demote() { [ "$result" = PASS ] && result=FAIL why=$1; }
+# record SECTION [KEY]: the summary row of the last step, with its log's tail on failure
+record() {
+    local key=${2:-}
+    [ "$result" = SKIP ] && key=""
+    [ -n "$why" ] && key="$why${key:+; $key}"
+    row "$1" "$result" "$took" "$key"
+    case $result in FAIL | TIMEOUT) tail -n 15 "$log" | sed 's/^/    | /' ;; esac
+}
+
+finish() {
+    trap - INT TERM
+    local s=$SECONDS
+    {
+        printf '\n== summary: %s, %dm%02ds (deadline %ds)\n' "$gpu" $((s / 60)) $((s % 60)) "$deadline"
+        printf '%-26s %-7s %5s  %s\n' section result time "key numbers"
+        printf '%s\n' "${rows[@]}"
+        local skipped
+        skipped=$(printf '%s\n' "${rows[@]}" | grep -c '^.\{27\}SKIP ')
+        if ((failed)); then echo -n "SOME GPU CHECKS FAILED"; else echo -n "everything that ran passed"; fi
+        echo " ($skipped skipped; logs: $logs)"
+    } | tee "${summaries[@]}"
+    if [ ${#summaries[@]} -gt 1 ]; then
+        (cd "$logs" && find . -maxdepth 1 -type f \( -name '*.log' -o -name '*.jsonl' -o -name '*.json' -o -name '*.txt' \) -print0 |
+            tar -czf "$OUT/gpu_check_logs.tar.gz" --null -T -)
+        echo "summary and logs copied to $OUT (gpu_check_summary.txt, gpu_check_logs.tar.gz)"
+    fi
+    exit "$failed"
+}
+running="" log="" # the step under way, and its log
+trap '[ -n "$running" ] && kill "$running"; row interrupted FAIL 0 "by a signal, during ${log##*/}"; finish' INT TERM
+
+py=$(command -v python3 || command -v /usr/bin/python3) # the synthetic data and the logs
+export py                                                # (write_shard runs in a child bash)
+torch_py=""                                              # dev/reference.py
+for p in python3 /usr/bin/python3; do
+    if command -v "$p" > /dev/null && timeout 30 "$p" -c "import torch" 2> /dev/null; then torch_py=$(command -v "$p") && break; fi
+done
 
 echo "== build ($(nproc) jobs)"
-t0=$(date +%s)
 make --no-print-directory clean-cuda > /dev/null # binaries copied from elsewhere may be for another architecture
-if make --no-print-directory -j"$(nproc)" cuda train_gpt_cu_fp32 train_gpt_cu_fp16 train_gpt_cu_bf16 > "$out/build.log" 2>&1; then
-    tail -n 1 "$out/build.log"
-    note "build" "ok ($(( $(date +%s) - t0 )) s)"
-else
-    tail -n 40 "$out/build.log"
-    echo "FAIL: the CUDA build failed (log: $out/build.log)"
-    exit 1
+step build 300 30 make --no-print-directory -j"$(nproc)" cuda train_gpt_cu_fp32 train_gpt_cu_fp16 train_gpt_cu_bf16 train_gpt_cpu
+record build "$(grep -o 'compute capability.*' "$log" | tail -n 1 | sed 's/nvcc: [^;]*; //')"
+if [ "$result" != PASS ]; then
+    row "everything else" SKIP 0 "the build did not pass"
+    finish
 fi
 
 echo "== reference tests"
-ref_kind="PyTorch"
-if [ ! -f "$ref" ] && /usr/bin/python3 -c "import torch" 2>/dev/null; then
-    echo "generating $ref with dev/reference.py"
-    timeout 600 /usr/bin/python3 dev/reference.py --out "$ref" > "$out/reference.log" 2>&1 || { tail -n 20 "$out/reference.log"; rm -f "$ref"; }
+if [ -f "$ref" ]; then
+    ref_kind=$(basename "$ref")
+elif [ -n "$torch_py" ]; then
+    ref_kind="PyTorch ($torch_py)"
+    step reference 120 20 "$torch_py" dev/reference.py --out "$ref" || rm -f "$ref"
+    record "reference (PyTorch)" "$ref"
 fi
-if [ ! -f "$ref" ]; then # no PyTorch here: the same configuration computed by the CPU trainer
-    ref=$out/cpu_reference.bin
-    ref_kind="the CPU trainer (no PyTorch reference here)"
-    echo "no PyTorch reference: writing $ref with the CPU trainer"
-    timeout 600 ./test_gpt_cu_fp32 --write-cpu-reference "$ref" || rm -f "$ref"
+if [ ! -f "$ref" ]; then # no PyTorch: the same configuration computed by the CPU trainer
+    ref=$logs/cpu_reference.bin ref_kind="the CPU trainer"
+    step cpu_reference 120 10 ./test_gpt_cu_fp32 --write-cpu-reference "$ref" || rm -f "$ref"
+    record "reference (CPU trainer)" "${torch_py:+dev/reference.py failed; }no PyTorch reference"
 fi
 for p in fp32 fp16 bf16; do
     if [ ! -f "$ref" ]; then
-        note "test_gpt_cu_$p" "FAIL: no reference file (see above)"
-        status=1
+        row "test_gpt_cu_$p" FAIL 0 "no reference file"
         continue
     fi
-    timeout 300 "./test_gpt_cu_$p" "$ref" > "$out/test_gpt_cu_$p.log" 2>&1
-    rc=$?
-    cat "$out/test_gpt_cu_$p.log"
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$out/test_gpt_cu_$p.log" | tail -n 1)
-    if [ $rc -eq 0 ] && [ -n "$line" ]; then note "test_gpt_cu_$p" "$line (reference: $ref_kind)"
-    else note "test_gpt_cu_$p" "FAIL (exit $rc${line:+, $line}; reference: $ref_kind)"; status=1; fi
+    step "test_gpt_cu_$p" 90 15 "./test_gpt_cu_$p" "$ref"
+    counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    [ -n "$counts" ] || demote "no 'N passed, N failed' line"
+    record "test_gpt_cu_$p" "${counts:+$counts, }reference: $ref_kind"
 done
 
 echo "== kernel checks (dev/cuda)"
-for src in dev/cuda/*.cu; do
-    k=dev/cuda/$(basename "$src" .cu)
-    timeout 300 "./$k" > "$out/$(basename "$k").log" 2>&1
-    rc=$?
-    cat "$out/$(basename "$k").log"
-    if [ $rc -eq 0 ] && tail -n 1 "$out/$(basename "$k").log" | grep -q PASS; then note "$k" "PASS"
-    else note "$k" "FAIL (exit $rc)"; status=1; fi
+kernels=0
+for k in dev/cuda/*; do # the built checks: one per kernel, or one per kernel and precision
+    [[ -f $k && -x $k && $(basename "$k") != *.* ]] || continue
+    kernels=$((kernels + 1))
+    step "cuda_$(basename "$k")" 60 10 "./$k"
+    tail -n 1 "$log" | grep -qx PASS || demote "no PASS line"
+    record "$k" "$(grep -c '^  ok ' "$log") ok, $(grep -c '^  FAIL ' "$log") FAIL, $(grep -c '^  bench ' "$log") benchmarks"
 done
+((kernels > 0)) || row "dev/cuda" FAIL 0 "make cuda built no kernel checks"
 
 # synthetic data in llm.c's shard format: int32 header[256] (magic 20240520, version 1,
 # token count), then uint16 tokens
+# shellcheck disable=SC2317 # run by step
 write_shard() { # $1 path
-    python3 - "$1" <<'EOF'
+    "$py" - "$1" << 'EOF'
 import random, struct, sys
 from array import array
 n = 1 << 21
@@ -102,49 +197,40 @@ EOF
 write_config() { # $1 file, $2 precision keys
     printf '{"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, %s "zero_optimization": {"stage": 0}}\n' "$2" > "$1"
 }
-# the mean of steps 6-20 of a run's JSON-lines log: one row of the table
-bench_row() { # $1 log, $2 name
-    python3 - "$1" "$2" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-rows = [r for r in rows if r.get("type") == "train" and r["step"] > 5]
-mean = lambda k: sum(r.get(k, float("nan")) for r in rows) / len(rows)
-mfu = mean("mfu") * 100 if all("mfu" in r for r in rows) else float("nan")
-mem = mean("memory_gb") if all("memory_gb" in r for r in rows) else float("nan")
-print(f"{sys.argv[2]:<16} {mean('ms'):9.1f} {mean('tokens_per_s'):11.0f} {mfu:6.1f}% {mem:8.2f} GB   loss {rows[-1]['loss']:.3f}")
+# the means of steps 4-10 of a run's JSON-lines log (steps 1-3 warm up): one summary cell
+bench_numbers() { # $1 log
+    "$py" - "$1" << 'EOF'
+import json, math, sys
+rows = [r for r in map(json.loads, filter(str.strip, open(sys.argv[1]))) if r.get("type") == "train" and r["step"] > 3]
+mean = lambda k: sum(r.get(k, math.nan) for r in rows) / len(rows)
+print(f"{mean('ms'):.1f} ms/step, {mean('tokens_per_s') / 1e3:.0f}k tok/s, MFU {100 * mean('mfu'):.1f}%, "
+      f"{mean('memory_gb'):.1f} GB, loss {rows[-1]['loss']:.2f}")
 EOF
 }
-bench_rows=()
 bench() { # $1 name, $2 precision, extra flags after
     local name=$1 p=$2
     shift 2
-    rm -f "$out/$name.jsonl"
-    timeout 300 "./train_gpt_cu_$p" -c "$out/$p.json" --layers 12 --heads 12 --dim 768 --seq-len 1024 --steps 20 \
-        --train-data "$out/bench_train_*.bin" --val-data "" --checkpoint-dir "" --sample-tokens 0 --log "$out/$name.jsonl" "$@" \
-        > "$out/bench_$name.log" 2>&1
-    local rc=$?
-    grep -E "^(device|precision|  (rank|activations|device)|step +(1|20)/)" "$out/bench_$name.log"
-    if [ $rc -ne 0 ]; then
-        tail -n 5 "$out/bench_$name.log"
-        bench_rows+=("$(printf '%-16s FAIL (exit %d, log %s)' "$name" $rc "$out/bench_$name.log")")
-        status=1
-    else
-        bench_rows+=("$(bench_row "$out/$name.jsonl" "$name")")
-    fi
+    rm -f "$logs/$name.jsonl"
+    step "bench_$name" 60 15 "./train_gpt_cu_$p" -c "$logs/$p.json" --layers 12 --heads 12 --dim 768 --seq-len 1024 --steps 10 \
+        --train-data "$logs/bench_train_*.bin" --val-data "" --checkpoint-dir "" --sample-tokens 0 --log "$logs/$name.jsonl" "$@"
+    local numbers
+    numbers=$(bench_numbers "$logs/$name.jsonl" 2> /dev/null) || demote "no steps 4-10 in its log"
+    record "124M $name" "$numbers"
 }
 
-echo "== benchmark: GPT-2 124M, T 1024, micro batch 16, 20 steps (mean of steps 6-20)"
-if command -v python3 > /dev/null; then
-    write_shard "$out/bench_train_000000.bin"
-    write_config "$out/fp32.json" ""
-    write_config "$out/fp16.json" '"fp16": {"enabled": true},'
-    write_config "$out/bf16.json" '"bf16": {"enabled": true},'
+echo "== benchmark: GPT-2 124M, T 1024, micro batch 16, 10 steps (means of steps 4-10)"
+write_config "$logs/fp32.json" ""
+write_config "$logs/fp16.json" '"fp16": {"enabled": true},'
+write_config "$logs/bf16.json" '"bf16": {"enabled": true},'
+if [ -z "$py" ]; then
+    row "124M benchmark" SKIP 0 "no python3 to write the synthetic data and read the logs"
+elif step shard 60 20 write_shard "$logs/bench_train_000000.bin"; then
     bench bf16 bf16
     bench bf16-recompute bf16 --recompute
     bench fp16 fp16
     bench fp32 fp32
 else
-    bench_rows+=("SKIPPED: no python3 to write the synthetic data and read the logs")
+    record "124M benchmark" "writing the synthetic data"
 fi
 
 # ZeRO on one GPU and checkpoints shared with the CPU trainer, on a small model:
@@ -153,15 +239,15 @@ fi
 #  - a GPU checkpoint resumed by the CPU trainer continues with the losses the GPU gets.
 # fp32 on both sides; different summation orders keep losses within 1e-4 relative.
 echo "== ZeRO stage 2: 2 ranks on one GPU vs 1 rank; GPU checkpoint resumed on the CPU"
-small=(--layers 2 --heads 4 --dim 128 --seq-len 64 --train-data "$out/bench_train_*.bin" --val-data "" --sample-tokens 0)
+small=(--layers 2 --heads 4 --dim 128 --seq-len 64 --train-data "$logs/bench_train_*.bin" --val-data "" --sample-tokens 0 --steps 8)
 zero_config() { # $1 file, $2 micro batch, $3 accumulation steps
     printf '{"train_micro_batch_size_per_gpu": %d, "gradient_accumulation_steps": %d, "zero_optimization": {"stage": 2, "reduce_bucket_size": 100000}}\n' "$2" "$3" > "$1"
 }
 same_losses() { # $1 $2 JSON-lines logs: the losses of the steps both have agree to 1e-4
-    python3 - "$1" "$2" <<'EOF'
+    "$py" - "$1" "$2" << 'EOF'
 import json, sys
 def losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r.get("type") == "train"}
+    return {r["step"]: r["loss"] for r in map(json.loads, filter(str.strip, open(path))) if r.get("type") == "train"}
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
 steps = sorted(set(a) & set(b))
 worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in steps) if steps else 1
@@ -169,31 +255,75 @@ print(f"{len(steps)} steps, largest loss difference {worst:.1e}")
 sys.exit(0 if steps and worst <= 1e-4 else 1)
 EOF
 }
-zero_config "$out/zero_1rank.json" 2 2
-zero_config "$out/zero_2ranks.json" 2 1
-rm -rf "$out/ckpt_gpu" "$out/ckpt_cpu" "$out"/zero_*.jsonl
-timeout 300 ./train_gpt_cu_fp32 -c "$out/zero_1rank.json" "${small[@]}" --steps 8 --save-every 4 --checkpoint-dir "$out/ckpt_gpu" --log "$out/zero_1rank.jsonl" > "$out/zero_1rank.log" 2>&1
-if command -v mpirun > /dev/null; then
-    timeout 300 mpirun --allow-run-as-root --oversubscribe -np 2 ./train_gpt_cu_fp32 -c "$out/zero_2ranks.json" "${small[@]}" --steps 8 --checkpoint-dir "" \
-        --log "$out/zero_2ranks.jsonl" > "$out/zero_2ranks.log" 2>&1
-    if verdict=$(same_losses "$out/zero_1rank.jsonl" "$out/zero_2ranks.jsonl"); then note "ZeRO-2, 2 ranks on 1 GPU" "ok ($verdict)"
-    else note "ZeRO-2, 2 ranks on 1 GPU" "FAIL ($verdict; logs $out/zero_*.log)"; status=1; fi
+# compare SECTION LOG_A LOG_B: the row of the last step, failed unless its losses match LOG_A's
+compare() {
+    local verdict
+    verdict=$(same_losses "$2" "$3" 2>&1 | tail -n 1) || demote "losses differ"
+    record "$1" "$verdict"
+}
+# mpi_launch: sets mpi to a launch of 2 ranks with the launcher of the MPI that the trainer
+# links (Open MPI's mpirun/mpiexec with its root and oversubscription flags, else MPICH's
+# mpiexec), or leaves it empty with the reason in no_mpi
+mpi_launch() {
+    local libs flavour l
+    mpi=() no_mpi=""
+    libs=$(ldd ./train_gpt_cu_fp32 2> /dev/null)
+    if ! grep -qE 'libmpi|libmpich' <<< "$libs"; then no_mpi="the trainer was built without MPI" && return; fi
+    flavour=mpich
+    grep -qE 'libmpi\.so\.4|libopen-(pal|rte)' <<< "$libs" && flavour=openmpi
+    for l in mpirun mpiexec; do
+        command -v "$l" > /dev/null || continue
+        if timeout 10 "$l" --version 2>&1 | grep -qE 'Open MPI|OpenRTE'; then
+            [ $flavour = openmpi ] && mpi=("$l" --allow-run-as-root --oversubscribe -n 2) && return
+        elif [ $flavour = mpich ]; then
+            mpi=("$l" -n 2) && return
+        fi
+    done
+    no_mpi="no $flavour launcher (mpirun/mpiexec) for the trainer's MPI"
+}
+zero_config "$logs/zero_1rank.json" 2 2
+zero_config "$logs/zero_2ranks.json" 2 1
+if [ -z "$py" ] || [ ! -f "$logs/bench_train_000000.bin" ]; then
+    row "ZeRO-2 and checkpoint" SKIP 0 "no synthetic data (see the benchmark)"
 else
-    note "ZeRO-2, 2 ranks on 1 GPU" "SKIPPED: no mpirun"
+    step zero_1rank 60 10 ./train_gpt_cu_fp32 -c "$logs/zero_1rank.json" "${small[@]}" --save-every 4 \
+        --checkpoint-dir "$logs/ckpt_gpu" --log "$logs/zero_1rank.jsonl"
+    record "1 rank, checkpoints"
+    mpi_launch
+    if [ ${#mpi[@]} -eq 0 ]; then
+        row "ZeRO-2, 2 ranks on 1 GPU" SKIP 0 "$no_mpi"
+    elif step zero_2ranks 60 10 "${mpi[@]}" ./train_gpt_cu_fp32 -c "$logs/zero_2ranks.json" "${small[@]}" \
+        --checkpoint-dir "" --log "$logs/zero_2ranks.jsonl"; then
+        compare "ZeRO-2, 2 ranks on 1 GPU" "$logs/zero_1rank.jsonl" "$logs/zero_2ranks.jsonl"
+    else
+        record "ZeRO-2, 2 ranks on 1 GPU" "${mpi[*]}"
+    fi
+    if [ -d "$logs/ckpt_gpu" ]; then
+        cp -r "$logs/ckpt_gpu" "$logs/ckpt_cpu"
+        printf 'step_00000004\n' > "$logs/ckpt_cpu/latest"
+        if step zero_cpu 60 10 ./train_gpt_cpu -c "$logs/zero_1rank.json" "${small[@]}" --resume \
+            --checkpoint-dir "$logs/ckpt_cpu" --log "$logs/zero_cpu.jsonl"; then
+            compare "GPU checkpoint on the CPU" "$logs/zero_1rank.jsonl" "$logs/zero_cpu.jsonl"
+        else
+            record "GPU checkpoint on the CPU"
+        fi
+    else
+        row "GPU checkpoint on the CPU" SKIP 0 "no GPU checkpoint (see 1 rank)"
+    fi
 fi
-make --no-print-directory train_gpt_cpu > /dev/null 2>&1
-cp -r "$out/ckpt_gpu" "$out/ckpt_cpu"
-printf 'step_00000004\n' > "$out/ckpt_cpu/latest"
-timeout 300 ./train_gpt_cpu -c "$out/zero_1rank.json" "${small[@]}" --steps 8 --resume --checkpoint-dir "$out/ckpt_cpu" --log "$out/zero_cpu.jsonl" > "$out/zero_cpu.log" 2>&1
-if verdict=$(same_losses "$out/zero_1rank.jsonl" "$out/zero_cpu.jsonl"); then note "GPU checkpoint on the CPU" "ok ($verdict)"
-else note "GPU checkpoint on the CPU" "FAIL ($verdict; log $out/zero_cpu.log)"; status=1; fi
 
-echo
-echo "== summary ($gpu, $(elapsed))"
-for line in "${summary[@]}"; do echo "$line"; done
-echo
-printf '%-16s %9s %11s %7s %11s\n' "GPT-2 124M" "ms/step" "tokens/s" "MFU" "memory"
-for line in "${bench_rows[@]}"; do echo "$line"; done
-echo
-[ $status -eq 0 ] && echo "all GPU checks passed" || echo "SOME GPU CHECKS FAILED (logs: $out)"
-exit $status
+echo "== compute-sanitizer on the small reference tests"
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null)
+if [ -z "$sanitizer" ]; then
+    row compute-sanitizer SKIP 0 "not installed"
+elif [ ! -f "$ref" ]; then
+    row compute-sanitizer SKIP 0 "no reference file"
+else
+    for tool in memcheck racecheck; do
+        for p in fp32 bf16; do # started only with its whole cap left: a cut run would say nothing
+            step "${tool}_$p" 100 100 "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "./test_gpt_cu_$p" "$ref"
+            record "$tool test_gpt_cu_$p" "$(grep -hoE '(ERROR|RACECHECK) SUMMARY: .*' "$log" | tail -n 1)"
+        done
+    done
+fi
+finish
