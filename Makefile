@@ -84,7 +84,6 @@ bench-cpu: train_gpt_cpu
 
 clean:
 	rm -f train_gpt train_gpt_cpu train_gpt_cu test_gpt test_gpt_cu test_dstrain test_compare
-	rm -rf tests/tmp
 
 # ----------------------------------------------------------------------------
 # CUDA: the GPU trainer, its tests and the dev/cuda kernel checks, built whenever nvcc
