@@ -2453,7 +2453,9 @@ typedef struct {
     size_t (*num_params)(void* model);
     void* (*weights)(void* model, size_t* elem_size);      // the flat working weights (for the all-gather)
     void (*set_weights)(void* model, size_t offset, const float* master, size_t n); // fp32 master -> working weights
-    float (*forward)(void* model, const int* inputs, const int* targets, int B, int T); // mean loss
+    // runs the model; with targets, adds the batch's mean loss to a sum that take_loss reads
+    void (*forward)(void* model, const int* inputs, const int* targets, int B, int T);
+    double (*take_loss)(void* model);                      // that sum, which starts anew (waits for the forwards)
     // gradients of the last forward (same inputs) for loss * dloss_scale, region by region into sink
     void (*backward)(void* model, const int* inputs, int B, int T, float dloss_scale, GradSink* sink);
     const float* (*probs)(void* model, int position);      // softmax of the last forward at (0, position), host
@@ -2551,19 +2553,23 @@ void zero_share_weights(Trainer* tr) {
 // DeepSpeed's step once the step's gradients are complete (doc/deepspeed.md section 4):
 // reduce, overflow check and global norm combined over ranks, one unscale-and-clip
 // factor, AdamW on this rank's partition, all-gather of the weights, schedule, scaler.
-StepPlan optimizer_step(Trainer* tr) {
+// mean_loss: the step's loss, the mean over its micro batches and the ranks. The gradient
+// statistics are where the host waits for the device, once a step; the loss comes with them.
+StepPlan optimizer_step(Trainer* tr, float* mean_loss) {
     Zero* z = &tr->zero;
     Comm* c = &tr->comm;
     float* g = zero_reduce_gradients(z);
     fault_plan_apply(&tr->faults, z->buf, g, z->lo, z->n, tr->state.step + 1);
     int nonfinite;
-    double stats[2];
+    double stats[3]; // overflows, sum of squares, loss: summed over the ranks in one all-reduce
     z->buf->stats(g, z->n, &nonfinite, &stats[1]);
     stats[0] = nonfinite;
-    if (z->stage > 0 && c->world_size > 1) { // stage 0: every rank holds the same full gradient
-        c->allreduce_f64(c, &stats[0], 1, 1, "all-reduce (max) of the overflow flag");
-        c->allreduce_f64(c, &stats[1], 1, 0, "all-reduce (sum) of the gradient norm");
+    stats[2] = tr->ops->take_loss(tr->model) / (double)tr->cfg.grad_accum;
+    if (c->world_size > 1) {
+        if (z->stage > 0) c->allreduce_f64(c, stats, 3, 0, "all-reduce of the overflow count, the gradient norm and the loss");
+        else c->allreduce_f64(c, &stats[2], 1, 0, "all-reduce of the loss"); // stage 0: every rank holds the same full gradient
     }
+    *mean_loss = (float)(stats[2] / c->world_size);
     StepPlan plan = step_plan(&tr->state, &tr->cfg, stats[0] != 0, stats[1]);
     if (!plan.skip) {
         z->buf->adamw(z->master, z->m, z->v, g, z->n, &plan, &tr->cfg);
@@ -2579,7 +2585,7 @@ StepPlan optimizer_step(Trainer* tr) {
 // One optimizer step: ga micro batches forward and backward, then the optimizer step.
 // Returns the mean loss of the micro batches over all ranks.
 float train_step(Trainer* tr, StepPlan* plan) {
-    double loss_sum = 0.0, t0;
+    double t0;
     tr->forward_ms = tr->backward_ms = tr->data_wait_ms = 0.0;
     zero_begin_step(&tr->zero);
     float loss_scale = (float)tr->state.scaler.scale;
@@ -2587,7 +2593,7 @@ float train_step(Trainer* tr, StepPlan* plan) {
         dataloader_next(&tr->train);
         tr->data_wait_ms += tr->train.last_wait * 1e3;
         t0 = wall_seconds();
-        loss_sum += tr->ops->forward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T);
+        tr->ops->forward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T);
         tr->forward_ms += ms_since(t0);
         t0 = wall_seconds();
         // DeepSpeed backpropagates loss * scale / ga: the gradient of the step's mean loss, scaled
@@ -2596,11 +2602,10 @@ float train_step(Trainer* tr, StepPlan* plan) {
         tr->backward_ms += ms_since(t0);
     }
     t0 = wall_seconds();
-    *plan = optimizer_step(tr);
+    float loss;
+    *plan = optimizer_step(tr, &loss);
     tr->step_ms = ms_since(t0);
-    double loss = loss_sum / tr->ga;
-    tr->comm.allreduce_f64(&tr->comm, &loss, 1, 0, "all-reduce of the loss");
-    return (float)(loss / tr->comm.world_size);
+    return loss;
 }
 
 // Mean validation loss over --val-batches micro batches in total (the whole split with 0),
@@ -2612,11 +2617,11 @@ float evaluate(Trainer* tr, int* batches_out) {
     int64_t wanted = (tr->opt.val_batches + ws - 1) / ws;
     int64_t batches = tr->opt.val_batches > 0 && wanted < available ? wanted : available;
     dataloader_seek(v, 0, 0);
-    double sum = 0.0;
     for (int64_t i = 0; i < batches; i++) {
         dataloader_next(v);
-        sum += tr->ops->forward(tr->model, v->inputs, v->targets, v->B, v->T);
+        tr->ops->forward(tr->model, v->inputs, v->targets, v->B, v->T);
     }
+    double sum = tr->ops->take_loss(tr->model);
     tr->comm.allreduce_f64(&tr->comm, &sum, 1, 0, "all-reduce of the validation loss");
     *batches_out = (int)(batches * ws);
     return (float)(sum / batches / tr->comm.world_size);

@@ -42,7 +42,8 @@ static void test_forward_logits_and_loss(Fixture* f) {
     const Reference* ref = &f->ref;
     GPT2* model = &f->model;
     memcpy(model->params, ref->params, model->num_params * sizeof(float));
-    float loss = gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    float loss = (float)gpt2_take_loss(model);
     TensorErr e_logits = tensor_err_strided(model->act.logits, ref->logits, (size_t)ref->B * ref->T, ref->V, ref->Vp, ref->V);
     double e_loss = rel_err(loss, ref->loss, 0);
     printf("    logits rel err %.2e, loss %.7f vs %.7f (rel err %.2e)\n", e_logits.rel_err, loss, ref->loss, e_loss);
@@ -77,6 +78,7 @@ static void test_backward_every_gradient_tensor(Fixture* f) {
     setup_run(&tr, f, &cfg, 0);
     zero_begin_step(&tr.zero);
     gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    gpt2_take_loss(model); // test_forward_logits_and_loss checks it; the next step starts a new sum
     gpt2_backward(model, ref->inputs, ref->B, ref->T, 1.0f, &tr.zero.sink);
     const float* grads = tr.zero.grads;
     ParamTable table = param_table(&model->config);

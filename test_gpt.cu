@@ -155,6 +155,7 @@ static void micro_batch_gradients(Trainer* tr, const Reference* ref, const Model
     setup_run(tr, ref, ops, m, &cfg);
     zero_begin_step(&tr->zero);
     ops->forward(m, ref->inputs, ref->targets, ref->B, ref->T);
+    ops->take_loss(m); // test_forward_logits_and_loss checks it; the next step starts a new sum
     ops->backward(m, ref->inputs, ref->B, ref->T, scale, &tr->zero.sink);
     zero_end_backward(&tr->zero);
     ops->buf->to_host(grads, tr->zero.grads, tr->num_params);
@@ -234,7 +235,8 @@ static void reference_from_cpu(Reference* r) {
     Trainer tr = {};
     DSConfig cfg = gpu_reference_config(r, 1);
     setup_run(&tr, r, &cpu::CPU_OPS, &cm, &cfg);
-    r->loss = cpu::gpt2_forward(&cm, r->inputs, r->targets, r->B, r->T);
+    cpu::gpt2_forward(&cm, r->inputs, r->targets, r->B, r->T);
+    r->loss = (float)cpu::gpt2_take_loss(&cm);
     r->logits = (float*)mallocCheck(bt * r->V * sizeof(float));
     for (size_t row = 0; row < bt; row++) memcpy(r->logits + row * r->V, cm.act.logits + row * r->Vp, r->V * sizeof(float));
     r->grads = (float*)mallocCheck(P * sizeof(float));
@@ -284,7 +286,8 @@ static void test_forward_logits_and_loss(Fixture* f) {
     Trainer tr = {};
     DSConfig cfg = gpu_reference_config(ref, 1);
     setup_run(&tr, ref, &GPU_OPS, model, &cfg);
-    float loss = gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    float loss = (float)gpt2_take_loss(model);
     download_floatX(f->host_logits, model->act.logits, (size_t)ref->B * ref->T * ref->Vp);
     TensorErr e_logits = tensor_err_strided(f->host_logits, ref->logits, (size_t)ref->B * ref->T, ref->V, ref->Vp, ref->V);
     double e_loss = rel_err(loss, ref->loss, 0);

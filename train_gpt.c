@@ -435,6 +435,7 @@ typedef struct {
     int max_B, max_T;  // the activations' capacity
     int* targets;      // (B,T) of the last forward, for backward
     int last_B, last_T; // of the last forward
+    double loss_sum;    // the mean losses of the forwards since gpt2_take_loss
 } GPT2;
 
 // Layer l's activations: its slices of the per-layer tensors.
@@ -493,8 +494,9 @@ static void gpt2_free(GPT2* m) {
     free(m->targets);
 }
 
-// Runs the model on inputs (B,T); with targets, returns the mean loss. B, T <= capacity.
-static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
+// Runs the model on inputs (B,T); with targets, adds the mean loss to the loss sum that
+// gpt2_take_loss reads. B, T <= capacity.
+static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
     const ModelConfig* c = &m->config;
     if (B > m->max_B || T > m->max_T || T > c->max_seq_len) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
     for (int i = 0; i < B * T; i++) {
@@ -525,10 +527,17 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, a, L - 1).residual3, m->w.lnfw, m->w.lnfb, BT, C);
     matmul_forward(a->logits, a->lnf, m->w.wte, NULL, BT, C, Vp); // tied output layer
     classifier_forward(a->losses, a->probs, a->logits, targets, BT, V, Vp);
-    if (!targets) return 0.0f;
+    if (!targets) return;
     double sum = 0.0;
     for (size_t i = 0; i < BT; i++) sum += a->losses[i];
-    return (float)(sum / BT);
+    m->loss_sum += (float)(sum / BT);
+}
+
+// The sum of the mean losses of the forwards since the last call, which starts a new sum.
+static double gpt2_take_loss(GPT2* m) {
+    double sum = m->loss_sum;
+    m->loss_sum = 0.0;
+    return sum;
 }
 
 // The gradient of dloss_scale * (mean loss of the last forward, which had targets),
@@ -837,7 +846,8 @@ static void* cpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
 static size_t cpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
 static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(float); return ((GPT2*)model)->params; }
 static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((GPT2*)model)->params + offset, master, n * sizeof(float)); }
-static float cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
+static void cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { gpt2_forward((GPT2*)m, inputs, targets, B, T); }
+static double cpu_take_loss(void* m) { return gpt2_take_loss((GPT2*)m); }
 static void cpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink); }
 static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {
@@ -858,7 +868,7 @@ static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
 }
 
 static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", comm_init_host, cpu_describe_run, &HOST_BUFFERS, cpu_build, cpu_num_params,
-                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_backward, cpu_probs, cpu_describe_memory, NULL, cpu_free};
+                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_take_loss, cpu_backward, cpu_probs, cpu_describe_memory, NULL, cpu_free};
 
 #ifndef TESTING
 int main(int argc, char** argv) {

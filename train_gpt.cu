@@ -1016,6 +1016,20 @@ static void classifier_forward(float* losses, float* lse, const floatX* logits, 
     launchCheck();
 }
 
+// *sum += the mean of losses (N), rounded to float as the CPU trainer's mean loss is: one
+// block, a fixed order. The step reads the sum once, with its gradient statistics.
+__global__ void __launch_bounds__(512) loss_accumulate_kernel(double* sum, const float* losses, int N) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) s += losses[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) *sum += (float)(s / N);
+}
+
+static void loss_accumulate(double* sum, const float* losses, int N) {
+    loss_accumulate_kernel<<<1, 512, 0, stream>>>(sum, losses, N);
+    launchCheck();
+}
+
 static void classifier_backward(floatX* logits, const float* lse, const int* targets, float dloss, int N, int V, int Vp) {
     classifier_backward_kernel<<<N, CLASSIFIER_THREADS, 0, stream>>>(logits, lse, targets, dloss, V, Vp);
     launchCheck();
@@ -1112,7 +1126,9 @@ typedef struct {
     int last_B, last_T;    // of the last forward
     TokenBuckets buckets;  // encoder backward: the last forward's tokens sorted into buckets
     int num_buckets;
-    float* losses_host;    // pinned (B,T)
+    double* loss_sum;      // device: the mean losses of the forwards since gpt2_take_loss
+    double* loss_sum_host; // pinned: its copy after each forward, complete at loss_copied
+    cudaEvent_t loss_copied;
     floatX* logits_row;    // pinned (Vp): for probs
     float* probs_host;     // (Vp)
 } GPT2;
@@ -1220,25 +1236,31 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T, int recomput
     m->inputs = device_alloc<int>(BT, NULL);
     m->targets = device_alloc<int>(BT, NULL);
     token_buckets_init(&m->buckets, c->vocab_size, (int)BT);
-    cudaCheck(cudaMallocHost(&m->losses_host, BT * sizeof(float)));
+    m->loss_sum = device_alloc<double>(1, NULL);
+    cudaCheck(cudaMemset(m->loss_sum, 0, sizeof(double)));
+    cudaCheck(cudaMallocHost(&m->loss_sum_host, sizeof(double)));
+    *m->loss_sum_host = 0.0;
+    cudaCheck(cudaEventCreateWithFlags(&m->loss_copied, cudaEventDisableTiming));
     cudaCheck(cudaMallocHost(&m->logits_row, c->padded_vocab_size * sizeof(floatX)));
     m->probs_host = (float*)callocCheck(c->padded_vocab_size, sizeof(float));
 }
 
 static void gpt2_free(GPT2* m) {
     cudaCheck(cudaStreamSynchronize(stream));
-    void* p[] = {m->params, m->inputs, m->targets};
+    void* p[] = {m->params, m->inputs, m->targets, m->loss_sum};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) cudaCheck(cudaFree(p[i]));
     activations_free(&m->act);
     token_buckets_free(&m->buckets);
-    cudaCheck(cudaFreeHost(m->losses_host));
+    cudaCheck(cudaFreeHost(m->loss_sum_host));
+    cudaCheck(cudaEventDestroy(m->loss_copied));
     cudaCheck(cudaFreeHost(m->logits_row));
     free(m->probs_host);
     matmul_plans_free();
 }
 
-// Runs the model on inputs (B,T); with targets, returns the mean loss (one sync, for it).
-static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
+// Runs the model on inputs (B,T); with targets, adds the mean loss to the loss sum that
+// gpt2_take_loss reads. The host does not wait for the device.
+static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
     const ModelConfig* c = &m->config;
     const Layout* o = &m->layout;
     if (B > m->max_B || T > m->max_T) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
@@ -1274,13 +1296,21 @@ static float gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B,
     const floatX* lnfw = m->params + o->lnf;
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, L - 1).residual3, lnfw, lnfw + C, BT, C);
     matmul_forward(a->logits, a->lnf, wte, NULL, NULL, BT, C, Vp); // tied output layer
-    if (!targets) return 0.0f;
+    if (!targets) return;
     classifier_forward(a->losses, a->logits_lse, a->logits, m->targets, BT, V, Vp);
-    cudaCheck(cudaMemcpyAsync(m->losses_host, a->losses, BT * sizeof(float), cudaMemcpyDeviceToHost, stream));
-    stream_wait("the forward pass");
-    double sum = 0.0;
-    for (int i = 0; i < BT; i++) sum += m->losses_host[i];
-    return (float)(sum / BT);
+    loss_accumulate(m->loss_sum, a->losses, BT);
+    cudaCheck(cudaMemcpyAsync(m->loss_sum_host, m->loss_sum, sizeof(double), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaEventRecord(m->loss_copied, stream));
+}
+
+// The sum of the mean losses of the forwards since the last call, which starts a new sum.
+// In a training step the gradient statistics have waited for the device already.
+static double gpt2_take_loss(GPT2* m) {
+    event_wait(m->loss_copied, "the forward pass");
+    double sum = *m->loss_sum_host;
+    *m->loss_sum_host = 0.0;
+    cudaCheck(cudaMemsetAsync(m->loss_sum, 0, sizeof(double), stream));
+    return sum;
 }
 
 // The gradient of dloss_scale * (mean loss of the last forward, which had targets),
@@ -1853,7 +1883,8 @@ static void* gpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(f
 // the working weights [offset, offset + n) from the fp32 master (a device buffer of ZeRO's)
 static void gpu_set_weights(void* model, size_t offset, const float* master, size_t n) { weights_from_master(((GPT2*)model)->params + offset, master, n); }
 
-static float gpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { return gpt2_forward((GPT2*)m, inputs, targets, B, T); }
+static void gpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { gpt2_forward((GPT2*)m, inputs, targets, B, T); }
+static double gpu_take_loss(void* m) { return gpt2_take_loss((GPT2*)m); }
 static void gpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink); }
 
 // softmax of the last forward's logits at (0, position), over the V real tokens, on the host
@@ -1930,7 +1961,7 @@ static void gpu_describe_run(const DSConfig* c, const Comm* comm) {
 }
 
 static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", gpu_init_comm, gpu_describe_run, &DEVICE_BUFFERS, gpu_build,
-                                 gpu_num_params, gpu_weights, gpu_set_weights, gpu_forward, gpu_backward, gpu_probs, gpu_describe_memory,
+                                 gpu_num_params, gpu_weights, gpu_set_weights, gpu_forward, gpu_take_loss, gpu_backward, gpu_probs, gpu_describe_memory,
                                  gpu_device_stats, gpu_free};
 
 #ifndef TESTING

@@ -99,15 +99,13 @@ static void reference_train_steps(Trainer* tr, const Reference* r, int steps, co
     size_t bt = (size_t)r->B * r->T;
     for (int step = 0; step < steps; step++) {
         zero_begin_step(&tr->zero);
-        double loss_sum = 0.0;
         float scale = (float)tr->state.scaler.scale;
         for (int micro = 0; micro < r->ga; micro++) {
-            loss_sum += tr->ops->forward(tr->model, r->inputs + micro * bt, r->targets + micro * bt, r->B, r->T);
+            tr->ops->forward(tr->model, r->inputs + micro * bt, r->targets + micro * bt, r->B, r->T);
             tr->ops->backward(tr->model, r->inputs + micro * bt, r->B, r->T, scale / r->ga, &tr->zero.sink);
             zero_end_backward(&tr->zero);
         }
-        StepPlan plan = optimizer_step(tr);
-        losses[step] = (float)(loss_sum / r->ga);
+        StepPlan plan = optimizer_step(tr, &losses[step]);
         norms[step] = (float)plan.grad_norm;
         lrs[step] = plan.lr;
     }
