@@ -83,7 +83,7 @@ dev/data/gpt2_reference_%.bin: dev/reference.py
 	$(PYTHON_TORCH) dev/reference.py --config $* --out $@
 
 test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCES) $(DATA)
-	@bash tests/run.sh
+	@bash tests/run.sh $(REFERENCES)
 
 bench-cpu: train_gpt_cpu
 	bash dev/bench/cpu.sh
@@ -161,5 +161,6 @@ $(DEV_CUDA): dev/cuda/%: dev/cuda/%.cu dev/cuda/common.h tests/compare.h train_g
 
 clean-cuda:
 	rm -f train_gpt_cu $(TRAIN_GPT_CU) $(TEST_GPT_CU) $(DEV_CUDA)
+	rm -rf build-emu
 
 FORCE:
