@@ -35,6 +35,9 @@ USE_GPU_TRAINER := $(if $(and $(NVCC),$(filter-out 0,$(HAS_GPU)),$(wildcard trai
 
 DATA = data/wikitext/wikitext_train_000000.bin data/wikitext/wikitext_val_000000.bin data/gpt2_tokenizer.bin
 REFERENCE = dev/data/gpt2_reference.bin
+# dev/reference.py's other configurations: attention over several tiles, head sizes 32 to 128
+REFERENCE_CONFIGS = t100_hs32 t130_hs64 t130_hs128
+REFERENCES = $(REFERENCE) $(foreach c,$(REFERENCE_CONFIGS),dev/data/gpt2_reference_$(c).bin)
 
 .PHONY: train data test clean bench-cpu
 
@@ -76,8 +79,11 @@ $(DATA): data/prepare.py
 $(REFERENCE): dev/reference.py
 	$(PYTHON_TORCH) dev/reference.py --out $@
 
-test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCE) $(DATA)
-	@bash tests/run.sh
+dev/data/gpt2_reference_%.bin: dev/reference.py
+	$(PYTHON_TORCH) dev/reference.py --config $* --out $@
+
+test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCES) $(DATA)
+	@bash tests/run.sh $(REFERENCES)
 
 bench-cpu: train_gpt_cpu
 	bash dev/bench/cpu.sh
@@ -154,5 +160,6 @@ $(DEV_CUDA): dev/cuda/%: dev/cuda/%.cu dev/cuda/common.h tests/compare.h train_g
 
 clean-cuda:
 	rm -f train_gpt_cu $(TRAIN_GPT_CU) $(TEST_GPT_CU) $(DEV_CUDA)
+	rm -rf build-emu
 
 FORCE:

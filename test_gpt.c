@@ -1,15 +1,18 @@
 /*
 test_gpt.c: the CPU trainer against the independent PyTorch reference written by
-dev/reference.py (GPT-2, 2 layers, 4 heads, 64 channels, T = 64, GPT-2's vocabulary).
+dev/reference.py: its base configuration (GPT-2, 2 layers, 4 heads, 64 channels, T = 64,
+GPT-2's vocabulary), or any other (`make test` runs all: T 100 and 130, head sizes 32 to
+128, a 1000-token vocabulary), one file per run.
 
     /usr/bin/python3 dev/reference.py && make test_gpt && ./test_gpt dev/data/gpt2_reference.bin
 
 Error measure, per tensor: max |ours - torch| / max |torch| (relative to the tensor's
 scale, so elements that happen to be near zero do not dominate).
 Tolerances (fp32 on both sides, same math, different summation order):
-  - logits and loss: 1e-5. Each logit is a sum of 64 products after two layers; fp32
-    rounding differences of a few ulps (1e-7 relative) per operation accumulate to about
-    1e-6, an order of magnitude under the bound.
+  - logits and loss: 1e-5. Each logit is a sum of C (64 to 256) products after two layers;
+    fp32 rounding differences of a few ulps (1e-7 relative) per operation accumulate to
+    about 1e-6 (sums of random-signed errors grow as the square root of their length, as
+    the sums themselves do), an order of magnitude under the bound.
   - every gradient tensor: 1e-4. Gradients pass through the softmax of 50257 classes,
     the attention softmax and LayerNorm backward, each of which cancels large terms;
     observed errors are about 1e-6..1e-5.

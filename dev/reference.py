@@ -3,7 +3,10 @@ An independent PyTorch GPT-2 that writes the reference file test_gpt.c and test_
 compare against: the initial weights, one micro batch's logits, loss and gradients, and
 two short training runs done the way DeepSpeed does them (doc/deepspeed.md sections 4 to 6).
 
-    /usr/bin/python3 dev/reference.py [--out dev/data/gpt2_reference.bin]
+    /usr/bin/python3 dev/reference.py [--config NAME] [--out FILE]
+
+--config picks one of CONFIGS below (default "base", written to dev/data/gpt2_reference.bin;
+another NAME to dev/data/gpt2_reference_NAME.bin).
 
 Parameter layout (one flat float32 buffer, matrices in PyTorch's (out, in) layout):
     wte (Vp, C), wpe (maxT, C),
@@ -249,23 +252,64 @@ def train(model, inputs, targets, tc, steps, adam_w_mode):
 # the reference file
 
 
+@dataclass
+class ReferenceConfig:
+    model: GPTConfig
+    B: int
+    T: int
+    ga: int
+    steps: int
+    grad_clip: float  # chosen from the runs' gradient norms, well away from each of them
+
+
+# The base configuration is one attention tile of the GPU kernels (64 queries x 64 keys,
+# head size 16) with GPT-2's vocabulary. The others take attention across tiles: T not a
+# multiple of 64 (the online-softmax rescale, the causal mask in a partial tile, the
+# multi-tile backward) and head sizes 32, 64 and 128 (DeepSeek's); maxT above T leaves rows
+# of wpe unused. B 2, so that the second sequence starts at a row that is not a multiple
+# of the tile. A 1000-token vocabulary keeps them small and quick under the CUDA emulator
+# (the base covers GPT-2's).
+def small(T, maxT, heads, channels, grad_clip):
+    return ReferenceConfig(GPTConfig(vocab_size=1000, padded_vocab_size=1024, max_seq_len=maxT,
+                                     num_layers=2, num_heads=heads, channels=channels),
+                           B=2, T=T, ga=2, steps=10, grad_clip=grad_clip)
+
+
+CONFIGS = {
+    # gradient norms are about 0.55 on the first steps and 0.71-0.88 later, so a clip of
+    # 0.65 is inactive on steps 0-3 (0-4 in run B) and active after, never within 0.06
+    "base": ReferenceConfig(GPTConfig(max_seq_len=64, num_layers=2, num_heads=4, channels=64),
+                            B=4, T=64, ga=2, steps=10, grad_clip=0.65),
+    # gradient norms 0.55-1.11: every step clipped
+    "t100_hs32": small(T=100, maxT=128, heads=2, channels=64, grad_clip=0.45),
+    # gradient norms 0.93-2.31: every step clipped
+    "t130_hs64": small(T=130, maxT=160, heads=2, channels=128, grad_clip=0.75),
+    # gradient norms 0.90-1.33 and 1.72-3.01: steps 4-8 of run A and 5-9 of run B clipped;
+    # one head (the others cover several), so that C and the emulator's time stay small
+    "t130_hs128": small(T=130, maxT=130, heads=1, channels=128, grad_clip=1.5),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parser.add_argument("--out", default=os.path.join(repo, "dev", "data", "gpt2_reference.bin"),
-                        help="reference file to write (default: dev/data/gpt2_reference.bin)")
+    parser.add_argument("--config", default="base", choices=CONFIGS,
+                        help="configuration (default: %(default)s)")
+    parser.add_argument("--out", help="reference file to write (default: dev/data/gpt2_reference.bin,"
+                        " or dev/data/gpt2_reference_CONFIG.bin for another --config)")
     parser.add_argument("--seed", type=int, default=1337, help="torch seed (default: %(default)s)")
     args = parser.parse_args()
+    if args.out is None:
+        suffix = "" if args.config == "base" else "_" + args.config
+        args.out = os.path.join(repo, "dev", "data", f"gpt2_reference{suffix}.bin")
 
     t0 = time.time()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # a fixed thread count keeps the sums, and the file, reproducible
-    config = GPTConfig(max_seq_len=64, num_layers=2, num_heads=4, channels=64)
-    # gradient norms are about 0.55 on the first steps and 0.71-0.88 later, so a clip of
-    # 0.65 is inactive on steps 0-3 (0-4 in run B) and active after, never within 0.06
-    tc = TrainConfig(grad_clip=0.65)
-    B, T, ga, steps = 4, 64, 2, 10
+    rc = CONFIGS[args.config]
+    config, B, T, ga, steps = rc.model, rc.B, rc.T, rc.ga, rc.steps
+    tc = TrainConfig(grad_clip=rc.grad_clip)
     V = config.vocab_size
 
     model = GPT(config)
