@@ -97,7 +97,7 @@ clean:
 #   train_gpt_cu_fp32, _fp16, _bf16   the trainer in each precision
 #   train_gpt_cu                      the one of PRECISION
 #   test_gpt_cu_fp32, _fp16, _bf16    test_gpt.cu in each precision (`make test_gpt_cu`: all three)
-#   dev/cuda/<kernel>                 one check and benchmark per kernel, in PRECISION
+#   dev/cuda/<kernel>_fp32, _fp16, _bf16   one check and benchmark per kernel and precision
 #   cuda                              all of the above
 # Several GPU ranks: NCCL between GPUs (-DUSE_NCCL) and MPI to launch them and to share
 # one GPU among ranks (-DUSE_MPI), each where it is found.
@@ -136,7 +136,9 @@ endif
 
 TRAIN_GPT_CU = train_gpt_cu_fp32 train_gpt_cu_fp16 train_gpt_cu_bf16
 TEST_GPT_CU = test_gpt_cu_fp32 test_gpt_cu_fp16 test_gpt_cu_bf16
-DEV_CUDA = $(patsubst %.cu,%,$(wildcard dev/cuda/*.cu))
+PRECISIONS = fp32 fp16 bf16
+DEV_CUDA_SRC = $(wildcard dev/cuda/*.cu)
+DEV_CUDA = $(foreach p,$(PRECISIONS),$(patsubst %.cu,%_$(p),$(DEV_CUDA_SRC)))
 
 .PHONY: cuda test_gpt_cu clean-cuda FORCE
 
@@ -155,8 +157,12 @@ $(TEST_GPT_CU): test_gpt_cu_%: test_gpt.cu train_gpt.cu train_gpt.c tests/test.h
 
 test_gpt_cu: $(TEST_GPT_CU)
 
-$(DEV_CUDA): dev/cuda/%: dev/cuda/%.cu dev/cuda/common.h tests/compare.h train_gpt.cu train_gpt.c $(HEADERS)
-	$(NVCC) $(NVCC_FLAGS) $(NVCC_ENABLE_$(PRECISION_LC)) $< $(NVCC_LDLIBS) -o $@
+# dev/cuda/<kernel>_<precision> from dev/cuda/<kernel>.cu, one rule per precision
+define DEV_CUDA_RULE
+$(patsubst %.cu,%_$(1),$(DEV_CUDA_SRC)): dev/cuda/%_$(1): dev/cuda/%.cu dev/cuda/common.h tests/compare.h train_gpt.cu train_gpt.c $(HEADERS)
+	$$(NVCC) $$(NVCC_FLAGS) $$(NVCC_ENABLE_$(1)) $$< $$(NVCC_LDLIBS) -o $$@
+endef
+$(foreach p,$(PRECISIONS),$(eval $(call DEV_CUDA_RULE,$(p))))
 
 clean-cuda:
 	rm -f train_gpt_cu $(TRAIN_GPT_CU) $(TEST_GPT_CU) $(DEV_CUDA)
