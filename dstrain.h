@@ -18,8 +18,8 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
     communication .... Comm: the collectives ZeRO needs, and the single-rank backend
     ZeRO ............. BufferOps, GradSink, Zero: stages 0/1/2, partitions, gradient buckets
   PART 2: files
-    model config ..... ModelConfig, ParamTable (param_table, param_named, param_layer),
-                       gpt2_init_params
+    model config ..... ModelConfig (GPT-2, LLaMA), ParamTable (param_table, param_named,
+                       param_layer), model_init_params
     tokens ........... TokenShard: llm.c's token shards
     data loader ...... DataLoader: seeded epochs, disjoint ranks, resumable, OpenMP copies
     tokenizer ........ Tokenizer: decode only, llm.c's format
@@ -1042,56 +1042,94 @@ void zero_free(Zero* z) {
 // ============================================================================
 
 // ----------------------------------------------------------------------------
-// model config: what a checkpoint header records. GPT-2 now; the LLaMA-style
-// DeepSeek-LLM fields (kv heads, FFN width) are recorded already so checkpoints of
-// both architectures share one format.
+// model config: the architecture and its sizes, what a checkpoint header records.
+// Two architectures share one flat-buffer approach:
+//   ARCH_GPT2   learned positions, LayerNorm with biases, GELU (tanh), tied embeddings
+//   ARCH_LLAMA  LLaMA as Hugging Face's LlamaForCausalLM defines it (DeepSeek-LLM): RMSNorm,
+//               rotary embeddings, grouped-query attention, SwiGLU MLP, no biases, lm_head
+//               untied unless tie_word_embeddings
 
 enum { ARCH_GPT2 = 1, ARCH_LLAMA = 2 };
 enum { DTYPE_FP32 = 0 }; // checkpoints hold the fp32 master weights
 #define GPT2_VOCAB_SIZE 50257 // GPT-2's BPE: 50,000 merges, 256 bytes, <|endoftext|>
+#define MAX_VOCAB_SIZE (1 << 24) // token ids are stored as uint32; 16M is far above any real vocabulary
 
 typedef struct {
     int arch;
-    int max_seq_len;       // learned positions (GPT-2) / rotary context (LLaMA)
+    int max_seq_len;       // learned positions (GPT-2) / max_position_embeddings (LLaMA)
     int vocab_size;        // real tokens, GPT2_VOCAB_SIZE for GPT-2
-    int padded_vocab_size; // rows of the embedding, a multiple of 128
+    int padded_vocab_size; // rows of the embedding (and lm_head), a multiple of 128
     int num_layers;
     int num_heads;
-    int num_kv_heads;      // = num_heads for GPT-2
+    int num_kv_heads;      // key/value heads, shared by num_heads / num_kv_heads query heads each; = num_heads for GPT-2
     int channels;
-    int ffn_hidden;        // 4 * channels for GPT-2
+    int ffn_hidden;        // 4 * channels for GPT-2, intermediate_size for LLaMA
+    int tied;              // lm_head is the token embedding (always for GPT-2)
+    float norm_eps;        // LayerNorm / RMSNorm epsilon
+    float rope_theta;      // LLaMA: base of the rotary frequencies
+    float init_std;        // initializer_range: std of the normal initialisation
+    int bos_token, eos_token; // from the Hugging Face config, -1 if none (written back on export)
 } ModelConfig;
 
 const char* arch_name(int arch) { return arch == ARCH_GPT2 ? "gpt2" : arch == ARCH_LLAMA ? "llama" : "unknown"; }
 
 int model_config_check(const ModelConfig* m, char* err, size_t errlen) {
-    if (m->arch != ARCH_GPT2) return fail(err, errlen, "architecture %d (%s) is not supported by this trainer yet", m->arch, arch_name(m->arch));
+    if (m->arch != ARCH_GPT2 && m->arch != ARCH_LLAMA) return fail(err, errlen, "unknown architecture %d", m->arch);
     if (m->num_layers < 1 || m->num_layers > 1024) return fail(err, errlen, "layers must be in 1..1024, got %d", m->num_layers);
     if (m->num_heads < 1 || m->channels < 1 || m->channels % m->num_heads) return fail(err, errlen, "dim (%d) must be a positive multiple of heads (%d)", m->channels, m->num_heads);
-    if (m->num_kv_heads != m->num_heads) return fail(err, errlen, "GPT-2 needs num_kv_heads == num_heads (%d != %d)", m->num_kv_heads, m->num_heads);
+    if (m->channels > 1 << 16) return fail(err, errlen, "dim must be at most %d, got %d", 1 << 16, m->channels);
+    if ((m->channels / m->num_heads) % 2 && m->arch == ARCH_LLAMA) return fail(err, errlen, "rotary embeddings need an even head size, got %d", m->channels / m->num_heads);
+    if (m->num_kv_heads < 1 || m->num_heads % m->num_kv_heads) return fail(err, errlen, "key/value heads (%d) must divide the heads (%d)", m->num_kv_heads, m->num_heads);
     if (m->max_seq_len < 1 || m->max_seq_len > 1 << 20) return fail(err, errlen, "sequence length must be in 1..%d, got %d", 1 << 20, m->max_seq_len);
-    if (m->vocab_size < 1 || m->vocab_size > 65536) return fail(err, errlen, "vocab size must be in 1..65536 (tokens are stored as uint16), got %d", m->vocab_size);
+    if (m->vocab_size < 1 || m->vocab_size > MAX_VOCAB_SIZE) return fail(err, errlen, "vocab size must be in 1..%d, got %d", MAX_VOCAB_SIZE, m->vocab_size);
     if (m->padded_vocab_size < m->vocab_size || m->padded_vocab_size % 128) return fail(err, errlen, "padded vocab size %d must be a multiple of 128 and >= vocab size %d", m->padded_vocab_size, m->vocab_size);
-    if (m->ffn_hidden != 4 * m->channels) return fail(err, errlen, "GPT-2 needs ffn_hidden == 4 * dim (%d != %d)", m->ffn_hidden, 4 * m->channels);
+    if (m->ffn_hidden < 1 || m->ffn_hidden > 1 << 20) return fail(err, errlen, "FFN width must be in 1..%d, got %d", 1 << 20, m->ffn_hidden);
+    if (!(m->norm_eps > 0 && m->norm_eps < 1)) return fail(err, errlen, "norm epsilon must be in (0, 1), got %g", m->norm_eps);
+    if (!(m->init_std > 0 && m->init_std < 1)) return fail(err, errlen, "initializer_range must be in (0, 1), got %g", m->init_std);
+    if (m->arch == ARCH_GPT2) {
+        if (m->num_kv_heads != m->num_heads) return fail(err, errlen, "GPT-2 needs num_kv_heads == num_heads (%d != %d)", m->num_kv_heads, m->num_heads);
+        if (m->ffn_hidden != 4 * m->channels) return fail(err, errlen, "GPT-2 needs ffn_hidden == 4 * dim (%d != %d)", m->ffn_hidden, 4 * m->channels);
+        if (!m->tied) return fail(err, errlen, "GPT-2's output layer is its token embedding (tied)");
+        if (m->norm_eps != 1e-5f) return fail(err, errlen, "GPT-2's layer_norm_epsilon must be 1e-5 (the kernels' constant), got %g", m->norm_eps);
+    } else if (!(m->rope_theta >= 1 && isfinite(m->rope_theta))) {
+        return fail(err, errlen, "rope_theta must be a finite number >= 1, got %g", m->rope_theta);
+    }
     return 0;
 }
 
 ModelConfig gpt2_config(int layers, int heads, int dim, int seq_len, int vocab_size) {
-    ModelConfig m = {ARCH_GPT2, seq_len, vocab_size, (vocab_size + 127) / 128 * 128, layers, heads, heads, dim, 4 * dim};
+    ModelConfig m = {ARCH_GPT2, seq_len, vocab_size, (vocab_size + 127) / 128 * 128, layers, heads, heads, dim, 4 * dim,
+                     1, 1e-5f, 0.0f, 0.02f, -1, -1};
     return m;
 }
 
-// GPT-2's parameters in one flat buffer, layer by layer (a layer's gradients are
-// contiguous, so a ZeRO bucket covers whole layers). Matrices are (out, in) as in PyTorch:
-//   wte (Vp,C), wpe (maxT,C),
-//   per layer: ln1w (C), ln1b (C), qkvw (3C,C), qkvb (3C), attprojw (C,C), attprojb (C),
-//              ln2w (C), ln2b (C), fcw (4C,C), fcb (4C), fcprojw (C,4C), fcprojb (C),
-//   lnfw (C), lnfb (C)
-// One table describes it; trainers point into their buffers with it, checkpoints and
-// tests name tensors with it, and the initialisation walks it.
+// A LLaMA configuration with transformers' LlamaConfig defaults for what is not given
+// (rms_norm_eps 1e-6, rope_theta 10000, initializer_range 0.02, untied).
+ModelConfig llama_config(int layers, int heads, int kv_heads, int dim, int ffn_hidden, int max_seq_len, int vocab_size) {
+    ModelConfig m = {ARCH_LLAMA, max_seq_len, vocab_size, (vocab_size + 127) / 128 * 128, layers, heads, kv_heads, dim, ffn_hidden,
+                     0, 1e-6f, 10000.0f, 0.02f, -1, -1};
+    return m;
+}
+
+// The parameters in one flat buffer, layer by layer (a layer's gradients are contiguous,
+// so a ZeRO bucket covers whole layers). Matrices are (out, in) as in PyTorch; hs is the
+// head size C / NH, KV = num_kv_heads * hs:
+//   GPT-2:  wte (Vp,C), wpe (maxT,C),
+//           per layer: ln1w (C), ln1b (C), qkvw (3C,C), qkvb (3C), attprojw (C,C), attprojb (C),
+//                      ln2w (C), ln2b (C), fcw (4C,C), fcb (4C), fcprojw (C,4C), fcprojb (C),
+//           lnfw (C), lnfb (C)
+//   LLaMA:  wte (Vp,C),
+//           per layer: ln1w (C), qkvw (C+2KV,C) = [q_proj; k_proj; v_proj], attprojw (C,C),
+//                      ln2w (C), fcw (2F,C) = [gate_proj; up_proj], fcprojw (C,F) = down_proj,
+//           lnfw (C), lm_head (Vp,C) unless tied
+// One table describes it; trainers point into their buffers with it, checkpoints, the
+// Hugging Face files and tests name tensors with it, and the initialisation walks it.
+// The fused q/k/v and gate/up matrices make one matmul each; the Hugging Face reader and
+// writer split them into the separate projections.
 
 enum { GPT2_LN1W, GPT2_LN1B, GPT2_QKVW, GPT2_QKVB, GPT2_ATTPROJW, GPT2_ATTPROJB,
        GPT2_LN2W, GPT2_LN2B, GPT2_FCW, GPT2_FCB, GPT2_FCPROJW, GPT2_FCPROJB, GPT2_LAYER_TENSORS };
+enum { LLAMA_LN1W, LLAMA_QKVW, LLAMA_ATTPROJW, LLAMA_LN2W, LLAMA_FCW, LLAMA_FCPROJW, LLAMA_LAYER_TENSORS };
 
 typedef struct {
     char name[32];
@@ -1102,7 +1140,7 @@ typedef struct {
 } ParamTensor;
 
 // The whole table of a model, in layout order, with named lookups (a tensor by name, a
-// layer's tensor by layer and GPT2_* index) so that no caller counts positions.
+// layer's tensor by layer and GPT2_* / LLAMA_* index) so that no caller counts positions.
 typedef struct {
     ParamTensor* tensors; // count entries, in layout order
     int count;
@@ -1111,31 +1149,51 @@ typedef struct {
     size_t num_params;
 } ParamTable;
 
-// GPT-2's table: wte, wpe, the layers, lnfw, lnfb. Free with param_table_free.
+// One layer's tensors of either architecture: names, sizes, initialisation.
+typedef struct { const char* name; size_t size; float std, value; } LayerTensorSpec;
+
+int layer_tensor_specs(const ModelConfig* c, LayerTensorSpec* s) {
+    size_t C = c->channels, F = c->ffn_hidden, KV = (size_t)c->num_kv_heads * (C / c->num_heads);
+    float std = c->init_std;
+    if (c->arch == ARCH_GPT2) {
+        float residual_std = std / sqrtf(2.0f * c->num_layers); // GPT-2: residual projections scaled
+        LayerTensorSpec g[GPT2_LAYER_TENSORS] = {
+            {"ln1w", C, 0, 1}, {"ln1b", C, 0, 0}, {"qkvw", 3 * C * C, std, 0}, {"qkvb", 3 * C, 0, 0},
+            {"attprojw", C * C, residual_std, 0}, {"attprojb", C, 0, 0}, {"ln2w", C, 0, 1}, {"ln2b", C, 0, 0},
+            {"fcw", F * C, std, 0}, {"fcb", F, 0, 0}, {"fcprojw", C * F, residual_std, 0}, {"fcprojb", C, 0, 0}};
+        memcpy(s, g, sizeof g);
+        return GPT2_LAYER_TENSORS;
+    }
+    LayerTensorSpec l[LLAMA_LAYER_TENSORS] = { // transformers' LlamaPreTrainedModel._init_weights
+        {"ln1w", C, 0, 1}, {"qkvw", (C + 2 * KV) * C, std, 0}, {"attprojw", C * C, std, 0},
+        {"ln2w", C, 0, 1}, {"fcw", 2 * F * C, std, 0}, {"fcprojw", C * F, std, 0}};
+    memcpy(s, l, sizeof l);
+    return LLAMA_LAYER_TENSORS;
+}
+
+// The model's table. Free with param_table_free.
 ParamTable param_table(const ModelConfig* c) {
-    static const char* names[GPT2_LAYER_TENSORS] = {"ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb",
-                                                     "ln2w", "ln2b", "fcw", "fcb", "fcprojw", "fcprojb"};
-    size_t C = c->channels, F = c->ffn_hidden;
-    size_t sizes[GPT2_LAYER_TENSORS] = {C, C, 3 * C * C, 3 * C, C * C, C, C, C, F * C, F, C * F, C};
-    float std = 0.02f, residual_std = 0.02f / sqrtf(2.0f * c->num_layers); // GPT-2: residual projections scaled
-    float stds[GPT2_LAYER_TENSORS] = {0, 0, std, 0, residual_std, 0, 0, 0, std, 0, residual_std, 0};
-    float values[GPT2_LAYER_TENSORS] = {1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0};
-    ParamTable p = {NULL, 0, 2, GPT2_LAYER_TENSORS, 0};
-    p.tensors = (ParamTensor*)mallocCheck((4 + (size_t)GPT2_LAYER_TENSORS * c->num_layers) * sizeof(ParamTensor));
+    LayerTensorSpec spec[GPT2_LAYER_TENSORS];
+    int per_layer = layer_tensor_specs(c, spec);
+    size_t C = c->channels, embedding = (size_t)c->padded_vocab_size * C;
+    int gpt2 = c->arch == ARCH_GPT2;
+    ParamTable p = {NULL, 0, gpt2 ? 2 : 1, per_layer, 0};
+    p.tensors = (ParamTensor*)mallocCheck((4 + (size_t)per_layer * c->num_layers) * sizeof(ParamTensor));
     ParamTensor* out = p.tensors;
     int n = 0;
     size_t off = 0;
-    out[n] = (ParamTensor){"wte", off, (size_t)c->padded_vocab_size * C, std, 0, (size_t)c->vocab_size}; off += out[n++].size;
-    out[n] = (ParamTensor){"wpe", off, (size_t)c->max_seq_len * C, std, 0, 0}; off += out[n++].size;
+    out[n] = (ParamTensor){"wte", off, embedding, c->init_std, 0, (size_t)c->vocab_size}; off += out[n++].size;
+    if (gpt2) { out[n] = (ParamTensor){"wpe", off, (size_t)c->max_seq_len * C, c->init_std, 0, 0}; off += out[n++].size; }
     for (int l = 0; l < c->num_layers; l++) {
-        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
-            out[n] = (ParamTensor){"", off, sizes[i], stds[i], values[i], 0};
-            snprintf(out[n].name, sizeof out[n].name, "layer%d.%s", l, names[i]);
+        for (int i = 0; i < per_layer; i++) {
+            out[n] = (ParamTensor){"", off, spec[i].size, spec[i].std, spec[i].value, 0};
+            snprintf(out[n].name, sizeof out[n].name, "layer%d.%s", l, spec[i].name);
             off += out[n++].size;
         }
     }
     out[n] = (ParamTensor){"lnfw", off, C, 0, 1, 0}; off += out[n++].size;
-    out[n] = (ParamTensor){"lnfb", off, C, 0, 0, 0}; off += out[n++].size;
+    if (gpt2) { out[n] = (ParamTensor){"lnfb", off, C, 0, 0, 0}; off += out[n++].size; }
+    if (!c->tied) { out[n] = (ParamTensor){"lm_head", off, embedding, c->init_std, 0, (size_t)c->vocab_size}; off += out[n++].size; }
     p.count = n;
     p.num_params = off;
     return p;
@@ -1156,22 +1214,22 @@ const ParamTensor* param_named(const ParamTable* p, const char* name) {
     return t;
 }
 
-// Layer `layer`'s tensor `which` (GPT2_LN1W ...).
+// Layer `layer`'s tensor `which` (GPT2_LN1W ... or LLAMA_LN1W ...).
 const ParamTensor* param_layer(const ParamTable* p, int layer, int which) {
     return &p->tensors[p->first_layer + layer * p->per_layer + which];
 }
 
-size_t gpt2_num_params(const ModelConfig* c) {
+size_t model_num_params(const ModelConfig* c) {
     ParamTable p = param_table(c);
     size_t total = p.num_params;
     param_table_free(&p);
     return total;
 }
 
-// GPT-2 initialisation from a seed: one RNG stream in layout order, so it does not depend
-// on threads or device. Normal(0, 0.02), residual projections 0.02 / sqrt(2 * layers),
-// biases 0, LayerNorm weights 1, embedding padding rows 0.
-void gpt2_init_params(float* params, const ModelConfig* c, uint64_t seed) {
+// Initialisation from a seed: one RNG stream in layout order, so it does not depend on
+// threads or device. Normal(0, init_std) matrices and embeddings (GPT-2: residual
+// projections init_std / sqrt(2 * layers)), biases 0, norm weights 1, padding rows 0.
+void model_init_params(float* params, const ModelConfig* c, uint64_t seed) {
     ParamTable table = param_table(c);
     Rng rng;
     rng_seed(&rng, seed);
@@ -1480,7 +1538,9 @@ void tokenizer_free(Tokenizer* tk) {
 
 enum { HDR_MAGIC, HDR_VERSION }; // every file
 enum { MODEL_ARCH = 2, MODEL_DTYPE, MODEL_MAX_SEQ_LEN, MODEL_VOCAB, MODEL_PADDED_VOCAB, MODEL_LAYERS, MODEL_HEADS,
-       MODEL_KV_HEADS, MODEL_CHANNELS, MODEL_FFN_HIDDEN, MODEL_NUM_PARAMS };
+       MODEL_KV_HEADS, MODEL_CHANNELS, MODEL_FFN_HIDDEN, MODEL_NUM_PARAMS,
+       MODEL_TIED, MODEL_NORM_EPS, MODEL_ROPE_THETA, MODEL_INIT_STD, // the floats as doubles' bits
+       MODEL_BOS, MODEL_EOS }; // token id + 1, 0 = none
 enum { OPTIM_RANK = 2, OPTIM_WORLD, OPTIM_OFFSET, OPTIM_COUNT, OPTIM_NUM_PARAMS };
 enum { STATE_STEP = 2, STATE_ADAM_T, STATE_SCHED_IT, STATE_SKIPPED, STATE_LOADER_EPOCH, STATE_LOADER_CURSOR, STATE_SEQ_LEN,
        STATE_TRAIN_SEQS, STATE_GLOBAL_BATCH, STATE_WORLD_SIZE, STATE_SEED,
@@ -1540,6 +1600,10 @@ void model_header(int64_t* h, const ModelConfig* m, size_t num_params) {
     h[MODEL_VOCAB] = m->vocab_size; h[MODEL_PADDED_VOCAB] = m->padded_vocab_size; h[MODEL_LAYERS] = m->num_layers;
     h[MODEL_HEADS] = m->num_heads; h[MODEL_KV_HEADS] = m->num_kv_heads; h[MODEL_CHANNELS] = m->channels;
     h[MODEL_FFN_HIDDEN] = m->ffn_hidden; h[MODEL_NUM_PARAMS] = (int64_t)num_params;
+    double eps = m->norm_eps, theta = m->rope_theta, std = m->init_std;
+    h[MODEL_TIED] = m->tied;
+    memcpy(&h[MODEL_NORM_EPS], &eps, 8); memcpy(&h[MODEL_ROPE_THETA], &theta, 8); memcpy(&h[MODEL_INIT_STD], &std, 8);
+    h[MODEL_BOS] = m->bos_token + 1; h[MODEL_EOS] = m->eos_token + 1;
 }
 
 // Reads a model file's configuration (and parameter count) without the weights.
@@ -1552,10 +1616,22 @@ int model_file_config(const char* path, ModelConfig* m, size_t* num_params, char
     for (int i = MODEL_MAX_SEQ_LEN; i <= MODEL_FFN_HIDDEN; i++) {
         if (h[i] < 0 || h[i] > INT32_MAX) return fail(err, errlen, "checkpoint file '%s': header field %d out of range", path, i);
     }
+    if (h[MODEL_TIED] < 0 || h[MODEL_TIED] > 1 || h[MODEL_BOS] < 0 || h[MODEL_BOS] > MAX_VOCAB_SIZE || h[MODEL_EOS] < 0 || h[MODEL_EOS] > MAX_VOCAB_SIZE) {
+        return fail(err, errlen, "checkpoint file '%s': header fields out of range", path);
+    }
+    double eps, theta, std;
+    memcpy(&eps, &h[MODEL_NORM_EPS], 8); memcpy(&theta, &h[MODEL_ROPE_THETA], 8); memcpy(&std, &h[MODEL_INIT_STD], 8);
     ModelConfig c = {(int)h[MODEL_ARCH], (int)h[MODEL_MAX_SEQ_LEN], (int)h[MODEL_VOCAB], (int)h[MODEL_PADDED_VOCAB], (int)h[MODEL_LAYERS],
-                     (int)h[MODEL_HEADS], (int)h[MODEL_KV_HEADS], (int)h[MODEL_CHANNELS], (int)h[MODEL_FFN_HIDDEN]};
+                     (int)h[MODEL_HEADS], (int)h[MODEL_KV_HEADS], (int)h[MODEL_CHANNELS], (int)h[MODEL_FFN_HIDDEN],
+                     (int)h[MODEL_TIED], (float)eps, (float)theta, (float)std, (int)h[MODEL_BOS] - 1, (int)h[MODEL_EOS] - 1};
+    if (c.arch == ARCH_GPT2 && eps == 0.0) { // written before these fields: GPT-2's constants
+        c.tied = 1; c.norm_eps = 1e-5f; c.init_std = 0.02f;
+    }
     char merr[300];
     if (model_config_check(&c, merr, sizeof merr)) return fail(err, errlen, "checkpoint file '%s': %s", path, merr);
+    if ((size_t)h[MODEL_NUM_PARAMS] != model_num_params(&c)) {
+        return fail(err, errlen, "checkpoint file '%s': %lld parameters, but its configuration has %zu", path, (long long)h[MODEL_NUM_PARAMS], model_num_params(&c));
+    }
     *m = c;
     *num_params = (size_t)h[MODEL_NUM_PARAMS];
     return 0;
@@ -2743,7 +2819,7 @@ void init_weights(Trainer* tr) {
         if (model_file_read(tr->opt.init_from, full, tr->num_params, err, sizeof err)) fatal("%s", err);
         printf("weights: from %s\n", tr->opt.init_from);
     } else {
-        gpt2_init_params(full, &tr->mc, tr->opt.seed);
+        model_init_params(full, &tr->mc, tr->opt.seed);
         printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr->opt.seed);
     }
     z->buf->from_host(z->master, full + z->lo, z->n);
@@ -2800,15 +2876,24 @@ void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     }
 }
 
-// The regions of gradients the model hands to ZeRO: the tied embedding (held across the
-// backward pass) and the largest of the others (a layer, the positions, the final norm).
+// The regions of gradients the model hands to ZeRO, from the end of the buffer to its start:
+// lm_head (untied), the final norm, the layers, the positions (GPT-2), the token embedding.
+// A tied embedding receives the classifier's gradient first and the encoder's last, so it
+// is held across the backward pass (embedding_n); region_max is the largest of the others.
 void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region_max) {
     ParamTable p = param_table(mc);
-    size_t layer = 0, positions = param_named(&p, "wpe")->size, final_norm = 2 * param_named(&p, "lnfw")->size;
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) layer += param_layer(&p, 0, i)->size;
-    *embedding_n = param_named(&p, "wte")->size;
-    *region_max = layer > positions ? layer : positions;
-    if (final_norm > *region_max) *region_max = final_norm;
+    size_t layer = 0, final_norm = 0, largest = 0;
+    for (int i = 0; i < p.per_layer; i++) layer += param_layer(&p, 0, i)->size;
+    for (int i = p.first_layer + mc->num_layers * p.per_layer; i < p.count; i++) {
+        const ParamTensor* t = &p.tensors[i];
+        if (strcmp(t->name, "lm_head") == 0) largest = t->size > largest ? t->size : largest;
+        else final_norm += t->size;
+    }
+    const ParamTensor* wpe = param_find(&p, "wpe");
+    size_t candidates[4] = {layer, final_norm, wpe ? wpe->size : 0, mc->tied ? 0 : param_named(&p, "wte")->size};
+    for (int i = 0; i < 4; i++) largest = candidates[i] > largest ? candidates[i] : largest;
+    *embedding_n = mc->tied ? param_named(&p, "wte")->size : 0;
+    *region_max = largest;
     param_table_free(&p);
 }
 

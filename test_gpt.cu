@@ -222,10 +222,10 @@ static void reference_from_cpu(Reference* r) {
     r->warmup_min_lr = 1e-4f; r->warmup_max_lr = 1e-3f;
     ModelConfig c = reference_model_config(r);
     r->Vp = c.padded_vocab_size;
-    size_t P = gpt2_num_params(&c), tokens = (size_t)r->ga * r->B * r->T, bt = (size_t)r->B * r->T;
+    size_t P = model_num_params(&c), tokens = (size_t)r->ga * r->B * r->T, bt = (size_t)r->B * r->T;
     r->num_params = (int)P;
     r->params = (float*)mallocCheck(P * sizeof(float));
-    gpt2_init_params(r->params, &c, 1337);
+    model_init_params(r->params, &c, 1337);
     // LayerNorm weights 1 + 0.1 n and biases 0.02 n, as dev/reference.py: a wrong gradient of either cannot hide
     ParamTable table = param_table(&c);
     Rng rng;

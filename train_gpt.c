@@ -475,7 +475,7 @@ static LayerActivations layer_activations(const GPT2* m, const Activations* a, i
 static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
-    m->num_params = gpt2_num_params(c);
+    m->num_params = model_num_params(c);
     m->params = (float*)callocCheck(m->num_params, sizeof(float));
     gpt2_point_weights(&m->w, m->params, c);
     m->layer_offset0 = (size_t)(m->w.layer[0].ln1w - m->params);

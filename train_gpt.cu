@@ -1229,7 +1229,7 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T, int recomput
     if ((size_t)B * c->num_heads > 65535) fatal("GPU trainer: micro batch %d x %d heads exceeds the attention grid's 65535 blocks", B, c->num_heads);
     attention_setup(c->channels / c->num_heads); // also makes C a multiple of 16, which the packed kernels need
     gpt2_layout(&m->layout, c);
-    m->num_params = gpt2_num_params(c);
+    m->num_params = model_num_params(c);
     size_t BT = (size_t)B * T;
     m->params = device_alloc<floatX>(m->num_params, NULL); // ZeRO's report counts the weights
     activations_alloc(m, B, T);

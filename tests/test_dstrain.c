@@ -498,21 +498,34 @@ static void test_loader_refuses_bad_data(void) {
 // ----------------------------------------------------------------------------
 // checkpoint files
 
+// Both architectures' headers round-trip; a parameter count that disagrees with the
+// configuration, a wrong size or a truncated file is refused with the file's name.
 static void test_model_file_roundtrip_and_truncation(void) {
+    ModelConfig llama = llama_config(2, 4, 2, 16, 24, 64, 70000);
+    llama.rope_theta = 5e5f; llama.norm_eps = 1e-5f; llama.init_std = 0.01f; llama.bos_token = 1; llama.eos_token = 69999;
     ModelConfig m = gpt2_config(2, 2, 8, 16, 300);
-    size_t n = 1234;
-    float* p = (float*)mallocCheck(n * sizeof(float));
-    for (size_t i = 0; i < n; i++) p[i] = (float)i * 0.5f - 3.0f;
+    ModelConfig r;
+    size_t rn, ln = model_num_params(&llama);
     char path[PATH_LEN];
     format_path(path, sizeof path, "%s/model.bin", TMP);
+    float* lp = (float*)callocCheck(ln, sizeof(float));
+    model_file_write(path, &llama, lp, ln);
+    CHECK(model_file_config(path, &r, &rn, err, sizeof err) == 0, "%s", err);
+    CHECK(memcmp(&r, &llama, sizeof r) == 0 && rn == ln, "LLaMA config round trip");
+    model_file_write(path, &llama, lp, ln - 1);
+    CHECK_ERR(model_file_config(path, &r, &rn, err, sizeof err), err, "parameters, but its configuration has");
+    free(lp);
+    size_t n = model_num_params(&m);
+    float* p = (float*)mallocCheck(n * sizeof(float));
+    for (size_t i = 0; i < n; i++) p[i] = (float)i * 0.5f - 3.0f;
     model_file_write(path, &m, p, n);
-    ModelConfig r;
-    size_t rn;
     CHECK(model_file_config(path, &r, &rn, err, sizeof err) == 0, "%s", err);
     CHECK(memcmp(&r, &m, sizeof m) == 0 && rn == n, "config round trip");
     float* q = (float*)mallocCheck(n * sizeof(float));
     CHECK(model_file_read(path, q, n, err, sizeof err) == 0 && memcmp(p, q, n * sizeof(float)) == 0, "weights round trip");
-    CHECK_ERR(model_file_read(path, q, n + 1, err, sizeof err), err, "1234 parameters, the model has 1235");
+    char want[100];
+    snprintf(want, sizeof want, "%zu parameters, the model has %zu", n, n + 1);
+    CHECK_ERR(model_file_read(path, q, n + 1, err, sizeof err), err, want);
     CHECK(truncate(path, 1024 + 4 * (off_t)n - 4) == 0, "truncate");
     CHECK_ERR(model_file_config(path, &r, &rn, err, sizeof err), err, "size does not match its header");
     CHECK_ERR(model_file_config(tmp_path(path, "none.bin"), &r, &rn, err, sizeof err), err, names_tmp("", "none.bin"));
