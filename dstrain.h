@@ -946,15 +946,20 @@ void zero_init(Zero* z, int stage, Comm* comm, const BufferOps* buf, size_t num_
 // Memory of model states on this rank, by buffer (bytes), for the start-up report and tests.
 typedef struct { double params, grads, master, moments, buckets, held_grads; } ZeroMemory;
 
-ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
+// What a rank holds for `padded` parameters of which it owns n (stage 0: all of them).
+ZeroMemory zero_memory_of(int stage, int world, size_t padded, size_t n, size_t bucket_size, size_t embedding_n, size_t region_max, size_t weight_bytes) {
     ZeroMemory m;
-    m.params = (double)z->padded * weight_bytes;
-    m.grads = (double)(z->stage == 2 ? z->n : z->padded) * 4;
-    m.master = (double)z->n * 4;
-    m.moments = (double)z->n * 8;
-    m.buckets = z->stage == 2 ? (double)(2 * z->bucket_size + 2 * z->n) * 4 : z->received[0] ? (double)z->n * 4 : 0;
-    m.held_grads = z->stage == 2 ? (double)(z->embedding_n + z->region_max) * 4 : 0;
+    m.params = (double)padded * weight_bytes;
+    m.grads = (double)(stage == 2 ? n : padded) * 4;
+    m.master = (double)n * 4;
+    m.moments = (double)n * 8;
+    m.buckets = stage == 2 ? (double)(2 * bucket_size + 2 * n) * 4 : stage == 1 && world > 1 ? (double)n * 4 : 0;
+    m.held_grads = stage == 2 ? (double)(embedding_n + region_max) * 4 : 0;
     return m;
+}
+
+ZeroMemory zero_memory(const Zero* z, size_t weight_bytes) {
+    return zero_memory_of(z->stage, z->comm->world_size, z->padded, z->n, z->bucket_size, z->embedding_n, z->region_max, weight_bytes);
 }
 
 void zero_print_memory(const Zero* z, size_t weight_bytes, const char* weight_type) {
@@ -2099,7 +2104,12 @@ typedef struct {
     uint64_t seed;
     int64_t save_every;        // 0: save only at the end
     int resume;
-    int layers, heads, dim, seq_len;
+    int arch;                  // of a model from scratch: ARCH_GPT2 or ARCH_LLAMA
+    int layers, heads, kv_heads, dim, ffn_dim, seq_len; // kv_heads, ffn_dim 0: the architecture's default
+    int seq_len_given;         // --seq-len was given: the training sequence length for any model
+    int64_t epochs;            // > 0: train this many passes over the data instead of --steps
+    int steps_given;
+    int plan_ranks;            // > 0: print the memory plan for this many ranks and exit
     int64_t val_every, val_batches, sample_tokens;
     int recompute;             // GPU: recompute GELU and LayerNorm outputs in backward
     // ds_config overrides (NAN / -1: not given)
@@ -2116,6 +2126,7 @@ void options_defaults(Options* o) {
     o->comm_timeout = 300;
     o->steps = 300;
     o->seed = 1337;
+    o->arch = ARCH_GPT2;
     o->layers = 4; o->heads = 4; o->dim = 128; o->seq_len = 128;
     o->val_every = 50; o->val_batches = 16; o->sample_tokens = 64;
     o->lr = o->weight_decay = o->grad_clip = NAN;
@@ -2133,9 +2144,13 @@ void print_usage(const char* prog) {
            "  --val-data PATTERN          validation shards (default %s; \"\" = none)\n"
            "  --tokenizer FILE            GPT-2 tokenizer for the sample (default %s)\n"
            "  --steps N                   optimizer steps to train to (default %lld)\n"
+           "  --epochs N                  instead of --steps: N passes over the training data (steps = N x sequences / train_batch_size)\n"
            "  --seed N                    seed for weights and data order (default %llu)\n"
+           "  --arch gpt2|llama           architecture of a model from scratch (default gpt2)\n"
            "  --layers N --heads N --dim N --seq-len N\n"
-           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from\n"
+           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from, except\n"
+           "                              --seq-len, the training sequence length for any model (default: the model's positions)\n"
+           "  --kv-heads N --ffn-dim N    LLaMA from scratch: key/value heads (default: --heads), MLP width (default: 8/3 dim rounded up to 256)\n"
            "  --init-from FILE            start from the weights of a checkpoint's model.bin\n"
            "  --checkpoint-dir DIR        where checkpoints go (default %s; \"\" = never save)\n"
            "  --save-every N              also save every N steps (default 0: only at the end)\n"
@@ -2154,6 +2169,8 @@ void print_usage(const char* prog) {
            "  --micro-batch N             train_micro_batch_size_per_gpu\n"
            "  --grad-accum N              gradient_accumulation_steps\n"
            "  --train-batch-size N        train_batch_size\n"
+           "  --plan N                    print the parameter count and the memory per rank of ZeRO stages 0, 1 and 2 on N ranks\n"
+           "                              (model states next to DeepSpeed's formula, activations), without allocating; then exit\n"
            "  -h, --help                  this text\n",
            prog, d.train_data, d.val_data, d.tokenizer_path, (long long)d.steps, (unsigned long long)d.seed,
            d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
@@ -2215,13 +2232,22 @@ void parse_args(Options* o, int argc, char** argv) {
         else if (strcmp(f, "--log") == 0) o->log_path = value;
         else if (strcmp(f, "--resume-from") == 0) o->resume_from = value;
         else if (strcmp(f, "--comm-timeout") == 0) o->comm_timeout = parse_float_flag(f, value, 1);
-        else if (strcmp(f, "--steps") == 0) o->steps = parse_int_flag(f, value, 0, INT64_C(1) << 40);
+        else if (strcmp(f, "--steps") == 0) { o->steps = parse_int_flag(f, value, 0, INT64_C(1) << 40); o->steps_given = 1; }
+        else if (strcmp(f, "--epochs") == 0) o->epochs = parse_int_flag(f, value, 1, 1 << 20);
+        else if (strcmp(f, "--plan") == 0) o->plan_ranks = (int)parse_int_flag(f, value, 1, 1 << 20);
+        else if (strcmp(f, "--arch") == 0) {
+            if (strcmp(value, "gpt2") == 0) o->arch = ARCH_GPT2;
+            else if (strcmp(value, "llama") == 0) o->arch = ARCH_LLAMA;
+            else fatal("--arch: expected gpt2 or llama, got '%s'", value);
+        }
+        else if (strcmp(f, "--kv-heads") == 0) o->kv_heads = (int)parse_int_flag(f, value, 1, 1024);
+        else if (strcmp(f, "--ffn-dim") == 0) o->ffn_dim = (int)parse_int_flag(f, value, 1, 1 << 20);
         else if (strcmp(f, "--seed") == 0) o->seed = (uint64_t)parse_int_flag(f, value, 0, INT64_MAX);
         else if (strcmp(f, "--save-every") == 0) o->save_every = parse_int_flag(f, value, 0, INT64_C(1) << 40);
         else if (strcmp(f, "--layers") == 0) o->layers = (int)parse_int_flag(f, value, 1, 1024);
         else if (strcmp(f, "--heads") == 0) o->heads = (int)parse_int_flag(f, value, 1, 1024);
         else if (strcmp(f, "--dim") == 0) o->dim = (int)parse_int_flag(f, value, 1, 1 << 16);
-        else if (strcmp(f, "--seq-len") == 0) o->seq_len = (int)parse_int_flag(f, value, 1, 1 << 20);
+        else if (strcmp(f, "--seq-len") == 0) { o->seq_len = (int)parse_int_flag(f, value, 1, 1 << 20); o->seq_len_given = 1; }
         else if (strcmp(f, "--val-every") == 0) o->val_every = parse_int_flag(f, value, 0, INT64_C(1) << 40);
         else if (strcmp(f, "--val-batches") == 0) o->val_batches = parse_int_flag(f, value, 0, INT64_C(1) << 40);
         else if (strcmp(f, "--sample-tokens") == 0) o->sample_tokens = parse_int_flag(f, value, 0, 1 << 20);
@@ -2234,6 +2260,9 @@ void parse_args(Options* o, int argc, char** argv) {
         else fatal("unknown option '%s' (see --help)", f);
     }
     if (o->heads > 0 && o->dim % o->heads != 0) fatal("--dim (%d) must be a multiple of --heads (%d)", o->dim, o->heads);
+    if (o->kv_heads && o->heads % o->kv_heads) fatal("--kv-heads (%d) must divide --heads (%d)", o->kv_heads, o->heads);
+    if (o->arch == ARCH_GPT2 && (o->kv_heads || o->ffn_dim)) fatal("--kv-heads and --ffn-dim are for --arch llama (GPT-2 has kv heads = heads, MLP width 4 x dim)");
+    if (o->epochs && o->steps_given) fatal("--epochs and --steps both given: choose one (--epochs N trains N passes over the data)");
 }
 
 // The effective DeepSpeed configuration: file (or built-in defaults), then flags,
@@ -2536,6 +2565,8 @@ typedef struct {
     void (*backward)(void* model, const int* inputs, int B, int T, float dloss_scale, GradSink* sink);
     const float* (*probs)(void* model, int position);      // softmax of the last forward at (0, position), host
     void (*describe_memory)(void* model);                  // activations and other buffers of the model
+    // for --plan, without allocating: bytes of activations for (B, T) (NAN: not known), and of a working weight
+    double (*plan_memory)(const ModelConfig* c, int B, int T, const Options* opt, size_t* weight_bytes);
     // optional (NULL on the CPU): MFU and device memory of the step just taken
     void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb);
     void (*free)(void* model);
@@ -2810,7 +2841,7 @@ void load_checkpoint(Trainer* tr, const char* folder, const CheckpointState* s) 
            ls->scale, (long long)epoch, cursor);
 }
 
-// Fresh weights (GPT-2 initialisation or a model file) on every rank, the same everywhere.
+// Fresh weights (initialisation from the seed, or a model file) on every rank, the same everywhere.
 void init_weights(Trainer* tr) {
     char err[1024];
     Zero* z = &tr->zero;
@@ -2820,7 +2851,7 @@ void init_weights(Trainer* tr) {
         printf("weights: from %s\n", tr->opt.init_from);
     } else {
         model_init_params(full, &tr->mc, tr->opt.seed);
-        printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr->opt.seed);
+        printf("weights: %s initialisation (normal, std %g), seed %llu\n", tr->mc.arch == ARCH_LLAMA ? "LLaMA" : "GPT-2", tr->mc.init_std, (unsigned long long)tr->opt.seed);
     }
     z->buf->from_host(z->master, full + z->lo, z->n);
     free(full);
@@ -2831,7 +2862,12 @@ void init_weights(Trainer* tr) {
 ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, CheckpointState* resume_state) {
     char err[1024], path[PATH_LEN];
     size_t file_params;
-    ModelConfig mc = gpt2_config(tr->opt.layers, tr->opt.heads, tr->opt.dim, tr->opt.seq_len, GPT2_VOCAB_SIZE);
+    const Options* o = &tr->opt;
+    ModelConfig mc = gpt2_config(o->layers, o->heads, o->dim, o->seq_len, GPT2_VOCAB_SIZE);
+    if (o->arch == ARCH_LLAMA) { // LLaMA's default MLP width: 2/3 of 4 x dim, rounded up to a multiple of 256
+        int ffn = o->ffn_dim ? o->ffn_dim : (8 * o->dim / 3 + 255) / 256 * 256;
+        mc = llama_config(o->layers, o->heads, o->kv_heads ? o->kv_heads : o->heads, o->dim, ffn, o->seq_len, GPT2_VOCAB_SIZE);
+    }
     if (tr->opt.resume) {
         const char* dir = tr->opt.resume_from ? tr->opt.resume_from : tr->opt.checkpoint_dir;
         if (dir[0] == '\0') fatal("--resume needs --checkpoint-dir or --resume-from");
@@ -2897,6 +2933,54 @@ void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region
     param_table_free(&p);
 }
 
+// The sequence length this run trains on: --seq-len, else the resumed run's, else the
+// model's positions (a model from scratch has --seq-len positions).
+int training_seq_len(const Options* o, const ModelConfig* mc, const CheckpointState* resumed) {
+    int T = o->seq_len_given ? o->seq_len : resumed ? (int)resumed->seq_len : mc->max_seq_len;
+    if (T > mc->max_seq_len) fatal("--seq-len %d exceeds the model's %d positions (n_positions / max_position_embeddings)", T, mc->max_seq_len);
+    return T;
+}
+
+void describe_model(const ModelConfig* c, int T) {
+    if (c->arch == ARCH_LLAMA) {
+        printf("model: LLaMA, %d layers, %d heads (%d key/value heads), %d channels, MLP %d, %d positions (rope_theta %g), vocabulary %d (padded %d), lm_head %s: %.2fM parameters\n",
+               c->num_layers, c->num_heads, c->num_kv_heads, c->channels, c->ffn_hidden, c->max_seq_len, c->rope_theta, c->vocab_size, c->padded_vocab_size,
+               c->tied ? "tied" : "untied", model_num_params(c) / 1e6);
+    } else {
+        printf("model: GPT-2, %d layers, %d heads, %d channels, %d positions, vocabulary %d (padded %d): %.2fM parameters\n",
+               c->num_layers, c->num_heads, c->channels, c->max_seq_len, c->vocab_size, c->padded_vocab_size, model_num_params(c) / 1e6);
+    }
+    printf("sequence length: %d\n", T);
+}
+
+// --plan N: what a rank holds for ZeRO stages 0, 1 and 2 on N ranks, from the configuration
+// alone, next to DeepSpeed's formula for mixed precision with Adam (ZeRO paper, K = 12:
+// 16-bit weights and gradients, fp32 master weights and two moments): 16 Psi,
+// 4 Psi + 12 Psi / N, 2 Psi + 14 Psi / N. dstrain keeps gradients in fp32.
+void print_plan(const Trainer* tr, int N) {
+    const ModelConfig* mc = &tr->mc;
+    const DSConfig* c = &tr->cfg;
+    size_t weight_bytes, embedding_n, region_max, P = model_num_params(mc);
+    double act = tr->ops->plan_memory(mc, tr->B, tr->T, &tr->opt, &weight_bytes), GB = 1e9, psi = (double)P;
+    gradient_regions(mc, &embedding_n, &region_max);
+    size_t unit = 2 * (size_t)N, padded = (P + unit - 1) / unit * unit;
+    printf("plan for %d rank(s): %zu parameters (%.2fB), micro batch %d, sequence length %d, %zu-byte working weights (%s)\n",
+           N, P, psi / 1e9, tr->B, tr->T, weight_bytes, tr->ops->name);
+    printf("memory per rank in GB:\n%-6s %9s %9s %9s %9s %11s %12s %12s %11s\n", "stage", "weights", "grads", "master+m+v", "buffers",
+           "model state", "DeepSpeed", "activations", "total");
+    for (int stage = 0; stage <= 2; stage++) {
+        size_t n = stage == 0 ? padded : padded / N;
+        size_t bucket = (size_t)c->reduce_bucket_size < padded ? (size_t)c->reduce_bucket_size : padded;
+        ZeroMemory m = zero_memory_of(stage, N, padded, n, bucket, embedding_n, region_max, weight_bytes);
+        double states = m.params + m.grads + m.master + m.moments, buffers = m.buckets + m.held_grads;
+        double deepspeed = stage == 0 ? 16 * psi : stage == 1 ? 4 * psi + 12 * psi / N : 2 * psi + 14 * psi / N;
+        printf("%-6d %9.2f %9.2f %9.2f %9.2f %11.2f %12.2f %12.2f %11.2f\n", stage, m.params / GB, m.grads / GB, (m.master + m.moments) / GB,
+               buffers / GB, states / GB, deepspeed / GB, act / GB, (states + buffers + (isnan(act) ? 0 : act)) / GB);
+    }
+    printf("(buffers: ZeRO-2's gradient buckets (reduce_bucket_size %lld) and the gradient regions backward fills; activations: NAN = not estimated by this trainer)\n",
+           (long long)c->reduce_bucket_size);
+}
+
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.
 int train_main(int argc, char** argv, const ModelOps* ops) {
     Trainer tr;
@@ -2904,6 +2988,17 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     tr.ops = ops;
     tr.last_saved = -1;
     parse_args(&tr.opt, argc, argv); // first: --comm-timeout bounds the ranks' rendezvous
+    if (tr.opt.plan_ranks) { // a plan needs no ranks, data or memory: only the configurations
+        load_effective_config(&tr.cfg, &tr.opt, tr.opt.plan_ranks);
+        char folder[PATH_LEN];
+        CheckpointState resumed;
+        tr.mc = choose_model_config(&tr, folder, sizeof folder, &resumed);
+        tr.B = (int)tr.cfg.micro_batch;
+        tr.T = training_seq_len(&tr.opt, &tr.mc, tr.opt.resume ? &resumed : NULL);
+        describe_model(&tr.mc, tr.T);
+        print_plan(&tr, tr.opt.plan_ranks);
+        return 0;
+    }
     ops->init_comm(&tr.comm, &argc, &argv, tr.opt.comm_timeout);
     if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
     tr.comm.timeout_s = tr.opt.comm_timeout;
@@ -2917,12 +3012,11 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     memset(&resume_state, 0, sizeof resume_state);
     tr.mc = choose_model_config(&tr, resume_folder, sizeof resume_folder, &resume_state);
     tr.B = (int)tr.cfg.micro_batch;
-    tr.T = tr.mc.max_seq_len;
+    tr.T = training_seq_len(&tr.opt, &tr.mc, tr.opt.resume ? &resume_state : NULL);
     tr.ga = (int)tr.cfg.grad_accum;
+    describe_model(&tr.mc, tr.T);
     tr.model = ops->build(&tr.mc, tr.B, tr.T, &tr.opt);
     tr.num_params = ops->num_params(tr.model);
-    printf("model: GPT-2, %d layers, %d heads, %d channels, sequence length %d, vocabulary %d (padded %d): %.2fM parameters\n",
-           tr.mc.num_layers, tr.mc.num_heads, tr.mc.channels, tr.mc.max_seq_len, tr.mc.vocab_size, tr.mc.padded_vocab_size, tr.num_params / 1e6);
     size_t embedding_n, region_max, weight_bytes;
     gradient_regions(&tr.mc, &embedding_n, &region_max);
     zero_init(&tr.zero, (int)tr.cfg.zero_stage, &tr.comm, ops->buf, tr.num_params, embedding_n, region_max, &tr.cfg);
@@ -2934,6 +3028,12 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
         printf("test fault injection (DSTRAIN_INJECT_INF): +inf in the gradient of %s at step %lld\n", tr.faults.names[i], (long long)tr.faults.steps[i]);
     }
     open_data(&tr);
+    if (tr.opt.epochs) { // the tail of an epoch shorter than a global batch is dropped, as the loader does
+        int64_t per_epoch = (int64_t)(tr.train.seqs_per_epoch / (size_t)tr.cfg.train_batch_size);
+        if (per_epoch == 0) fatal("--epochs: the training data (%zu sequences of %d) holds less than one step of %lld sequences", tr.train.num_seqs, tr.T, (long long)tr.cfg.train_batch_size);
+        tr.opt.steps = tr.opt.epochs * per_epoch;
+        printf("epochs: %lld x %lld steps = %lld steps\n", (long long)tr.opt.epochs, (long long)per_epoch, (long long)tr.opt.steps);
+    }
 
     train_state_init(&tr.state, &tr.cfg);
     rng_seed(&tr.rng, tr.opt.seed + 1);

@@ -241,13 +241,13 @@ static void reference_from_cpu(Reference* r) {
     r->inputs = (int*)mallocCheck(tokens * sizeof(int));
     r->targets = (int*)mallocCheck(tokens * sizeof(int));
     for (size_t i = 0; i < tokens; i++) { r->inputs[i] = (int)rng_below(&rng, r->V); r->targets[i] = (int)rng_below(&rng, r->V); }
-    cpu::GPT2 cm;
-    cpu::gpt2_build(&cm, &c, r->B, r->T);
+    cpu::Model cm;
+    cpu::model_build(&cm, &c, r->B, r->T);
     Trainer tr = {};
     DSConfig cfg = gpu_reference_config(r, 1);
     setup_run(&tr, r, &cpu::CPU_OPS, &cm, &cfg);
-    cpu::gpt2_forward(&cm, r->inputs, r->targets, r->B, r->T);
-    r->loss = (float)cpu::gpt2_take_loss(&cm);
+    cpu::model_forward(&cm, r->inputs, r->targets, r->B, r->T);
+    r->loss = (float)cpu::model_take_loss(&cm);
     r->logits = (float*)mallocCheck(bt * r->V * sizeof(float));
     for (size_t row = 0; row < bt; row++) memcpy(r->logits + row * r->V, cm.act.logits + row * r->Vp, r->V * sizeof(float));
     r->grads = (float*)mallocCheck(P * sizeof(float));
@@ -262,7 +262,7 @@ static void reference_from_cpu(Reference* r) {
         r->final[run] = master_weights(&tr);
     }
     zero_free(&tr.zero);
-    cpu::gpt2_free(&cm);
+    cpu::model_free(&cm);
 }
 
 // ----------------------------------------------------------------------------

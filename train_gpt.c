@@ -28,20 +28,20 @@ and its own GPU-only ones between them:
 // ----------------------------------------------------------------------------
 // encoder: token and position embeddings
 
-// out (B,T,C) = wte[inp] + wpe[t]
+// out (B,T,C) = wte[inp] + wpe[t]; wpe NULL (LLaMA: positions are rotary, in attention): wte[inp]
 void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) {
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
         for (int t = 0; t < T; t++) {
             float* o = out + ((size_t)b * T + t) * C;
             const float* we = wte + (size_t)inp[b * T + t] * C;
-            const float* pe = wpe + (size_t)t * C;
-            for (int i = 0; i < C; i++) o[i] = we[i] + pe[i];
+            const float* pe = wpe ? wpe + (size_t)t * C : NULL;
+            for (int i = 0; i < C; i++) o[i] = pe ? we[i] + pe[i] : we[i];
         }
     }
 }
 
-// dwte (Vp,C) += scatter of dout (B,T,C) by token; dwpe (maxT,C) += sum over B
+// dwte (Vp,C) += scatter of dout (B,T,C) by token; dwpe (maxT,C) += sum over B (wpe NULL: none)
 void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp, int B, int T, int C) {
     // parallel over channels: rows of dwte repeat when a token repeats, channels never collide
     #pragma omp parallel for
@@ -50,7 +50,7 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* in
             for (int t = 0; t < T; t++) {
                 float d = dout[((size_t)b * T + t) * C + i];
                 dwte[(size_t)inp[b * T + t] * C + i] += d;
-                dwpe[(size_t)t * C + i] += d;
+                if (dwpe) dwpe[(size_t)t * C + i] += d;
             }
         }
     }
@@ -60,8 +60,7 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* in
 // layernorm
 
 // out (N,C) = (inp - mean) * rstd * weight + bias, per row; saves mean, rstd (N) for backward
-void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C) {
-    const float eps = 1e-5f;
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight, const float* bias, int N, int C, float eps) {
     #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float* x = inp + (size_t)n * C;
@@ -112,6 +111,47 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
         }
         dweight[i] += dw;
         dbias[i] += db;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// rmsnorm (LLaMA)
+
+// out (N,C) = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps) per row, as
+// transformers' LlamaRMSNorm (the weight multiplies the normalised row); saves rstd (N)
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int N, int C, float eps) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        double sumsq = 0.0;
+        for (int i = 0; i < C; i++) sumsq += x[i] * x[i];
+        float s = 1.0f / sqrtf((float)(sumsq / C) + eps);
+        float* o = out + (size_t)n * C;
+        for (int i = 0; i < C; i++) o[i] = weight[i] * (x[i] * s);
+        rstd[n] = s;
+    }
+}
+
+// dinp (N,C) += ..., dweight (C) += ..., from dout (N,C)
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight, const float* rstd, int N, int C) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        const float* d = dout + (size_t)n * C;
+        float* dx = dinp + (size_t)n * C;
+        float s = rstd[n];
+        // norm = x * s, dnorm = d * weight: dx = s * (dnorm - norm * mean(dnorm * norm))
+        double dnorm_norm_mean = 0.0;
+        for (int i = 0; i < C; i++) dnorm_norm_mean += d[i] * weight[i] * (x[i] * s);
+        float b = (float)(dnorm_norm_mean / C);
+        for (int i = 0; i < C; i++) dx[i] += s * (d[i] * weight[i] - x[i] * s * b);
+    }
+    // the weight's gradient: parallel over channels so each sum has one owner and a fixed order
+    #pragma omp parallel for
+    for (int i = 0; i < C; i++) {
+        float dw = 0.0f;
+        for (int n = 0; n < N; n++) dw += dout[(size_t)n * C + i] * inp[(size_t)n * C + i] * rstd[n];
+        dweight[i] += dw;
     }
 }
 
@@ -190,23 +230,37 @@ void bias_backward(float* dbias, const float* dout, int BT, int OC) {
 }
 
 // ----------------------------------------------------------------------------
-// attention: causal self-attention
+// attention: causal self-attention, with grouped-query attention (LLaMA)
 
-// Causal self-attention. qkv (B,T,3C) holds [q | k | v]; head h uses channels h*hs..(h+1)*hs.
-// out (B,T,C); att (B,NH,T,T) saves the softmax for backward (zero above the diagonal).
-void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
+// qkv (B,T,QKV) holds [q (NH*hs) | k (NKV*hs) | v (NKV*hs)] per position, QKV = (NH + 2*NKV)*hs.
+// Query head h uses key/value head h / (NH/NKV): the NH/NKV heads of a group read the same
+// k and v (GPT-2: NKV = NH, one head each), without copies.
+typedef struct { int NH, NKV, hs; size_t row; } HeadLayout; // row: QKV, floats per position of qkv
+
+HeadLayout head_layout(int C, int NH, int NKV) {
     int hs = C / NH;
+    HeadLayout h = {NH, NKV, hs, (size_t)(NH + 2 * NKV) * hs};
+    return h;
+}
+size_t q_offset(const HeadLayout* h, int head) { return (size_t)head * h->hs; }
+size_t k_offset(const HeadLayout* h, int head) { return (size_t)(h->NH + head / (h->NH / h->NKV)) * h->hs; }
+size_t v_offset(const HeadLayout* h, int head) { return (size_t)(h->NH + h->NKV + head / (h->NH / h->NKV)) * h->hs; }
+
+// out (B,T,NH*hs); att (B,NH,T,T) saves the softmax for backward (zero above the diagonal).
+void attention_forward(float* out, float* att, const float* qkv, int B, int T, HeadLayout hl) {
+    int NH = hl.NH, hs = hl.hs;
+    size_t C = (size_t)NH * hs;
     float scale = 1.0f / sqrtf((float)hs);
-    size_t C3 = 3 * (size_t)C;
     #pragma omp parallel for collapse(3)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
             for (int t = 0; t < T; t++) {
-                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
+                const float* seq = qkv + (size_t)b * T * hl.row;
+                const float* q = seq + t * hl.row + q_offset(&hl, h);
                 float* a = att + (((size_t)b * NH + h) * T + t) * T;
                 float maxval = -INFINITY;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    const float* k = seq + t2 * hl.row + k_offset(&hl, h);
                     float s = 0.0f;
                     for (int i = 0; i < hs; i++) s += q[i] * k[i];
                     a[t2] = s * scale;
@@ -219,7 +273,7 @@ void attention_forward(float* out, float* att, const float* qkv, int B, int T, i
                 float* o = out + ((size_t)b * T + t) * C + h * hs;
                 for (int i = 0; i < hs; i++) o[i] = 0.0f;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    const float* v = seq + t2 * hl.row + v_offset(&hl, h);
                     for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
                 }
             }
@@ -227,37 +281,83 @@ void attention_forward(float* out, float* att, const float* qkv, int B, int T, i
     }
 }
 
-// dqkv (B,T,3C) += ..., from dout (B,T,C); datt (B,NH,T,T) is scratch
-void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, int C, int NH) {
-    int hs = C / NH;
+// dqkv (B,T,QKV) += ..., from dout (B,T,NH*hs); datt (B,NH,T,T) is scratch
+void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T, HeadLayout hl) {
+    int NH = hl.NH, hs = hl.hs, group = hl.NH / hl.NKV;
+    size_t C = (size_t)NH * hs;
     float scale = 1.0f / sqrtf((float)hs);
-    size_t C3 = 3 * (size_t)C;
-    // parallel over (b, h): a head's q, k, v gradients are written by its own thread only
+    // parallel over (b, key/value head): the heads of a group add into the same dk, dv, so one
+    // thread does them all, in a fixed order
     #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++) {
-        for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const float* a = att + (((size_t)b * NH + h) * T + t) * T;
-                float* da = datt + (((size_t)b * NH + h) * T + t) * T;
-                const float* d = dout + ((size_t)b * T + t) * C + h * hs;
-                // through out = att @ v
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float* dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float s = 0.0f;
-                    for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
-                    da[t2] = s;
+        for (int kvh = 0; kvh < hl.NKV; kvh++) {
+            for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+                const float* seq = qkv + (size_t)b * T * hl.row;
+                float* dseq = dqkv + (size_t)b * T * hl.row;
+                for (int t = 0; t < T; t++) {
+                    const float* a = att + (((size_t)b * NH + h) * T + t) * T;
+                    float* da = datt + (((size_t)b * NH + h) * T + t) * T;
+                    const float* d = dout + ((size_t)b * T + t) * C + h * hs;
+                    // through out = att @ v
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        const float* v = seq + t2 * hl.row + v_offset(&hl, h);
+                        float* dv = dseq + t2 * hl.row + v_offset(&hl, h);
+                        float s = 0.0f;
+                        for (int i = 0; i < hs; i++) { s += d[i] * v[i]; dv[i] += a[t2] * d[i]; }
+                        da[t2] = s;
+                    }
+                    // through the softmax: dpre = att * (datt - sum(att * datt))
+                    float dot = 0.0f;
+                    for (int t2 = 0; t2 <= t; t2++) dot += a[t2] * da[t2];
+                    const float* q = seq + t * hl.row + q_offset(&hl, h);
+                    float* dq = dseq + t * hl.row + q_offset(&hl, h);
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        float dpre = a[t2] * (da[t2] - dot) * scale;
+                        const float* k = seq + t2 * hl.row + k_offset(&hl, h);
+                        float* dk = dseq + t2 * hl.row + k_offset(&hl, h);
+                        for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
+                    }
                 }
-                // through the softmax: dpre = att * (datt - sum(att * datt))
-                float dot = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) dot += a[t2] * da[t2];
-                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;
-                float* dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    float dpre = a[t2] * (da[t2] - dot) * scale;
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float* dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    for (int i = 0; i < hs; i++) { dq[i] += dpre * k[i]; dk[i] += dpre * q[i]; }
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// rope: rotary position embeddings (LLaMA), in transformers' rotate_half layout: channel i
+// of the first half of a head pairs with channel i + hs/2, rotated by t * theta^(-2i/hs)
+
+// cos, sin (maxT, hs/2) of the angles, each rounded as transformers rounds them in fp32:
+// inv_freq = 1 / theta^(2i/hs), angle = t * inv_freq
+void rope_tables(float* cos_t, float* sin_t, int maxT, int hs, float theta) {
+    int half = hs / 2;
+    for (int i = 0; i < half; i++) {
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hs);
+        for (int t = 0; t < maxT; t++) {
+            float angle = (float)t * inv_freq;
+            cos_t[t * half + i] = cosf(angle);
+            sin_t[t * half + i] = sinf(angle);
+        }
+    }
+}
+
+// Rotates the q and k heads of qkv (B,T,QKV) in place: x1' = x1 cos - x2 sin,
+// x2' = x2 cos + x1 sin (x1, x2: a head's two halves). direction -1 rotates back, which
+// is the backward pass (a rotation's transpose is its inverse): dqkv's q and k in place.
+void rope_rotate(float* qkv, const float* cos_t, const float* sin_t, int B, int T, HeadLayout hl, float direction) {
+    int half = hl.hs / 2, heads = hl.NH + hl.NKV; // q heads, then k heads: contiguous
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            float* row = qkv + ((size_t)b * T + t) * hl.row;
+            const float* c = cos_t + (size_t)t * half;
+            const float* s = sin_t + (size_t)t * half;
+            for (int h = 0; h < heads; h++) {
+                float* x = row + (size_t)h * hl.hs;
+                for (int i = 0; i < half; i++) {
+                    float x1 = x[i], x2 = x[i + half], sn = direction * s[i];
+                    x[i] = x1 * c[i] - x2 * sn;
+                    x[i + half] = x2 * c[i] + x1 * sn;
                 }
             }
         }
@@ -288,6 +388,39 @@ void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) {
         float sech2 = 1.0f - th * th;
         float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SCALE * (1.0f + 3.0f * 0.044715f * x * x);
         dinp[i] += grad * dout[i];
+    }
+}
+
+// ----------------------------------------------------------------------------
+// swiglu (LLaMA's MLP): silu(gate) * up
+
+// out (N,F) = silu(gate) * up, gate and up the two halves of each row of fch (N,2F)
+// (the fused [gate_proj; up_proj] product); silu(x) = x * sigmoid(x)
+void swiglu_forward(float* out, const float* fch, int N, int F) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* gate = fch + (size_t)n * 2 * F;
+        const float* up = gate + F;
+        float* o = out + (size_t)n * F;
+        for (int i = 0; i < F; i++) o[i] = gate[i] * (1.0f / (1.0f + expf(-gate[i]))) * up[i];
+    }
+}
+
+// dfch (N,2F) += d/d(gate, up) of out, from dout (N,F)
+void swiglu_backward(float* dfch, const float* fch, const float* dout, int N, int F) {
+    #pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* gate = fch + (size_t)n * 2 * F;
+        const float* up = gate + F;
+        const float* d = dout + (size_t)n * F;
+        float* dgate = dfch + (size_t)n * 2 * F;
+        float* dup = dgate + F;
+        for (int i = 0; i < F; i++) {
+            float sig = 1.0f / (1.0f + expf(-gate[i]));
+            float silu = gate[i] * sig;
+            dgate[i] += d[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig)); // silu' = sig * (1 + x (1 - sig))
+            dup[i] += d[i] * silu;
+        }
     }
 }
 
@@ -340,64 +473,76 @@ void classifier_backward(float* probs_to_dlogits, const int* targets, float dlos
 }
 
 // ----------------------------------------------------------------------------
-// GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
+// the model: GPT-2 and LLaMA, one layer loop (parameter layout and initialisation:
+// dstrain.h, param_table). The architectures differ in three places, each an `if` below:
+//   norm        LayerNorm with bias (GPT-2)       RMSNorm (LLaMA)
+//   positions   learned wpe added to the input    rotary, applied to q and k
+//   MLP         GELU(fc(x))                       silu(gate(x)) * up(x)
+// and LLaMA has no biases, grouped-query attention and (unless tied) its own lm_head.
 
 typedef struct {
     float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
-} LayerWeights; // GPT2_LAYER_TENSORS pointers, in layout order
+} LayerWeights; // GPT2_LAYER_TENSORS pointers, in GPT-2's layout order; LLaMA's biases NULL
+
+// where each of LLaMA's layer tensors (LLAMA_* order) goes in LayerWeights
+static const int LLAMA_IN_LAYER_WEIGHTS[LLAMA_LAYER_TENSORS] = {GPT2_LN1W, GPT2_QKVW, GPT2_ATTPROJW, GPT2_LN2W, GPT2_FCW, GPT2_FCPROJW};
 
 typedef struct {
     float* wte;
-    float* wpe;
+    float* wpe;          // GPT-2 only
     LayerWeights* layer; // num_layers
     float* lnfw;
-    float* lnfb;
+    float* lnfb;         // GPT-2 only
+    float* lm_head;      // the classifier's weights: wte when tied
 } Weights;
 
-// Points w's tensors into the flat parameter buffer `base`.
-static void gpt2_point_weights(Weights* w, float* base, const ModelConfig* c) {
+// Points w's tensors into the flat parameter buffer `base` (or a gradient buffer of the same layout).
+static void point_weights(Weights* w, float* base, const ModelConfig* c) {
     ParamTable t = param_table(c);
+    const ParamTensor *wpe = param_find(&t, "wpe"), *lnfb = param_find(&t, "lnfb"), *lm_head = param_find(&t, "lm_head");
     w->wte = base + param_named(&t, "wte")->offset;
-    w->wpe = base + param_named(&t, "wpe")->offset;
+    w->wpe = wpe ? base + wpe->offset : NULL;
     w->layer = (LayerWeights*)callocCheck(c->num_layers, sizeof(LayerWeights));
     for (int l = 0; l < c->num_layers; l++) {
         float** p = (float**)&w->layer[l];
-        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + param_layer(&t, l, i)->offset;
+        for (int i = 0; i < t.per_layer; i++) p[c->arch == ARCH_LLAMA ? LLAMA_IN_LAYER_WEIGHTS[i] : i] = base + param_layer(&t, l, i)->offset;
     }
     w->lnfw = base + param_named(&t, "lnfw")->offset;
-    w->lnfb = base + param_named(&t, "lnfb")->offset;
+    w->lnfb = lnfb ? base + lnfb->offset : NULL;
+    w->lm_head = lm_head ? base + lm_head->offset : w->wte;
     param_table_free(&t);
 }
 
 // Points lg's tensors into `g`, the gradient of the layer whose weights are w, each at its
-// weight's offset from the layer's first tensor (a layer's tensors are contiguous).
+// weight's offset from the layer's first tensor (a layer's tensors are contiguous); NULL stays NULL.
 static void point_layer_grads(LayerWeights* lg, float* g, const LayerWeights* w) {
     float** dst = (float**)lg;
     float* const* src = (float* const*)w;
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = g + (src[i] - w->ln1w);
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) dst[i] = src[i] ? g + (src[i] - w->ln1w) : NULL;
 }
 
 // Activations saved by forward for backward; the gradient buffers reuse the layout
 // (without the statistics, logits and probabilities, which have no gradient buffer).
+// QKV = (NH + 2*NKV) * hs (3C for GPT-2); F2 = F (GPT-2) or 2F (LLaMA's [gate | up]).
 typedef struct {
     float* encoded;   // (B,T,C)
     float* ln1;       // (L,B,T,C)
-    float* ln1_mean;  // (L,B,T)
+    float* ln1_mean;  // (L,B,T) GPT-2
     float* ln1_rstd;  // (L,B,T)
-    float* qkv;       // (L,B,T,3C)
+    float* qkv;       // (L,B,T,QKV), q and k rotated (LLaMA)
     float* atty;      // (L,B,T,C)
     float* att;       // (L,B,NH,T,T)
     float* attproj;   // (L,B,T,C)
     float* residual2; // (L,B,T,C)
     float* ln2;       // (L,B,T,C)
-    float* ln2_mean;  // (L,B,T)
+    float* ln2_mean;  // (L,B,T) GPT-2
     float* ln2_rstd;  // (L,B,T)
-    float* fch;       // (L,B,T,4C)
-    float* fch_gelu;  // (L,B,T,4C)
+    float* fch;       // (L,B,T,F2)
+    float* fch_act;   // (L,B,T,F) GELU(fch) or silu(gate) * up
     float* fcproj;    // (L,B,T,C)
     float* residual3; // (L,B,T,C)
     float* lnf;       // (B,T,C)
-    float* lnf_mean;  // (B,T)
+    float* lnf_mean;  // (B,T) GPT-2
     float* lnf_rstd;  // (B,T)
     float* logits;    // (B,T,Vp)
     float* probs;     // (B,T,Vp), turned into dlogits in backward
@@ -406,42 +551,57 @@ typedef struct {
     size_t num_floats;
 } Activations;
 
-static void activations_alloc(Activations* a, const ModelConfig* c, int B, int T, int for_grads) {
+// the widths of a layer's fused products
+static size_t qkv_width(const ModelConfig* c) { return (size_t)(c->num_heads + 2 * c->num_kv_heads) * (c->channels / c->num_heads); }
+static size_t fc_width(const ModelConfig* c) { return (c->arch == ARCH_LLAMA ? 2 : 1) * (size_t)c->ffn_hidden; }
+
+// Points a's tensors into `base` and returns their floats; base NULL: only counts them.
+static size_t activations_layout(Activations* a, const ModelConfig* c, int B, int T, int for_grads, float* base) {
     size_t L = c->num_layers, BT = (size_t)B * T, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
-    size_t fwd = for_grads ? 0 : 1; // tensors that only forward needs
+    size_t QKV = qkv_width(c), F2 = fc_width(c);
+    size_t fwd = for_grads ? 0 : 1;                        // tensors that only forward needs
+    size_t mean = for_grads || c->arch == ARCH_LLAMA ? 0 : 1; // LayerNorm's means
     struct { float** ptr; size_t n; } t[] = {
-        {&a->encoded, BT * C}, {&a->ln1, L * BT * C}, {&a->ln1_mean, fwd * L * BT}, {&a->ln1_rstd, fwd * L * BT},
-        {&a->qkv, L * BT * 3 * C}, {&a->atty, L * BT * C}, {&a->att, L * B * NH * T * T}, {&a->attproj, L * BT * C},
-        {&a->residual2, L * BT * C}, {&a->ln2, L * BT * C}, {&a->ln2_mean, fwd * L * BT}, {&a->ln2_rstd, fwd * L * BT},
-        {&a->fch, L * BT * F}, {&a->fch_gelu, L * BT * F}, {&a->fcproj, L * BT * C}, {&a->residual3, L * BT * C},
-        {&a->lnf, BT * C}, {&a->lnf_mean, fwd * BT}, {&a->lnf_rstd, fwd * BT},
+        {&a->encoded, BT * C}, {&a->ln1, L * BT * C}, {&a->ln1_mean, mean * L * BT}, {&a->ln1_rstd, fwd * L * BT},
+        {&a->qkv, L * BT * QKV}, {&a->atty, L * BT * C}, {&a->att, L * B * NH * T * T}, {&a->attproj, L * BT * C},
+        {&a->residual2, L * BT * C}, {&a->ln2, L * BT * C}, {&a->ln2_mean, mean * L * BT}, {&a->ln2_rstd, fwd * L * BT},
+        {&a->fch, L * BT * F2}, {&a->fch_act, L * BT * F}, {&a->fcproj, L * BT * C}, {&a->residual3, L * BT * C},
+        {&a->lnf, BT * C}, {&a->lnf_mean, mean * BT}, {&a->lnf_rstd, fwd * BT},
         {&a->logits, fwd * BT * Vp}, {&a->probs, fwd * BT * Vp}, {&a->losses, fwd * BT},
     };
-    size_t total = 0, n = sizeof(t) / sizeof(t[0]);
-    for (size_t i = 0; i < n; i++) total += t[i].n;
-    a->memory = (float*)callocCheck(total, sizeof(float));
-    a->num_floats = total;
-    float* p = a->memory;
-    for (size_t i = 0; i < n; i++) { *t[i].ptr = t[i].n ? p : NULL; p += t[i].n; }
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++) {
+        if (base) *t[i].ptr = t[i].n ? base + total : NULL;
+        total += t[i].n;
+    }
+    return total;
+}
+
+static void activations_alloc(Activations* a, const ModelConfig* c, int B, int T, int for_grads) {
+    a->num_floats = activations_layout(a, c, B, T, for_grads, NULL);
+    a->memory = (float*)callocCheck(a->num_floats, sizeof(float));
+    activations_layout(a, c, B, T, for_grads, a->memory);
 }
 
 typedef struct {
     ModelConfig config;
+    HeadLayout heads;
     size_t num_params;
     float* params;     // fp32 working weights (the fp32 master copy and Adam moments belong to ZeRO)
     Weights w;         // tensors inside params
     size_t layer_offset0, layer_size; // flat offset of layer 0 and the size of one layer
+    float *rope_cos, *rope_sin; // (max_T, hs/2) LLaMA
     Activations act, dact;
     int max_B, max_T;  // the activations' capacity
     int* targets;      // (B,T) of the last forward, for backward
     int last_B, last_T; // of the last forward
-    double loss_sum;    // the mean losses of the forwards since gpt2_take_loss
-} GPT2;
+    double loss_sum;    // the mean losses of the forwards since model_take_loss
+} Model;
 
 // Layer l's activations: its slices of the per-layer tensors.
 typedef struct {
     float* residual; // the layer's input: encoded, or the previous layer's residual3
-    float *ln1, *qkv, *atty, *att, *attproj, *residual2, *ln2, *fch, *fch_gelu, *fcproj, *residual3;
+    float *ln1, *qkv, *atty, *att, *attproj, *residual2, *ln2, *fch, *fch_act, *fcproj, *residual3;
     float *ln1_mean, *ln1_rstd, *ln2_mean, *ln2_rstd;
 } LayerActivations;
 
@@ -449,20 +609,21 @@ typedef struct {
 static float* layer_slice(float* t, int l, size_t n) { return t ? t + l * n : NULL; }
 
 // a: the activations or their gradients (the same layout); per-layer strides use the capacity
-static LayerActivations layer_activations(const GPT2* m, const Activations* a, int l) {
-    size_t N = (size_t)m->max_B * m->max_T, C = m->config.channels, F = m->config.ffn_hidden;
-    size_t att = (size_t)m->max_B * m->config.num_heads * m->max_T * m->max_T;
+static LayerActivations layer_activations(const Model* m, const Activations* a, int l) {
+    const ModelConfig* c = &m->config;
+    size_t N = (size_t)m->max_B * m->max_T, C = c->channels, F = c->ffn_hidden;
+    size_t att = (size_t)m->max_B * c->num_heads * m->max_T * m->max_T;
     LayerActivations la;
     la.residual = l == 0 ? a->encoded : layer_slice(a->residual3, l - 1, N * C);
     la.ln1 = layer_slice(a->ln1, l, N * C);
-    la.qkv = layer_slice(a->qkv, l, N * 3 * C);
+    la.qkv = layer_slice(a->qkv, l, N * qkv_width(c));
     la.atty = layer_slice(a->atty, l, N * C);
     la.att = layer_slice(a->att, l, att);
     la.attproj = layer_slice(a->attproj, l, N * C);
     la.residual2 = layer_slice(a->residual2, l, N * C);
     la.ln2 = layer_slice(a->ln2, l, N * C);
-    la.fch = layer_slice(a->fch, l, N * F);
-    la.fch_gelu = layer_slice(a->fch_gelu, l, N * F);
+    la.fch = layer_slice(a->fch, l, N * fc_width(c));
+    la.fch_act = layer_slice(a->fch_act, l, N * F);
     la.fcproj = layer_slice(a->fcproj, l, N * C);
     la.residual3 = layer_slice(a->residual3, l, N * C);
     la.ln1_mean = layer_slice(a->ln1_mean, l, N);
@@ -472,14 +633,21 @@ static LayerActivations layer_activations(const GPT2* m, const Activations* a, i
     return la;
 }
 
-static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
+static void model_build(Model* m, const ModelConfig* c, int B, int T) {
     memset(m, 0, sizeof(*m));
     m->config = *c;
+    m->heads = head_layout(c->channels, c->num_heads, c->num_kv_heads);
     m->num_params = model_num_params(c);
     m->params = (float*)callocCheck(m->num_params, sizeof(float));
-    gpt2_point_weights(&m->w, m->params, c);
+    point_weights(&m->w, m->params, c);
     m->layer_offset0 = (size_t)(m->w.layer[0].ln1w - m->params);
     m->layer_size = c->num_layers > 1 ? (size_t)(m->w.layer[1].ln1w - m->w.layer[0].ln1w) : (size_t)(m->w.lnfw - m->w.layer[0].ln1w);
+    if (c->arch == ARCH_LLAMA) {
+        int half = m->heads.hs / 2;
+        m->rope_cos = (float*)callocCheck((size_t)T * half, sizeof(float));
+        m->rope_sin = (float*)callocCheck((size_t)T * half, sizeof(float));
+        rope_tables(m->rope_cos, m->rope_sin, T, m->heads.hs, c->rope_theta);
+    }
     activations_alloc(&m->act, c, B, T, 0);
     activations_alloc(&m->dact, c, B, T, 1);
     m->targets = (int*)callocCheck((size_t)B * T, sizeof(int));
@@ -487,23 +655,38 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T) {
     m->max_T = T;
 }
 
-static void gpt2_free(GPT2* m) {
+static void model_free(Model* m) {
     free(m->params);
     free(m->w.layer);
+    free(m->rope_cos); free(m->rope_sin);
     free(m->act.memory); free(m->dact.memory);
     free(m->targets);
 }
 
+// the architecture's norm: LayerNorm (mean saved) or RMSNorm
+static void norm_forward(const Model* m, float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N) {
+    const ModelConfig* c = &m->config;
+    if (c->arch == ARCH_LLAMA) rmsnorm_forward(out, rstd, inp, w, N, c->channels, c->norm_eps);
+    else layernorm_forward(out, mean, rstd, inp, w, b, N, c->channels, c->norm_eps);
+}
+
+static void norm_backward(const Model* m, float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                          const float* mean, const float* rstd, int N) {
+    if (m->config.arch == ARCH_LLAMA) rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, m->config.channels);
+    else layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, m->config.channels);
+}
+
 // Runs the model on inputs (B,T); with targets, adds the mean loss to the loss sum that
-// gpt2_take_loss reads. B, T <= capacity.
-static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
+// model_take_loss reads. B, T <= capacity.
+static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T) {
     const ModelConfig* c = &m->config;
     if (B > m->max_B || T > m->max_T || T > c->max_seq_len) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
     for (int i = 0; i < B * T; i++) {
         if (inputs[i] < 0 || inputs[i] >= c->vocab_size) fatal("input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, c->vocab_size);
         if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size)) fatal("target token %d at position %d is outside the vocabulary (%d)", targets[i], i, c->vocab_size);
     }
-    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, V = c->vocab_size, Vp = c->padded_vocab_size, llama = c->arch == ARCH_LLAMA;
+    int QKV = (int)qkv_width(c), F2 = (int)fc_width(c);
     size_t BT = (size_t)B * T;
     m->last_B = B;
     m->last_T = T;
@@ -513,19 +696,21 @@ static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, 
     for (int l = 0; l < L; l++) {
         const LayerWeights* w = &m->w.layer[l];
         LayerActivations la = layer_activations(m, a, l);
-        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w->ln1w, w->ln1b, BT, C);
-        matmul_forward(la.qkv, la.ln1, w->qkvw, w->qkvb, BT, C, 3 * C);
-        attention_forward(la.atty, la.att, la.qkv, B, T, C, NH);
+        norm_forward(m, la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w->ln1w, w->ln1b, BT);
+        matmul_forward(la.qkv, la.ln1, w->qkvw, w->qkvb, BT, C, QKV);
+        if (llama) rope_rotate(la.qkv, m->rope_cos, m->rope_sin, B, T, m->heads, 1.0f);
+        attention_forward(la.atty, la.att, la.qkv, B, T, m->heads);
         matmul_forward(la.attproj, la.atty, w->attprojw, w->attprojb, BT, C, C);
         residual_forward(la.residual2, la.residual, la.attproj, BT * C);
-        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w->ln2w, w->ln2b, BT, C);
-        matmul_forward(la.fch, la.ln2, w->fcw, w->fcb, BT, C, F);
-        gelu_forward(la.fch_gelu, la.fch, BT * F);
-        matmul_forward(la.fcproj, la.fch_gelu, w->fcprojw, w->fcprojb, BT, F, C);
+        norm_forward(m, la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w->ln2w, w->ln2b, BT);
+        matmul_forward(la.fch, la.ln2, w->fcw, w->fcb, BT, C, F2);
+        if (llama) swiglu_forward(la.fch_act, la.fch, BT, F);
+        else gelu_forward(la.fch_act, la.fch, BT * F);
+        matmul_forward(la.fcproj, la.fch_act, w->fcprojw, w->fcprojb, BT, F, C);
         residual_forward(la.residual3, la.residual2, la.fcproj, BT * C);
     }
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, a, L - 1).residual3, m->w.lnfw, m->w.lnfb, BT, C);
-    matmul_forward(a->logits, a->lnf, m->w.wte, NULL, BT, C, Vp); // tied output layer
+    norm_forward(m, a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, a, L - 1).residual3, m->w.lnfw, m->w.lnfb, BT);
+    matmul_forward(a->logits, a->lnf, m->w.lm_head, NULL, BT, C, Vp);
     classifier_forward(a->losses, a->probs, a->logits, targets, BT, V, Vp);
     if (!targets) return;
     double sum = 0.0;
@@ -534,7 +719,7 @@ static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, 
 }
 
 // The sum of the mean losses of the forwards since the last call, which starts a new sum.
-static double gpt2_take_loss(GPT2* m) {
+static double model_take_loss(Model* m) {
     double sum = m->loss_sum;
     m->loss_sum = 0.0;
     return sum;
@@ -542,58 +727,66 @@ static double gpt2_take_loss(GPT2* m) {
 
 // The gradient of dloss_scale * (mean loss of the last forward, which had targets),
 // accumulated (+=) into the buffers the sink gives for each region of parameters, handed
-// back from the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0,
-// positions, and last the token embedding, which receives the classifier's gradient first.
+// back from the end of the flat buffer to its start: lm_head (untied), the final norm,
+// layers L-1 .. 0, positions (GPT-2), and last the token embedding. A tied embedding is
+// taken first, for the classifier's gradient, and handed back last.
 // inputs: those of that forward.
-static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
+static void model_backward(Model* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
     const ModelConfig* c = &m->config;
     if (B != m->last_B || T != m->last_T) fatal("backward: batch (%d, %d) is not that of the last forward (%d, %d)", B, T, m->last_B, m->last_T);
-    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, Vp = c->padded_vocab_size, llama = c->arch == ARCH_LLAMA;
+    int QKV = (int)qkv_width(c), F2 = (int)fc_width(c);
     size_t BT = (size_t)B * T;
     Activations *a = &m->act, *d = &m->dact;
-    size_t wte_n = (size_t)Vp * C, wpe_off = (size_t)(m->w.wpe - m->params), wpe_n = (size_t)c->max_seq_len * C;
-    size_t lnf_off = (size_t)(m->w.lnfw - m->params);
+    size_t wte_n = (size_t)Vp * C, head_off = (size_t)(m->w.lm_head - m->params);
+    size_t lnf_off = (size_t)(m->w.lnfw - m->params), lnf_n = (m->w.lnfb ? 2 : 1) * (size_t)C;
     // gradients of activations are accumulated with +=, so start each backward from zero
     memset(d->memory, 0, d->num_floats * sizeof(float));
-    float* dwte = sink->region(sink, 0, wte_n);
-    float* dlnf = sink->region(sink, lnf_off, 2 * (size_t)C);
+    float* dhead = sink->region(sink, head_off, wte_n);
     classifier_backward(a->probs, m->targets, dloss_scale / (float)BT, BT, Vp);
-    matmul_backward_weight(dwte, a->probs, a->lnf, BT, C, Vp);
-    matmul_backward_input(d->lnf, a->probs, m->w.wte, BT, C, Vp);
-    layernorm_backward(layer_activations(m, d, L - 1).residual3, dlnf, dlnf + C, d->lnf, layer_activations(m, a, L - 1).residual3, m->w.lnfw,
-                       a->lnf_mean, a->lnf_rstd, BT, C);
-    sink->done(sink, lnf_off, 2 * (size_t)C);
+    matmul_backward_weight(dhead, a->probs, a->lnf, BT, C, Vp);
+    matmul_backward_input(d->lnf, a->probs, m->w.lm_head, BT, C, Vp);
+    if (!c->tied) sink->done(sink, head_off, wte_n);
+    float* dlnf = sink->region(sink, lnf_off, lnf_n);
+    norm_backward(m, layer_activations(m, d, L - 1).residual3, dlnf, m->w.lnfb ? dlnf + C : NULL, d->lnf, layer_activations(m, a, L - 1).residual3,
+                  m->w.lnfw, a->lnf_mean, a->lnf_rstd, BT);
+    sink->done(sink, lnf_off, lnf_n);
     for (int l = L - 1; l >= 0; l--) {
         const LayerWeights* w = &m->w.layer[l];
         LayerWeights g;
         size_t layer_off = m->layer_offset0 + l * m->layer_size;
         point_layer_grads(&g, sink->region(sink, layer_off, m->layer_size), w);
         LayerActivations la = layer_activations(m, a, l), dla = layer_activations(m, d, l);
-        // residual3 = residual2 + fcproj(gelu(fc(ln2)))
+        // residual3 = residual2 + fcproj(act(fc(ln2)))
         residual_backward(dla.residual2, dla.fcproj, dla.residual3, BT * C);
-        matmul_backward_weight(g.fcprojw, dla.fcproj, la.fch_gelu, BT, F, C);
-        bias_backward(g.fcprojb, dla.fcproj, BT, C);
-        matmul_backward_input(dla.fch_gelu, dla.fcproj, w->fcprojw, BT, F, C);
-        gelu_backward(dla.fch, la.fch, dla.fch_gelu, BT * F);
-        matmul_backward_weight(g.fcw, dla.fch, la.ln2, BT, C, F);
-        bias_backward(g.fcb, dla.fch, BT, F);
-        matmul_backward_input(dla.ln2, dla.fch, w->fcw, BT, C, F);
-        layernorm_backward(dla.residual2, g.ln2w, g.ln2b, dla.ln2, la.residual2, w->ln2w, la.ln2_mean, la.ln2_rstd, BT, C);
-        // residual2 = residual + attproj(attention(qkv(ln1)))
+        matmul_backward_weight(g.fcprojw, dla.fcproj, la.fch_act, BT, F, C);
+        if (g.fcprojb) bias_backward(g.fcprojb, dla.fcproj, BT, C);
+        matmul_backward_input(dla.fch_act, dla.fcproj, w->fcprojw, BT, F, C);
+        if (llama) swiglu_backward(dla.fch, la.fch, dla.fch_act, BT, F);
+        else gelu_backward(dla.fch, la.fch, dla.fch_act, BT * F);
+        matmul_backward_weight(g.fcw, dla.fch, la.ln2, BT, C, F2);
+        if (g.fcb) bias_backward(g.fcb, dla.fch, BT, F2);
+        matmul_backward_input(dla.ln2, dla.fch, w->fcw, BT, C, F2);
+        norm_backward(m, dla.residual2, g.ln2w, g.ln2b, dla.ln2, la.residual2, w->ln2w, la.ln2_mean, la.ln2_rstd, BT);
+        // residual2 = residual + attproj(attention(rope(qkv(ln1))))
         residual_backward(dla.residual, dla.attproj, dla.residual2, BT * C);
         matmul_backward_weight(g.attprojw, dla.attproj, la.atty, BT, C, C);
-        bias_backward(g.attprojb, dla.attproj, BT, C);
+        if (g.attprojb) bias_backward(g.attprojb, dla.attproj, BT, C);
         matmul_backward_input(dla.atty, dla.attproj, w->attprojw, BT, C, C);
-        attention_backward(dla.qkv, dla.att, dla.atty, la.qkv, la.att, B, T, C, NH);
-        matmul_backward_weight(g.qkvw, dla.qkv, la.ln1, BT, C, 3 * C);
-        bias_backward(g.qkvb, dla.qkv, BT, 3 * C);
-        matmul_backward_input(dla.ln1, dla.qkv, w->qkvw, BT, C, 3 * C);
-        layernorm_backward(dla.residual, g.ln1w, g.ln1b, dla.ln1, la.residual, w->ln1w, la.ln1_mean, la.ln1_rstd, BT, C);
+        attention_backward(dla.qkv, dla.att, dla.atty, la.qkv, la.att, B, T, m->heads);
+        if (llama) rope_rotate(dla.qkv, m->rope_cos, m->rope_sin, B, T, m->heads, -1.0f);
+        matmul_backward_weight(g.qkvw, dla.qkv, la.ln1, BT, C, QKV);
+        if (g.qkvb) bias_backward(g.qkvb, dla.qkv, BT, QKV);
+        matmul_backward_input(dla.ln1, dla.qkv, w->qkvw, BT, C, QKV);
+        norm_backward(m, dla.residual, g.ln1w, g.ln1b, dla.ln1, la.residual, w->ln1w, la.ln1_mean, la.ln1_rstd, BT);
         sink->done(sink, layer_off, m->layer_size);
     }
-    float* dwpe = sink->region(sink, wpe_off, wpe_n);
+    float* dwpe = NULL;
+    size_t wpe_off = m->w.wpe ? (size_t)(m->w.wpe - m->params) : 0, wpe_n = (size_t)c->max_seq_len * C;
+    if (m->w.wpe) dwpe = sink->region(sink, wpe_off, wpe_n);
+    float* dwte = c->tied ? dhead : sink->region(sink, 0, wte_n);
     encoder_backward(dwte, dwpe, d->encoded, inputs, B, T, C);
-    sink->done(sink, wpe_off, wpe_n);
+    if (m->w.wpe) sink->done(sink, wpe_off, wpe_n);
     sink->done(sink, 0, wte_n);
 }
 
@@ -839,22 +1032,28 @@ static const BufferOps HOST_BUFFERS = {host_alloc, host_release, host_copy, host
 
 static void* cpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
     (void)opt; // --recompute saves GPU memory; the CPU trainer keeps every activation
-    GPT2* m = (GPT2*)mallocCheck(sizeof(GPT2));
-    gpt2_build(m, c, B, T);
+    Model* m = (Model*)mallocCheck(sizeof(Model));
+    model_build(m, c, B, T);
     return m;
 }
-static size_t cpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
-static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(float); return ((GPT2*)model)->params; }
-static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((GPT2*)model)->params + offset, master, n * sizeof(float)); }
-static void cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { gpt2_forward((GPT2*)m, inputs, targets, B, T); }
-static double cpu_take_loss(void* m) { return gpt2_take_loss((GPT2*)m); }
-static void cpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink); }
-static const float* cpu_probs(void* model, int position) { GPT2* m = (GPT2*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
+static size_t cpu_num_params(void* m) { return ((Model*)m)->num_params; }
+static void* cpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(float); return ((Model*)model)->params; }
+static void cpu_set_weights(void* model, size_t offset, const float* master, size_t n) { memcpy(((Model*)model)->params + offset, master, n * sizeof(float)); }
+static void cpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { model_forward((Model*)m, inputs, targets, B, T); }
+static double cpu_take_loss(void* m) { return model_take_loss((Model*)m); }
+static void cpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { model_backward((Model*)m, inputs, B, T, dloss_scale, sink); }
+static const float* cpu_probs(void* model, int position) { Model* m = (Model*)model; return m->act.probs + (size_t)position * m->config.padded_vocab_size; }
 static void cpu_describe_memory(void* model) {
-    GPT2* m = (GPT2*)model;
+    Model* m = (Model*)model;
     printf("  activations: %.1f MB (forward) + %.1f MB (their gradients)\n", m->act.num_floats * 4 / 1e6, m->dact.num_floats * 4 / 1e6);
 }
-static void cpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
+static double cpu_plan_memory(const ModelConfig* c, int B, int T, const Options* opt, size_t* weight_bytes) {
+    (void)opt;
+    Activations a;
+    *weight_bytes = sizeof(float);
+    return 4.0 * (activations_layout(&a, c, B, T, 0, NULL) + activations_layout(&a, c, B, T, 1, NULL));
+}
+static void cpu_free(void* model) { model_free((Model*)model); free(model); }
 
 // Says plainly which configured features this run does without.
 static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
@@ -868,7 +1067,7 @@ static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
 }
 
 static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", comm_init_host, cpu_describe_run, &HOST_BUFFERS, cpu_build, cpu_num_params,
-                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_take_loss, cpu_backward, cpu_probs, cpu_describe_memory, NULL, cpu_free};
+                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_take_loss, cpu_backward, cpu_probs, cpu_describe_memory, cpu_plan_memory, NULL, cpu_free};
 
 #ifndef TESTING
 int main(int argc, char** argv) {

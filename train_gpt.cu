@@ -1873,6 +1873,10 @@ static void gpu_init_comm(Comm* c, int* argc, char*** argv, double timeout_s) {
 // the trainer: the model behind dstrain.h's ModelOps; the training driver is train_main
 
 static void* gpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
+    if (c->arch != ARCH_GPT2) {
+        fatal("the GPU trainer trains GPT-2 only so far; the %s architecture (RMSNorm, rotary embeddings, grouped-query attention, "
+              "SwiGLU) trains on the CPU trainer: make train_gpt_cpu && ./train_gpt_cpu ...", arch_name(c->arch));
+    }
     GPT2* m = (GPT2*)mallocCheck(sizeof(GPT2));
     gpt2_build(m, c, B, T, opt->recompute);
     return m;
@@ -1960,8 +1964,15 @@ static void gpu_describe_run(const DSConfig* c, const Comm* comm) {
     }
 }
 
+// --plan: the working weights' size; the GPU trainer does not estimate its activations yet (NAN)
+static double gpu_plan_memory(const ModelConfig* c, int B, int T, const Options* opt, size_t* weight_bytes) {
+    (void)c; (void)B; (void)T; (void)opt;
+    *weight_bytes = sizeof(floatX);
+    return NAN;
+}
+
 static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", gpu_init_comm, gpu_describe_run, &DEVICE_BUFFERS, gpu_build,
-                                 gpu_num_params, gpu_weights, gpu_set_weights, gpu_forward, gpu_take_loss, gpu_backward, gpu_probs, gpu_describe_memory,
+                                 gpu_num_params, gpu_weights, gpu_set_weights, gpu_forward, gpu_take_loss, gpu_backward, gpu_probs, gpu_describe_memory, gpu_plan_memory,
                                  gpu_device_stats, gpu_free};
 
 #ifndef TESTING

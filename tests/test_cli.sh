@@ -99,7 +99,7 @@ expect_error "resume on other data refused" "resuming would not continue the sam
 
 # fine-tuning from a model file: weights load, the model size comes from the file
 out=$($BIN "${TINY[@]}" --layers 7 --steps 1 --init-from $TMP/straight/step_00000006/model.bin --checkpoint-dir "" 2>&1); rc=$?
-if [ $rc -eq 0 ] && grep -q "model: GPT-2, 2 layers, 2 heads, 32 channels, sequence length 32" <<<"$out" && grep -q "weights: from" <<<"$out"; then ok "init-from takes the model size from the file"
+if [ $rc -eq 0 ] && grep -q "model: GPT-2, 2 layers, 2 heads, 32 channels, 32 positions" <<<"$out" && grep -q "weights: from" <<<"$out"; then ok "init-from takes the model size from the file"
 else bad "init-from takes the model size from the file" "exit $rc" "$(tail -3 <<<"$out")"; fi
 
 # --- fp16 loss scaling through the trainer, with injected overflows (DSTRAIN_INJECT_INF) ---

@@ -28,8 +28,8 @@ static void check_size(int B, int NH, int T, int hs) {
     attention_backward(d_dqkv, d_D, d_dout, d_qkv, d_out, d_lse, B, T, C, NH);
     float *out = (float*)mallocCheck(n_out * sizeof(float)), *att = (float*)mallocCheck((size_t)B * NH * T * T * sizeof(float));
     float *dqkv = (float*)callocCheck(n_qkv, sizeof(float)), *datt = (float*)mallocCheck((size_t)B * NH * T * T * sizeof(float));
-    cpu::attention_forward(out, att, qkv, B, T, C, NH);
-    cpu::attention_backward(dqkv, datt, dout, qkv, att, B, T, C, NH);
+    cpu::attention_forward(out, att, qkv, B, T, cpu::head_layout(C, NH, NH));
+    cpu::attention_backward(dqkv, datt, dout, qkv, att, B, T, cpu::head_layout(C, NH, NH));
     float *g_out = host_float(d_out, n_out), *g_dqkv = host_float(d_dqkv, n_qkv);
     // forward: P and the output rounded to floatX, sums of up to T rounded P v terms, fp32 sums of hs and T terms
     check("forward: out", g_out, out, n_out, tolerance(2, T, hs + T));

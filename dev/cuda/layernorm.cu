@@ -19,7 +19,7 @@ static void check_size(int N, int C) {
     cudaCheck(cudaMalloc(&d_scratch, column_sums_scratch_floats(N, C) * sizeof(float)));
     float *out = (float*)mallocCheck(NC * sizeof(float)), *mean = (float*)mallocCheck(N * sizeof(float)), *rstd = (float*)mallocCheck(N * sizeof(float));
     layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C);
-    cpu::layernorm_forward(out, mean, rstd, inp, w, b, N, C);
+    cpu::layernorm_forward(out, mean, rstd, inp, w, b, N, C, 1e-5f); // GPT-2's epsilon, the kernel's constant
     float *g_out = host_float(d_out, NC), *g_mean = host_float(d_mean, N), *g_rstd = host_float(d_rstd, N);
     check("forward: out", g_out, out, NC, tolerance(1, 0, C));
     check("forward: mean", g_mean, mean, N, tolerance(0, 0, C));
