@@ -7,8 +7,9 @@ trap '[ $failed -ne 0 ] || rm -rf "$TMP"' EXIT
 BIN=./train_gpt_cpu
 passed=0; failed=0
 
-ok()  { passed=$((passed + 1)); echo "ok   $1"; }
-bad() { failed=$((failed + 1)); echo "FAIL $1"; shift; for line in "$@"; do echo "    $line"; done; }
+# a script that runs its checks on several models names them with PREFIX
+ok()  { passed=$((passed + 1)); echo "ok   ${PREFIX:-}$1"; }
+bad() { failed=$((failed + 1)); echo "FAIL ${PREFIX:-}$1"; shift; for line in "$@"; do echo "    $line"; done; }
 
 # expect_error NAME "text the error must contain" command...: a non-zero exit (not a crash)
 # and the text on stderr

@@ -43,6 +43,7 @@ run ./test_dstrain "$TMP"
 for r in "${refs[@]}"; do run ./test_gpt "$r"; done
 run bash tests/test_cli.sh
 run bash tests/test_zero.sh
+run bash tests/test_zero.sh llama
 run python3 tests/test_data.py
 run bash tests/test_build.sh
 run bash tests/test_gpu_ranks.sh

@@ -3,6 +3,10 @@
 # the cores): same losses and weights for the same global batch, memory per rank,
 # checkpoints saved on 4 ranks resumed on 2 and 1, batch refusal on 8 ranks, and a stuck
 # or killed rank ending the run instead of hanging. Needs ./train_gpt_cpu built with MPI.
+#     bash tests/test_zero.sh [gpt2|llama]
+# With llama, the same checks of ZeRO, accumulation, fp16 scaling and elastic resume run on
+# a tiny LLaMA (grouped-query attention, untied lm_head: regions on both ends of the
+# buffer); the checks that do not depend on the model (8 ranks, stuck ranks) run once.
 set -u
 cd "$(dirname "$0")/.."
 . tests/lib.sh test_zero
@@ -13,7 +17,13 @@ if ! command -v mpirun >/dev/null || ! grep -q "MPI_Init" <(strings $BIN 2>/dev/
 fi
 export OMP_NUM_THREADS=1   # several ranks share 2 cores
 MPI=(mpirun --allow-run-as-root --oversubscribe)
-TINY=(--layers 2 --heads 2 --dim 32 --seq-len 32 --val-every 0 --val-batches 8 --sample-tokens 0)
+ARCH=${1:-gpt2}
+case $ARCH in
+    gpt2) MODEL=(--layers 2 --heads 2 --dim 32) ;;
+    llama) MODEL=(--arch llama --layers 2 --heads 4 --kv-heads 2 --dim 32 --ffn-dim 48); PREFIX="llama: " ;;
+    *) echo "usage: $0 [gpt2|llama]"; exit 2 ;;
+esac
+TINY=("${MODEL[@]}" --seq-len 32 --val-every 0 --val-batches 8 --sample-tokens 0)
 
 # config STAGE MICRO_BATCH ACCUM FP16 -> a ds_config; tiny buckets so every region spans several
 config() {
@@ -109,6 +119,8 @@ for ranks in 2 1; do
         ok "resumed on $ranks ranks: steps 4-6 match an uninterrupted $ranks-rank run ($(sed 's/.*: //' $TMP/compare.txt))"
     else bad "resumed on $ranks ranks: steps 4-6 match an uninterrupted run" "$(cat $TMP/compare.txt)" "$(tail -2 $TMP/r_w$ranks.resumed.log)"; fi
 done
+
+[ "$ARCH" = gpt2 ] || { summary; exit; }
 
 # --- the sample config on 8 ranks is refused, with what to change -------------------------
 out=$(timeout 120 "${MPI[@]}" -np 8 $BIN -c configs/ds_config.json "${TINY[@]}" --steps 1 --checkpoint-dir "" 2>&1); rc=$?
