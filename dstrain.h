@@ -3029,8 +3029,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     }
     open_data(&tr);
     if (tr.opt.epochs) { // the tail of an epoch shorter than a global batch is dropped, as the loader does
-        int64_t per_epoch = (int64_t)(tr.train.seqs_per_epoch / (size_t)tr.cfg.train_batch_size);
-        if (per_epoch == 0) fatal("--epochs: the training data (%zu sequences of %d) holds less than one step of %lld sequences", tr.train.num_seqs, tr.T, (long long)tr.cfg.train_batch_size);
+        int64_t per_epoch = (int64_t)(tr.train.seqs_per_epoch / (size_t)tr.cfg.train_batch_size); // >= 1: the loader refuses less data
         tr.opt.steps = tr.opt.epochs * per_epoch;
         printf("epochs: %lld x %lld steps = %lld steps\n", (long long)tr.opt.epochs, (long long)per_epoch, (long long)tr.opt.steps);
     }

@@ -102,6 +102,28 @@ out=$($BIN "${TINY[@]}" --layers 7 --steps 1 --init-from $TMP/straight/step_0000
 if [ $rc -eq 0 ] && grep -q "model: GPT-2, 2 layers, 2 heads, 32 channels, 32 positions" <<<"$out" && grep -q "weights: from" <<<"$out"; then ok "init-from takes the model size from the file"
 else bad "init-from takes the model size from the file" "exit $rc" "$(tail -3 <<<"$out")"; fi
 
+# --- --epochs: the number of steps follows from the data and the batch -------------------
+# a shard of the first 10,000 WikiText tokens: (10000 - 1) // 32 = 312 sequences of 32 (+1),
+# 39 steps of 8 per epoch (the loader drops an epoch's tail shorter than a batch)
+python3 - $TMP/small.bin <<'PY'
+import struct, sys
+with open("data/wikitext/wikitext_train_000000.bin", "rb") as f:
+    header = list(struct.unpack("<256i", f.read(1024)))
+    tokens = f.read(2 * 10000)
+header[2] = 10000
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<256i", *header) + tokens)
+PY
+out=$($BIN "${TINY[@]}" --micro-batch 8 --epochs 2 --train-data $TMP/small.bin --checkpoint-dir "" --log $TMP/epochs.jsonl 2>&1); rc=$?
+last=$(grep '"train"' $TMP/epochs.jsonl | tail -1 | sed 's/.*"step": \([0-9]*\).*/\1/')
+if [ $rc -eq 0 ] && grep -qF "epochs: 2 x 39 steps = 78 steps" <<<"$out" && [ "$last" = 78 ]; then ok "--epochs 2 trains 2 x 39 steps"
+else bad "--epochs 2 trains 2 x 39 steps" "exit $rc, last logged step $last" "$(grep -m1 -e epochs -e error <<<"$out")"; fi
+expect_error "--epochs with --steps refused" "--epochs and --steps both given" $BIN --epochs 1 --steps 5
+expect_error "--epochs on too little data" "312 sequences of 32+1 tokens, fewer than one batch of 400 sequences" \
+    $BIN "${TINY[@]}" --epochs 1 --micro-batch 8 --grad-accum 50 --train-data $TMP/small.bin --checkpoint-dir ""
+expect_error "--seq-len beyond the model's positions" "--seq-len 64 exceeds the model's 32 positions" \
+    $BIN "${TINY[@]}" --seq-len 64 --steps 1 --init-from $TMP/straight/step_00000006/model.bin --checkpoint-dir ""
+
 # --- fp16 loss scaling through the trainer, with injected overflows (DSTRAIN_INJECT_INF) ---
 out=$(DSTRAIN_INJECT_INF=2,3,6 $BIN -c $SAMPLE "${TINY[@]}" --steps 8 --save-every 4 --checkpoint-dir $TMP/fp16 --log $TMP/fp16.jsonl 2>&1); rc=$?
 if [ $rc -eq 0 ] \
