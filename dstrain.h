@@ -24,6 +24,8 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
     data loader ...... DataLoader: seeded epochs, disjoint ranks, resumable, OpenMP copies
     tokenizer ........ Tokenizer: decode only, llm.c's format
     checkpoints ...... model, optimizer and state files; atomic save; checkpoint_latest
+    safetensors ...... SafeTensors: safetensors_open (validated, mmap'ed), safetensors_read_f32,
+                       safetensors_write; f16/bf16 <-> f32
     logging .......... Logger, StepLog: a line per step, and the same as JSON lines
   PART 3: plumbing
     json ............. json_parse: a JSON reader whose errors give line and column
@@ -1822,6 +1824,371 @@ int checkpoint_latest(const char* dir, char* folder, size_t n, char* err, size_t
     struct stat st;
     if (stat(folder, &st) != 0 || !S_ISDIR(st.st_mode)) return fail(err, errlen, "'%s' names '%s', which does not exist", latest, folder);
     return 0;
+}
+
+// ----------------------------------------------------------------------------
+// safetensors: Hugging Face's weight files. A file is a u64 N (little-endian), N bytes of
+// JSON header, then the data section:
+//   {"__metadata__": {"format": "pt"}, "wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]}, ...}
+// with offsets relative to the data section. The reader validates as the reference
+// implementation (the Rust `safetensors` crate) does, so what it accepts transformers
+// accepts too: N at most 100,000,000 and inside the file; the header a JSON object, with an
+// optional "__metadata__" object of strings; every tensor a known dtype, a shape, and
+// data_offsets whose span is exactly shape x dtype size; the spans, in offset order, tile
+// the data section from its first byte to its last (no gap, no overlap, nothing after).
+// The file is mmap'ed and F32, F16 and BF16 tensors convert to fp32 exactly. The writer
+// writes F32 (or BF16 / F16, rounded to nearest even) atomically: tmp, fsync, rename.
+// The format and every machine this runs on are little-endian.
+
+#define ST_MAX_HEADER 100000000 // the crate's MAX_HEADER_SIZE
+#define ST_MAX_DIMS 8
+
+// The format's dtypes (those of one byte or more). Weights must be F32, F16 or BF16.
+enum { ST_BOOL, ST_U8, ST_I8, ST_F8_E5M2, ST_F8_E4M3, ST_I16, ST_U16, ST_F16, ST_BF16, ST_I32, ST_U32, ST_F32,
+       ST_F64, ST_I64, ST_U64, ST_NUM_DTYPES };
+typedef struct { const char* name; int bytes; } StDtype;
+static const StDtype ST_DTYPES[ST_NUM_DTYPES] = {
+    {"BOOL", 1}, {"U8", 1}, {"I8", 1}, {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2}, {"U16", 2}, {"F16", 2},
+    {"BF16", 2}, {"I32", 4}, {"U32", 4}, {"F32", 4}, {"F64", 8}, {"I64", 8}, {"U64", 8}};
+
+typedef struct {
+    char* name;
+    int dtype;                   // ST_F32, ...
+    int ndim;                    // 0 is a scalar
+    int64_t shape[ST_MAX_DIMS];
+    size_t numel;
+    size_t begin, end;           // its bytes in the data section
+} StTensor;
+
+typedef struct {
+    char path[PATH_LEN];
+    unsigned char* map;          // the whole file, mmap'ed read-only
+    size_t file_bytes;
+    const unsigned char* data;   // the data section
+    size_t data_bytes;
+    StTensor* tensors;           // in the header's order
+    int count;
+} SafeTensors;
+
+// IEEE half (1, 5, 10 bits) to float: exact, with subnormals, infinities and NaN payloads.
+float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) { // zero or subnormal: man * 2^-24, exact in float
+        float v = (float)man * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);     // inf, NaN
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);   // normal: exponent rebiased
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// bfloat16 is a float's top 16 bits.
+float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// float to bfloat16, rounded to nearest even; NaN stays NaN (quiet), overflow rounds to inf.
+uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+// float to IEEE half, rounded to nearest even: at or above 65520 (halfway past the largest
+// half, 65504) inf; below 2^-14 a subnormal (or zero); NaN stays NaN (quiet).
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t a = x & 0x7fffffff;
+    if (a > 0x7f800000) return sign | 0x7e00 | (uint16_t)((a >> 13) & 0x1ff);
+    if (a >= 0x477ff000) return sign | 0x7c00;
+    if (a < 0x38800000) { // |f| * 2^24 is exact; nearbyintf rounds half to even (the default mode)
+        float m;
+        memcpy(&m, &a, 4);
+        return sign | (uint16_t)nearbyintf(m * 16777216.0f); // 1024 carries into the smallest normal
+    }
+    uint32_t r = a - ((uint32_t)(127 - 15) << 23); // rebias; then round off 13 mantissa bits
+    r += 0xfff + ((r >> 13) & 1);
+    return sign | (uint16_t)(r >> 13);
+}
+
+// A growing text buffer (JSON headers, config.json), NUL-terminated.
+typedef struct { char* s; size_t len, cap; } TextBuf;
+
+void tb_printf(TextBuf* b, const char* fmt, ...) {
+    for (;;) {
+        size_t room = b->cap - b->len;
+        if (room > 0) {
+            va_list ap;
+            va_start(ap, fmt);
+            int n = vsnprintf(b->s + b->len, room, fmt, ap);
+            va_end(ap);
+            if (n < 0) fatal("internal: bad format '%s'", fmt);
+            if ((size_t)n < room) { b->len += (size_t)n; return; }
+        }
+        b->cap = 2 * b->cap + 1024;
+        b->s = (char*)realloc(b->s, b->cap);
+        if (b->s == NULL) fatal("out of memory (text of %zu bytes)", b->cap);
+    }
+}
+
+// The member `key` of a JSON object, or NULL.
+const JsonValue* json_member(const JsonValue* obj, const char* key) {
+    if (obj == NULL || obj->type != JSON_OBJECT) return NULL;
+    for (int i = 0; i < obj->count; i++) if (strcmp(obj->keys[i], key) == 0) return &obj->items[i];
+    return NULL;
+}
+
+// A JSON number that is a whole number in 0..2^53 (where doubles hold every integer).
+int json_is_count(const JsonValue* v) {
+    return v->type == JSON_NUMBER && v->number >= 0 && v->number <= 9007199254740992.0 && v->number == floor(v->number);
+}
+
+int st_dtype_find(const char* name) {
+    for (int i = 0; i < ST_NUM_DTYPES; i++) if (strcmp(ST_DTYPES[i].name, name) == 0) return i;
+    return -1;
+}
+
+// "[2, 3]"
+void st_shape_text(const int64_t* shape, int ndim, char* out, size_t n) {
+    size_t len = (size_t)snprintf(out, n, "[");
+    for (int i = 0; i < ndim && len < n; i++) len += (size_t)snprintf(out + len, n - len, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (len < n) snprintf(out + len, n - len, "]");
+}
+
+// One tensor's header entry: dtype, shape, data_offsets, and their agreement.
+int st_parse_tensor(const SafeTensors* st, const char* name, const JsonValue* v, StTensor* t, char* err, size_t errlen) {
+    const char* p = st->path;
+    if (v->type != JSON_OBJECT) return fail(err, errlen, "safetensors file '%s': tensor '%s': expected an object with dtype, shape and data_offsets, got %s", p, name, json_type_name(v->type));
+    const JsonValue *dtype = json_member(v, "dtype"), *shape = json_member(v, "shape"), *offsets = json_member(v, "data_offsets");
+    if (dtype == NULL || dtype->type != JSON_STRING) return fail(err, errlen, "safetensors file '%s': tensor '%s': \"dtype\" missing or not a string", p, name);
+    t->dtype = st_dtype_find(dtype->string);
+    if (t->dtype < 0) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': unknown dtype \"%s\" (known: BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64)", p, name, dtype->string);
+    }
+    if (shape == NULL || shape->type != JSON_ARRAY) return fail(err, errlen, "safetensors file '%s': tensor '%s': \"shape\" missing or not an array", p, name);
+    if (shape->count > ST_MAX_DIMS) return fail(err, errlen, "safetensors file '%s': tensor '%s': %d dimensions (at most %d are read)", p, name, shape->count, ST_MAX_DIMS);
+    t->ndim = shape->count;
+    t->numel = 1;
+    int overflow = 0;
+    for (int i = 0; i < shape->count; i++) {
+        if (!json_is_count(&shape->items[i])) return fail(err, errlen, "safetensors file '%s': tensor '%s': shape entries must be non-negative integers", p, name);
+        t->shape[i] = (int64_t)shape->items[i].number;
+        if (t->shape[i] != 0 && t->numel > SIZE_MAX / 8 / (size_t)t->shape[i]) overflow = 1;
+        else t->numel *= (size_t)t->shape[i];
+    }
+    if (overflow) return fail(err, errlen, "safetensors file '%s': tensor '%s': its shape has more elements than a file can hold", p, name);
+    if (offsets == NULL || offsets->type != JSON_ARRAY || offsets->count != 2 || !json_is_count(&offsets->items[0]) || !json_is_count(&offsets->items[1])) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': \"data_offsets\" must be [begin, end], two non-negative integers", p, name);
+    }
+    t->begin = (size_t)offsets->items[0].number;
+    t->end = (size_t)offsets->items[1].number;
+    char dims[128];
+    st_shape_text(t->shape, t->ndim, dims, sizeof dims);
+    size_t bytes = t->numel * (size_t)ST_DTYPES[t->dtype].bytes;
+    if (t->end < t->begin || t->end - t->begin != bytes) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': shape %s of %s is %zu bytes, but data_offsets [%zu, %zu] span %lld",
+                    p, name, dims, ST_DTYPES[t->dtype].name, bytes, t->begin, t->end, (long long)t->end - (long long)t->begin);
+    }
+    if (t->end > st->data_bytes) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': data_offsets [%zu, %zu] go beyond the data section (%zu bytes after the header): truncated or corrupt",
+                    p, name, t->begin, t->end, st->data_bytes);
+    }
+    return 0;
+}
+
+int st_compare_offsets(const void* a, const void* b) {
+    const StTensor *x = *(const StTensor* const*)a, *y = *(const StTensor* const*)b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+// The tensors' spans, in offset order, must cover the data section exactly once.
+int st_check_tiling(const SafeTensors* st, char* err, size_t errlen) {
+    const StTensor** order = (const StTensor**)mallocCheck((size_t)st->count * sizeof(StTensor*));
+    for (int i = 0; i < st->count; i++) order[i] = &st->tensors[i];
+    qsort(order, (size_t)st->count, sizeof(StTensor*), st_compare_offsets);
+    size_t pos = 0;
+    int rc = 0;
+    for (int i = 0; i < st->count && rc == 0; i++) {
+        const StTensor* t = order[i];
+        if (t->begin < pos) {
+            const StTensor* prev = order[i - 1];
+            rc = fail(err, errlen, "safetensors file '%s': tensor '%s' (bytes [%zu, %zu]) overlaps tensor '%s' (bytes [%zu, %zu])",
+                      st->path, t->name, t->begin, t->end, prev->name, prev->begin, prev->end);
+        } else if (t->begin > pos) {
+            rc = fail(err, errlen, "safetensors file '%s': bytes [%zu, %zu] of the data section belong to no tensor (a gap before tensor '%s')", st->path, pos, t->begin, t->name);
+        }
+        pos = t->end;
+    }
+    if (rc == 0 && pos != st->data_bytes) {
+        rc = fail(err, errlen, "safetensors file '%s': %zu bytes after the last tensor's data belong to no tensor (the data section has %zu bytes, the header describes %zu)",
+                  st->path, st->data_bytes - pos, st->data_bytes, pos);
+    }
+    free(order);
+    return rc;
+}
+
+// The header, once the file is mapped: length, JSON, tensors, tiling.
+int st_parse_header(SafeTensors* st, char* err, size_t errlen) {
+    const char* p = st->path;
+    uint64_t n;
+    memcpy(&n, st->map, 8);
+    if (n > ST_MAX_HEADER) return fail(err, errlen, "safetensors file '%s': header length %llu is over the limit of %d bytes (not a safetensors file, or corrupt)", p, (unsigned long long)n, ST_MAX_HEADER);
+    if (n > st->file_bytes - 8) return fail(err, errlen, "safetensors file '%s': header length %llu goes beyond the end of the file (%zu bytes): truncated or not a safetensors file", p, (unsigned long long)n, st->file_bytes);
+    st->data = st->map + 8 + n;
+    st->data_bytes = st->file_bytes - 8 - (size_t)n;
+    if (memchr(st->map + 8, '\0', (size_t)n)) return fail(err, errlen, "safetensors file '%s': the header contains a NUL byte (not JSON)", p);
+    char* text = (char*)mallocCheck((size_t)n + 1);
+    memcpy(text, st->map + 8, (size_t)n);
+    text[n] = '\0';
+    JsonValue root;
+    char jerr[400];
+    int rc = json_parse(text, &root, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "safetensors file '%s': the header is not valid JSON: %s", p, jerr);
+    if (root.type != JSON_OBJECT) rc = fail(err, errlen, "safetensors file '%s': the header must be a JSON object, got %s", p, json_type_name(root.type));
+    st->tensors = (StTensor*)callocCheck((size_t)root.count, sizeof(StTensor));
+    for (int i = 0; i < root.count && rc == 0; i++) {
+        const JsonValue* v = &root.items[i];
+        if (strcmp(root.keys[i], "__metadata__") == 0) {
+            int strings = v->type == JSON_OBJECT;
+            for (int k = 0; strings && k < v->count; k++) strings = v->items[k].type == JSON_STRING;
+            if (!strings) rc = fail(err, errlen, "safetensors file '%s': \"__metadata__\" must be an object of strings", p);
+            continue;
+        }
+        StTensor* t = &st->tensors[st->count];
+        rc = st_parse_tensor(st, root.keys[i], v, t, err, errlen);
+        t->name = strdup_check(root.keys[i]); // json_parse refuses duplicate keys: names are unique
+        st->count++;
+    }
+    json_free(&root);
+    if (rc == 0) rc = st_check_tiling(st, err, errlen);
+    return rc;
+}
+
+void safetensors_close(SafeTensors* st) {
+    if (st->map) munmap(st->map, st->file_bytes);
+    for (int i = 0; i < st->count; i++) free(st->tensors[i].name);
+    free(st->tensors);
+    memset(st, 0, sizeof(*st));
+}
+
+// Opens and validates a safetensors file. Returns 0, or -1 with err naming the file (and tensor).
+int safetensors_open(SafeTensors* st, const char* path, char* err, size_t errlen) {
+    memset(st, 0, sizeof(*st));
+    snprintf(st->path, sizeof st->path, "%s", path);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail(err, errlen, "safetensors file '%s': %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) { close(fd); return fail(err, errlen, "safetensors file '%s': not a regular file", path); }
+    if (sb.st_size < 8) { close(fd); return fail(err, errlen, "safetensors file '%s': %lld bytes, shorter than the 8-byte header length (not a safetensors file)", path, (long long)sb.st_size); }
+    void* map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return fail(err, errlen, "safetensors file '%s': cannot map it: %s", path, strerror(errno));
+    st->map = (unsigned char*)map;
+    st->file_bytes = (size_t)sb.st_size;
+    if (st_parse_header(st, err, errlen)) { safetensors_close(st); return -1; }
+    return 0;
+}
+
+const StTensor* safetensors_find(const SafeTensors* st, const char* name) {
+    for (int i = 0; i < st->count; i++) if (strcmp(st->tensors[i].name, name) == 0) return &st->tensors[i];
+    return NULL;
+}
+
+// Tensor t as fp32 into out (t->numel floats): F32, F16 and BF16 exactly; other dtypes refused.
+int safetensors_read_f32(const SafeTensors* st, const StTensor* t, float* out, char* err, size_t errlen) {
+    int dtype = t->dtype;
+    if (dtype != ST_F32 && dtype != ST_F16 && dtype != ST_BF16) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s' has dtype %s; weights must be F32, F16 or BF16", st->path, t->name, ST_DTYPES[dtype].name);
+    }
+    const unsigned char* src = st->data + t->begin; // any alignment: values are copied bytewise
+    size_t n = t->numel;
+    #pragma omp parallel for if (n >= 65536)
+    for (size_t i = 0; i < n; i++) {
+        if (dtype == ST_F32) { memcpy(&out[i], src + 4 * i, 4); continue; }
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        out[i] = dtype == ST_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+    }
+    return 0;
+}
+
+// A tensor to write: fp32 values in memory, stored in the file with the given shape.
+typedef struct {
+    const char* name;
+    int ndim;             // 1 or 2
+    int64_t shape[2];     // as stored in the file
+    const float* data;    // row-major values of shape, or with transposed, of (shape[1], shape[0])
+    int transposed;       // store the transpose of data (GPT-2's Conv1D weights are (in, out))
+} StWrite;
+
+size_t st_write_numel(const StWrite* t) { return (size_t)t->shape[0] * (t->ndim == 2 ? (size_t)t->shape[1] : 1); }
+
+// The values of t in the file's order, converted to dtype, in chunks.
+int st_write_values(FILE* f, const char* path, const StWrite* t, int dtype, char* err, size_t errlen) {
+    size_t n = st_write_numel(t), rows = (size_t)t->shape[0], cols = t->ndim == 2 ? (size_t)t->shape[1] : 1;
+    size_t esize = (size_t)ST_DTYPES[dtype].bytes;
+    if (dtype == ST_F32 && !t->transposed) {
+        return fwrite(t->data, 4, n, f) == n ? 0 : fail(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+    }
+    const size_t chunk = 1 << 20;
+    unsigned char* buf = (unsigned char*)mallocCheck(chunk * esize);
+    int rc = 0;
+    for (size_t k0 = 0; k0 < n && rc == 0; k0 += chunk) {
+        size_t m = n - k0 < chunk ? n - k0 : chunk;
+        for (size_t k = 0; k < m; k++) {
+            size_t e = k0 + k; // element (e / cols, e % cols) of the file's matrix
+            float x = t->transposed ? t->data[(e % cols) * rows + e / cols] : t->data[e];
+            if (dtype == ST_F32) { memcpy(buf + 4 * k, &x, 4); continue; }
+            uint16_t h = dtype == ST_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
+            memcpy(buf + 2 * k, &h, 2);
+        }
+        if (fwrite(buf, esize, m, f) != m) rc = fail(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+    }
+    free(buf);
+    return rc;
+}
+
+// Writes the tensors, in order, to a safetensors file of dtype ST_F32, ST_BF16 or ST_F16
+// (metadata {"format": "pt"}, which transformers requires; the header padded with spaces
+// so that the data starts at a multiple of 8 bytes), via PATH.tmp, fsync, rename.
+int safetensors_write(const char* path, const StWrite* t, int count, int dtype, char* err, size_t errlen) {
+    if (dtype != ST_F32 && dtype != ST_BF16 && dtype != ST_F16) return fail(err, errlen, "internal: safetensors_write('%s'): dtype %d", path, dtype);
+    TextBuf h = {NULL, 0, 0};
+    tb_printf(&h, "{\"__metadata__\":{\"format\":\"pt\"}");
+    size_t offset = 0;
+    for (int i = 0; i < count; i++) {
+        if (strpbrk(t[i].name, "\"\\") || t[i].ndim < 1 || t[i].ndim > 2) { free(h.s); return fail(err, errlen, "internal: safetensors_write('%s'): tensor '%s'", path, t[i].name); }
+        size_t bytes = st_write_numel(&t[i]) * (size_t)ST_DTYPES[dtype].bytes;
+        tb_printf(&h, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld", t[i].name, ST_DTYPES[dtype].name, (long long)t[i].shape[0]);
+        if (t[i].ndim == 2) tb_printf(&h, ",%lld", (long long)t[i].shape[1]);
+        tb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + bytes);
+        offset += bytes;
+    }
+    tb_printf(&h, "}");
+    while (h.len % 8) tb_printf(&h, " ");
+    char tmp[PATH_LEN];
+    format_path(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* f = fopen(tmp, "wb");
+    if (f == NULL) { free(h.s); return fail(err, errlen, "cannot create '%s': %s", tmp, strerror(errno)); }
+    uint64_t n = h.len;
+    int rc = fwrite(&n, 8, 1, f) == 1 && fwrite(h.s, 1, h.len, f) == h.len ? 0 : fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
+    free(h.s);
+    for (int i = 0; i < count && rc == 0; i++) rc = st_write_values(f, tmp, &t[i], dtype, err, errlen);
+    if (rc == 0 && (fflush(f) != 0 || fsync(fileno(f)) != 0)) rc = fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
+    if (fclose(f) != 0 && rc == 0) rc = fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0) rc = fail(err, errlen, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+    if (rc) unlink(tmp);
+    return rc;
 }
 
 // ----------------------------------------------------------------------------

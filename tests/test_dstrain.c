@@ -614,6 +614,171 @@ static void test_state_file_roundtrip(void) {
 }
 
 // ----------------------------------------------------------------------------
+// safetensors and Hugging Face model directories
+
+// Every half and bfloat16 against hand-checked values (normal, subnormal, signed zero,
+// infinities, NaN), then exhaustively: each converts to float and back unchanged, and float
+// to half rounds to nearest even at every midpoint.
+static void test_half_and_bfloat16_conversions_exact(void) {
+    struct { uint16_t h; float f; } f16[] = {
+        {0x3c00, 1.0f}, {0xc000, -2.0f}, {0x7bff, 65504.0f}, {0x3555, 0.333251953125f}, {0x0400, 6.103515625e-05f}, // 2^-14, smallest normal
+        {0x0001, 5.9604644775390625e-08f}, {0x8001, -5.9604644775390625e-08f}, {0x03ff, 6.0975551605224609375e-05f}}; // subnormals: 2^-24, 1023 * 2^-24
+    for (size_t i = 0; i < sizeof f16 / sizeof f16[0]; i++) {
+        CHECK(f16_to_f32(f16[i].h) == f16[i].f && f32_to_f16(f16[i].f) == f16[i].h, "half 0x%04x: %.10g, expected %.10g", f16[i].h, f16_to_f32(f16[i].h), f16[i].f);
+    }
+    struct { uint16_t h; float f; } bf16[] = {
+        {0x3f80, 1.0f}, {0xc049, -3.140625f}, {0x7f7f, 3.3895313892515355e38f}, {0x0080, 1.1754943508222875e-38f}, // largest, smallest normal
+        {0x0001, 9.1835496157991212e-41f}}; // subnormal 2^-133
+    for (size_t i = 0; i < sizeof bf16 / sizeof bf16[0]; i++) {
+        CHECK(bf16_to_f32(bf16[i].h) == bf16[i].f && f32_to_bf16(bf16[i].f) == bf16[i].h, "bfloat16 0x%04x: %.10g, expected %.10g", bf16[i].h, bf16_to_f32(bf16[i].h), bf16[i].f);
+    }
+    CHECK(f16_to_f32(0x8000) == 0 && signbit(f16_to_f32(0x8000)) && bf16_to_f32(0x8000) == 0 && signbit(bf16_to_f32(0x8000)), "negative zero");
+    CHECK(f32_to_f16(-0.0f) == 0x8000 && f32_to_bf16(-0.0f) == 0x8000, "negative zero back");
+    CHECK(f16_to_f32(0x7c00) == INFINITY && f16_to_f32(0xfc00) == -INFINITY && bf16_to_f32(0x7f80) == INFINITY && bf16_to_f32(0xff80) == -INFINITY, "infinities");
+    CHECK(isnan(f16_to_f32(0x7e00)) && isnan(f16_to_f32(0x7c01)) && isnan(f16_to_f32(0xfe00)) && isnan(bf16_to_f32(0x7fc0)) && isnan(bf16_to_f32(0xff81)), "NaN");
+    CHECK((f32_to_f16(NAN) & 0x7fff) > 0x7c00 && (f32_to_bf16(NAN) & 0x7fff) > 0x7f80, "NaN stays NaN");
+    int wrong = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float a = f16_to_f32((uint16_t)h), b = bf16_to_f32((uint16_t)h);
+        if (isnan(a) ? !isnan(f16_to_f32(f32_to_f16(a))) : f32_to_f16(a) != h) wrong++;
+        if (isnan(b) ? !isnan(bf16_to_f32(f32_to_bf16(b))) : f32_to_bf16(b) != h) wrong++;
+    }
+    CHECK(wrong == 0, "%d of the 2 x 65536 values do not convert back unchanged", wrong);
+    wrong = 0;
+    for (uint32_t h = 0; h < 0x7bff; h++) { // neighbours lo < hi, both finite; their midpoint is exact in float
+        float lo = f16_to_f32((uint16_t)h), hi = f16_to_f32((uint16_t)(h + 1)), mid = (lo + hi) / 2;
+        uint16_t even = (uint16_t)(h & 1 ? h + 1 : h);
+        if (f32_to_f16(mid) != even || f32_to_f16(nextafterf(mid, INFINITY)) != h + 1 || f32_to_f16(nextafterf(mid, 0)) != h) wrong++;
+        if (f32_to_f16(-mid) != (even | 0x8000)) wrong++;
+    }
+    CHECK(wrong == 0, "%d half midpoints do not round to nearest even", wrong);
+    CHECK(f32_to_f16(65519.996f) == 0x7bff && f32_to_f16(65520.0f) == 0x7c00 && f32_to_f16(1e30f) == 0x7c00 && f32_to_f16(-INFINITY) == 0xfc00, "half overflow");
+    CHECK(f32_to_f16(2.98023223876953125e-08f) == 0 && f32_to_f16(nextafterf(2.98023223876953125e-08f, 1)) == 1, "half underflow: 2^-25 rounds to 0 (even)");
+    CHECK(f32_to_bf16(1.00390625f) == 0x3f80 && f32_to_bf16(1.01171875f) == 0x3f82 && f32_to_bf16(nextafterf(1.00390625f, 2)) == 0x3f81, "bfloat16 rounds to nearest even");
+    CHECK(f32_to_bf16(3.4028234664e38f) == 0x7f80, "bfloat16 overflow rounds to inf");
+}
+
+// Writes TMP/name: header_len (0: the header's own length), the header, data_bytes of data.
+static void write_st(const char* name, uint64_t header_len, const char* header, const void* data, size_t data_bytes) {
+    char path[PATH_LEN];
+    FILE* f = fopenCheck(tmp_path(path, name), "wb");
+    uint64_t n = header_len ? header_len : strlen(header);
+    fwrite(&n, 8, 1, f);
+    fwrite(header, 1, strlen(header), f);
+    if (data_bytes) fwrite(data, 1, data_bytes, f);
+    fclose(f);
+}
+
+static int open_st(const char* name) {
+    SafeTensors st;
+    char path[PATH_LEN];
+    err[0] = '\0';
+    int rc = safetensors_open(&st, tmp_path(path, name), err, sizeof err);
+    if (rc == 0) safetensors_close(&st);
+    return rc;
+}
+
+// opening TMP/name fails, naming the file, with `want` in the message
+#define CHECK_ST_REFUSED(name, want) do { \
+    int rc_ = open_st(name); \
+    CHECK_ERR(rc_, err, names_tmp("safetensors file ", name)); \
+    CHECK_ERR(rc_, err, want); \
+} while (0)
+
+// A valid file reads exactly (F32, F16, BF16 at unaligned offsets; I64 recognised, refused
+// as weights); every way the reference implementation refuses a file is refused here, by
+// file and tensor.
+static void test_safetensors_reads_and_validates(void) {
+    unsigned char data[34];
+    float w[4] = {1.0f, -2.0f, 0.5f, 3.0f};
+    uint16_t h[3] = {0x3c00, 0xc000, 0x0001}, b[2] = {0x3f80, 0xc049};
+    int64_t step = 7;
+    memcpy(data, w, 16); memcpy(data + 16, h, 6); memcpy(data + 22, b, 4); memcpy(data + 26, &step, 8);
+    const char* good = "{\"__metadata__\":{\"format\":\"pt\"},\"w\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},"
+                       "\"h\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[16,22]},\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[22,26]},"
+                       "\"step\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[26,34]}}   ";
+    write_st("good.safetensors", 0, good, data, sizeof data);
+    SafeTensors st;
+    char path[PATH_LEN];
+    int rc = safetensors_open(&st, tmp_path(path, "good.safetensors"), err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    if (rc == 0) {
+        const StTensor *tw = safetensors_find(&st, "w"), *th = safetensors_find(&st, "h"), *tb = safetensors_find(&st, "b"), *ts = safetensors_find(&st, "step");
+        CHECK(st.count == 4 && tw && th && tb && ts && tw->ndim == 2 && tw->shape[1] == 2 && ts->ndim == 0 && ts->numel == 1, "tensors");
+        float out[4] = {0};
+        CHECK(safetensors_read_f32(&st, tw, out, err, sizeof err) == 0 && memcmp(out, w, 16) == 0, "F32 values");
+        CHECK(safetensors_read_f32(&st, th, out, err, sizeof err) == 0 && out[0] == 1.0f && out[1] == -2.0f && out[2] == 5.9604644775390625e-08f, "F16 values");
+        CHECK(safetensors_read_f32(&st, tb, out, err, sizeof err) == 0 && out[0] == 1.0f && out[1] == -3.140625f, "BF16 values");
+        CHECK_ERR(safetensors_read_f32(&st, ts, out, err, sizeof err), err, "'step' has dtype I64; weights must be F32, F16 or BF16");
+        CHECK(safetensors_find(&st, "nope") == NULL, "find");
+        safetensors_close(&st);
+    }
+    write_st("huge.st", 100000001, good, data, sizeof data);
+    CHECK_ST_REFUSED("huge.st", "header length 100000001 is over the limit of 100000000 bytes");
+    write_st("long.st", strlen(good) + sizeof data + 1, good, data, sizeof data);
+    CHECK_ST_REFUSED("long.st", "goes beyond the end of the file");
+    FILE* f = fopenCheck(tmp_path(path, "tiny.st"), "wb");
+    fwrite("abcd", 1, 4, f);
+    fclose(f);
+    CHECK_ST_REFUSED("tiny.st", "4 bytes, shorter than the 8-byte header length");
+    write_st("notjson.st", 0, "{\"w\": {\"dtype\": \"F32\",", NULL, 0);
+    CHECK_ST_REFUSED("notjson.st", "the header is not valid JSON: line 1, column 23");
+    write_st("array.st", 0, "[1, 2]", NULL, 0);
+    CHECK_ST_REFUSED("array.st", "the header must be a JSON object, got an array");
+    write_st("dtype.st", 0, "{\"w\":{\"dtype\":\"F17\",\"shape\":[1],\"data_offsets\":[0,4]}}", data, 4);
+    CHECK_ST_REFUSED("dtype.st", "tensor 'w': unknown dtype \"F17\"");
+    write_st("span.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,20]}}", data, 20);
+    CHECK_ST_REFUSED("span.st", "tensor 'w': shape [2, 3] of F32 is 24 bytes, but data_offsets [0, 20] span 20");
+    write_st("outside.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", data, 12);
+    CHECK_ST_REFUSED("outside.st", "tensor 'w': data_offsets [0, 16] go beyond the data section (12 bytes after the header)");
+    write_st("overlap.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}", data, 24);
+    CHECK_ST_REFUSED("overlap.st", "tensor 'b' (bytes [8, 24]) overlaps tensor 'a' (bytes [0, 16])");
+    write_st("gap.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[12,16]}}", data, 16);
+    CHECK_ST_REFUSED("gap.st", "bytes [8, 12] of the data section belong to no tensor (a gap before tensor 'b')");
+    write_st("trailing.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", data, 12);
+    CHECK_ST_REFUSED("trailing.st", "4 bytes after the last tensor's data belong to no tensor");
+    write_st("twice.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", data, 8);
+    CHECK_ST_REFUSED("twice.st", "duplicate key \"a\"");
+    write_st("meta.st", 0, "{\"__metadata__\":{\"step\":1}}", NULL, 0);
+    CHECK_ST_REFUSED("meta.st", "\"__metadata__\" must be an object of strings");
+    write_st("nooffsets.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", data, 4);
+    CHECK_ST_REFUSED("nooffsets.st", "tensor 'w': \"data_offsets\" must be [begin, end]");
+    write_st("badshape.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", data, 4);
+    CHECK_ST_REFUSED("badshape.st", "tensor 'w': shape entries must be non-negative integers");
+    CHECK_ST_REFUSED("none.st", "No such file");
+}
+
+// The writer: F32 (a transposed matrix), BF16 and F16 (rounded to nearest even), data
+// aligned to 8 bytes, read back by the reader; no temporary file left.
+static void test_safetensors_writer_round_trip(void) {
+    float m[6] = {1, 2, 3, 4, 5, 6}; // (2, 3), stored transposed as (3, 2)
+    float v[3] = {0.1f, -0.0f, 65505.0f};
+    StWrite t[2] = {{"m.t", 2, {3, 2}, m, 1}, {"v", 1, {3, 0}, v, 0}};
+    int dtypes[3] = {ST_F32, ST_BF16, ST_F16};
+    char path[PATH_LEN], tmp[PATH_LEN];
+    tmp_path(path, "written.safetensors");
+    format_path(tmp, sizeof tmp, "%s.tmp", path);
+    for (int d = 0; d < 3; d++) {
+        int rc = safetensors_write(path, t, 2, dtypes[d], err, sizeof err);
+        CHECK(rc == 0, "%s", err);
+        SafeTensors st;
+        if (rc || safetensors_open(&st, path, err, sizeof err)) { CHECK(0, "%s", err); continue; }
+        const StTensor *a = safetensors_find(&st, "m.t"), *b = safetensors_find(&st, "v");
+        float got[6], want_m[6] = {1, 4, 2, 5, 3, 6};
+        CHECK(a && b && a->dtype == dtypes[d] && a->shape[0] == 3 && a->shape[1] == 2 && b->ndim == 1 && (st.data - st.map) % 8 == 0, "%s: header", ST_DTYPES[dtypes[d]].name);
+        CHECK(a && safetensors_read_f32(&st, a, got, err, sizeof err) == 0 && memcmp(got, want_m, sizeof want_m) == 0, "%s: transposed matrix", ST_DTYPES[dtypes[d]].name);
+        CHECK(b && safetensors_read_f32(&st, b, got, err, sizeof err) == 0, "%s", err);
+        for (int i = 0; i < 3; i++) {
+            float want = d == 0 ? v[i] : d == 1 ? bf16_to_f32(f32_to_bf16(v[i])) : f16_to_f32(f32_to_f16(v[i]));
+            CHECK(memcmp(&got[i], &want, 4) == 0, "%s: v[%d] = %g, expected %g", ST_DTYPES[dtypes[d]].name, i, got[i], want);
+        }
+        CHECK(d != 2 || got[2] == 65504.0f, "65505 rounds to the largest half");
+        safetensors_close(&st);
+    }
+    CHECK(file_size(tmp) < 0, "temporary file left");
+}
+
+// ----------------------------------------------------------------------------
 // tokenizer
 
 static void test_tokenizer_reads_and_refuses_truncation(void) {
@@ -720,6 +885,9 @@ int main(int argc, char** argv) {
     RUN(test_optimizer_partitions_load_on_any_world_size);
     RUN(test_checkpoint_commit_keeps_previous_on_crash);
     RUN(test_state_file_roundtrip);
+    RUN(test_half_and_bfloat16_conversions_exact);
+    RUN(test_safetensors_reads_and_validates);
+    RUN(test_safetensors_writer_round_trip);
     RUN(test_tokenizer_reads_and_refuses_truncation);
     RUN(test_launch_env_torchrun_and_slurm);
     RUN(test_tcp_rendezvous_reaches_every_rank);
