@@ -26,6 +26,8 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
     checkpoints ...... model, optimizer and state files; atomic save; checkpoint_latest
     safetensors ...... SafeTensors: safetensors_open (validated, mmap'ed), safetensors_read_f32,
                        safetensors_write; f16/bf16 <-> f32
+    hugging face ..... hf_config_read, hf_weights_read, hf_write: config.json, safetensors
+                       (sharded with an index), tokenizer files; hf_tensors maps the names
     logging .......... Logger, StepLog: a line per step, and the same as JSON lines
   PART 3: plumbing
     json ............. json_parse: a JSON reader whose errors give line and column
@@ -1039,7 +1041,7 @@ void zero_free(Zero* z) {
 // ============================================================================
 // PART 2: files
 // What is read and written: the model description that checkpoint headers record,
-// token shards and the data loader, the tokenizer, checkpoints, logs. Every reader checks
+// token shards and the data loader, the tokenizer, checkpoints, Hugging Face models, logs. Every reader checks
 // magic, version and sizes and names the file it refuses.
 // ============================================================================
 
@@ -2188,6 +2190,605 @@ int safetensors_write(const char* path, const StWrite* t, int count, int dtype, 
     if (fclose(f) != 0 && rc == 0) rc = fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
     if (rc == 0 && rename(tmp, path) != 0) rc = fail(err, errlen, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
     if (rc) unlink(tmp);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// hugging face: model directories as transformers' save_pretrained writes them,
+//   config.json                       architecture and sizes (LlamaConfig, GPT2Config)
+//   model.safetensors                 the weights; when large, shards instead:
+//   model-00001-of-0000N.safetensors  ... and model.safetensors.index.json:
+//                                     {"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}
+//   tokenizer.json, ...               the tokenizer, copied as it is
+// read into (hf_config_read, hf_weights_read) and written from (hf_write) the flat fp32
+// buffer. One table, hf_tensors, maps Hugging Face's tensor names onto the parameter table,
+// for both directions:
+//   LLaMA  model.embed_tokens (V,C) -> wte rows 0..V-1     model.layers.{l}.input_layernorm -> ln1w
+//          self_attn.q_proj, k_proj, v_proj -> qkvw rows [q; k; v]   self_attn.o_proj -> attprojw
+//          post_attention_layernorm -> ln2w   mlp.gate_proj, up_proj -> fcw rows [gate; up]
+//          mlp.down_proj -> fcprojw   model.norm -> lnfw   lm_head (V,C) -> lm_head rows (untied only)
+//   GPT-2  wte, wpe, h.{l}.ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f; read
+//          with or without the "transformer." prefix (openai-community/gpt2 has none), written
+//          with it. Its Conv1D weights are stored (in, out): the transpose of ours.
+// Every tensor the configuration needs must be there with its exact shape; a tensor it does
+// not use is refused (a wrong model type shows), except non-parameter buffers old files carry.
+
+typedef struct {
+    char name[96];
+    int ndim;          // 1 or 2
+    int64_t shape[2];  // as stored in the file
+    size_t offset;     // where its values start in the flat buffer
+    int transposed;    // the file holds the transpose of our (shape[1], shape[0]) matrix
+} HfTensor;
+
+void hf_add(HfTensor* t, int* n, size_t offset, int ndim, int64_t rows, int64_t cols, int transposed, const char* fmt, int layer) {
+    HfTensor* x = &t[(*n)++];
+    snprintf(x->name, sizeof x->name, fmt, layer);
+    x->ndim = ndim;
+    x->shape[0] = rows;
+    x->shape[1] = ndim == 2 ? cols : 1;
+    x->offset = offset;
+    x->transposed = transposed;
+}
+
+// Hugging Face's tensors of a model, in the flat buffer's order. Returns the count; free(*out).
+int hf_tensors(const ModelConfig* mc, HfTensor** out) {
+    ParamTable p = param_table(mc);
+    int64_t C = mc->channels, V = mc->vocab_size, F = mc->ffn_hidden, KV = (int64_t)mc->num_kv_heads * (C / mc->num_heads);
+    HfTensor* t = (HfTensor*)mallocCheck((5 + 12 * (size_t)mc->num_layers) * sizeof(HfTensor));
+    int n = 0;
+    if (mc->arch == ARCH_LLAMA) {
+        hf_add(t, &n, param_named(&p, "wte")->offset, 2, V, C, 0, "model.embed_tokens.weight", 0);
+        for (int l = 0; l < mc->num_layers; l++) {
+            size_t qkv = param_layer(&p, l, LLAMA_QKVW)->offset, fc = param_layer(&p, l, LLAMA_FCW)->offset;
+            hf_add(t, &n, param_layer(&p, l, LLAMA_LN1W)->offset, 1, C, 0, 0, "model.layers.%d.input_layernorm.weight", l);
+            hf_add(t, &n, qkv, 2, C, C, 0, "model.layers.%d.self_attn.q_proj.weight", l);
+            hf_add(t, &n, qkv + (size_t)(C * C), 2, KV, C, 0, "model.layers.%d.self_attn.k_proj.weight", l);
+            hf_add(t, &n, qkv + (size_t)((C + KV) * C), 2, KV, C, 0, "model.layers.%d.self_attn.v_proj.weight", l);
+            hf_add(t, &n, param_layer(&p, l, LLAMA_ATTPROJW)->offset, 2, C, C, 0, "model.layers.%d.self_attn.o_proj.weight", l);
+            hf_add(t, &n, param_layer(&p, l, LLAMA_LN2W)->offset, 1, C, 0, 0, "model.layers.%d.post_attention_layernorm.weight", l);
+            hf_add(t, &n, fc, 2, F, C, 0, "model.layers.%d.mlp.gate_proj.weight", l);
+            hf_add(t, &n, fc + (size_t)(F * C), 2, F, C, 0, "model.layers.%d.mlp.up_proj.weight", l);
+            hf_add(t, &n, param_layer(&p, l, LLAMA_FCPROJW)->offset, 2, C, F, 0, "model.layers.%d.mlp.down_proj.weight", l);
+        }
+        hf_add(t, &n, param_named(&p, "lnfw")->offset, 1, C, 0, 0, "model.norm.weight", 0);
+        if (!mc->tied) hf_add(t, &n, param_named(&p, "lm_head")->offset, 2, V, C, 0, "lm_head.weight", 0);
+    } else {
+        hf_add(t, &n, param_named(&p, "wte")->offset, 2, V, C, 0, "transformer.wte.weight", 0);
+        hf_add(t, &n, param_named(&p, "wpe")->offset, 2, mc->max_seq_len, C, 0, "transformer.wpe.weight", 0);
+        for (int l = 0; l < mc->num_layers; l++) {
+            #define GPT2_AT(which) param_layer(&p, l, which)->offset
+            hf_add(t, &n, GPT2_AT(GPT2_LN1W), 1, C, 0, 0, "transformer.h.%d.ln_1.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_LN1B), 1, C, 0, 0, "transformer.h.%d.ln_1.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_QKVW), 2, C, 3 * C, 1, "transformer.h.%d.attn.c_attn.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_QKVB), 1, 3 * C, 0, 0, "transformer.h.%d.attn.c_attn.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_ATTPROJW), 2, C, C, 1, "transformer.h.%d.attn.c_proj.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_ATTPROJB), 1, C, 0, 0, "transformer.h.%d.attn.c_proj.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_LN2W), 1, C, 0, 0, "transformer.h.%d.ln_2.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_LN2B), 1, C, 0, 0, "transformer.h.%d.ln_2.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCW), 2, C, F, 1, "transformer.h.%d.mlp.c_fc.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCB), 1, F, 0, 0, "transformer.h.%d.mlp.c_fc.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCPROJW), 2, F, C, 1, "transformer.h.%d.mlp.c_proj.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCPROJB), 1, C, 0, 0, "transformer.h.%d.mlp.c_proj.bias", l);
+            #undef GPT2_AT
+        }
+        hf_add(t, &n, param_named(&p, "lnfw")->offset, 1, C, 0, 0, "transformer.ln_f.weight", 0);
+        hf_add(t, &n, param_named(&p, "lnfb")->offset, 1, C, 0, 0, "transformer.ln_f.bias", 0);
+    }
+    param_table_free(&p);
+    *out = t;
+    return n;
+}
+
+// --- config.json in ---------------------------------------------------------------
+
+typedef struct { const char* path; const JsonValue* root; char* err; size_t errlen; } HfConfigFile;
+
+// The value of `key`, or NULL when it is absent or null (transformers then uses its default).
+const JsonValue* hf_key(const HfConfigFile* f, const char* key) {
+    const JsonValue* v = json_member(f->root, key);
+    return v && v->type != JSON_NULL ? v : NULL;
+}
+
+// An integer key in lo..hi; absent: `dflt`, or an error if required.
+int hf_int(const HfConfigFile* f, const char* key, int required, int dflt, int lo, int hi, int* out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) {
+        if (required) return fail(f->err, f->errlen, "'%s': missing key '%s'", f->path, key);
+        *out = dflt;
+        return 0;
+    }
+    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < lo || v->number > hi) {
+        if (v->type == JSON_NUMBER) return fail(f->err, f->errlen, "'%s': key '%s' must be an integer in %d..%d, got %g", f->path, key, lo, hi, v->number);
+        return fail(f->err, f->errlen, "'%s': key '%s' must be an integer in %d..%d, got %s", f->path, key, lo, hi, json_type_name(v->type));
+    }
+    *out = (int)v->number;
+    return 0;
+}
+
+int hf_number(const HfConfigFile* f, const char* key, double dflt, double* out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) { *out = dflt; return 0; }
+    if (v->type != JSON_NUMBER || !isfinite(v->number)) return fail(f->err, f->errlen, "'%s': key '%s' must be a finite number, got %s", f->path, key, json_type_name(v->type));
+    *out = v->number;
+    return 0;
+}
+
+int hf_bool(const HfConfigFile* f, const char* key, int dflt, int* out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) { *out = dflt; return 0; }
+    if (v->type != JSON_BOOL) return fail(f->err, f->errlen, "'%s': key '%s' must be true or false, got %s", f->path, key, json_type_name(v->type));
+    *out = v->boolean;
+    return 0;
+}
+
+// A string key; absent: dflt, or an error if dflt is NULL.
+int hf_string(const HfConfigFile* f, const char* key, const char* dflt, const char** out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) {
+        if (dflt == NULL) return fail(f->err, f->errlen, "'%s': missing key '%s'", f->path, key);
+        *out = dflt;
+        return 0;
+    }
+    if (v->type != JSON_STRING) return fail(f->err, f->errlen, "'%s': key '%s' must be a string, got %s", f->path, key, json_type_name(v->type));
+    *out = v->string;
+    return 0;
+}
+
+// bos_token_id / eos_token_id: absent -> the config class's default; null -> none (-1); a
+// list (several end tokens, as newer models have) -> its first.
+int hf_token(const HfConfigFile* f, const char* key, int dflt, int* out) {
+    const JsonValue* v = json_member(f->root, key);
+    if (v == NULL) { *out = dflt; return 0; }
+    if (v->type == JSON_ARRAY) v = v->count ? &v->items[0] : NULL;
+    if (v == NULL || v->type == JSON_NULL) { *out = -1; return 0; }
+    if (!json_is_count(v) || v->number >= MAX_VOCAB_SIZE) return fail(f->err, f->errlen, "'%s': key '%s' must be a token id (0..%d), null or a list of them", f->path, key, MAX_VOCAB_SIZE - 1);
+    *out = (int)v->number;
+    return 0;
+}
+
+// A boolean key that must have the value dstrain implements (`why` says what the other means).
+int hf_require_bool(const HfConfigFile* f, const char* key, int dflt, int want, const char* why) {
+    int v = dflt;
+    if (hf_bool(f, key, dflt, &v)) return -1;
+    if (v != want) return fail(f->err, f->errlen, "'%s': key '%s' is %s: %s", f->path, key, v ? "true" : "false", why);
+    return 0;
+}
+
+// "architectures", when present, names the class the weights were saved from.
+int hf_check_architecture(const HfConfigFile* f, const char* const* allowed, int n) {
+    const JsonValue* v = hf_key(f, "architectures");
+    if (v == NULL) return 0;
+    if (v->type != JSON_ARRAY || v->count < 1 || v->items[0].type != JSON_STRING) return fail(f->err, f->errlen, "'%s': key 'architectures' must be a list of class names", f->path);
+    for (int i = 0; i < n; i++) if (strcmp(v->items[0].string, allowed[i]) == 0) return 0;
+    return fail(f->err, f->errlen, "'%s': key 'architectures' is [\"%s\"]: for this model_type only %s%s%s is supported", f->path, v->items[0].string,
+                allowed[0], n > 1 ? " or " : "", n > 1 ? allowed[1] : "");
+}
+
+// LlamaForCausalLM (LLaMA, DeepSeek-LLM): LlamaConfig's keys, its defaults where transformers
+// has one that a saved config may omit; the sizes must be given.
+int hf_llama_config(const HfConfigFile* f, ModelConfig* mc) {
+    static const char* const archs[] = {"LlamaForCausalLM"};
+    int C, F, L, NH, KV, T, V, head_dim, tied, bos, eos;
+    double eps, theta, std;
+    const char* act;
+    if (hf_check_architecture(f, archs, 1) ||
+        hf_int(f, "hidden_size", 1, 0, 1, 1 << 16, &C) || hf_int(f, "intermediate_size", 1, 0, 1, 1 << 20, &F) ||
+        hf_int(f, "num_hidden_layers", 1, 0, 1, 1024, &L) || hf_int(f, "num_attention_heads", 1, 0, 1, 1 << 16, &NH) ||
+        hf_int(f, "max_position_embeddings", 1, 0, 1, 1 << 20, &T) || hf_int(f, "vocab_size", 1, 0, 1, MAX_VOCAB_SIZE, &V) ||
+        hf_int(f, "num_key_value_heads", 0, NH, 1, 1 << 16, &KV)) return -1;
+    if (C % NH) return fail(f->err, f->errlen, "'%s': key 'hidden_size' (%d) must be a multiple of 'num_attention_heads' (%d)", f->path, C, NH);
+    if (NH % KV) return fail(f->err, f->errlen, "'%s': key 'num_key_value_heads' (%d) must divide 'num_attention_heads' (%d)", f->path, KV, NH);
+    if (hf_int(f, "head_dim", 0, C / NH, 1, 1 << 16, &head_dim)) return -1;
+    if (head_dim != C / NH) return fail(f->err, f->errlen, "'%s': key 'head_dim' is %d, not hidden_size / num_attention_heads = %d: a separate head size is not supported", f->path, head_dim, C / NH);
+    if (hf_string(f, "hidden_act", "silu", &act)) return -1;
+    if (strcmp(act, "silu") != 0) return fail(f->err, f->errlen, "'%s': key 'hidden_act' is \"%s\": only \"silu\" (LLaMA's SwiGLU) is supported", f->path, act);
+    if (hf_require_bool(f, "attention_bias", 0, 0, "biases in the attention projections are not supported (LLaMA has none)") ||
+        hf_require_bool(f, "mlp_bias", 0, 0, "biases in the MLP are not supported (LLaMA has none)")) return -1;
+    if (hf_key(f, "rope_scaling")) return fail(f->err, f->errlen, "'%s': key 'rope_scaling' is set: scaled rotary embeddings are not supported yet (null expected)", f->path);
+    // pretraining_tp > 1 only makes transformers compute the projections in that many slices,
+    // to mimic the rounding of tensor-parallel pretraining: the same function, so it is ignored.
+    if (hf_number(f, "rms_norm_eps", 1e-6, &eps) || hf_number(f, "rope_theta", 10000.0, &theta) ||
+        hf_number(f, "initializer_range", 0.02, &std) || hf_bool(f, "tie_word_embeddings", 0, &tied) ||
+        hf_token(f, "bos_token_id", 1, &bos) || hf_token(f, "eos_token_id", 2, &eos)) return -1;
+    *mc = llama_config(L, NH, KV, C, F, T, V);
+    mc->norm_eps = (float)eps; mc->rope_theta = (float)theta; mc->init_std = (float)std;
+    mc->tied = tied; mc->bos_token = bos; mc->eos_token = eos;
+    return 0;
+}
+
+// GPT2LMHeadModel: GPT2Config's keys. dstrain's GPT-2 is the original: tanh GELU, MLP 4C,
+// attention scaled by 1/sqrt(head size), tied embeddings.
+int hf_gpt2_config(const HfConfigFile* f, ModelConfig* mc) {
+    static const char* const archs[] = {"GPT2LMHeadModel", "GPT2Model"};
+    int C, L, NH, T, V, inner, bos, eos;
+    double eps, std;
+    const char* act;
+    if (hf_check_architecture(f, archs, 2) ||
+        hf_int(f, "n_embd", 1, 0, 1, 1 << 16, &C) || hf_int(f, "n_layer", 1, 0, 1, 1024, &L) ||
+        hf_int(f, "n_head", 1, 0, 1, 1 << 16, &NH) || hf_int(f, "n_positions", 1, 0, 1, 1 << 20, &T) ||
+        hf_int(f, "vocab_size", 1, 0, 1, MAX_VOCAB_SIZE, &V)) return -1;
+    if (C % NH) return fail(f->err, f->errlen, "'%s': key 'n_embd' (%d) must be a multiple of 'n_head' (%d)", f->path, C, NH);
+    if (hf_int(f, "n_inner", 0, 4 * C, 1, 1 << 20, &inner)) return -1;
+    if (inner != 4 * C) return fail(f->err, f->errlen, "'%s': key 'n_inner' is %d: only null or 4 * n_embd = %d is supported", f->path, inner, 4 * C);
+    if (hf_string(f, "activation_function", "gelu_new", &act)) return -1;
+    if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0) {
+        return fail(f->err, f->errlen, "'%s': key 'activation_function' is \"%s\": only the tanh GELU (\"gelu_new\" or \"gelu_pytorch_tanh\") is supported", f->path, act);
+    }
+    if (hf_require_bool(f, "scale_attn_weights", 1, 1, "unscaled attention is not supported") ||
+        hf_require_bool(f, "scale_attn_by_inverse_layer_idx", 0, 0, "attention scaled by the layer index is not supported") ||
+        hf_require_bool(f, "reorder_and_upcast_attn", 0, 0, "reordered, upcast attention is not supported") ||
+        hf_require_bool(f, "add_cross_attention", 0, 0, "cross-attention is not supported") ||
+        hf_require_bool(f, "tie_word_embeddings", 1, 1, "GPT-2's output layer is its token embedding (tied)")) return -1;
+    if (hf_number(f, "layer_norm_epsilon", 1e-5, &eps) || hf_number(f, "initializer_range", 0.02, &std) ||
+        hf_token(f, "bos_token_id", 50256, &bos) || hf_token(f, "eos_token_id", 50256, &eos)) return -1;
+    *mc = gpt2_config(L, NH, C, T, V);
+    mc->norm_eps = (float)eps; mc->init_std = (float)std; mc->bos_token = bos; mc->eos_token = eos;
+    return 0;
+}
+
+// Reads DIR/config.json into mc (the vocabulary padded to a multiple of 128). Returns 0, or
+// -1 with err naming the file and the key.
+int hf_config_read(const char* dir, ModelConfig* mc, char* err, size_t errlen) {
+    char path[PATH_LEN], jerr[400], merr[300];
+    format_path(path, sizeof path, "%s/config.json", dir);
+    char* text = read_text_file(path, err, errlen);
+    if (text == NULL) return -1;
+    JsonValue root;
+    int rc = json_parse(text, &root, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "'%s': malformed JSON: %s", path, jerr);
+    HfConfigFile f = {path, &root, err, errlen};
+    const char* type = "";
+    if (root.type != JSON_OBJECT) rc = fail(err, errlen, "'%s': the top level must be a JSON object, got %s", path, json_type_name(root.type));
+    else rc = hf_string(&f, "model_type", NULL, &type);
+    if (rc == 0) {
+        if (strcmp(type, "llama") == 0) rc = hf_llama_config(&f, mc);
+        else if (strcmp(type, "gpt2") == 0) rc = hf_gpt2_config(&f, mc);
+        else rc = fail(err, errlen, "'%s': model_type \"%s\" is not supported (supported: \"llama\" (LlamaForCausalLM: LLaMA, DeepSeek-LLM) and \"gpt2\" (GPT2LMHeadModel))", path, type);
+    }
+    json_free(&root);
+    if (rc == 0 && model_config_check(mc, merr, sizeof merr)) rc = fail(err, errlen, "'%s': %s", path, merr);
+    return rc;
+}
+
+// --- weights in --------------------------------------------------------------------
+
+// The name a tensor has in hf_tensors: GPT-2's, read without "transformer.", gets it.
+void hf_canonical_name(const ModelConfig* mc, const char* name, char* out, size_t n) {
+    int bare = mc->arch == ARCH_GPT2 && strncmp(name, "transformer.", 12) != 0 && strncmp(name, "lm_head.", 8) != 0;
+    snprintf(out, n, "%s%s", bare ? "transformer." : "", name);
+}
+
+int str_ends_with(const char* s, const char* end) {
+    size_t a = strlen(s), b = strlen(end);
+    return a >= b && strcmp(s + a - b, end) == 0;
+}
+
+// Tensors files carry that are not parameters, or not separate ones: GPT-2's attention masks
+// (h.{l}.attn.bias, attn.masked_bias), older LLaMA files' rotary inv_freq (recomputed from
+// rope_theta), and lm_head.weight of a tied model (transformers ties it to the embedding).
+int hf_ignored(const ModelConfig* mc, const char* name) {
+    if (mc->tied && strcmp(name, "lm_head.weight") == 0) return 1;
+    if (mc->arch == ARCH_GPT2) return strncmp(name, "transformer.h.", 14) == 0 && (str_ends_with(name, ".attn.bias") || str_ends_with(name, ".attn.masked_bias"));
+    return strncmp(name, "model.layers.", 13) == 0 && str_ends_with(name, ".self_attn.rotary_emb.inv_freq");
+}
+
+// One tensor of a file into the flat buffer: named, shaped and typed as the model needs.
+int hf_read_tensor(const SafeTensors* st, const StTensor* t, const ModelConfig* mc, const HfTensor* want, int nwant, char* seen, float* params, char* err, size_t errlen) {
+    char name[PATH_LEN], have[128], need[128];
+    hf_canonical_name(mc, t->name, name, sizeof name);
+    int i = 0;
+    while (i < nwant && strcmp(want[i].name, name) != 0) i++;
+    if (i == nwant) {
+        if (hf_ignored(mc, name)) return 0;
+        return fail(err, errlen, "safetensors file '%s': tensor '%s' is not a parameter of the %s model that config.json describes (another architecture or configuration?)", st->path, t->name, arch_name(mc->arch));
+    }
+    const HfTensor* w = &want[i];
+    if (seen[i]) return fail(err, errlen, "safetensors file '%s': tensor '%s' appears a second time (as '%s')", st->path, w->name, t->name);
+    st_shape_text(t->shape, t->ndim, have, sizeof have);
+    st_shape_text(w->shape, w->ndim, need, sizeof need);
+    if (strcmp(have, need) != 0) return fail(err, errlen, "safetensors file '%s': tensor '%s' has shape %s, but config.json's model needs %s", st->path, t->name, have, need);
+    float* dst = params + w->offset;
+    if (!w->transposed) {
+        if (safetensors_read_f32(st, t, dst, err, errlen)) return -1;
+    } else { // the file's (rows, cols) is our (cols, rows)
+        size_t rows = (size_t)w->shape[0], cols = (size_t)w->shape[1];
+        float* tmp = (float*)mallocCheck(t->numel * sizeof(float));
+        int rc = safetensors_read_f32(st, t, tmp, err, errlen);
+        for (size_t r = 0; r < rows && rc == 0; r++) for (size_t c = 0; c < cols; c++) dst[c * rows + r] = tmp[r * cols + c];
+        free(tmp);
+        if (rc) return -1;
+    }
+    seen[i] = 1;
+    return 0;
+}
+
+// Every tensor of one weight file; with an index (map), the tensors it places in this file
+// (`file`) must be there.
+int hf_read_file(const char* path, const char* file, const JsonValue* map, const char* index_path, const ModelConfig* mc,
+                 const HfTensor* want, int nwant, char* seen, float* params, char* err, size_t errlen) {
+    SafeTensors st;
+    if (safetensors_open(&st, path, err, errlen)) return -1;
+    int rc = 0;
+    for (int i = 0; map && i < map->count && rc == 0; i++) {
+        if (strcmp(map->items[i].string, file) == 0 && safetensors_find(&st, map->keys[i]) == NULL) {
+            rc = fail(err, errlen, "'%s' places tensor '%s' in '%s', which has no such tensor", index_path, map->keys[i], path);
+        }
+    }
+    for (int k = 0; k < st.count && rc == 0; k++) rc = hf_read_tensor(&st, &st.tensors[k], mc, want, nwant, seen, params, err, errlen);
+    safetensors_close(&st);
+    return rc;
+}
+
+// model.safetensors.index.json: its weight_map, and the files it names (each once, in order).
+int hf_read_index(const char* path, JsonValue* index, const JsonValue** map, const char*** files, int* nfiles, char* err, size_t errlen) {
+    char jerr[400];
+    char* text = read_text_file(path, err, errlen);
+    if (text == NULL) return -1;
+    int rc = json_parse(text, index, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "'%s': malformed JSON: %s", path, jerr);
+    *map = json_member(index, "weight_map");
+    if (*map == NULL || (*map)->type != JSON_OBJECT) return fail(err, errlen, "'%s': no \"weight_map\" object", path);
+    *files = (const char**)mallocCheck(((size_t)(*map)->count + 1) * sizeof(char*));
+    *nfiles = 0;
+    for (int i = 0; i < (*map)->count; i++) {
+        const JsonValue* v = &(*map)->items[i];
+        if (v->type != JSON_STRING || v->string[0] == '\0' || strchr(v->string, '/') || strcmp(v->string, "..") == 0) {
+            return fail(err, errlen, "'%s': weight_map: tensor '%s' must name a file in the same folder", path, (*map)->keys[i]);
+        }
+        int k = 0;
+        while (k < *nfiles && strcmp((*files)[k], v->string) != 0) k++;
+        if (k == *nfiles) (*files)[(*nfiles)++] = v->string;
+    }
+    return 0;
+}
+
+// Reads DIR's weights (model.safetensors, or the shards model.safetensors.index.json lists)
+// into params (model_num_params(mc) floats; the padding rows of wte and lm_head are 0).
+// Returns 0, or -1 with err naming the file and the tensor.
+int hf_weights_read(const char* dir, const ModelConfig* mc, float* params, char* err, size_t errlen) {
+    char path[PATH_LEN], index_path[PATH_LEN], source[PATH_LEN + 32];
+    format_path(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);
+    JsonValue index;
+    memset(&index, 0, sizeof index);
+    const JsonValue* map = NULL;
+    const char* single = "model.safetensors";
+    const char** files = NULL;
+    int nfiles = 1, rc = 0;
+    if (file_size(index_path) >= 0) {
+        rc = hf_read_index(index_path, &index, &map, &files, &nfiles, err, errlen);
+        snprintf(source, sizeof source, "'%s' and its files", index_path);
+    } else {
+        format_path(path, sizeof path, "%s/model.safetensors", dir);
+        if (file_size(path) < 0) return fail(err, errlen, "'%s': no model.safetensors or model.safetensors.index.json (only safetensors weights are read, not pytorch_model.bin)", dir);
+        snprintf(source, sizeof source, "safetensors file '%s'", path);
+    }
+    HfTensor* want = NULL;
+    int nwant = hf_tensors(mc, &want);
+    char* seen = (char*)callocCheck((size_t)nwant, 1);
+    memset(params, 0, model_num_params(mc) * sizeof(float));
+    for (int f = 0; f < nfiles && rc == 0; f++) {
+        const char* file = files ? files[f] : single;
+        format_path(path, sizeof path, "%s/%s", dir, file);
+        rc = hf_read_file(path, file, map, index_path, mc, want, nwant, seen, params, err, errlen);
+    }
+    for (int i = 0; i < nwant && rc == 0; i++) {
+        char shape[128];
+        st_shape_text(want[i].shape, want[i].ndim, shape, sizeof shape);
+        if (!seen[i]) rc = fail(err, errlen, "%s: missing tensor '%s' (shape %s), which the %s model of config.json needs", source, want[i].name, shape, arch_name(mc->arch));
+    }
+    free(seen);
+    free(want);
+    free(files);
+    json_free(&index);
+    return rc;
+}
+
+// --- out ---------------------------------------------------------------------------
+
+// The shortest decimal that reads back as the same float, as Python writes it ("1e-06", "0.02", "10000.0").
+void json_float(float v, char* out, size_t n) {
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(out, n, "%.*g", digits, (double)v);
+        if ((float)strtod(out, NULL) == v) break;
+    }
+    if (strpbrk(out, ".en") == NULL) strncat(out, ".0", n - strlen(out) - 1);
+}
+
+void json_token(int id, char* out, size_t n) {
+    if (id >= 0) snprintf(out, n, "%d", id); else snprintf(out, n, "null");
+}
+
+// config.json as transformers writes it (keys sorted), with every key its config class
+// reads, so that from_pretrained and AutoConfig load it. dstrain trains without dropout: the
+// dropout keys are 0, the model as trained. "dstrain_export" marks the folder as one that a
+// later export may replace.
+void hf_config_text(const ModelConfig* mc, TextBuf* b) {
+    char eps[32], theta[32], std[32], bos[16], eos[16];
+    json_float(mc->norm_eps, eps, sizeof eps);
+    json_float(mc->rope_theta, theta, sizeof theta);
+    json_float(mc->init_std, std, sizeof std);
+    json_token(mc->bos_token, bos, sizeof bos);
+    json_token(mc->eos_token, eos, sizeof eos);
+    if (mc->arch == ARCH_LLAMA) {
+        tb_printf(b, "{\n  \"architectures\": [\n    \"LlamaForCausalLM\"\n  ],\n  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n"
+                     "  \"bos_token_id\": %s,\n  \"dstrain_export\": true,\n  \"eos_token_id\": %s,\n  \"hidden_act\": \"silu\",\n"
+                     "  \"hidden_size\": %d,\n  \"initializer_range\": %s,\n  \"intermediate_size\": %d,\n  \"max_position_embeddings\": %d,\n"
+                     "  \"mlp_bias\": false,\n  \"model_type\": \"llama\",\n  \"num_attention_heads\": %d,\n  \"num_hidden_layers\": %d,\n"
+                     "  \"num_key_value_heads\": %d,\n  \"pretraining_tp\": 1,\n  \"rms_norm_eps\": %s,\n  \"rope_scaling\": null,\n  \"rope_theta\": %s,\n"
+                     "  \"tie_word_embeddings\": %s,\n  \"torch_dtype\": \"float32\",\n  \"use_cache\": true,\n  \"vocab_size\": %d\n}\n",
+                  bos, eos, mc->channels, std, mc->ffn_hidden, mc->max_seq_len, mc->num_heads, mc->num_layers,
+                  mc->num_kv_heads, eps, theta, mc->tied ? "true" : "false", mc->vocab_size);
+    } else {
+        tb_printf(b, "{\n  \"activation_function\": \"gelu_new\",\n  \"architectures\": [\n    \"GPT2LMHeadModel\"\n  ],\n  \"attn_pdrop\": 0.0,\n"
+                     "  \"bos_token_id\": %s,\n  \"dstrain_export\": true,\n  \"embd_pdrop\": 0.0,\n  \"eos_token_id\": %s,\n  \"initializer_range\": %s,\n"
+                     "  \"layer_norm_epsilon\": %s,\n  \"model_type\": \"gpt2\",\n  \"n_ctx\": %d,\n  \"n_embd\": %d,\n  \"n_head\": %d,\n  \"n_inner\": null,\n"
+                     "  \"n_layer\": %d,\n  \"n_positions\": %d,\n  \"reorder_and_upcast_attn\": false,\n  \"resid_pdrop\": 0.0,\n"
+                     "  \"scale_attn_by_inverse_layer_idx\": false,\n  \"scale_attn_weights\": true,\n  \"tie_word_embeddings\": true,\n"
+                     "  \"torch_dtype\": \"float32\",\n  \"use_cache\": true,\n  \"vocab_size\": %d\n}\n",
+                  bos, eos, std, eps, mc->max_seq_len, mc->channels, mc->num_heads, mc->num_layers, mc->max_seq_len, mc->vocab_size);
+    }
+}
+
+// A small file, written and fsync'ed.
+int write_text(const char* path, const char* text, char* err, size_t errlen) {
+    FILE* f = fopen(path, "wb");
+    if (f == NULL) return fail(err, errlen, "cannot create '%s': %s", path, strerror(errno));
+    size_t n = strlen(text);
+    int ok = fwrite(text, 1, n, f) == n && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (fclose(f) != 0) ok = 0;
+    return ok ? 0 : fail(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+}
+
+int copy_file(const char* from, const char* to, char* err, size_t errlen) {
+    FILE* in = fopen(from, "rb");
+    if (in == NULL) return fail(err, errlen, "cannot open '%s': %s", from, strerror(errno));
+    FILE* out = fopen(to, "wb");
+    if (out == NULL) { fclose(in); return fail(err, errlen, "cannot create '%s': %s", to, strerror(errno)); }
+    char buf[1 << 16];
+    size_t n;
+    int ok = 1;
+    while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0) ok = fwrite(buf, 1, n, out) == n;
+    ok = ok && !ferror(in) && fflush(out) == 0 && fsync(fileno(out)) == 0;
+    fclose(in);
+    if (fclose(out) != 0) ok = 0;
+    return ok ? 0 : fail(err, errlen, "cannot copy '%s' to '%s': %s", from, to, strerror(errno));
+}
+
+// The weights: model.safetensors, or shards of at most max_shard_bytes (a tensor larger
+// than that alone in one) and the index, as transformers' save_pretrained splits them.
+int hf_write_weights(const char* folder, const ModelConfig* mc, const float* params, size_t max_shard_bytes, char* err, size_t errlen) {
+    HfTensor* t = NULL;
+    int n = hf_tensors(mc, &t), rc = 0;
+    StWrite* w = (StWrite*)mallocCheck((size_t)n * sizeof(StWrite));
+    int* first = (int*)mallocCheck(((size_t)n + 1) * sizeof(int)); // shard s holds tensors first[s] .. first[s + 1] - 1
+    int shards = 0;
+    size_t in_shard = 0, total = 0;
+    for (int i = 0; i < n; i++) {
+        w[i].name = t[i].name; w[i].ndim = t[i].ndim; w[i].shape[0] = t[i].shape[0]; w[i].shape[1] = t[i].shape[1];
+        w[i].data = params + t[i].offset; w[i].transposed = t[i].transposed;
+        size_t bytes = st_write_numel(&w[i]) * sizeof(float);
+        if (i == 0 || in_shard + bytes > max_shard_bytes) { first[shards++] = i; in_shard = 0; }
+        in_shard += bytes;
+        total += bytes;
+    }
+    first[shards] = n;
+    char path[PATH_LEN], file[64];
+    if (shards == 1) {
+        format_path(path, sizeof path, "%s/model.safetensors", folder);
+        rc = safetensors_write(path, w, n, ST_F32, err, errlen);
+    } else {
+        TextBuf index = {NULL, 0, 0};
+        tb_printf(&index, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
+        for (int s = 0; s < shards && rc == 0; s++) {
+            snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", s + 1, shards);
+            format_path(path, sizeof path, "%s/%s", folder, file);
+            rc = safetensors_write(path, w + first[s], first[s + 1] - first[s], ST_F32, err, errlen);
+            for (int i = first[s]; i < first[s + 1]; i++) tb_printf(&index, "    \"%s\": \"%s\"%s\n", w[i].name, file, i + 1 < n ? "," : "");
+        }
+        tb_printf(&index, "  }\n}\n");
+        format_path(path, sizeof path, "%s/model.safetensors.index.json", folder);
+        if (rc == 0) rc = write_text(path, index.s, err, errlen);
+        free(index.s);
+    }
+    free(first);
+    free(w);
+    free(t);
+    return rc;
+}
+
+// The tokenizer files of src that exist (AutoTokenizer reads them from the export).
+int hf_copy_tokenizer(const char* src, const char* folder, char* err, size_t errlen) {
+    static const char* const names[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                                        "vocab.json", "merges.txt", "added_tokens.json"};
+    char from[PATH_LEN], to[PATH_LEN];
+    int copied = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        format_path(from, sizeof from, "%s/%s", src, names[i]);
+        if (file_size(from) < 0) continue;
+        format_path(to, sizeof to, "%s/%s", folder, names[i]);
+        if (copy_file(from, to, err, errlen)) return -1;
+        copied++;
+    }
+    if (copied == 0) fprintf(stderr, "warning: no tokenizer files (tokenizer.json, ...) in '%s': the export has no tokenizer\n", src);
+    return 0;
+}
+
+// An export goes to a new or empty DIR, or replaces an earlier export of dstrain (its
+// config.json has "dstrain_export", and it holds files only). Anything else is refused, not
+// replaced, so that a mistyped path never deletes someone's files. Checked before training.
+int hf_out_check(const char* dir, char* err, size_t errlen) {
+    struct stat sb;
+    if (stat(dir, &sb) != 0) return errno == ENOENT ? 0 : fail(err, errlen, "--hf-out '%s': %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode)) return fail(err, errlen, "--hf-out '%s' exists and is not a directory", dir);
+    DIR* d = opendir(dir);
+    if (d == NULL) return fail(err, errlen, "--hf-out '%s': %s", dir, strerror(errno));
+    int entries = 0, folders = 0;
+    struct dirent* e;
+    char path[PATH_LEN];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        entries++;
+        format_path(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) folders++;
+    }
+    closedir(d);
+    if (entries == 0) return 0;
+    format_path(path, sizeof path, "%s/config.json", dir);
+    char* text = read_text_file(path, err, errlen);
+    JsonValue root;
+    char jerr[300];
+    int ours = text && json_parse(text, &root, jerr, sizeof jerr) == 0;
+    if (ours) { ours = json_member(&root, "dstrain_export") != NULL; json_free(&root); }
+    free(text);
+    if (!ours || folders) return fail(err, errlen, "--hf-out '%s' is not empty and not an earlier export of dstrain (which it would replace): choose a new or empty directory", dir);
+    return 0;
+}
+
+// tmp becomes DIR: an empty DIR is removed, an earlier export moved aside and removed after.
+int hf_commit(const char* tmp, const char* dir, char* err, size_t errlen) {
+    char old[PATH_LEN], parent[PATH_LEN];
+    format_path(old, sizeof old, "%s.old", dir);
+    remove_folder(old); // a leftover of an interrupted export
+    int replaced = 0;
+    if (rmdir(dir) != 0 && errno != ENOENT) {
+        if (rename(dir, old) != 0) return fail(err, errlen, "cannot rename '%s' to '%s': %s", dir, old, strerror(errno));
+        replaced = 1;
+    }
+    if (rename(tmp, dir) != 0) return fail(err, errlen, "cannot rename '%s' to '%s': %s", tmp, dir, strerror(errno));
+    format_path(parent, sizeof parent, "%s", dir);
+    char* slash = strrchr(parent, '/');
+    if (slash) { *slash = '\0'; fsync_path(slash == parent ? "/" : parent); } else fsync_path(".");
+    if (replaced) remove_folder(old);
+    return 0;
+}
+
+// Writes the model as a Hugging Face directory DIR: config.json, the weights in float32
+// (model.safetensors, or shards of at most max_shard_bytes with model.safetensors.index.json;
+// the V real rows of wte / lm_head; GPT-2's Conv1D weights transposed back), and the
+// tokenizer files of tokenizer_src_dir if it is not NULL. Everything is written into DIR.tmp
+// and renamed to DIR last, so an interrupted export never leaves a DIR that looks complete.
+// DIR must be new, empty, or an earlier export of dstrain (hf_out_check). Returns 0, or -1
+// with err naming the file.
+int hf_write(const char* dir, const ModelConfig* mc, const float* params, size_t max_shard_bytes, const char* tokenizer_src_dir, char* err, size_t errlen) {
+    char out[PATH_LEN], tmp[PATH_LEN], path[PATH_LEN];
+    format_path(out, sizeof out, "%s", dir);
+    for (size_t n = strlen(out); n > 1 && out[n - 1] == '/'; n--) out[n - 1] = '\0'; // "out/" names "out"
+    if (hf_out_check(out, err, errlen)) return -1;
+    format_path(tmp, sizeof tmp, "%s.tmp", out);
+    remove_folder(tmp); // a leftover of an interrupted export
+    make_dirs(tmp);
+    TextBuf config = {NULL, 0, 0};
+    hf_config_text(mc, &config);
+    format_path(path, sizeof path, "%s/config.json", tmp);
+    int rc = write_text(path, config.s, err, errlen);
+    free(config.s);
+    if (rc == 0) rc = hf_write_weights(tmp, mc, params, max_shard_bytes, err, errlen);
+    if (rc == 0 && tokenizer_src_dir) rc = hf_copy_tokenizer(tokenizer_src_dir, tmp, err, errlen);
+    if (rc == 0) { fsync_path(tmp); rc = hf_commit(tmp, out, err, errlen); }
+    if (rc) remove_folder(tmp);
     return rc;
 }
 

@@ -2,7 +2,8 @@
 test_dstrain.c: tests of the shared runtime (dstrain.h) that need no model: config
 reading and validation, DeepSpeed's batch rules, LR schedules against an independent
 Python implementation, the loss scaler and step logic against traces worked out from
-DeepSpeed's algorithm, the data loader, checkpoint files and the tokenizer.
+DeepSpeed's algorithm, the data loader, checkpoint files, safetensors files and Hugging
+Face model directories, and the tokenizer.
 
     make test_dstrain && python3 tests/schedule_reference.py DIR/sched && ./test_dstrain DIR
 (DIR: any folder for the files the tests write, for example from mktemp -d; `make test`
@@ -778,6 +779,315 @@ static void test_safetensors_writer_round_trip(void) {
     CHECK(file_size(tmp) < 0, "temporary file left");
 }
 
+// TMP/name/config.json with the given text; returns the folder.
+static const char* hf_dir(const char* name, const char* config) {
+    static char dir[PATH_LEN];
+    char path[PATH_LEN];
+    tmp_path(dir, name);
+    make_dirs(dir);
+    format_path(path, sizeof path, "%s/config.json", dir);
+    FILE* f = fopenCheck(path, "w");
+    fputs(config, f);
+    fclose(f);
+    return dir;
+}
+
+#define LLAMA_JSON(extra) "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 172, " \
+    "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"max_position_embeddings\": 128, \"vocab_size\": 300" extra "}"
+#define GPT2_JSON(extra) "{\"model_type\": \"gpt2\", \"n_embd\": 64, \"n_layer\": 2, \"n_head\": 4, \"n_positions\": 128, \"vocab_size\": 300, " \
+    "\"n_inner\": null" extra "}"
+
+// config.json: LlamaConfig's and GPT2Config's keys and defaults; what dstrain does not
+// implement is refused with the file and the key.
+static void test_hf_config_reads_and_refuses(void) {
+    ModelConfig m;
+    const char* d = hf_dir("cfg_llama", LLAMA_JSON(", \"num_key_value_heads\": 2, \"rms_norm_eps\": 1e-05, \"rope_theta\": 500000.0, "
+                                                   "\"bos_token_id\": null, \"eos_token_id\": [7, 9], \"pretraining_tp\": 2, \"attention_bias\": false"));
+    int rc = hf_config_read(d, &m, err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    CHECK(rc == 0 && m.arch == ARCH_LLAMA && m.channels == 64 && m.ffn_hidden == 172 && m.num_layers == 2 && m.num_heads == 4 && m.num_kv_heads == 2
+          && m.max_seq_len == 128 && m.vocab_size == 300 && m.padded_vocab_size == 384 && m.norm_eps == 1e-5f && m.rope_theta == 500000.0f
+          && !m.tied && m.bos_token == -1 && m.eos_token == 7 && m.init_std == 0.02f, "LLaMA fields");
+    d = hf_dir("cfg_llama_defaults", LLAMA_JSON(", \"tie_word_embeddings\": true"));
+    rc = hf_config_read(d, &m, err, sizeof err);
+    CHECK(rc == 0 && m.num_kv_heads == 4 && m.rope_theta == 10000.0f && m.norm_eps == 1e-6f && m.tied && m.bos_token == 1 && m.eos_token == 2, "LlamaConfig's defaults: %s", err);
+    d = hf_dir("cfg_gpt2", GPT2_JSON(""));
+    rc = hf_config_read(d, &m, err, sizeof err);
+    CHECK(rc == 0 && m.arch == ARCH_GPT2 && m.channels == 64 && m.ffn_hidden == 256 && m.max_seq_len == 128 && m.tied && m.norm_eps == 1e-5f
+          && m.bos_token == 50256 && m.eos_token == 50256 && m.padded_vocab_size == 384, "GPT2Config's defaults: %s", err);
+    struct { const char* name; const char* json; const char* want; } bad[] = {
+        {"attention_bias", LLAMA_JSON(", \"attention_bias\": true"), "key 'attention_bias' is true: biases in the attention projections are not supported"},
+        {"mlp_bias", LLAMA_JSON(", \"mlp_bias\": true"), "key 'mlp_bias' is true"},
+        {"kv_heads", LLAMA_JSON(", \"num_key_value_heads\": 3"), "key 'num_key_value_heads' (3) must divide 'num_attention_heads' (4)"},
+        {"rope_scaling", LLAMA_JSON(", \"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}"), "key 'rope_scaling' is set: scaled rotary embeddings are not supported yet"},
+        {"head_dim", LLAMA_JSON(", \"head_dim\": 32"), "key 'head_dim' is 32, not hidden_size / num_attention_heads = 16"},
+        {"hidden_act", LLAMA_JSON(", \"hidden_act\": \"gelu\""), "key 'hidden_act' is \"gelu\": only \"silu\""},
+        {"arch", "{\"model_type\": \"llama\", \"architectures\": [\"LlamaForSequenceClassification\"]}", "key 'architectures' is [\"LlamaForSequenceClassification\"]"},
+        {"type", "{\"model_type\": \"mistral\"}", "model_type \"mistral\" is not supported (supported: \"llama\""},
+        {"no_type", "{\"hidden_size\": 64}", "missing key 'model_type'"},
+        {"missing", "{\"model_type\": \"llama\", \"hidden_size\": 64}", "missing key 'intermediate_size'"},
+        {"wrong_type", "{\"model_type\": \"llama\", \"hidden_size\": \"64\"}", "key 'hidden_size' must be an integer in 1..65536, got a string"},
+        {"eps", LLAMA_JSON(", \"rms_norm_eps\": 2"), "norm epsilon must be in (0, 1), got 2"},
+        {"eos", LLAMA_JSON(", \"eos_token_id\": -3"), "key 'eos_token_id' must be a token id"},
+        {"n_inner", "{\"model_type\": \"gpt2\", \"n_embd\": 64, \"n_layer\": 2, \"n_head\": 4, \"n_positions\": 128, \"vocab_size\": 300, \"n_inner\": 100}",
+         "key 'n_inner' is 100: only null or 4 * n_embd = 256 is supported"},
+        {"activation", GPT2_JSON(", \"activation_function\": \"relu\""), "key 'activation_function' is \"relu\""},
+        {"untied", GPT2_JSON(", \"tie_word_embeddings\": false"), "key 'tie_word_embeddings' is false"},
+        {"layer_idx", GPT2_JSON(", \"scale_attn_by_inverse_layer_idx\": true"), "key 'scale_attn_by_inverse_layer_idx' is true"},
+        {"upcast", GPT2_JSON(", \"reorder_and_upcast_attn\": true"), "key 'reorder_and_upcast_attn' is true"},
+        {"malformed", "{\"model_type\": llama}", "malformed JSON: line 1, column 16"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char name[64], file[PATH_LEN + 64];
+        snprintf(name, sizeof name, "cfg_%s", bad[i].name);
+        d = hf_dir(name, bad[i].json);
+        snprintf(file, sizeof file, "'%s/config.json'", d);
+        rc = hf_config_read(d, &m, err, sizeof err);
+        CHECK_ERR(rc, err, file);
+        CHECK_ERR(rc, err, bad[i].want);
+    }
+}
+
+// Random weights everywhere but the padding rows (zero), as training leaves them.
+static float* random_params(const ModelConfig* c, uint64_t seed) {
+    size_t n = model_num_params(c);
+    float* p = (float*)mallocCheck(n * sizeof(float));
+    Rng rng;
+    rng_seed(&rng, seed);
+    rng_normal_fill(&rng, p, n, 1.0f);
+    ParamTable t = param_table(c);
+    for (int i = 0; i < t.count; i++) {
+        const ParamTensor* x = &t.tensors[i];
+        if (x->init_rows) memset(p + x->offset + x->init_rows * c->channels, 0, (x->size - x->init_rows * c->channels) * sizeof(float));
+    }
+    param_table_free(&t);
+    return p;
+}
+
+static int same_config(const ModelConfig* a, const ModelConfig* b) {
+    return a->arch == b->arch && a->max_seq_len == b->max_seq_len && a->vocab_size == b->vocab_size && a->padded_vocab_size == b->padded_vocab_size
+        && a->num_layers == b->num_layers && a->num_heads == b->num_heads && a->num_kv_heads == b->num_kv_heads && a->channels == b->channels
+        && a->ffn_hidden == b->ffn_hidden && a->tied == b->tied && a->norm_eps == b->norm_eps && (a->arch == ARCH_GPT2 || a->rope_theta == b->rope_theta)
+        && a->init_std == b->init_std && a->bos_token == b->bos_token && a->eos_token == b->eos_token;
+}
+
+// hf_write then hf_config_read and hf_weights_read give back the configuration and every
+// weight, for both architectures, tied and untied, in one file and in shards.
+static void test_hf_write_read_round_trip(void) {
+    ModelConfig llama = llama_config(2, 4, 2, 16, 24, 32, 300), tied = llama_config(1, 2, 1, 8, 12, 16, 130), gpt2 = gpt2_config(2, 2, 8, 16, 200);
+    llama.norm_eps = 1e-5f; llama.rope_theta = 5e5f; llama.init_std = 0.006f; llama.bos_token = 0; llama.eos_token = 299;
+    tied.tied = 1;
+    const ModelConfig* cases[3] = {&llama, &tied, &gpt2};
+    const char* names[3] = {"hf_llama", "hf_tied", "hf_gpt2"};
+    for (int k = 0; k < 3; k++) {
+        for (int sharded = 0; sharded < 2; sharded++) {
+            char dir[PATH_LEN], index[PATH_LEN];
+            format_path(dir, sizeof dir, "%s/%s%s", TMP, names[k], sharded ? "_sharded" : "");
+            size_t n = model_num_params(cases[k]);
+            float *p = random_params(cases[k], 11 + k), *q = (float*)mallocCheck(n * sizeof(float));
+            ModelConfig r;
+            int rc = hf_write(dir, cases[k], p, sharded ? 2000 : (size_t)1 << 30, NULL, err, sizeof err);
+            CHECK(rc == 0, "%s: %s", dir, err);
+            format_path(index, sizeof index, "%s/model.safetensors.index.json", dir);
+            CHECK((file_size(index) >= 0) == sharded, "%s: index", dir);
+            CHECK(hf_config_read(dir, &r, err, sizeof err) == 0 && same_config(&r, cases[k]), "%s: config: %s", dir, err);
+            CHECK(hf_weights_read(dir, cases[k], q, err, sizeof err) == 0 && memcmp(p, q, n * sizeof(float)) == 0, "%s: weights: %s", dir, err);
+            free(p);
+            free(q);
+        }
+    }
+}
+
+// A file whose every value says where it comes from (tensor * 10000 + element) is read, and
+// the flat buffer checked against the layout param_table documents, written out here by
+// hand: LLaMA's q/k/v and gate/up stacked in that order, GPT-2's Conv1D weights transposed,
+// the padding rows zero. The file lists the tensors in reverse, so order does not matter.
+typedef struct { const char* name; int ndim; int64_t rows, cols; } HfSpec;
+
+static float hf_value(int tensor, size_t element) { return (float)tensor * 10000.0f + (float)element; }
+
+static int hf_spec_index(const HfSpec* s, int n, const char* name) {
+    for (int i = 0; i < n; i++) if (strcmp(s[i].name, name) == 0) return i;
+    return -1;
+}
+
+// Writes DIR/model.safetensors of the specs (reversed) and config.json of c; reads it back into p.
+static int hf_placed(const char* name, const ModelConfig* c, const HfSpec* s, int n, float* p) {
+    float** data = (float**)mallocCheck((size_t)n * sizeof(float*));
+    StWrite* w = (StWrite*)mallocCheck((size_t)n * sizeof(StWrite));
+    for (int i = 0; i < n; i++) {
+        size_t numel = (size_t)s[i].rows * (s[i].ndim == 2 ? (size_t)s[i].cols : 1);
+        data[i] = (float*)mallocCheck(numel * sizeof(float));
+        for (size_t e = 0; e < numel; e++) data[i][e] = hf_value(i, e);
+        StWrite x = {s[i].name, s[i].ndim, {s[i].rows, s[i].cols}, data[i], 0};
+        w[n - 1 - i] = x;
+    }
+    TextBuf config = {NULL, 0, 0};
+    hf_config_text(c, &config);
+    char dir[PATH_LEN], path[PATH_LEN];
+    format_path(dir, sizeof dir, "%s", hf_dir(name, config.s));
+    format_path(path, sizeof path, "%s/model.safetensors", dir);
+    int rc = safetensors_write(path, w, n, ST_F32, err, sizeof err);
+    if (rc == 0) rc = hf_weights_read(dir, c, p, err, sizeof err);
+    for (int i = 0; i < n; i++) free(data[i]);
+    free(data);
+    free(w);
+    free(config.s);
+    return rc;
+}
+
+// n values of p from tensor `name` of the file, starting at its element `from`; 0 if all match
+static int hf_misplaced(const float* p, const HfSpec* s, int ns, const char* name, size_t from, size_t n) {
+    int t = hf_spec_index(s, ns, name), wrong = 0;
+    for (size_t e = 0; e < n; e++) wrong += t < 0 || p[e] != hf_value(t, from + e);
+    if (wrong) printf("    %s: %d of %zu values misplaced\n", name, wrong, n);
+    return wrong;
+}
+
+static void test_hf_names_map_onto_the_parameter_table(void) {
+    // LLaMA: C 16, 4 heads of 4, 2 key/value heads (KV = 8), F 24, V 300 (padded 384), 2 layers, untied
+    ModelConfig c = llama_config(2, 4, 2, 16, 24, 32, 300);
+    HfSpec ls[32] = {{"model.embed_tokens.weight", 2, 300, 16}, {"model.norm.weight", 1, 16, 0}, {"lm_head.weight", 2, 300, 16}};
+    int n = 3;
+    static char names[2][9][64];
+    const char* parts[9] = {"input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+    int64_t shapes[9][3] = {{1, 16, 0}, {2, 16, 16}, {2, 8, 16}, {2, 8, 16}, {2, 16, 16}, {1, 16, 0}, {2, 24, 16}, {2, 24, 16}, {2, 16, 24}};
+    for (int l = 0; l < 2; l++) {
+        for (int i = 0; i < 9; i++) {
+            snprintf(names[l][i], sizeof names[l][i], "model.layers.%d.%s.weight", l, parts[i]);
+            HfSpec x = {names[l][i], (int)shapes[i][0], shapes[i][1], shapes[i][2]};
+            ls[n++] = x;
+        }
+    }
+    size_t np = model_num_params(&c);
+    float* p = (float*)mallocCheck(np * sizeof(float));
+    int rc = hf_placed("hf_placed_llama", &c, ls, n, p);
+    CHECK(rc == 0, "%s", err);
+    ParamTable t = param_table(&c);
+    int wrong = 0;
+    const float* wte = p + param_named(&t, "wte")->offset;
+    const float* head = p + param_named(&t, "lm_head")->offset;
+    wrong += hf_misplaced(wte, ls, n, "model.embed_tokens.weight", 0, 300 * 16);
+    wrong += hf_misplaced(head, ls, n, "lm_head.weight", 0, 300 * 16);
+    for (int e = 300 * 16; e < 384 * 16; e++) wrong += wte[e] != 0 || head[e] != 0;
+    wrong += hf_misplaced(p + param_named(&t, "lnfw")->offset, ls, n, "model.norm.weight", 0, 16);
+    for (int l = 0; l < 2; l++) {
+        const float* qkv = p + param_layer(&t, l, LLAMA_QKVW)->offset;
+        const float* fc = p + param_layer(&t, l, LLAMA_FCW)->offset;
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_LN1W)->offset, ls, n, names[l][0], 0, 16);
+        wrong += hf_misplaced(qkv, ls, n, names[l][1], 0, 16 * 16);            // rows 0..15: q
+        wrong += hf_misplaced(qkv + 16 * 16, ls, n, names[l][2], 0, 8 * 16);   // rows 16..23: k
+        wrong += hf_misplaced(qkv + 24 * 16, ls, n, names[l][3], 0, 8 * 16);   // rows 24..31: v
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_ATTPROJW)->offset, ls, n, names[l][4], 0, 16 * 16);
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_LN2W)->offset, ls, n, names[l][5], 0, 16);
+        wrong += hf_misplaced(fc, ls, n, names[l][6], 0, 24 * 16);             // rows 0..23: gate
+        wrong += hf_misplaced(fc + 24 * 16, ls, n, names[l][7], 0, 24 * 16);   // rows 24..47: up
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_FCPROJW)->offset, ls, n, names[l][8], 0, 16 * 24);
+    }
+    CHECK(rc == 0 && wrong == 0, "LLaMA: %d values misplaced", wrong);
+    param_table_free(&t);
+    free(p);
+
+    // GPT-2: C 8, 2 heads, maxT 16, V 200 (padded 256), 1 layer; names without "transformer."
+    // and Conv1D weights (in, out)
+    ModelConfig g = gpt2_config(1, 2, 8, 16, 200);
+    HfSpec gs[] = {{"wte.weight", 2, 200, 8}, {"wpe.weight", 2, 16, 8}, {"h.0.ln_1.weight", 1, 8, 0}, {"h.0.ln_1.bias", 1, 8, 0},
+                   {"h.0.attn.c_attn.weight", 2, 8, 24}, {"h.0.attn.c_attn.bias", 1, 24, 0}, {"h.0.attn.c_proj.weight", 2, 8, 8},
+                   {"h.0.attn.c_proj.bias", 1, 8, 0}, {"h.0.ln_2.weight", 1, 8, 0}, {"h.0.ln_2.bias", 1, 8, 0},
+                   {"h.0.mlp.c_fc.weight", 2, 8, 32}, {"h.0.mlp.c_fc.bias", 1, 32, 0}, {"h.0.mlp.c_proj.weight", 2, 32, 8},
+                   {"h.0.mlp.c_proj.bias", 1, 8, 0}, {"ln_f.weight", 1, 8, 0}, {"ln_f.bias", 1, 8, 0}, {"h.0.attn.masked_bias", 1, 1, 0}};
+    int ng = (int)(sizeof gs / sizeof gs[0]);
+    np = model_num_params(&g);
+    p = (float*)mallocCheck(np * sizeof(float));
+    rc = hf_placed("hf_placed_gpt2", &g, gs, ng, p);
+    CHECK(rc == 0, "%s", err);
+    t = param_table(&g);
+    wrong = 0;
+    wte = p + param_named(&t, "wte")->offset;
+    wrong += hf_misplaced(wte, gs, ng, "wte.weight", 0, 200 * 8);
+    for (int e = 200 * 8; e < 256 * 8; e++) wrong += wte[e] != 0;
+    wrong += hf_misplaced(p + param_named(&t, "wpe")->offset, gs, ng, "wpe.weight", 0, 16 * 8);
+    const char* direct[][2] = {{"layer0.ln1w", "h.0.ln_1.weight"}, {"layer0.ln1b", "h.0.ln_1.bias"}, {"layer0.qkvb", "h.0.attn.c_attn.bias"},
+                               {"layer0.attprojb", "h.0.attn.c_proj.bias"}, {"layer0.ln2w", "h.0.ln_2.weight"}, {"layer0.ln2b", "h.0.ln_2.bias"},
+                               {"layer0.fcb", "h.0.mlp.c_fc.bias"}, {"layer0.fcprojb", "h.0.mlp.c_proj.bias"}, {"lnfw", "ln_f.weight"}, {"lnfb", "ln_f.bias"}};
+    for (size_t i = 0; i < sizeof direct / sizeof direct[0]; i++) {
+        const ParamTensor* x = param_named(&t, direct[i][0]);
+        wrong += hf_misplaced(p + x->offset, gs, ng, direct[i][1], 0, x->size);
+    }
+    const char* conv[][2] = {{"layer0.qkvw", "h.0.attn.c_attn.weight"}, {"layer0.attprojw", "h.0.attn.c_proj.weight"},
+                             {"layer0.fcw", "h.0.mlp.c_fc.weight"}, {"layer0.fcprojw", "h.0.mlp.c_proj.weight"}};
+    for (size_t i = 0; i < sizeof conv / sizeof conv[0]; i++) { // ours (out, in)[o][k] = the file's (in, out)[k][o]
+        const ParamTensor* x = param_named(&t, conv[i][0]);
+        int s = hf_spec_index(gs, ng, conv[i][1]);
+        size_t in = (size_t)gs[s].rows, out = (size_t)gs[s].cols;
+        for (size_t o = 0; o < out; o++) for (size_t k = 0; k < in; k++) wrong += p[x->offset + o * in + k] != hf_value(s, k * out + o);
+    }
+    CHECK(rc == 0 && wrong == 0, "GPT-2: %d values misplaced", wrong);
+    param_table_free(&t);
+    free(p);
+}
+
+// Weights that do not match config.json are refused by file and tensor: one missing, one of
+// another shape; an export never replaces a folder that dstrain did not write.
+static void test_hf_weights_refused(void) {
+    ModelConfig c = llama_config(2, 4, 2, 16, 24, 32, 300), wide = c;
+    wide.ffn_hidden = 32;
+    char dir[PATH_LEN], path[PATH_LEN], want[2 * PATH_LEN + 256];
+    size_t n = model_num_params(&c);
+    float *p = random_params(&c, 3), *q = (float*)mallocCheck(model_num_params(&wide) * sizeof(float));
+    // all tensors but one
+    HfTensor* t;
+    int count = hf_tensors(&c, &t);
+    StWrite* w = (StWrite*)mallocCheck((size_t)count * sizeof(StWrite));
+    int k = 0;
+    for (int i = 0; i < count; i++) {
+        if (strcmp(t[i].name, "model.layers.1.mlp.up_proj.weight") == 0) continue;
+        StWrite x = {t[i].name, t[i].ndim, {t[i].shape[0], t[i].shape[1]}, p + t[i].offset, 0};
+        w[k++] = x;
+    }
+    TextBuf config = {NULL, 0, 0};
+    hf_config_text(&c, &config);
+    format_path(dir, sizeof dir, "%s", hf_dir("hf_missing", config.s));
+    format_path(path, sizeof path, "%s/model.safetensors", dir);
+    CHECK(safetensors_write(path, w, k, ST_F32, err, sizeof err) == 0, "%s", err);
+    snprintf(want, sizeof want, "'%s': missing tensor 'model.layers.1.mlp.up_proj.weight' (shape [24, 16])", path);
+    CHECK_ERR(hf_weights_read(dir, &c, q, err, sizeof err), err, want);
+    // ... and one tensor more, which the model does not have
+    StWrite extra = {"model.layers.0.self_attn.q_proj.bias", 1, {16, 0}, p, 0};
+    w[k++] = extra;
+    CHECK(safetensors_write(path, w, k, ST_F32, err, sizeof err) == 0, "%s", err);
+    snprintf(want, sizeof want, "safetensors file '%s': tensor 'model.layers.0.self_attn.q_proj.bias' is not a parameter of the llama model", path);
+    CHECK_ERR(hf_weights_read(dir, &c, q, err, sizeof err), err, want);
+    // weights of a wider MLP than config.json says
+    float* pw = random_params(&wide, 4);
+    format_path(dir, sizeof dir, "%s/hf_wide", TMP);
+    CHECK(hf_write(dir, &wide, pw, (size_t)1 << 30, NULL, err, sizeof err) == 0, "%s", err);
+    format_path(path, sizeof path, "%s/config.json", dir);
+    CHECK(write_text(path, config.s, err, sizeof err) == 0, "%s", err);
+    ModelConfig r;
+    CHECK(hf_config_read(dir, &r, err, sizeof err) == 0 && r.ffn_hidden == 24, "%s", err);
+    snprintf(want, sizeof want, "safetensors file '%s/model.safetensors': tensor 'model.layers.0.mlp.gate_proj.weight' has shape [32, 16], but config.json's model needs [24, 16]", dir);
+    CHECK_ERR(hf_weights_read(dir, &r, q, err, sizeof err), err, want);
+    format_path(dir, sizeof dir, "%s/hf_none", TMP);
+    make_dirs(dir);
+    CHECK_ERR(hf_weights_read(dir, &c, q, err, sizeof err), err, "no model.safetensors or model.safetensors.index.json");
+    // a folder of someone else's files is not replaced; dstrain's own export is
+    format_path(path, sizeof path, "%s/notes.txt", dir);
+    CHECK(write_text(path, "mine", err, sizeof err) == 0, "%s", err);
+    CHECK_ERR(hf_write(dir, &c, p, (size_t)1 << 30, NULL, err, sizeof err), err, "is not empty and not an earlier export of dstrain");
+    CHECK(file_size(path) == 4, "the folder's file is untouched");
+    format_path(dir, sizeof dir, "%s/hf_wide", TMP);
+    CHECK(hf_write(dir, &c, p, (size_t)1 << 30, NULL, err, sizeof err) == 0, "%s", err);
+    CHECK(hf_weights_read(dir, &c, q, err, sizeof err) == 0 && memcmp(p, q, n * sizeof(float)) == 0, "an earlier export replaced: %s", err);
+    free(config.s);
+    free(w);
+    free(t);
+    free(p);
+    free(pw);
+    free(q);
+}
+
 // ----------------------------------------------------------------------------
 // tokenizer
 
@@ -888,6 +1198,10 @@ int main(int argc, char** argv) {
     RUN(test_half_and_bfloat16_conversions_exact);
     RUN(test_safetensors_reads_and_validates);
     RUN(test_safetensors_writer_round_trip);
+    RUN(test_hf_config_reads_and_refuses);
+    RUN(test_hf_write_read_round_trip);
+    RUN(test_hf_names_map_onto_the_parameter_table);
+    RUN(test_hf_weights_refused);
     RUN(test_tokenizer_reads_and_refuses_truncation);
     RUN(test_launch_env_torchrun_and_slurm);
     RUN(test_tcp_rendezvous_reaches_every_rank);
