@@ -3070,6 +3070,9 @@ typedef struct {
     int layers, heads, dim, seq_len;
     int64_t val_every, val_batches, sample_tokens;
     int recompute;             // GPU: recompute GELU and LayerNorm outputs in backward
+    const char* hf_model;      // Hugging Face model directory: configuration and initial weights
+    const char* hf_out;        // write the trained model there as a Hugging Face directory
+    int64_t hf_shard_size;     // largest safetensors file of --hf-out
     // ds_config overrides (NAN / -1: not given)
     double lr, weight_decay, grad_clip;
     int64_t micro_batch, grad_accum, train_batch_size;
@@ -3087,6 +3090,7 @@ void options_defaults(Options* o) {
     o->layers = 4; o->heads = 4; o->dim = 128; o->seq_len = 128;
     o->val_every = 50; o->val_batches = 16; o->sample_tokens = 64;
     o->lr = o->weight_decay = o->grad_clip = NAN;
+    o->hf_shard_size = 5000000000; // transformers' save_pretrained: max_shard_size "5GB"
     o->micro_batch = o->grad_accum = o->train_batch_size = -1;
 }
 
@@ -3103,8 +3107,17 @@ void print_usage(const char* prog) {
            "  --steps N                   optimizer steps to train to (default %lld)\n"
            "  --seed N                    seed for weights and data order (default %llu)\n"
            "  --layers N --heads N --dim N --seq-len N\n"
-           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from\n"
+           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from/--hf-model\n"
            "  --init-from FILE            start from the weights of a checkpoint's model.bin\n"
+           "  --hf-model DIR              start from a Hugging Face model directory (config.json and safetensors of\n"
+           "                              LlamaForCausalLM or GPT2LMHeadModel): its architecture, sizes and weights.\n"
+           "                              With --resume the checkpoint's weights are used, DIR only gives --hf-out its tokenizer\n"
+           "  --hf-out DIR                after training, also write the model as a Hugging Face directory (config.json,\n"
+           "                              float32 safetensors, the tokenizer files of --hf-model); DIR must be new, empty,\n"
+           "                              or an earlier export, which it replaces. With --steps 0: convert only, the weights\n"
+           "                              of --hf-model, --init-from or --resume's checkpoint, without training\n"
+           "  --hf-shard-size BYTES       largest safetensors file of --hf-out; larger models are sharded with an index\n"
+           "                              (default %lld, save_pretrained's 5GB)\n"
            "  --checkpoint-dir DIR        where checkpoints go (default %s; \"\" = never save)\n"
            "  --save-every N              also save every N steps (default 0: only at the end)\n"
            "  --resume                    continue from DIR/latest, bit for bit (on any number of ranks)\n"
@@ -3124,7 +3137,7 @@ void print_usage(const char* prog) {
            "  --train-batch-size N        train_batch_size\n"
            "  -h, --help                  this text\n",
            prog, d.train_data, d.val_data, d.tokenizer_path, (long long)d.steps, (unsigned long long)d.seed,
-           d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
+           d.layers, d.heads, d.dim, d.seq_len, (long long)d.hf_shard_size, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
 }
 
 int64_t parse_int_flag(const char* flag, const char* value, int64_t min, int64_t max) {
@@ -3179,6 +3192,9 @@ void parse_args(Options* o, int argc, char** argv) {
         else if (strcmp(f, "--val-data") == 0) o->val_data = value;
         else if (strcmp(f, "--tokenizer") == 0) o->tokenizer_path = value;
         else if (strcmp(f, "--init-from") == 0) o->init_from = value;
+        else if (strcmp(f, "--hf-model") == 0) o->hf_model = value;
+        else if (strcmp(f, "--hf-out") == 0) o->hf_out = value;
+        else if (strcmp(f, "--hf-shard-size") == 0) o->hf_shard_size = parse_int_flag(f, value, 1, INT64_C(1) << 50);
         else if (strcmp(f, "--checkpoint-dir") == 0) o->checkpoint_dir = value;
         else if (strcmp(f, "--log") == 0) o->log_path = value;
         else if (strcmp(f, "--resume-from") == 0) o->resume_from = value;
@@ -3202,6 +3218,8 @@ void parse_args(Options* o, int argc, char** argv) {
         else fatal("unknown option '%s' (see --help)", f);
     }
     if (o->heads > 0 && o->dim % o->heads != 0) fatal("--dim (%d) must be a multiple of --heads (%d)", o->dim, o->heads);
+    if (o->hf_model && o->init_from) fatal("--hf-model and --init-from both give the initial weights: use one");
+    if (o->hf_out && o->hf_out[0] == '\0') fatal("--hf-out: expected a directory, got ''");
 }
 
 // The effective DeepSpeed configuration: file (or built-in defaults), then flags,
@@ -3692,6 +3710,27 @@ void sample_text(Trainer* tr, const Tokenizer* tok) {
     free(seq);
 }
 
+// The full fp32 master weights in host memory on rank 0 (NULL on the other ranks, which
+// must call it too: with ZeRO stages 1 and 2 the partitions are all-gathered first).
+float* gather_master_weights(Trainer* tr, const char* what) {
+    Zero* z = &tr->zero;
+    Comm* c = &tr->comm;
+    const BufferOps* b = z->buf;
+    float* full = z->master;
+    if (z->stage > 0) {
+        full = (float*)b->alloc(z->padded * sizeof(float));
+        b->copy(full + z->lo, z->master, z->n);
+        c->allgather(c, full, sizeof(float), z->part_count, z->part_start, what);
+    }
+    float* host = NULL;
+    if (c->rank == 0) {
+        host = (float*)mallocCheck(tr->num_params * sizeof(float));
+        b->to_host(host, full, tr->num_params);
+    }
+    if (full != z->master) b->release(full);
+    return host;
+}
+
 // Every rank writes its partition of the fp32 master weights and Adam moments; rank 0
 // also writes the full model (gathered from the partitions) and the training state.
 // Stage 0 keeps everything on every rank, so rank 0 alone writes one optimizer file.
@@ -3706,13 +3745,7 @@ void save_checkpoint(Trainer* tr) {
     if (c->rank == 0) checkpoint_begin(dir, tr->state.step, tmp, sizeof tmp);
     else format_path(tmp, sizeof tmp, "%s/step_%08lld.tmp", dir, (long long)tr->state.step);
     c->barrier(c, "checkpoint save (folder created)");
-    // the full fp32 master weights, for model.bin
-    float* full = z->master;
-    if (z->stage > 0) {
-        full = (float*)b->alloc(z->padded * sizeof(float));
-        b->copy(full + z->lo, z->master, z->n);
-        c->allgather(c, full, sizeof(float), z->part_count, z->part_start, "all-gather of the master weights for a checkpoint");
-    }
+    float* full = gather_master_weights(tr, "all-gather of the master weights for a checkpoint"); // for model.bin
     if (c->rank < files) {
         float* host = (float*)mallocCheck(3 * z->n * sizeof(float));
         b->to_host(host, z->master, z->n);
@@ -3722,17 +3755,14 @@ void save_checkpoint(Trainer* tr) {
         free(host);
     }
     if (c->rank == 0) {
-        float* host = (float*)mallocCheck(tr->num_params * sizeof(float));
-        b->to_host(host, full, tr->num_params);
         format_path(path, sizeof path, "%s/model.bin", tmp);
-        model_file_write(path, &tr->mc, host, tr->num_params);
-        free(host);
+        model_file_write(path, &tr->mc, full, tr->num_params);
         CheckpointState s = {tr->state, tr->train.epoch, (int64_t)tr->train.cursor, tr->T, (int64_t)tr->train.num_seqs,
                              (int64_t)tr->train.global_batch, files, tr->opt.seed, tr->rng};
         format_path(path, sizeof path, "%s/state.bin", tmp);
         state_file_write(path, &s);
     }
-    if (full != z->master) b->release(full);
+    free(full);
     c->barrier(c, "checkpoint save (files written)");
     if (c->rank == 0) checkpoint_commit(dir, tr->state.step, tmp);
     c->barrier(c, "checkpoint save (committed)");
@@ -3786,6 +3816,9 @@ void init_weights(Trainer* tr) {
     if (tr->opt.init_from) {
         if (model_file_read(tr->opt.init_from, full, tr->num_params, err, sizeof err)) fatal("%s", err);
         printf("weights: from %s\n", tr->opt.init_from);
+    } else if (tr->opt.hf_model) {
+        if (hf_weights_read(tr->opt.hf_model, &tr->mc, full, err, sizeof err)) fatal("%s", err);
+        printf("weights: from the Hugging Face model %s\n", tr->opt.hf_model);
     } else {
         model_init_params(full, &tr->mc, tr->opt.seed);
         printf("weights: GPT-2 initialisation, seed %llu\n", (unsigned long long)tr->opt.seed);
@@ -3808,8 +3841,11 @@ ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, Chec
         if (state_file_read(path, resume_state, err, sizeof err)) fatal("%s", err);
         format_path(path, sizeof path, "%s/model.bin", resume_folder);
         if (model_file_config(path, &mc, &file_params, err, sizeof err)) fatal("%s", err);
+        if (tr->opt.hf_model) printf("note: resuming: the weights are the checkpoint's; --hf-model %s only gives --hf-out its tokenizer\n", tr->opt.hf_model);
     } else if (tr->opt.init_from) {
         if (model_file_config(tr->opt.init_from, &mc, &file_params, err, sizeof err)) fatal("%s", err);
+    } else if (tr->opt.hf_model) {
+        if (hf_config_read(tr->opt.hf_model, &mc, err, sizeof err)) fatal("%s", err);
     }
     if (model_config_check(&mc, err, sizeof err)) fatal("model: %s", err);
     return mc;
@@ -3844,6 +3880,55 @@ void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     }
 }
 
+// --hf-out after training: the full fp32 master weights as a Hugging Face directory. Every
+// rank joins the all-gather; rank 0 writes, and the others do not wait for it (no barrier:
+// writing a large model may take longer than the collectives' timeout).
+void export_hf(Trainer* tr) {
+    char err[1024];
+    double t0 = wall_seconds();
+    float* host = gather_master_weights(tr, "all-gather of the master weights for --hf-out");
+    if (host == NULL) return;
+    if (hf_write(tr->opt.hf_out, &tr->mc, host, (size_t)tr->opt.hf_shard_size, tr->opt.hf_model, err, sizeof err)) fatal("%s", err);
+    free(host);
+    printf("wrote the Hugging Face model %s (step %lld, %.0f ms)\n", tr->opt.hf_out, (long long)tr->state.step, ms_since(t0));
+}
+
+// --steps 0 --hf-out DIR: converts weights (--hf-model, --init-from, or --resume's checkpoint)
+// to a Hugging Face directory, in one process, without building the model or opening data,
+// so that it works on any machine for any model size.
+int convert_to_hf(const Options* o) {
+    char err[1024], folder[PATH_LEN], path[PATH_LEN];
+    ModelConfig mc;
+    size_t n;
+    const char* from = o->init_from;
+    refuse_ranks("converts in one process with --steps 0 --hf-out: run it without a launcher");
+    if (o->resume) {
+        const char* dir = o->resume_from ? o->resume_from : o->checkpoint_dir;
+        if (dir[0] == '\0') fatal("--resume needs --checkpoint-dir or --resume-from");
+        if (checkpoint_latest(dir, folder, sizeof folder, err, sizeof err)) fatal("%s", err);
+        format_path(path, sizeof path, "%s/model.bin", folder);
+        from = path;
+    } else if (from == NULL && o->hf_model == NULL) {
+        fatal("--steps 0 --hf-out converts weights: give --hf-model DIR, --init-from FILE or --resume");
+    }
+    float* params;
+    if (from) {
+        if (model_file_config(from, &mc, &n, err, sizeof err)) fatal("%s", err);
+        params = (float*)mallocCheck(n * sizeof(float));
+        if (model_file_read(from, params, n, err, sizeof err)) fatal("%s", err);
+    } else {
+        from = o->hf_model;
+        if (hf_config_read(from, &mc, err, sizeof err)) fatal("%s", err);
+        params = (float*)mallocCheck(model_num_params(&mc) * sizeof(float));
+        if (hf_weights_read(from, &mc, params, err, sizeof err)) fatal("%s", err);
+    }
+    if (hf_write(o->hf_out, &mc, params, (size_t)o->hf_shard_size, o->hf_model, err, sizeof err)) fatal("%s", err);
+    printf("converted %s (%s, %d layers, %d channels, vocabulary %d: %.2fM parameters) to the Hugging Face model %s\n", from, arch_name(mc.arch),
+           mc.num_layers, mc.channels, mc.vocab_size, model_num_params(&mc) / 1e6, o->hf_out);
+    free(params);
+    return 0;
+}
+
 // The regions of gradients the model hands to ZeRO, from the end of the buffer to its start:
 // lm_head (untied), the final norm, the layers, the positions (GPT-2), the token embedding.
 // A tied embedding receives the classifier's gradient first and the encoder's last, so it
@@ -3868,10 +3953,13 @@ void gradient_regions(const ModelConfig* mc, size_t* embedding_n, size_t* region
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.
 int train_main(int argc, char** argv, const ModelOps* ops) {
     Trainer tr;
+    char err[1024];
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
     tr.last_saved = -1;
     parse_args(&tr.opt, argc, argv); // first: --comm-timeout bounds the ranks' rendezvous
+    if (tr.opt.hf_out && tr.opt.steps == 0) return convert_to_hf(&tr.opt);
+    if (tr.opt.hf_out && hf_out_check(tr.opt.hf_out, err, sizeof err)) fatal("%s", err); // now, not after training
     ops->init_comm(&tr.comm, &argc, &argv, tr.opt.comm_timeout);
     if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
     tr.comm.timeout_s = tr.opt.comm_timeout;
@@ -3880,7 +3968,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     print_config(&tr.cfg, tr.comm.world_size);
     ops->describe_run(&tr.cfg, &tr.comm);
 
-    char resume_folder[PATH_LEN] = {0}, err[1024];
+    char resume_folder[PATH_LEN] = {0};
     CheckpointState resume_state;
     memset(&resume_state, 0, sizeof resume_state);
     tr.mc = choose_model_config(&tr, resume_folder, sizeof resume_folder, &resume_state);
@@ -3925,6 +4013,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
         if (tr.opt.checkpoint_dir[0] && tr.opt.save_every && tr.state.step % tr.opt.save_every == 0) save_checkpoint(&tr);
     }
     if (tr.opt.checkpoint_dir[0] && tr.last_saved != tr.state.step) save_checkpoint(&tr);
+    if (tr.opt.hf_out) export_hf(&tr);
     if (tr.opt.sample_tokens > 0 && tr.comm.rank == 0) {
         Tokenizer tok;
         if (tokenizer_load(&tok, tr.opt.tokenizer_path, err, sizeof err)) {
