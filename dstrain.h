@@ -24,6 +24,10 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
     data loader ...... DataLoader: seeded epochs, disjoint ranks, resumable, OpenMP copies
     tokenizer ........ Tokenizer: decode only, llm.c's format
     checkpoints ...... model, optimizer and state files; atomic save; checkpoint_latest
+    safetensors ...... SafeTensors: safetensors_open (validated, mmap'ed), safetensors_read_f32,
+                       safetensors_write; f16/bf16 <-> f32
+    hugging face ..... hf_config_read, hf_weights_read, hf_write: config.json, safetensors
+                       (sharded with an index), tokenizer files; hf_tensors maps the names
     logging .......... Logger, StepLog: a line per step, and the same as JSON lines
   PART 3: plumbing
     json ............. json_parse: a JSON reader whose errors give line and column
@@ -1042,7 +1046,7 @@ void zero_free(Zero* z) {
 // ============================================================================
 // PART 2: files
 // What is read and written: the model description that checkpoint headers record,
-// token shards and the data loader, the tokenizer, checkpoints, logs. Every reader checks
+// token shards and the data loader, the tokenizer, checkpoints, Hugging Face models, logs. Every reader checks
 // magic, version and sizes and names the file it refuses.
 // ============================================================================
 
@@ -1830,6 +1834,970 @@ int checkpoint_latest(const char* dir, char* folder, size_t n, char* err, size_t
 }
 
 // ----------------------------------------------------------------------------
+// safetensors: Hugging Face's weight files. A file is a u64 N (little-endian), N bytes of
+// JSON header, then the data section:
+//   {"__metadata__": {"format": "pt"}, "wte.weight": {"dtype": "F32", "shape": [50257, 768], "data_offsets": [0, 154389504]}, ...}
+// with offsets relative to the data section. The reader validates as the reference
+// implementation (the Rust `safetensors` crate) does, so what it accepts transformers
+// accepts too: N at most 100,000,000 and inside the file; the header a JSON object, with an
+// optional "__metadata__" object of strings; every tensor a known dtype, a shape, and
+// data_offsets whose span is exactly shape x dtype size; the spans, in offset order, tile
+// the data section from its first byte to its last (no gap, no overlap, nothing after).
+// The file is mmap'ed and F32, F16 and BF16 tensors convert to fp32 exactly. The writer
+// writes F32 (or BF16 / F16, rounded to nearest even) atomically: tmp, fsync, rename.
+// The format and every machine this runs on are little-endian.
+
+#define ST_MAX_HEADER 100000000 // the crate's MAX_HEADER_SIZE
+#define ST_MAX_DIMS 8
+
+// The format's dtypes (those of one byte or more). Weights must be F32, F16 or BF16.
+enum { ST_BOOL, ST_U8, ST_I8, ST_F8_E5M2, ST_F8_E4M3, ST_I16, ST_U16, ST_F16, ST_BF16, ST_I32, ST_U32, ST_F32,
+       ST_F64, ST_I64, ST_U64, ST_NUM_DTYPES };
+typedef struct { const char* name; int bytes; } StDtype;
+static const StDtype ST_DTYPES[ST_NUM_DTYPES] = {
+    {"BOOL", 1}, {"U8", 1}, {"I8", 1}, {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2}, {"U16", 2}, {"F16", 2},
+    {"BF16", 2}, {"I32", 4}, {"U32", 4}, {"F32", 4}, {"F64", 8}, {"I64", 8}, {"U64", 8}};
+
+typedef struct {
+    char* name;
+    int dtype;                   // ST_F32, ...
+    int ndim;                    // 0 is a scalar
+    int64_t shape[ST_MAX_DIMS];
+    size_t numel;
+    size_t begin, end;           // its bytes in the data section
+} StTensor;
+
+typedef struct {
+    char path[PATH_LEN];
+    unsigned char* map;          // the whole file, mmap'ed read-only
+    size_t file_bytes;
+    const unsigned char* data;   // the data section
+    size_t data_bytes;
+    StTensor* tensors;           // in the header's order
+    int count;
+} SafeTensors;
+
+// IEEE half (1, 5, 10 bits) to float: exact, with subnormals, infinities and NaN payloads.
+float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) { // zero or subnormal: man * 2^-24, exact in float
+        float v = (float)man * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    if (exp == 0x1f) bits = sign | 0x7f800000 | (man << 13);     // inf, NaN
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);   // normal: exponent rebiased
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// bfloat16 is a float's top 16 bits.
+float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// float to bfloat16, rounded to nearest even; NaN stays NaN (quiet), overflow rounds to inf.
+uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+    return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+// float to IEEE half, rounded to nearest even: at or above 65520 (halfway past the largest
+// half, 65504) inf; below 2^-14 a subnormal (or zero); NaN stays NaN (quiet).
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    uint32_t a = x & 0x7fffffff;
+    if (a > 0x7f800000) return sign | 0x7e00 | (uint16_t)((a >> 13) & 0x1ff);
+    if (a >= 0x477ff000) return sign | 0x7c00;
+    if (a < 0x38800000) { // |f| * 2^24 is exact; nearbyintf rounds half to even (the default mode)
+        float m;
+        memcpy(&m, &a, 4);
+        return sign | (uint16_t)nearbyintf(m * 16777216.0f); // 1024 carries into the smallest normal
+    }
+    uint32_t r = a - ((uint32_t)(127 - 15) << 23); // rebias; then round off 13 mantissa bits
+    r += 0xfff + ((r >> 13) & 1);
+    return sign | (uint16_t)(r >> 13);
+}
+
+// A growing text buffer (JSON headers, config.json), NUL-terminated.
+typedef struct { char* s; size_t len, cap; } TextBuf;
+
+void tb_printf(TextBuf* b, const char* fmt, ...) {
+    for (;;) {
+        size_t room = b->cap - b->len;
+        if (room > 0) {
+            va_list ap;
+            va_start(ap, fmt);
+            int n = vsnprintf(b->s + b->len, room, fmt, ap);
+            va_end(ap);
+            if (n < 0) fatal("internal: bad format '%s'", fmt);
+            if ((size_t)n < room) { b->len += (size_t)n; return; }
+        }
+        b->cap = 2 * b->cap + 1024;
+        b->s = (char*)realloc(b->s, b->cap);
+        if (b->s == NULL) fatal("out of memory (text of %zu bytes)", b->cap);
+    }
+}
+
+// The member `key` of a JSON object, or NULL.
+const JsonValue* json_member(const JsonValue* obj, const char* key) {
+    if (obj == NULL || obj->type != JSON_OBJECT) return NULL;
+    for (int i = 0; i < obj->count; i++) if (strcmp(obj->keys[i], key) == 0) return &obj->items[i];
+    return NULL;
+}
+
+// A JSON number that is a whole number in 0..2^53 (where doubles hold every integer).
+int json_is_count(const JsonValue* v) {
+    return v->type == JSON_NUMBER && v->number >= 0 && v->number <= 9007199254740992.0 && v->number == floor(v->number);
+}
+
+int st_dtype_find(const char* name) {
+    for (int i = 0; i < ST_NUM_DTYPES; i++) if (strcmp(ST_DTYPES[i].name, name) == 0) return i;
+    return -1;
+}
+
+// "[2, 3]"
+void st_shape_text(const int64_t* shape, int ndim, char* out, size_t n) {
+    size_t len = (size_t)snprintf(out, n, "[");
+    for (int i = 0; i < ndim && len < n; i++) len += (size_t)snprintf(out + len, n - len, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (len < n) snprintf(out + len, n - len, "]");
+}
+
+// One tensor's header entry: dtype, shape, data_offsets, and their agreement.
+int st_parse_tensor(const SafeTensors* st, const char* name, const JsonValue* v, StTensor* t, char* err, size_t errlen) {
+    const char* p = st->path;
+    if (v->type != JSON_OBJECT) return fail(err, errlen, "safetensors file '%s': tensor '%s': expected an object with dtype, shape and data_offsets, got %s", p, name, json_type_name(v->type));
+    const JsonValue *dtype = json_member(v, "dtype"), *shape = json_member(v, "shape"), *offsets = json_member(v, "data_offsets");
+    if (dtype == NULL || dtype->type != JSON_STRING) return fail(err, errlen, "safetensors file '%s': tensor '%s': \"dtype\" missing or not a string", p, name);
+    t->dtype = st_dtype_find(dtype->string);
+    if (t->dtype < 0) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': unknown dtype \"%s\" (known: BOOL, U8, I8, F8_E5M2, F8_E4M3, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64)", p, name, dtype->string);
+    }
+    if (shape == NULL || shape->type != JSON_ARRAY) return fail(err, errlen, "safetensors file '%s': tensor '%s': \"shape\" missing or not an array", p, name);
+    if (shape->count > ST_MAX_DIMS) return fail(err, errlen, "safetensors file '%s': tensor '%s': %d dimensions (at most %d are read)", p, name, shape->count, ST_MAX_DIMS);
+    t->ndim = shape->count;
+    t->numel = 1;
+    int overflow = 0;
+    for (int i = 0; i < shape->count; i++) {
+        if (!json_is_count(&shape->items[i])) return fail(err, errlen, "safetensors file '%s': tensor '%s': shape entries must be non-negative integers", p, name);
+        t->shape[i] = (int64_t)shape->items[i].number;
+        if (t->shape[i] != 0 && t->numel > SIZE_MAX / 8 / (size_t)t->shape[i]) overflow = 1;
+        else t->numel *= (size_t)t->shape[i];
+    }
+    if (overflow) return fail(err, errlen, "safetensors file '%s': tensor '%s': its shape has more elements than a file can hold", p, name);
+    if (offsets == NULL || offsets->type != JSON_ARRAY || offsets->count != 2 || !json_is_count(&offsets->items[0]) || !json_is_count(&offsets->items[1])) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': \"data_offsets\" must be [begin, end], two non-negative integers", p, name);
+    }
+    t->begin = (size_t)offsets->items[0].number;
+    t->end = (size_t)offsets->items[1].number;
+    char dims[128];
+    st_shape_text(t->shape, t->ndim, dims, sizeof dims);
+    size_t bytes = t->numel * (size_t)ST_DTYPES[t->dtype].bytes;
+    if (t->end < t->begin || t->end - t->begin != bytes) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': shape %s of %s is %zu bytes, but data_offsets [%zu, %zu] span %lld",
+                    p, name, dims, ST_DTYPES[t->dtype].name, bytes, t->begin, t->end, (long long)t->end - (long long)t->begin);
+    }
+    if (t->end > st->data_bytes) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s': data_offsets [%zu, %zu] go beyond the data section (%zu bytes after the header): truncated or corrupt",
+                    p, name, t->begin, t->end, st->data_bytes);
+    }
+    return 0;
+}
+
+int st_compare_offsets(const void* a, const void* b) {
+    const StTensor *x = *(const StTensor* const*)a, *y = *(const StTensor* const*)b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    return x->end < y->end ? -1 : x->end > y->end;
+}
+
+// The tensors' spans, in offset order, must cover the data section exactly once.
+int st_check_tiling(const SafeTensors* st, char* err, size_t errlen) {
+    const StTensor** order = (const StTensor**)mallocCheck((size_t)st->count * sizeof(StTensor*));
+    for (int i = 0; i < st->count; i++) order[i] = &st->tensors[i];
+    qsort(order, (size_t)st->count, sizeof(StTensor*), st_compare_offsets);
+    size_t pos = 0;
+    int rc = 0;
+    for (int i = 0; i < st->count && rc == 0; i++) {
+        const StTensor* t = order[i];
+        if (t->begin < pos) {
+            const StTensor* prev = order[i - 1];
+            rc = fail(err, errlen, "safetensors file '%s': tensor '%s' (bytes [%zu, %zu]) overlaps tensor '%s' (bytes [%zu, %zu])",
+                      st->path, t->name, t->begin, t->end, prev->name, prev->begin, prev->end);
+        } else if (t->begin > pos) {
+            rc = fail(err, errlen, "safetensors file '%s': bytes [%zu, %zu] of the data section belong to no tensor (a gap before tensor '%s')", st->path, pos, t->begin, t->name);
+        }
+        pos = t->end;
+    }
+    if (rc == 0 && pos != st->data_bytes) {
+        rc = fail(err, errlen, "safetensors file '%s': %zu bytes after the last tensor's data belong to no tensor (the data section has %zu bytes, the header describes %zu)",
+                  st->path, st->data_bytes - pos, st->data_bytes, pos);
+    }
+    free(order);
+    return rc;
+}
+
+// The header, once the file is mapped: length, JSON, tensors, tiling.
+int st_parse_header(SafeTensors* st, char* err, size_t errlen) {
+    const char* p = st->path;
+    uint64_t n;
+    memcpy(&n, st->map, 8);
+    if (n > ST_MAX_HEADER) return fail(err, errlen, "safetensors file '%s': header length %llu is over the limit of %d bytes (not a safetensors file, or corrupt)", p, (unsigned long long)n, ST_MAX_HEADER);
+    if (n > st->file_bytes - 8) return fail(err, errlen, "safetensors file '%s': header length %llu goes beyond the end of the file (%zu bytes): truncated or not a safetensors file", p, (unsigned long long)n, st->file_bytes);
+    st->data = st->map + 8 + n;
+    st->data_bytes = st->file_bytes - 8 - (size_t)n;
+    if (memchr(st->map + 8, '\0', (size_t)n)) return fail(err, errlen, "safetensors file '%s': the header contains a NUL byte (not JSON)", p);
+    char* text = (char*)mallocCheck((size_t)n + 1);
+    memcpy(text, st->map + 8, (size_t)n);
+    text[n] = '\0';
+    JsonValue root;
+    char jerr[400];
+    int rc = json_parse(text, &root, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "safetensors file '%s': the header is not valid JSON: %s", p, jerr);
+    if (root.type != JSON_OBJECT) rc = fail(err, errlen, "safetensors file '%s': the header must be a JSON object, got %s", p, json_type_name(root.type));
+    st->tensors = (StTensor*)callocCheck((size_t)root.count, sizeof(StTensor));
+    for (int i = 0; i < root.count && rc == 0; i++) {
+        const JsonValue* v = &root.items[i];
+        if (strcmp(root.keys[i], "__metadata__") == 0) {
+            int strings = v->type == JSON_OBJECT;
+            for (int k = 0; strings && k < v->count; k++) strings = v->items[k].type == JSON_STRING;
+            if (!strings) rc = fail(err, errlen, "safetensors file '%s': \"__metadata__\" must be an object of strings", p);
+            continue;
+        }
+        StTensor* t = &st->tensors[st->count];
+        rc = st_parse_tensor(st, root.keys[i], v, t, err, errlen);
+        t->name = strdup_check(root.keys[i]); // json_parse refuses duplicate keys: names are unique
+        st->count++;
+    }
+    json_free(&root);
+    if (rc == 0) rc = st_check_tiling(st, err, errlen);
+    return rc;
+}
+
+void safetensors_close(SafeTensors* st) {
+    if (st->map) munmap(st->map, st->file_bytes);
+    for (int i = 0; i < st->count; i++) free(st->tensors[i].name);
+    free(st->tensors);
+    memset(st, 0, sizeof(*st));
+}
+
+// Opens and validates a safetensors file. Returns 0, or -1 with err naming the file (and tensor).
+int safetensors_open(SafeTensors* st, const char* path, char* err, size_t errlen) {
+    memset(st, 0, sizeof(*st));
+    snprintf(st->path, sizeof st->path, "%s", path);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail(err, errlen, "safetensors file '%s': %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) { close(fd); return fail(err, errlen, "safetensors file '%s': not a regular file", path); }
+    if (sb.st_size < 8) { close(fd); return fail(err, errlen, "safetensors file '%s': %lld bytes, shorter than the 8-byte header length (not a safetensors file)", path, (long long)sb.st_size); }
+    void* map = mmap(NULL, (size_t)sb.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return fail(err, errlen, "safetensors file '%s': cannot map it: %s", path, strerror(errno));
+    st->map = (unsigned char*)map;
+    st->file_bytes = (size_t)sb.st_size;
+    if (st_parse_header(st, err, errlen)) { safetensors_close(st); return -1; }
+    return 0;
+}
+
+const StTensor* safetensors_find(const SafeTensors* st, const char* name) {
+    for (int i = 0; i < st->count; i++) if (strcmp(st->tensors[i].name, name) == 0) return &st->tensors[i];
+    return NULL;
+}
+
+// Tensor t as fp32 into out (t->numel floats): F32, F16 and BF16 exactly; other dtypes refused.
+int safetensors_read_f32(const SafeTensors* st, const StTensor* t, float* out, char* err, size_t errlen) {
+    int dtype = t->dtype;
+    if (dtype != ST_F32 && dtype != ST_F16 && dtype != ST_BF16) {
+        return fail(err, errlen, "safetensors file '%s': tensor '%s' has dtype %s; weights must be F32, F16 or BF16", st->path, t->name, ST_DTYPES[dtype].name);
+    }
+    const unsigned char* src = st->data + t->begin; // any alignment: values are copied bytewise
+    size_t n = t->numel;
+    #pragma omp parallel for if (n >= 65536)
+    for (size_t i = 0; i < n; i++) {
+        if (dtype == ST_F32) { memcpy(&out[i], src + 4 * i, 4); continue; }
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        out[i] = dtype == ST_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+    }
+    return 0;
+}
+
+// A tensor to write: fp32 values in memory, stored in the file with the given shape.
+typedef struct {
+    const char* name;
+    int ndim;             // 1 or 2
+    int64_t shape[2];     // as stored in the file
+    const float* data;    // row-major values of shape, or with transposed, of (shape[1], shape[0])
+    int transposed;       // store the transpose of data (GPT-2's Conv1D weights are (in, out))
+} StWrite;
+
+size_t st_write_numel(const StWrite* t) { return (size_t)t->shape[0] * (t->ndim == 2 ? (size_t)t->shape[1] : 1); }
+
+// The values of t in the file's order, converted to dtype, in chunks.
+int st_write_values(FILE* f, const char* path, const StWrite* t, int dtype, char* err, size_t errlen) {
+    size_t n = st_write_numel(t), rows = (size_t)t->shape[0], cols = t->ndim == 2 ? (size_t)t->shape[1] : 1;
+    size_t esize = (size_t)ST_DTYPES[dtype].bytes;
+    if (dtype == ST_F32 && !t->transposed) {
+        return fwrite(t->data, 4, n, f) == n ? 0 : fail(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+    }
+    const size_t chunk = 1 << 20;
+    unsigned char* buf = (unsigned char*)mallocCheck(chunk * esize);
+    int rc = 0;
+    for (size_t k0 = 0; k0 < n && rc == 0; k0 += chunk) {
+        size_t m = n - k0 < chunk ? n - k0 : chunk;
+        for (size_t k = 0; k < m; k++) {
+            size_t e = k0 + k; // element (e / cols, e % cols) of the file's matrix
+            float x = t->transposed ? t->data[(e % cols) * rows + e / cols] : t->data[e];
+            if (dtype == ST_F32) { memcpy(buf + 4 * k, &x, 4); continue; }
+            uint16_t h = dtype == ST_BF16 ? f32_to_bf16(x) : f32_to_f16(x);
+            memcpy(buf + 2 * k, &h, 2);
+        }
+        if (fwrite(buf, esize, m, f) != m) rc = fail(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+    }
+    free(buf);
+    return rc;
+}
+
+// Writes the tensors, in order, to a safetensors file of dtype ST_F32, ST_BF16 or ST_F16
+// (metadata {"format": "pt"}, which transformers requires; the header padded with spaces
+// so that the data starts at a multiple of 8 bytes), via PATH.tmp, fsync, rename.
+int safetensors_write(const char* path, const StWrite* t, int count, int dtype, char* err, size_t errlen) {
+    if (dtype != ST_F32 && dtype != ST_BF16 && dtype != ST_F16) return fail(err, errlen, "internal: safetensors_write('%s'): dtype %d", path, dtype);
+    TextBuf h = {NULL, 0, 0};
+    tb_printf(&h, "{\"__metadata__\":{\"format\":\"pt\"}");
+    size_t offset = 0;
+    for (int i = 0; i < count; i++) {
+        if (strpbrk(t[i].name, "\"\\") || t[i].ndim < 1 || t[i].ndim > 2) { free(h.s); return fail(err, errlen, "internal: safetensors_write('%s'): tensor '%s'", path, t[i].name); }
+        size_t bytes = st_write_numel(&t[i]) * (size_t)ST_DTYPES[dtype].bytes;
+        tb_printf(&h, ",\"%s\":{\"dtype\":\"%s\",\"shape\":[%lld", t[i].name, ST_DTYPES[dtype].name, (long long)t[i].shape[0]);
+        if (t[i].ndim == 2) tb_printf(&h, ",%lld", (long long)t[i].shape[1]);
+        tb_printf(&h, "],\"data_offsets\":[%zu,%zu]}", offset, offset + bytes);
+        offset += bytes;
+    }
+    tb_printf(&h, "}");
+    while (h.len % 8) tb_printf(&h, " ");
+    char tmp[PATH_LEN];
+    format_path(tmp, sizeof tmp, "%s.tmp", path);
+    FILE* f = fopen(tmp, "wb");
+    if (f == NULL) { free(h.s); return fail(err, errlen, "cannot create '%s': %s", tmp, strerror(errno)); }
+    uint64_t n = h.len;
+    int rc = fwrite(&n, 8, 1, f) == 1 && fwrite(h.s, 1, h.len, f) == h.len ? 0 : fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
+    free(h.s);
+    for (int i = 0; i < count && rc == 0; i++) rc = st_write_values(f, tmp, &t[i], dtype, err, errlen);
+    if (rc == 0 && (fflush(f) != 0 || fsync(fileno(f)) != 0)) rc = fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
+    if (fclose(f) != 0 && rc == 0) rc = fail(err, errlen, "cannot write '%s': %s", tmp, strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0) rc = fail(err, errlen, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+    if (rc) unlink(tmp);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
+// hugging face: model directories as transformers' save_pretrained writes them,
+//   config.json                       architecture and sizes (LlamaConfig, GPT2Config)
+//   model.safetensors                 the weights; when large, shards instead:
+//   model-00001-of-0000N.safetensors  ... and model.safetensors.index.json:
+//                                     {"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}
+//   tokenizer.json, ...               the tokenizer, copied as it is
+// read into (hf_config_read, hf_weights_read) and written from (hf_write) the flat fp32
+// buffer. One table, hf_tensors, maps Hugging Face's tensor names onto the parameter table,
+// for both directions:
+//   LLaMA  model.embed_tokens (V,C) -> wte rows 0..V-1     model.layers.{l}.input_layernorm -> ln1w
+//          self_attn.q_proj, k_proj, v_proj -> qkvw rows [q; k; v]   self_attn.o_proj -> attprojw
+//          post_attention_layernorm -> ln2w   mlp.gate_proj, up_proj -> fcw rows [gate; up]
+//          mlp.down_proj -> fcprojw   model.norm -> lnfw   lm_head (V,C) -> lm_head rows (untied only)
+//   GPT-2  wte, wpe, h.{l}.ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f; read
+//          with or without the "transformer." prefix (openai-community/gpt2 has none), written
+//          with it. Its Conv1D weights are stored (in, out): the transpose of ours.
+// Every tensor the configuration needs must be there with its exact shape; a tensor it does
+// not use is refused (a wrong model type shows), except non-parameter buffers old files carry.
+
+typedef struct {
+    char name[96];
+    int ndim;          // 1 or 2
+    int64_t shape[2];  // as stored in the file
+    size_t offset;     // where its values start in the flat buffer
+    int transposed;    // the file holds the transpose of our (shape[1], shape[0]) matrix
+} HfTensor;
+
+void hf_add(HfTensor* t, int* n, size_t offset, int ndim, int64_t rows, int64_t cols, int transposed, const char* fmt, int layer) {
+    HfTensor* x = &t[(*n)++];
+    snprintf(x->name, sizeof x->name, fmt, layer);
+    x->ndim = ndim;
+    x->shape[0] = rows;
+    x->shape[1] = ndim == 2 ? cols : 1;
+    x->offset = offset;
+    x->transposed = transposed;
+}
+
+// Hugging Face's tensors of a model, in the flat buffer's order. Returns the count; free(*out).
+int hf_tensors(const ModelConfig* mc, HfTensor** out) {
+    ParamTable p = param_table(mc);
+    int64_t C = mc->channels, V = mc->vocab_size, F = mc->ffn_hidden, KV = (int64_t)mc->num_kv_heads * (C / mc->num_heads);
+    HfTensor* t = (HfTensor*)mallocCheck((5 + 12 * (size_t)mc->num_layers) * sizeof(HfTensor));
+    int n = 0;
+    if (mc->arch == ARCH_LLAMA) {
+        hf_add(t, &n, param_named(&p, "wte")->offset, 2, V, C, 0, "model.embed_tokens.weight", 0);
+        for (int l = 0; l < mc->num_layers; l++) {
+            size_t qkv = param_layer(&p, l, LLAMA_QKVW)->offset, fc = param_layer(&p, l, LLAMA_FCW)->offset;
+            hf_add(t, &n, param_layer(&p, l, LLAMA_LN1W)->offset, 1, C, 0, 0, "model.layers.%d.input_layernorm.weight", l);
+            hf_add(t, &n, qkv, 2, C, C, 0, "model.layers.%d.self_attn.q_proj.weight", l);
+            hf_add(t, &n, qkv + (size_t)(C * C), 2, KV, C, 0, "model.layers.%d.self_attn.k_proj.weight", l);
+            hf_add(t, &n, qkv + (size_t)((C + KV) * C), 2, KV, C, 0, "model.layers.%d.self_attn.v_proj.weight", l);
+            hf_add(t, &n, param_layer(&p, l, LLAMA_ATTPROJW)->offset, 2, C, C, 0, "model.layers.%d.self_attn.o_proj.weight", l);
+            hf_add(t, &n, param_layer(&p, l, LLAMA_LN2W)->offset, 1, C, 0, 0, "model.layers.%d.post_attention_layernorm.weight", l);
+            hf_add(t, &n, fc, 2, F, C, 0, "model.layers.%d.mlp.gate_proj.weight", l);
+            hf_add(t, &n, fc + (size_t)(F * C), 2, F, C, 0, "model.layers.%d.mlp.up_proj.weight", l);
+            hf_add(t, &n, param_layer(&p, l, LLAMA_FCPROJW)->offset, 2, C, F, 0, "model.layers.%d.mlp.down_proj.weight", l);
+        }
+        hf_add(t, &n, param_named(&p, "lnfw")->offset, 1, C, 0, 0, "model.norm.weight", 0);
+        if (!mc->tied) hf_add(t, &n, param_named(&p, "lm_head")->offset, 2, V, C, 0, "lm_head.weight", 0);
+    } else {
+        hf_add(t, &n, param_named(&p, "wte")->offset, 2, V, C, 0, "transformer.wte.weight", 0);
+        hf_add(t, &n, param_named(&p, "wpe")->offset, 2, mc->max_seq_len, C, 0, "transformer.wpe.weight", 0);
+        for (int l = 0; l < mc->num_layers; l++) {
+            #define GPT2_AT(which) param_layer(&p, l, which)->offset
+            hf_add(t, &n, GPT2_AT(GPT2_LN1W), 1, C, 0, 0, "transformer.h.%d.ln_1.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_LN1B), 1, C, 0, 0, "transformer.h.%d.ln_1.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_QKVW), 2, C, 3 * C, 1, "transformer.h.%d.attn.c_attn.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_QKVB), 1, 3 * C, 0, 0, "transformer.h.%d.attn.c_attn.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_ATTPROJW), 2, C, C, 1, "transformer.h.%d.attn.c_proj.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_ATTPROJB), 1, C, 0, 0, "transformer.h.%d.attn.c_proj.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_LN2W), 1, C, 0, 0, "transformer.h.%d.ln_2.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_LN2B), 1, C, 0, 0, "transformer.h.%d.ln_2.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCW), 2, C, F, 1, "transformer.h.%d.mlp.c_fc.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCB), 1, F, 0, 0, "transformer.h.%d.mlp.c_fc.bias", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCPROJW), 2, F, C, 1, "transformer.h.%d.mlp.c_proj.weight", l);
+            hf_add(t, &n, GPT2_AT(GPT2_FCPROJB), 1, C, 0, 0, "transformer.h.%d.mlp.c_proj.bias", l);
+            #undef GPT2_AT
+        }
+        hf_add(t, &n, param_named(&p, "lnfw")->offset, 1, C, 0, 0, "transformer.ln_f.weight", 0);
+        hf_add(t, &n, param_named(&p, "lnfb")->offset, 1, C, 0, 0, "transformer.ln_f.bias", 0);
+    }
+    param_table_free(&p);
+    *out = t;
+    return n;
+}
+
+// --- config.json in ---------------------------------------------------------------
+
+typedef struct { const char* path; const JsonValue* root; char* err; size_t errlen; } HfConfigFile;
+
+// The value of `key`, or NULL when it is absent or null (transformers then uses its default).
+const JsonValue* hf_key(const HfConfigFile* f, const char* key) {
+    const JsonValue* v = json_member(f->root, key);
+    return v && v->type != JSON_NULL ? v : NULL;
+}
+
+// An integer key in lo..hi; absent: `dflt`, or an error if required.
+int hf_int(const HfConfigFile* f, const char* key, int required, int dflt, int lo, int hi, int* out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) {
+        if (required) return fail(f->err, f->errlen, "'%s': missing key '%s'", f->path, key);
+        *out = dflt;
+        return 0;
+    }
+    if (v->type != JSON_NUMBER || v->number != floor(v->number) || v->number < lo || v->number > hi) {
+        if (v->type == JSON_NUMBER) return fail(f->err, f->errlen, "'%s': key '%s' must be an integer in %d..%d, got %g", f->path, key, lo, hi, v->number);
+        return fail(f->err, f->errlen, "'%s': key '%s' must be an integer in %d..%d, got %s", f->path, key, lo, hi, json_type_name(v->type));
+    }
+    *out = (int)v->number;
+    return 0;
+}
+
+int hf_number(const HfConfigFile* f, const char* key, double dflt, double* out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) { *out = dflt; return 0; }
+    if (v->type != JSON_NUMBER || !isfinite(v->number)) return fail(f->err, f->errlen, "'%s': key '%s' must be a finite number, got %s", f->path, key, json_type_name(v->type));
+    *out = v->number;
+    return 0;
+}
+
+int hf_bool(const HfConfigFile* f, const char* key, int dflt, int* out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) { *out = dflt; return 0; }
+    if (v->type != JSON_BOOL) return fail(f->err, f->errlen, "'%s': key '%s' must be true or false, got %s", f->path, key, json_type_name(v->type));
+    *out = v->boolean;
+    return 0;
+}
+
+// A string key; absent: dflt, or an error if dflt is NULL.
+int hf_string(const HfConfigFile* f, const char* key, const char* dflt, const char** out) {
+    const JsonValue* v = hf_key(f, key);
+    if (v == NULL) {
+        if (dflt == NULL) return fail(f->err, f->errlen, "'%s': missing key '%s'", f->path, key);
+        *out = dflt;
+        return 0;
+    }
+    if (v->type != JSON_STRING) return fail(f->err, f->errlen, "'%s': key '%s' must be a string, got %s", f->path, key, json_type_name(v->type));
+    *out = v->string;
+    return 0;
+}
+
+// bos_token_id / eos_token_id: absent -> the config class's default; null -> none (-1); a
+// list (several end tokens, as newer models have) -> its first.
+int hf_token(const HfConfigFile* f, const char* key, int dflt, int* out) {
+    const JsonValue* v = json_member(f->root, key);
+    if (v == NULL) { *out = dflt; return 0; }
+    if (v->type == JSON_ARRAY) v = v->count ? &v->items[0] : NULL;
+    if (v == NULL || v->type == JSON_NULL) { *out = -1; return 0; }
+    if (!json_is_count(v) || v->number >= MAX_VOCAB_SIZE) return fail(f->err, f->errlen, "'%s': key '%s' must be a token id (0..%d), null or a list of them", f->path, key, MAX_VOCAB_SIZE - 1);
+    *out = (int)v->number;
+    return 0;
+}
+
+// A boolean key that must have the value dstrain implements (`why` says what the other means).
+int hf_require_bool(const HfConfigFile* f, const char* key, int dflt, int want, const char* why) {
+    int v = dflt;
+    if (hf_bool(f, key, dflt, &v)) return -1;
+    if (v != want) return fail(f->err, f->errlen, "'%s': key '%s' is %s: %s", f->path, key, v ? "true" : "false", why);
+    return 0;
+}
+
+// "architectures", when present, names the class the weights were saved from.
+int hf_check_architecture(const HfConfigFile* f, const char* const* allowed, int n) {
+    const JsonValue* v = hf_key(f, "architectures");
+    if (v == NULL) return 0;
+    if (v->type != JSON_ARRAY || v->count < 1 || v->items[0].type != JSON_STRING) return fail(f->err, f->errlen, "'%s': key 'architectures' must be a list of class names", f->path);
+    for (int i = 0; i < n; i++) if (strcmp(v->items[0].string, allowed[i]) == 0) return 0;
+    return fail(f->err, f->errlen, "'%s': key 'architectures' is [\"%s\"]: for this model_type only %s%s%s is supported", f->path, v->items[0].string,
+                allowed[0], n > 1 ? " or " : "", n > 1 ? allowed[1] : "");
+}
+
+// LlamaForCausalLM (LLaMA, DeepSeek-LLM): LlamaConfig's keys, its defaults where transformers
+// has one that a saved config may omit; the sizes must be given.
+int hf_llama_config(const HfConfigFile* f, ModelConfig* mc) {
+    static const char* const archs[] = {"LlamaForCausalLM"};
+    int C, F, L, NH, KV, T, V, head_dim, tied, bos, eos;
+    double eps, theta, std;
+    const char* act;
+    if (hf_check_architecture(f, archs, 1) ||
+        hf_int(f, "hidden_size", 1, 0, 1, 1 << 16, &C) || hf_int(f, "intermediate_size", 1, 0, 1, 1 << 20, &F) ||
+        hf_int(f, "num_hidden_layers", 1, 0, 1, 1024, &L) || hf_int(f, "num_attention_heads", 1, 0, 1, 1 << 16, &NH) ||
+        hf_int(f, "max_position_embeddings", 1, 0, 1, 1 << 20, &T) || hf_int(f, "vocab_size", 1, 0, 1, MAX_VOCAB_SIZE, &V) ||
+        hf_int(f, "num_key_value_heads", 0, NH, 1, 1 << 16, &KV)) return -1;
+    if (C % NH) return fail(f->err, f->errlen, "'%s': key 'hidden_size' (%d) must be a multiple of 'num_attention_heads' (%d)", f->path, C, NH);
+    if (NH % KV) return fail(f->err, f->errlen, "'%s': key 'num_key_value_heads' (%d) must divide 'num_attention_heads' (%d)", f->path, KV, NH);
+    if (hf_int(f, "head_dim", 0, C / NH, 1, 1 << 16, &head_dim)) return -1;
+    if (head_dim != C / NH) return fail(f->err, f->errlen, "'%s': key 'head_dim' is %d, not hidden_size / num_attention_heads = %d: a separate head size is not supported", f->path, head_dim, C / NH);
+    if (hf_string(f, "hidden_act", "silu", &act)) return -1;
+    if (strcmp(act, "silu") != 0) return fail(f->err, f->errlen, "'%s': key 'hidden_act' is \"%s\": only \"silu\" (LLaMA's SwiGLU) is supported", f->path, act);
+    if (hf_require_bool(f, "attention_bias", 0, 0, "biases in the attention projections are not supported (LLaMA has none)") ||
+        hf_require_bool(f, "mlp_bias", 0, 0, "biases in the MLP are not supported (LLaMA has none)")) return -1;
+    if (hf_key(f, "rope_scaling")) return fail(f->err, f->errlen, "'%s': key 'rope_scaling' is set: scaled rotary embeddings are not supported yet (null expected)", f->path);
+    // pretraining_tp > 1 only makes transformers compute the projections in that many slices,
+    // to mimic the rounding of tensor-parallel pretraining: the same function, so it is ignored.
+    if (hf_number(f, "rms_norm_eps", 1e-6, &eps) || hf_number(f, "rope_theta", 10000.0, &theta) ||
+        hf_number(f, "initializer_range", 0.02, &std) || hf_bool(f, "tie_word_embeddings", 0, &tied) ||
+        hf_token(f, "bos_token_id", 1, &bos) || hf_token(f, "eos_token_id", 2, &eos)) return -1;
+    *mc = llama_config(L, NH, KV, C, F, T, V);
+    mc->norm_eps = (float)eps; mc->rope_theta = (float)theta; mc->init_std = (float)std;
+    mc->tied = tied; mc->bos_token = bos; mc->eos_token = eos;
+    return 0;
+}
+
+// GPT2LMHeadModel: GPT2Config's keys. dstrain's GPT-2 is the original: tanh GELU, MLP 4C,
+// attention scaled by 1/sqrt(head size), tied embeddings.
+int hf_gpt2_config(const HfConfigFile* f, ModelConfig* mc) {
+    static const char* const archs[] = {"GPT2LMHeadModel", "GPT2Model"};
+    int C, L, NH, T, V, inner, bos, eos;
+    double eps, std;
+    const char* act;
+    if (hf_check_architecture(f, archs, 2) ||
+        hf_int(f, "n_embd", 1, 0, 1, 1 << 16, &C) || hf_int(f, "n_layer", 1, 0, 1, 1024, &L) ||
+        hf_int(f, "n_head", 1, 0, 1, 1 << 16, &NH) || hf_int(f, "n_positions", 1, 0, 1, 1 << 20, &T) ||
+        hf_int(f, "vocab_size", 1, 0, 1, MAX_VOCAB_SIZE, &V)) return -1;
+    if (C % NH) return fail(f->err, f->errlen, "'%s': key 'n_embd' (%d) must be a multiple of 'n_head' (%d)", f->path, C, NH);
+    if (hf_int(f, "n_inner", 0, 4 * C, 1, 1 << 20, &inner)) return -1;
+    if (inner != 4 * C) return fail(f->err, f->errlen, "'%s': key 'n_inner' is %d: only null or 4 * n_embd = %d is supported", f->path, inner, 4 * C);
+    if (hf_string(f, "activation_function", "gelu_new", &act)) return -1;
+    if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0) {
+        return fail(f->err, f->errlen, "'%s': key 'activation_function' is \"%s\": only the tanh GELU (\"gelu_new\" or \"gelu_pytorch_tanh\") is supported", f->path, act);
+    }
+    if (hf_require_bool(f, "scale_attn_weights", 1, 1, "unscaled attention is not supported") ||
+        hf_require_bool(f, "scale_attn_by_inverse_layer_idx", 0, 0, "attention scaled by the layer index is not supported") ||
+        hf_require_bool(f, "reorder_and_upcast_attn", 0, 0, "reordered, upcast attention is not supported") ||
+        hf_require_bool(f, "add_cross_attention", 0, 0, "cross-attention is not supported") ||
+        hf_require_bool(f, "tie_word_embeddings", 1, 1, "GPT-2's output layer is its token embedding (tied)")) return -1;
+    if (hf_number(f, "layer_norm_epsilon", 1e-5, &eps) || hf_number(f, "initializer_range", 0.02, &std) ||
+        hf_token(f, "bos_token_id", 50256, &bos) || hf_token(f, "eos_token_id", 50256, &eos)) return -1;
+    *mc = gpt2_config(L, NH, C, T, V);
+    mc->norm_eps = (float)eps; mc->init_std = (float)std; mc->bos_token = bos; mc->eos_token = eos;
+    return 0;
+}
+
+// Reads DIR/config.json into mc (the vocabulary padded to a multiple of 128). Returns 0, or
+// -1 with err naming the file and the key.
+int hf_config_read(const char* dir, ModelConfig* mc, char* err, size_t errlen) {
+    char path[PATH_LEN], jerr[400], merr[300];
+    format_path(path, sizeof path, "%s/config.json", dir);
+    char* text = read_text_file(path, err, errlen);
+    if (text == NULL) return -1;
+    JsonValue root;
+    int rc = json_parse(text, &root, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "'%s': malformed JSON: %s", path, jerr);
+    HfConfigFile f = {path, &root, err, errlen};
+    const char* type = "";
+    if (root.type != JSON_OBJECT) rc = fail(err, errlen, "'%s': the top level must be a JSON object, got %s", path, json_type_name(root.type));
+    else rc = hf_string(&f, "model_type", NULL, &type);
+    if (rc == 0) {
+        if (strcmp(type, "llama") == 0) rc = hf_llama_config(&f, mc);
+        else if (strcmp(type, "gpt2") == 0) rc = hf_gpt2_config(&f, mc);
+        else rc = fail(err, errlen, "'%s': model_type \"%s\" is not supported (supported: \"llama\" (LlamaForCausalLM: LLaMA, DeepSeek-LLM) and \"gpt2\" (GPT2LMHeadModel))", path, type);
+    }
+    json_free(&root);
+    if (rc == 0 && model_config_check(mc, merr, sizeof merr)) rc = fail(err, errlen, "'%s': %s", path, merr);
+    return rc;
+}
+
+// --- weights in --------------------------------------------------------------------
+
+// The name a tensor has in hf_tensors: GPT-2's, read without "transformer.", gets it.
+void hf_canonical_name(const ModelConfig* mc, const char* name, char* out, size_t n) {
+    int bare = mc->arch == ARCH_GPT2 && strncmp(name, "transformer.", 12) != 0 && strncmp(name, "lm_head.", 8) != 0;
+    snprintf(out, n, "%s%s", bare ? "transformer." : "", name);
+}
+
+int str_ends_with(const char* s, const char* end) {
+    size_t a = strlen(s), b = strlen(end);
+    return a >= b && strcmp(s + a - b, end) == 0;
+}
+
+// Tensors files carry that are not parameters, or not separate ones: GPT-2's attention masks
+// (h.{l}.attn.bias, attn.masked_bias), older LLaMA files' rotary inv_freq (recomputed from
+// rope_theta), and lm_head.weight of a tied model (transformers ties it to the embedding).
+int hf_ignored(const ModelConfig* mc, const char* name) {
+    if (mc->tied && strcmp(name, "lm_head.weight") == 0) return 1;
+    if (mc->arch == ARCH_GPT2) return strncmp(name, "transformer.h.", 14) == 0 && (str_ends_with(name, ".attn.bias") || str_ends_with(name, ".attn.masked_bias"));
+    return strncmp(name, "model.layers.", 13) == 0 && str_ends_with(name, ".self_attn.rotary_emb.inv_freq");
+}
+
+// One tensor of a file into the flat buffer: named, shaped and typed as the model needs.
+int hf_read_tensor(const SafeTensors* st, const StTensor* t, const ModelConfig* mc, const HfTensor* want, int nwant, char* seen, float* params, char* err, size_t errlen) {
+    char name[PATH_LEN], have[128], need[128];
+    hf_canonical_name(mc, t->name, name, sizeof name);
+    int i = 0;
+    while (i < nwant && strcmp(want[i].name, name) != 0) i++;
+    if (i == nwant) {
+        if (hf_ignored(mc, name)) return 0;
+        return fail(err, errlen, "safetensors file '%s': tensor '%s' is not a parameter of the %s model that config.json describes (another architecture or configuration?)", st->path, t->name, arch_name(mc->arch));
+    }
+    const HfTensor* w = &want[i];
+    if (seen[i]) return fail(err, errlen, "safetensors file '%s': tensor '%s' appears a second time (as '%s')", st->path, w->name, t->name);
+    st_shape_text(t->shape, t->ndim, have, sizeof have);
+    st_shape_text(w->shape, w->ndim, need, sizeof need);
+    if (strcmp(have, need) != 0) return fail(err, errlen, "safetensors file '%s': tensor '%s' has shape %s, but config.json's model needs %s", st->path, t->name, have, need);
+    float* dst = params + w->offset;
+    if (!w->transposed) {
+        if (safetensors_read_f32(st, t, dst, err, errlen)) return -1;
+    } else { // the file's (rows, cols) is our (cols, rows)
+        size_t rows = (size_t)w->shape[0], cols = (size_t)w->shape[1];
+        float* tmp = (float*)mallocCheck(t->numel * sizeof(float));
+        int rc = safetensors_read_f32(st, t, tmp, err, errlen);
+        for (size_t r = 0; r < rows && rc == 0; r++) for (size_t c = 0; c < cols; c++) dst[c * rows + r] = tmp[r * cols + c];
+        free(tmp);
+        if (rc) return -1;
+    }
+    seen[i] = 1;
+    return 0;
+}
+
+// Every tensor of one weight file; with an index (map), the tensors it places in this file
+// (`file`) must be there.
+int hf_read_file(const char* path, const char* file, const JsonValue* map, const char* index_path, const ModelConfig* mc,
+                 const HfTensor* want, int nwant, char* seen, float* params, char* err, size_t errlen) {
+    SafeTensors st;
+    if (safetensors_open(&st, path, err, errlen)) return -1;
+    int rc = 0;
+    for (int i = 0; map && i < map->count && rc == 0; i++) {
+        if (strcmp(map->items[i].string, file) == 0 && safetensors_find(&st, map->keys[i]) == NULL) {
+            rc = fail(err, errlen, "'%s' places tensor '%s' in '%s', which has no such tensor", index_path, map->keys[i], path);
+        }
+    }
+    for (int k = 0; k < st.count && rc == 0; k++) rc = hf_read_tensor(&st, &st.tensors[k], mc, want, nwant, seen, params, err, errlen);
+    safetensors_close(&st);
+    return rc;
+}
+
+// model.safetensors.index.json: its weight_map, and the files it names (each once, in order).
+int hf_read_index(const char* path, JsonValue* index, const JsonValue** map, const char*** files, int* nfiles, char* err, size_t errlen) {
+    char jerr[400];
+    char* text = read_text_file(path, err, errlen);
+    if (text == NULL) return -1;
+    int rc = json_parse(text, index, jerr, sizeof jerr);
+    free(text);
+    if (rc) return fail(err, errlen, "'%s': malformed JSON: %s", path, jerr);
+    *map = json_member(index, "weight_map");
+    if (*map == NULL || (*map)->type != JSON_OBJECT) return fail(err, errlen, "'%s': no \"weight_map\" object", path);
+    *files = (const char**)mallocCheck(((size_t)(*map)->count + 1) * sizeof(char*));
+    *nfiles = 0;
+    for (int i = 0; i < (*map)->count; i++) {
+        const JsonValue* v = &(*map)->items[i];
+        if (v->type != JSON_STRING || v->string[0] == '\0' || strchr(v->string, '/') || strcmp(v->string, "..") == 0) {
+            return fail(err, errlen, "'%s': weight_map: tensor '%s' must name a file in the same folder", path, (*map)->keys[i]);
+        }
+        int k = 0;
+        while (k < *nfiles && strcmp((*files)[k], v->string) != 0) k++;
+        if (k == *nfiles) (*files)[(*nfiles)++] = v->string;
+    }
+    return 0;
+}
+
+// Reads DIR's weights (model.safetensors, or the shards model.safetensors.index.json lists)
+// into params (model_num_params(mc) floats; the padding rows of wte and lm_head are 0).
+// Returns 0, or -1 with err naming the file and the tensor.
+int hf_weights_read(const char* dir, const ModelConfig* mc, float* params, char* err, size_t errlen) {
+    char path[PATH_LEN], index_path[PATH_LEN], source[PATH_LEN + 32];
+    format_path(index_path, sizeof index_path, "%s/model.safetensors.index.json", dir);
+    JsonValue index;
+    memset(&index, 0, sizeof index);
+    const JsonValue* map = NULL;
+    const char* single = "model.safetensors";
+    const char** files = NULL;
+    int nfiles = 1, rc = 0;
+    if (file_size(index_path) >= 0) {
+        rc = hf_read_index(index_path, &index, &map, &files, &nfiles, err, errlen);
+        snprintf(source, sizeof source, "'%s' and its files", index_path);
+    } else {
+        format_path(path, sizeof path, "%s/model.safetensors", dir);
+        if (file_size(path) < 0) return fail(err, errlen, "'%s': no model.safetensors or model.safetensors.index.json (only safetensors weights are read, not pytorch_model.bin)", dir);
+        snprintf(source, sizeof source, "safetensors file '%s'", path);
+    }
+    HfTensor* want = NULL;
+    int nwant = hf_tensors(mc, &want);
+    char* seen = (char*)callocCheck((size_t)nwant, 1);
+    memset(params, 0, model_num_params(mc) * sizeof(float));
+    for (int f = 0; f < nfiles && rc == 0; f++) {
+        const char* file = files ? files[f] : single;
+        format_path(path, sizeof path, "%s/%s", dir, file);
+        rc = hf_read_file(path, file, map, index_path, mc, want, nwant, seen, params, err, errlen);
+    }
+    for (int i = 0; i < nwant && rc == 0; i++) {
+        char shape[128];
+        st_shape_text(want[i].shape, want[i].ndim, shape, sizeof shape);
+        if (!seen[i]) rc = fail(err, errlen, "%s: missing tensor '%s' (shape %s), which the %s model of config.json needs", source, want[i].name, shape, arch_name(mc->arch));
+    }
+    free(seen);
+    free(want);
+    free(files);
+    json_free(&index);
+    return rc;
+}
+
+// --- out ---------------------------------------------------------------------------
+
+// The shortest decimal that reads back as the same float, as Python writes it ("1e-06", "0.02", "10000.0").
+void json_float(float v, char* out, size_t n) {
+    for (int digits = 1; digits <= 9; digits++) {
+        snprintf(out, n, "%.*g", digits, (double)v);
+        if ((float)strtod(out, NULL) == v) break;
+    }
+    if (strpbrk(out, ".en") == NULL) strncat(out, ".0", n - strlen(out) - 1);
+}
+
+void json_token(int id, char* out, size_t n) {
+    if (id >= 0) snprintf(out, n, "%d", id); else snprintf(out, n, "null");
+}
+
+// config.json as transformers writes it (keys sorted), with every key its config class
+// reads, so that from_pretrained and AutoConfig load it. dstrain trains without dropout: the
+// dropout keys are 0, the model as trained. "dstrain_export" marks the folder as one that a
+// later export may replace.
+void hf_config_text(const ModelConfig* mc, TextBuf* b) {
+    char eps[32], theta[32], std[32], bos[16], eos[16];
+    json_float(mc->norm_eps, eps, sizeof eps);
+    json_float(mc->rope_theta, theta, sizeof theta);
+    json_float(mc->init_std, std, sizeof std);
+    json_token(mc->bos_token, bos, sizeof bos);
+    json_token(mc->eos_token, eos, sizeof eos);
+    if (mc->arch == ARCH_LLAMA) {
+        tb_printf(b, "{\n  \"architectures\": [\n    \"LlamaForCausalLM\"\n  ],\n  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n"
+                     "  \"bos_token_id\": %s,\n  \"dstrain_export\": true,\n  \"eos_token_id\": %s,\n  \"hidden_act\": \"silu\",\n"
+                     "  \"hidden_size\": %d,\n  \"initializer_range\": %s,\n  \"intermediate_size\": %d,\n  \"max_position_embeddings\": %d,\n"
+                     "  \"mlp_bias\": false,\n  \"model_type\": \"llama\",\n  \"num_attention_heads\": %d,\n  \"num_hidden_layers\": %d,\n"
+                     "  \"num_key_value_heads\": %d,\n  \"pretraining_tp\": 1,\n  \"rms_norm_eps\": %s,\n  \"rope_scaling\": null,\n  \"rope_theta\": %s,\n"
+                     "  \"tie_word_embeddings\": %s,\n  \"torch_dtype\": \"float32\",\n  \"use_cache\": true,\n  \"vocab_size\": %d\n}\n",
+                  bos, eos, mc->channels, std, mc->ffn_hidden, mc->max_seq_len, mc->num_heads, mc->num_layers,
+                  mc->num_kv_heads, eps, theta, mc->tied ? "true" : "false", mc->vocab_size);
+    } else {
+        tb_printf(b, "{\n  \"activation_function\": \"gelu_new\",\n  \"architectures\": [\n    \"GPT2LMHeadModel\"\n  ],\n  \"attn_pdrop\": 0.0,\n"
+                     "  \"bos_token_id\": %s,\n  \"dstrain_export\": true,\n  \"embd_pdrop\": 0.0,\n  \"eos_token_id\": %s,\n  \"initializer_range\": %s,\n"
+                     "  \"layer_norm_epsilon\": %s,\n  \"model_type\": \"gpt2\",\n  \"n_ctx\": %d,\n  \"n_embd\": %d,\n  \"n_head\": %d,\n  \"n_inner\": null,\n"
+                     "  \"n_layer\": %d,\n  \"n_positions\": %d,\n  \"reorder_and_upcast_attn\": false,\n  \"resid_pdrop\": 0.0,\n"
+                     "  \"scale_attn_by_inverse_layer_idx\": false,\n  \"scale_attn_weights\": true,\n  \"tie_word_embeddings\": true,\n"
+                     "  \"torch_dtype\": \"float32\",\n  \"use_cache\": true,\n  \"vocab_size\": %d\n}\n",
+                  bos, eos, std, eps, mc->max_seq_len, mc->channels, mc->num_heads, mc->num_layers, mc->max_seq_len, mc->vocab_size);
+    }
+}
+
+// A small file, written and fsync'ed.
+int write_text(const char* path, const char* text, char* err, size_t errlen) {
+    FILE* f = fopen(path, "wb");
+    if (f == NULL) return fail(err, errlen, "cannot create '%s': %s", path, strerror(errno));
+    size_t n = strlen(text);
+    int ok = fwrite(text, 1, n, f) == n && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    if (fclose(f) != 0) ok = 0;
+    return ok ? 0 : fail(err, errlen, "cannot write '%s': %s", path, strerror(errno));
+}
+
+int copy_file(const char* from, const char* to, char* err, size_t errlen) {
+    FILE* in = fopen(from, "rb");
+    if (in == NULL) return fail(err, errlen, "cannot open '%s': %s", from, strerror(errno));
+    FILE* out = fopen(to, "wb");
+    if (out == NULL) { fclose(in); return fail(err, errlen, "cannot create '%s': %s", to, strerror(errno)); }
+    char buf[1 << 16];
+    size_t n;
+    int ok = 1;
+    while (ok && (n = fread(buf, 1, sizeof buf, in)) > 0) ok = fwrite(buf, 1, n, out) == n;
+    ok = ok && !ferror(in) && fflush(out) == 0 && fsync(fileno(out)) == 0;
+    fclose(in);
+    if (fclose(out) != 0) ok = 0;
+    return ok ? 0 : fail(err, errlen, "cannot copy '%s' to '%s': %s", from, to, strerror(errno));
+}
+
+// The weights: model.safetensors, or shards of at most max_shard_bytes (a tensor larger
+// than that alone in one) and the index, as transformers' save_pretrained splits them.
+int hf_write_weights(const char* folder, const ModelConfig* mc, const float* params, size_t max_shard_bytes, char* err, size_t errlen) {
+    HfTensor* t = NULL;
+    int n = hf_tensors(mc, &t), rc = 0;
+    StWrite* w = (StWrite*)mallocCheck((size_t)n * sizeof(StWrite));
+    int* first = (int*)mallocCheck(((size_t)n + 1) * sizeof(int)); // shard s holds tensors first[s] .. first[s + 1] - 1
+    int shards = 0;
+    size_t in_shard = 0, total = 0;
+    for (int i = 0; i < n; i++) {
+        w[i].name = t[i].name; w[i].ndim = t[i].ndim; w[i].shape[0] = t[i].shape[0]; w[i].shape[1] = t[i].shape[1];
+        w[i].data = params + t[i].offset; w[i].transposed = t[i].transposed;
+        size_t bytes = st_write_numel(&w[i]) * sizeof(float);
+        if (i == 0 || in_shard + bytes > max_shard_bytes) { first[shards++] = i; in_shard = 0; }
+        in_shard += bytes;
+        total += bytes;
+    }
+    first[shards] = n;
+    char path[PATH_LEN], file[64];
+    if (shards == 1) {
+        format_path(path, sizeof path, "%s/model.safetensors", folder);
+        rc = safetensors_write(path, w, n, ST_F32, err, errlen);
+    } else {
+        TextBuf index = {NULL, 0, 0};
+        tb_printf(&index, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {\n", total);
+        for (int s = 0; s < shards && rc == 0; s++) {
+            snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", s + 1, shards);
+            format_path(path, sizeof path, "%s/%s", folder, file);
+            rc = safetensors_write(path, w + first[s], first[s + 1] - first[s], ST_F32, err, errlen);
+            for (int i = first[s]; i < first[s + 1]; i++) tb_printf(&index, "    \"%s\": \"%s\"%s\n", w[i].name, file, i + 1 < n ? "," : "");
+        }
+        tb_printf(&index, "  }\n}\n");
+        format_path(path, sizeof path, "%s/model.safetensors.index.json", folder);
+        if (rc == 0) rc = write_text(path, index.s, err, errlen);
+        free(index.s);
+    }
+    free(first);
+    free(w);
+    free(t);
+    return rc;
+}
+
+// The tokenizer files of src that exist (AutoTokenizer reads them from the export).
+int hf_copy_tokenizer(const char* src, const char* folder, char* err, size_t errlen) {
+    static const char* const names[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                                        "vocab.json", "merges.txt", "added_tokens.json"};
+    char from[PATH_LEN], to[PATH_LEN];
+    int copied = 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        format_path(from, sizeof from, "%s/%s", src, names[i]);
+        if (file_size(from) < 0) continue;
+        format_path(to, sizeof to, "%s/%s", folder, names[i]);
+        if (copy_file(from, to, err, errlen)) return -1;
+        copied++;
+    }
+    if (copied == 0) fprintf(stderr, "warning: no tokenizer files (tokenizer.json, ...) in '%s': the export has no tokenizer\n", src);
+    return 0;
+}
+
+// An export goes to a new or empty DIR, or replaces an earlier export of dstrain (its
+// config.json has "dstrain_export", and it holds files only). Anything else is refused, not
+// replaced, so that a mistyped path never deletes someone's files. Checked before training.
+int hf_out_check(const char* dir, char* err, size_t errlen) {
+    struct stat sb;
+    if (stat(dir, &sb) != 0) return errno == ENOENT ? 0 : fail(err, errlen, "--hf-out '%s': %s", dir, strerror(errno));
+    if (!S_ISDIR(sb.st_mode)) return fail(err, errlen, "--hf-out '%s' exists and is not a directory", dir);
+    DIR* d = opendir(dir);
+    if (d == NULL) return fail(err, errlen, "--hf-out '%s': %s", dir, strerror(errno));
+    int entries = 0, folders = 0;
+    struct dirent* e;
+    char path[PATH_LEN];
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        entries++;
+        format_path(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) folders++;
+    }
+    closedir(d);
+    if (entries == 0) return 0;
+    format_path(path, sizeof path, "%s/config.json", dir);
+    char* text = read_text_file(path, err, errlen);
+    JsonValue root;
+    char jerr[300];
+    int ours = text && json_parse(text, &root, jerr, sizeof jerr) == 0;
+    if (ours) { ours = json_member(&root, "dstrain_export") != NULL; json_free(&root); }
+    free(text);
+    if (!ours || folders) return fail(err, errlen, "--hf-out '%s' is not empty and not an earlier export of dstrain (which it would replace): choose a new or empty directory", dir);
+    return 0;
+}
+
+// tmp becomes DIR: an empty DIR is removed, an earlier export moved aside and removed after.
+int hf_commit(const char* tmp, const char* dir, char* err, size_t errlen) {
+    char old[PATH_LEN], parent[PATH_LEN];
+    format_path(old, sizeof old, "%s.old", dir);
+    remove_folder(old); // a leftover of an interrupted export
+    int replaced = 0;
+    if (rmdir(dir) != 0 && errno != ENOENT) {
+        if (rename(dir, old) != 0) return fail(err, errlen, "cannot rename '%s' to '%s': %s", dir, old, strerror(errno));
+        replaced = 1;
+    }
+    if (rename(tmp, dir) != 0) return fail(err, errlen, "cannot rename '%s' to '%s': %s", tmp, dir, strerror(errno));
+    format_path(parent, sizeof parent, "%s", dir);
+    char* slash = strrchr(parent, '/');
+    if (slash) { *slash = '\0'; fsync_path(slash == parent ? "/" : parent); } else fsync_path(".");
+    if (replaced) remove_folder(old);
+    return 0;
+}
+
+// Writes the model as a Hugging Face directory DIR: config.json, the weights in float32
+// (model.safetensors, or shards of at most max_shard_bytes with model.safetensors.index.json;
+// the V real rows of wte / lm_head; GPT-2's Conv1D weights transposed back), and the
+// tokenizer files of tokenizer_src_dir if it is not NULL. Everything is written into DIR.tmp
+// and renamed to DIR last, so an interrupted export never leaves a DIR that looks complete.
+// DIR must be new, empty, or an earlier export of dstrain (hf_out_check). Returns 0, or -1
+// with err naming the file.
+int hf_write(const char* dir, const ModelConfig* mc, const float* params, size_t max_shard_bytes, const char* tokenizer_src_dir, char* err, size_t errlen) {
+    char out[PATH_LEN], tmp[PATH_LEN], path[PATH_LEN];
+    format_path(out, sizeof out, "%s", dir);
+    for (size_t n = strlen(out); n > 1 && out[n - 1] == '/'; n--) out[n - 1] = '\0'; // "out/" names "out"
+    if (hf_out_check(out, err, errlen)) return -1;
+    format_path(tmp, sizeof tmp, "%s.tmp", out);
+    remove_folder(tmp); // a leftover of an interrupted export
+    make_dirs(tmp);
+    TextBuf config = {NULL, 0, 0};
+    hf_config_text(mc, &config);
+    format_path(path, sizeof path, "%s/config.json", tmp);
+    int rc = write_text(path, config.s, err, errlen);
+    free(config.s);
+    if (rc == 0) rc = hf_write_weights(tmp, mc, params, max_shard_bytes, err, errlen);
+    if (rc == 0 && tokenizer_src_dir) rc = hf_copy_tokenizer(tokenizer_src_dir, tmp, err, errlen);
+    if (rc == 0) { fsync_path(tmp); rc = hf_commit(tmp, out, err, errlen); }
+    if (rc) remove_folder(tmp);
+    return rc;
+}
+
+// ----------------------------------------------------------------------------
 // logging: one line per step on stdout, the same as a JSON object per line in --log.
 
 typedef struct {
@@ -2112,6 +3080,9 @@ typedef struct {
     int plan_ranks;            // > 0: print the memory plan for this many ranks and exit
     int64_t val_every, val_batches, sample_tokens;
     int recompute;             // GPU: recompute GELU and LayerNorm outputs in backward
+    const char* hf_model;      // Hugging Face model directory: configuration and initial weights
+    const char* hf_out;        // write the trained model there as a Hugging Face directory
+    int64_t hf_shard_size;     // largest safetensors file of --hf-out
     // ds_config overrides (NAN / -1: not given)
     double lr, weight_decay, grad_clip;
     int64_t micro_batch, grad_accum, train_batch_size;
@@ -2130,6 +3101,7 @@ void options_defaults(Options* o) {
     o->layers = 4; o->heads = 4; o->dim = 128; o->seq_len = 128;
     o->val_every = 50; o->val_batches = 16; o->sample_tokens = 64;
     o->lr = o->weight_decay = o->grad_clip = NAN;
+    o->hf_shard_size = 5000000000; // transformers' save_pretrained: max_shard_size "5GB"
     o->micro_batch = o->grad_accum = o->train_batch_size = -1;
 }
 
@@ -2148,10 +3120,19 @@ void print_usage(const char* prog) {
            "  --seed N                    seed for weights and data order (default %llu)\n"
            "  --arch gpt2|llama           architecture of a model from scratch (default gpt2)\n"
            "  --layers N --heads N --dim N --seq-len N\n"
-           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from, except\n"
+           "                              model size (default %d, %d, %d, %d); ignored with --resume/--init-from/--hf-model, except\n"
            "                              --seq-len, the training sequence length for any model (default: the model's positions)\n"
            "  --kv-heads N --ffn-dim N    LLaMA from scratch: key/value heads (default: --heads), MLP width (default: 8/3 dim rounded up to 256)\n"
            "  --init-from FILE            start from the weights of a checkpoint's model.bin\n"
+           "  --hf-model DIR              start from a Hugging Face model directory (config.json and safetensors of\n"
+           "                              LlamaForCausalLM or GPT2LMHeadModel): its architecture, sizes and weights.\n"
+           "                              With --resume the checkpoint's weights are used, DIR only gives --hf-out its tokenizer\n"
+           "  --hf-out DIR                after training, also write the model as a Hugging Face directory (config.json,\n"
+           "                              float32 safetensors, the tokenizer files of --hf-model); DIR must be new, empty,\n"
+           "                              or an earlier export, which it replaces. With --steps 0: convert only, the weights\n"
+           "                              of --hf-model, --init-from or --resume's checkpoint, without training\n"
+           "  --hf-shard-size BYTES       largest safetensors file of --hf-out; larger models are sharded with an index\n"
+           "                              (default %lld, save_pretrained's 5GB)\n"
            "  --checkpoint-dir DIR        where checkpoints go (default %s; \"\" = never save)\n"
            "  --save-every N              also save every N steps (default 0: only at the end)\n"
            "  --resume                    continue from DIR/latest, bit for bit (on any number of ranks)\n"
@@ -2173,7 +3154,7 @@ void print_usage(const char* prog) {
            "                              (model states next to DeepSpeed's formula, activations), without allocating; then exit\n"
            "  -h, --help                  this text\n",
            prog, d.train_data, d.val_data, d.tokenizer_path, (long long)d.steps, (unsigned long long)d.seed,
-           d.layers, d.heads, d.dim, d.seq_len, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
+           d.layers, d.heads, d.dim, d.seq_len, (long long)d.hf_shard_size, d.checkpoint_dir, d.comm_timeout, (long long)d.val_every, (long long)d.val_batches, (long long)d.sample_tokens);
 }
 
 int64_t parse_int_flag(const char* flag, const char* value, int64_t min, int64_t max) {
@@ -2228,6 +3209,9 @@ void parse_args(Options* o, int argc, char** argv) {
         else if (strcmp(f, "--val-data") == 0) o->val_data = value;
         else if (strcmp(f, "--tokenizer") == 0) o->tokenizer_path = value;
         else if (strcmp(f, "--init-from") == 0) o->init_from = value;
+        else if (strcmp(f, "--hf-model") == 0) o->hf_model = value;
+        else if (strcmp(f, "--hf-out") == 0) o->hf_out = value;
+        else if (strcmp(f, "--hf-shard-size") == 0) o->hf_shard_size = parse_int_flag(f, value, 1, INT64_C(1) << 50);
         else if (strcmp(f, "--checkpoint-dir") == 0) o->checkpoint_dir = value;
         else if (strcmp(f, "--log") == 0) o->log_path = value;
         else if (strcmp(f, "--resume-from") == 0) o->resume_from = value;
@@ -2263,6 +3247,8 @@ void parse_args(Options* o, int argc, char** argv) {
     if (o->kv_heads && o->heads % o->kv_heads) fatal("--kv-heads (%d) must divide --heads (%d)", o->kv_heads, o->heads);
     if (o->arch == ARCH_GPT2 && (o->kv_heads || o->ffn_dim)) fatal("--kv-heads and --ffn-dim are for --arch llama (GPT-2 has kv heads = heads, MLP width 4 x dim)");
     if (o->epochs && o->steps_given) fatal("--epochs and --steps both given: choose one (--epochs N trains N passes over the data)");
+    if (o->hf_model && o->init_from) fatal("--hf-model and --init-from both give the initial weights: use one");
+    if (o->hf_out && o->hf_out[0] == '\0') fatal("--hf-out: expected a directory, got ''");
 }
 
 // The effective DeepSpeed configuration: file (or built-in defaults), then flags,
@@ -2755,6 +3741,27 @@ void sample_text(Trainer* tr, const Tokenizer* tok) {
     free(seq);
 }
 
+// The full fp32 master weights in host memory on rank 0 (NULL on the other ranks, which
+// must call it too: with ZeRO stages 1 and 2 the partitions are all-gathered first).
+float* gather_master_weights(Trainer* tr, const char* what) {
+    Zero* z = &tr->zero;
+    Comm* c = &tr->comm;
+    const BufferOps* b = z->buf;
+    float* full = z->master;
+    if (z->stage > 0) {
+        full = (float*)b->alloc(z->padded * sizeof(float));
+        b->copy(full + z->lo, z->master, z->n);
+        c->allgather(c, full, sizeof(float), z->part_count, z->part_start, what);
+    }
+    float* host = NULL;
+    if (c->rank == 0) {
+        host = (float*)mallocCheck(tr->num_params * sizeof(float));
+        b->to_host(host, full, tr->num_params);
+    }
+    if (full != z->master) b->release(full);
+    return host;
+}
+
 // Every rank writes its partition of the fp32 master weights and Adam moments; rank 0
 // also writes the full model (gathered from the partitions) and the training state.
 // Stage 0 keeps everything on every rank, so rank 0 alone writes one optimizer file.
@@ -2769,13 +3776,7 @@ void save_checkpoint(Trainer* tr) {
     if (c->rank == 0) checkpoint_begin(dir, tr->state.step, tmp, sizeof tmp);
     else format_path(tmp, sizeof tmp, "%s/step_%08lld.tmp", dir, (long long)tr->state.step);
     c->barrier(c, "checkpoint save (folder created)");
-    // the full fp32 master weights, for model.bin
-    float* full = z->master;
-    if (z->stage > 0) {
-        full = (float*)b->alloc(z->padded * sizeof(float));
-        b->copy(full + z->lo, z->master, z->n);
-        c->allgather(c, full, sizeof(float), z->part_count, z->part_start, "all-gather of the master weights for a checkpoint");
-    }
+    float* full = gather_master_weights(tr, "all-gather of the master weights for a checkpoint"); // for model.bin
     if (c->rank < files) {
         float* host = (float*)mallocCheck(3 * z->n * sizeof(float));
         b->to_host(host, z->master, z->n);
@@ -2785,17 +3786,14 @@ void save_checkpoint(Trainer* tr) {
         free(host);
     }
     if (c->rank == 0) {
-        float* host = (float*)mallocCheck(tr->num_params * sizeof(float));
-        b->to_host(host, full, tr->num_params);
         format_path(path, sizeof path, "%s/model.bin", tmp);
-        model_file_write(path, &tr->mc, host, tr->num_params);
-        free(host);
+        model_file_write(path, &tr->mc, full, tr->num_params);
         CheckpointState s = {tr->state, tr->train.epoch, (int64_t)tr->train.cursor, tr->T, (int64_t)tr->train.num_seqs,
                              (int64_t)tr->train.global_batch, files, tr->opt.seed, tr->rng};
         format_path(path, sizeof path, "%s/state.bin", tmp);
         state_file_write(path, &s);
     }
-    if (full != z->master) b->release(full);
+    free(full);
     c->barrier(c, "checkpoint save (files written)");
     if (c->rank == 0) checkpoint_commit(dir, tr->state.step, tmp);
     c->barrier(c, "checkpoint save (committed)");
@@ -2849,6 +3847,9 @@ void init_weights(Trainer* tr) {
     if (tr->opt.init_from) {
         if (model_file_read(tr->opt.init_from, full, tr->num_params, err, sizeof err)) fatal("%s", err);
         printf("weights: from %s\n", tr->opt.init_from);
+    } else if (tr->opt.hf_model) {
+        if (hf_weights_read(tr->opt.hf_model, &tr->mc, full, err, sizeof err)) fatal("%s", err);
+        printf("weights: from the Hugging Face model %s\n", tr->opt.hf_model);
     } else {
         model_init_params(full, &tr->mc, tr->opt.seed);
         printf("weights: %s initialisation (normal, std %g), seed %llu\n", tr->mc.arch == ARCH_LLAMA ? "LLaMA" : "GPT-2", tr->mc.init_std, (unsigned long long)tr->opt.seed);
@@ -2876,8 +3877,11 @@ ModelConfig choose_model_config(Trainer* tr, char* resume_folder, size_t n, Chec
         if (state_file_read(path, resume_state, err, sizeof err)) fatal("%s", err);
         format_path(path, sizeof path, "%s/model.bin", resume_folder);
         if (model_file_config(path, &mc, &file_params, err, sizeof err)) fatal("%s", err);
+        if (tr->opt.hf_model) printf("note: resuming: the weights are the checkpoint's; --hf-model %s only gives --hf-out its tokenizer\n", tr->opt.hf_model);
     } else if (tr->opt.init_from) {
         if (model_file_config(tr->opt.init_from, &mc, &file_params, err, sizeof err)) fatal("%s", err);
+    } else if (tr->opt.hf_model) {
+        if (hf_config_read(tr->opt.hf_model, &mc, err, sizeof err)) fatal("%s", err);
     }
     if (model_config_check(&mc, err, sizeof err)) fatal("model: %s", err);
     return mc;
@@ -2910,6 +3914,55 @@ void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
         printf("step=%lld, skipped=%lld, lr=[%g], mom=[(%g, %g)]\n", (long long)tr->state.step, (long long)tr->state.skipped,
                lr_at(&tr->cfg, tr->state.sched_it), tr->cfg.betas[0], tr->cfg.betas[1]);
     }
+}
+
+// --hf-out after training: the full fp32 master weights as a Hugging Face directory. Every
+// rank joins the all-gather; rank 0 writes, and the others do not wait for it (no barrier:
+// writing a large model may take longer than the collectives' timeout).
+void export_hf(Trainer* tr) {
+    char err[1024];
+    double t0 = wall_seconds();
+    float* host = gather_master_weights(tr, "all-gather of the master weights for --hf-out");
+    if (host == NULL) return;
+    if (hf_write(tr->opt.hf_out, &tr->mc, host, (size_t)tr->opt.hf_shard_size, tr->opt.hf_model, err, sizeof err)) fatal("%s", err);
+    free(host);
+    printf("wrote the Hugging Face model %s (step %lld, %.0f ms)\n", tr->opt.hf_out, (long long)tr->state.step, ms_since(t0));
+}
+
+// --steps 0 --hf-out DIR: converts weights (--hf-model, --init-from, or --resume's checkpoint)
+// to a Hugging Face directory, in one process, without building the model or opening data,
+// so that it works on any machine for any model size.
+int convert_to_hf(const Options* o) {
+    char err[1024], folder[PATH_LEN], path[PATH_LEN];
+    ModelConfig mc;
+    size_t n;
+    const char* from = o->init_from;
+    refuse_ranks("converts in one process with --steps 0 --hf-out: run it without a launcher");
+    if (o->resume) {
+        const char* dir = o->resume_from ? o->resume_from : o->checkpoint_dir;
+        if (dir[0] == '\0') fatal("--resume needs --checkpoint-dir or --resume-from");
+        if (checkpoint_latest(dir, folder, sizeof folder, err, sizeof err)) fatal("%s", err);
+        format_path(path, sizeof path, "%s/model.bin", folder);
+        from = path;
+    } else if (from == NULL && o->hf_model == NULL) {
+        fatal("--steps 0 --hf-out converts weights: give --hf-model DIR, --init-from FILE or --resume");
+    }
+    float* params;
+    if (from) {
+        if (model_file_config(from, &mc, &n, err, sizeof err)) fatal("%s", err);
+        params = (float*)mallocCheck(n * sizeof(float));
+        if (model_file_read(from, params, n, err, sizeof err)) fatal("%s", err);
+    } else {
+        from = o->hf_model;
+        if (hf_config_read(from, &mc, err, sizeof err)) fatal("%s", err);
+        params = (float*)mallocCheck(model_num_params(&mc) * sizeof(float));
+        if (hf_weights_read(from, &mc, params, err, sizeof err)) fatal("%s", err);
+    }
+    if (hf_write(o->hf_out, &mc, params, (size_t)o->hf_shard_size, o->hf_model, err, sizeof err)) fatal("%s", err);
+    printf("converted %s (%s, %d layers, %d channels, vocabulary %d: %.2fM parameters) to the Hugging Face model %s\n", from, arch_name(mc.arch),
+           mc.num_layers, mc.channels, mc.vocab_size, model_num_params(&mc) / 1e6, o->hf_out);
+    free(params);
+    return 0;
 }
 
 // The regions of gradients the model hands to ZeRO, from the end of the buffer to its start:
@@ -2984,6 +4037,7 @@ void print_plan(const Trainer* tr, int N) {
 // What `./train_gpt` does: configure, train to --steps, validate, save, sample.
 int train_main(int argc, char** argv, const ModelOps* ops) {
     Trainer tr;
+    char err[1024];
     memset(&tr, 0, sizeof tr);
     tr.ops = ops;
     tr.last_saved = -1;
@@ -2999,6 +4053,8 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
         print_plan(&tr, tr.opt.plan_ranks);
         return 0;
     }
+    if (tr.opt.hf_out && tr.opt.steps == 0) return convert_to_hf(&tr.opt);
+    if (tr.opt.hf_out && hf_out_check(tr.opt.hf_out, err, sizeof err)) fatal("%s", err); // now, not after training
     ops->init_comm(&tr.comm, &argc, &argv, tr.opt.comm_timeout);
     if (tr.comm.rank != 0 && freopen("/dev/null", "w", stdout) == NULL) fatal("cannot silence rank %d's output", tr.comm.rank); // rank 0 reports; errors still reach stderr
     tr.comm.timeout_s = tr.opt.comm_timeout;
@@ -3007,7 +4063,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     print_config(&tr.cfg, tr.comm.world_size);
     ops->describe_run(&tr.cfg, &tr.comm);
 
-    char resume_folder[PATH_LEN] = {0}, err[1024];
+    char resume_folder[PATH_LEN] = {0};
     CheckpointState resume_state;
     memset(&resume_state, 0, sizeof resume_state);
     tr.mc = choose_model_config(&tr, resume_folder, sizeof resume_folder, &resume_state);
@@ -3056,6 +4112,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
         if (tr.opt.checkpoint_dir[0] && tr.opt.save_every && tr.state.step % tr.opt.save_every == 0) save_checkpoint(&tr);
     }
     if (tr.opt.checkpoint_dir[0] && tr.last_saved != tr.state.step) save_checkpoint(&tr);
+    if (tr.opt.hf_out) export_hf(&tr);
     if (tr.opt.sample_tokens > 0 && tr.comm.rank == 0) {
         Tokenizer tok;
         if (tokenizer_load(&tok, tr.opt.tokenizer_path, err, sizeof err)) {

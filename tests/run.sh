@@ -42,6 +42,7 @@ run python3 tests/test_compare.py
 run ./test_dstrain "$TMP"
 for r in "${refs[@]}"; do run ./test_gpt "$r"; done
 run bash tests/test_cli.sh
+run "${PYTHON_TORCH:-/usr/bin/python3}" tests/test_hf.py  # with transformers: Debian's PyTorch plus pip's transformers
 run bash tests/test_zero.sh
 run bash tests/test_zero.sh llama
 run python3 tests/test_data.py

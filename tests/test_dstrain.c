@@ -2,7 +2,8 @@
 test_dstrain.c: tests of the shared runtime (dstrain.h) that need no model: config
 reading and validation, DeepSpeed's batch rules, LR schedules against an independent
 Python implementation, the loss scaler and step logic against traces worked out from
-DeepSpeed's algorithm, the data loader, checkpoint files and the tokenizer.
+DeepSpeed's algorithm, the data loader, checkpoint files, safetensors files and Hugging
+Face model directories, and the tokenizer.
 
     make test_dstrain && python3 tests/schedule_reference.py DIR/sched && ./test_dstrain DIR
 (DIR: any folder for the files the tests write, for example from mktemp -d; `make test`
@@ -614,6 +615,480 @@ static void test_state_file_roundtrip(void) {
 }
 
 // ----------------------------------------------------------------------------
+// safetensors and Hugging Face model directories
+
+// Every half and bfloat16 against hand-checked values (normal, subnormal, signed zero,
+// infinities, NaN), then exhaustively: each converts to float and back unchanged, and float
+// to half rounds to nearest even at every midpoint.
+static void test_half_and_bfloat16_conversions_exact(void) {
+    struct { uint16_t h; float f; } f16[] = {
+        {0x3c00, 1.0f}, {0xc000, -2.0f}, {0x7bff, 65504.0f}, {0x3555, 0.333251953125f}, {0x0400, 6.103515625e-05f}, // 2^-14, smallest normal
+        {0x0001, 5.9604644775390625e-08f}, {0x8001, -5.9604644775390625e-08f}, {0x03ff, 6.0975551605224609375e-05f}}; // subnormals: 2^-24, 1023 * 2^-24
+    for (size_t i = 0; i < sizeof f16 / sizeof f16[0]; i++) {
+        CHECK(f16_to_f32(f16[i].h) == f16[i].f && f32_to_f16(f16[i].f) == f16[i].h, "half 0x%04x: %.10g, expected %.10g", f16[i].h, f16_to_f32(f16[i].h), f16[i].f);
+    }
+    struct { uint16_t h; float f; } bf16[] = {
+        {0x3f80, 1.0f}, {0xc049, -3.140625f}, {0x7f7f, 3.3895313892515355e38f}, {0x0080, 1.1754943508222875e-38f}, // largest, smallest normal
+        {0x0001, 9.1835496157991212e-41f}}; // subnormal 2^-133
+    for (size_t i = 0; i < sizeof bf16 / sizeof bf16[0]; i++) {
+        CHECK(bf16_to_f32(bf16[i].h) == bf16[i].f && f32_to_bf16(bf16[i].f) == bf16[i].h, "bfloat16 0x%04x: %.10g, expected %.10g", bf16[i].h, bf16_to_f32(bf16[i].h), bf16[i].f);
+    }
+    CHECK(f16_to_f32(0x8000) == 0 && signbit(f16_to_f32(0x8000)) && bf16_to_f32(0x8000) == 0 && signbit(bf16_to_f32(0x8000)), "negative zero");
+    CHECK(f32_to_f16(-0.0f) == 0x8000 && f32_to_bf16(-0.0f) == 0x8000, "negative zero back");
+    CHECK(f16_to_f32(0x7c00) == INFINITY && f16_to_f32(0xfc00) == -INFINITY && bf16_to_f32(0x7f80) == INFINITY && bf16_to_f32(0xff80) == -INFINITY, "infinities");
+    CHECK(isnan(f16_to_f32(0x7e00)) && isnan(f16_to_f32(0x7c01)) && isnan(f16_to_f32(0xfe00)) && isnan(bf16_to_f32(0x7fc0)) && isnan(bf16_to_f32(0xff81)), "NaN");
+    CHECK((f32_to_f16(NAN) & 0x7fff) > 0x7c00 && (f32_to_bf16(NAN) & 0x7fff) > 0x7f80, "NaN stays NaN");
+    int wrong = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float a = f16_to_f32((uint16_t)h), b = bf16_to_f32((uint16_t)h);
+        if (isnan(a) ? !isnan(f16_to_f32(f32_to_f16(a))) : f32_to_f16(a) != h) wrong++;
+        if (isnan(b) ? !isnan(bf16_to_f32(f32_to_bf16(b))) : f32_to_bf16(b) != h) wrong++;
+    }
+    CHECK(wrong == 0, "%d of the 2 x 65536 values do not convert back unchanged", wrong);
+    wrong = 0;
+    for (uint32_t h = 0; h < 0x7bff; h++) { // neighbours lo < hi, both finite; their midpoint is exact in float
+        float lo = f16_to_f32((uint16_t)h), hi = f16_to_f32((uint16_t)(h + 1)), mid = (lo + hi) / 2;
+        uint16_t even = (uint16_t)(h & 1 ? h + 1 : h);
+        if (f32_to_f16(mid) != even || f32_to_f16(nextafterf(mid, INFINITY)) != h + 1 || f32_to_f16(nextafterf(mid, 0)) != h) wrong++;
+        if (f32_to_f16(-mid) != (even | 0x8000)) wrong++;
+    }
+    CHECK(wrong == 0, "%d half midpoints do not round to nearest even", wrong);
+    CHECK(f32_to_f16(65519.996f) == 0x7bff && f32_to_f16(65520.0f) == 0x7c00 && f32_to_f16(1e30f) == 0x7c00 && f32_to_f16(-INFINITY) == 0xfc00, "half overflow");
+    CHECK(f32_to_f16(2.98023223876953125e-08f) == 0 && f32_to_f16(nextafterf(2.98023223876953125e-08f, 1)) == 1, "half underflow: 2^-25 rounds to 0 (even)");
+    CHECK(f32_to_bf16(1.00390625f) == 0x3f80 && f32_to_bf16(1.01171875f) == 0x3f82 && f32_to_bf16(nextafterf(1.00390625f, 2)) == 0x3f81, "bfloat16 rounds to nearest even");
+    CHECK(f32_to_bf16(3.4028234664e38f) == 0x7f80, "bfloat16 overflow rounds to inf");
+}
+
+// Writes TMP/name: header_len (0: the header's own length), the header, data_bytes of data.
+static void write_st(const char* name, uint64_t header_len, const char* header, const void* data, size_t data_bytes) {
+    char path[PATH_LEN];
+    FILE* f = fopenCheck(tmp_path(path, name), "wb");
+    uint64_t n = header_len ? header_len : strlen(header);
+    fwrite(&n, 8, 1, f);
+    fwrite(header, 1, strlen(header), f);
+    if (data_bytes) fwrite(data, 1, data_bytes, f);
+    fclose(f);
+}
+
+static int open_st(const char* name) {
+    SafeTensors st;
+    char path[PATH_LEN];
+    err[0] = '\0';
+    int rc = safetensors_open(&st, tmp_path(path, name), err, sizeof err);
+    if (rc == 0) safetensors_close(&st);
+    return rc;
+}
+
+// opening TMP/name fails, naming the file, with `want` in the message
+#define CHECK_ST_REFUSED(name, want) do { \
+    int rc_ = open_st(name); \
+    CHECK_ERR(rc_, err, names_tmp("safetensors file ", name)); \
+    CHECK_ERR(rc_, err, want); \
+} while (0)
+
+// A valid file reads exactly (F32, F16, BF16 at unaligned offsets; I64 recognised, refused
+// as weights); every way the reference implementation refuses a file is refused here, by
+// file and tensor.
+static void test_safetensors_reads_and_validates(void) {
+    unsigned char data[34];
+    float w[4] = {1.0f, -2.0f, 0.5f, 3.0f};
+    uint16_t h[3] = {0x3c00, 0xc000, 0x0001}, b[2] = {0x3f80, 0xc049};
+    int64_t step = 7;
+    memcpy(data, w, 16); memcpy(data + 16, h, 6); memcpy(data + 22, b, 4); memcpy(data + 26, &step, 8);
+    const char* good = "{\"__metadata__\":{\"format\":\"pt\"},\"w\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},"
+                       "\"h\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[16,22]},\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[22,26]},"
+                       "\"step\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[26,34]}}   ";
+    write_st("good.safetensors", 0, good, data, sizeof data);
+    SafeTensors st;
+    char path[PATH_LEN];
+    int rc = safetensors_open(&st, tmp_path(path, "good.safetensors"), err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    if (rc == 0) {
+        const StTensor *tw = safetensors_find(&st, "w"), *th = safetensors_find(&st, "h"), *tb = safetensors_find(&st, "b"), *ts = safetensors_find(&st, "step");
+        CHECK(st.count == 4 && tw && th && tb && ts && tw->ndim == 2 && tw->shape[1] == 2 && ts->ndim == 0 && ts->numel == 1, "tensors");
+        float out[4] = {0};
+        CHECK(safetensors_read_f32(&st, tw, out, err, sizeof err) == 0 && memcmp(out, w, 16) == 0, "F32 values");
+        CHECK(safetensors_read_f32(&st, th, out, err, sizeof err) == 0 && out[0] == 1.0f && out[1] == -2.0f && out[2] == 5.9604644775390625e-08f, "F16 values");
+        CHECK(safetensors_read_f32(&st, tb, out, err, sizeof err) == 0 && out[0] == 1.0f && out[1] == -3.140625f, "BF16 values");
+        CHECK_ERR(safetensors_read_f32(&st, ts, out, err, sizeof err), err, "'step' has dtype I64; weights must be F32, F16 or BF16");
+        CHECK(safetensors_find(&st, "nope") == NULL, "find");
+        safetensors_close(&st);
+    }
+    write_st("huge.st", 100000001, good, data, sizeof data);
+    CHECK_ST_REFUSED("huge.st", "header length 100000001 is over the limit of 100000000 bytes");
+    write_st("long.st", strlen(good) + sizeof data + 1, good, data, sizeof data);
+    CHECK_ST_REFUSED("long.st", "goes beyond the end of the file");
+    FILE* f = fopenCheck(tmp_path(path, "tiny.st"), "wb");
+    fwrite("abcd", 1, 4, f);
+    fclose(f);
+    CHECK_ST_REFUSED("tiny.st", "4 bytes, shorter than the 8-byte header length");
+    write_st("notjson.st", 0, "{\"w\": {\"dtype\": \"F32\",", NULL, 0);
+    CHECK_ST_REFUSED("notjson.st", "the header is not valid JSON: line 1, column 23");
+    write_st("array.st", 0, "[1, 2]", NULL, 0);
+    CHECK_ST_REFUSED("array.st", "the header must be a JSON object, got an array");
+    write_st("dtype.st", 0, "{\"w\":{\"dtype\":\"F17\",\"shape\":[1],\"data_offsets\":[0,4]}}", data, 4);
+    CHECK_ST_REFUSED("dtype.st", "tensor 'w': unknown dtype \"F17\"");
+    write_st("span.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,20]}}", data, 20);
+    CHECK_ST_REFUSED("span.st", "tensor 'w': shape [2, 3] of F32 is 24 bytes, but data_offsets [0, 20] span 20");
+    write_st("outside.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", data, 12);
+    CHECK_ST_REFUSED("outside.st", "tensor 'w': data_offsets [0, 16] go beyond the data section (12 bytes after the header)");
+    write_st("overlap.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}", data, 24);
+    CHECK_ST_REFUSED("overlap.st", "tensor 'b' (bytes [8, 24]) overlaps tensor 'a' (bytes [0, 16])");
+    write_st("gap.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[12,16]}}", data, 16);
+    CHECK_ST_REFUSED("gap.st", "bytes [8, 12] of the data section belong to no tensor (a gap before tensor 'b')");
+    write_st("trailing.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", data, 12);
+    CHECK_ST_REFUSED("trailing.st", "4 bytes after the last tensor's data belong to no tensor");
+    write_st("twice.st", 0, "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", data, 8);
+    CHECK_ST_REFUSED("twice.st", "duplicate key \"a\"");
+    write_st("meta.st", 0, "{\"__metadata__\":{\"step\":1}}", NULL, 0);
+    CHECK_ST_REFUSED("meta.st", "\"__metadata__\" must be an object of strings");
+    write_st("nooffsets.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[1]}}", data, 4);
+    CHECK_ST_REFUSED("nooffsets.st", "tensor 'w': \"data_offsets\" must be [begin, end]");
+    write_st("badshape.st", 0, "{\"w\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", data, 4);
+    CHECK_ST_REFUSED("badshape.st", "tensor 'w': shape entries must be non-negative integers");
+    CHECK_ST_REFUSED("none.st", "No such file");
+}
+
+// The writer: F32 (a transposed matrix), BF16 and F16 (rounded to nearest even), data
+// aligned to 8 bytes, read back by the reader; no temporary file left.
+static void test_safetensors_writer_round_trip(void) {
+    float m[6] = {1, 2, 3, 4, 5, 6}; // (2, 3), stored transposed as (3, 2)
+    float v[3] = {0.1f, -0.0f, 65505.0f};
+    StWrite t[2] = {{"m.t", 2, {3, 2}, m, 1}, {"v", 1, {3, 0}, v, 0}};
+    int dtypes[3] = {ST_F32, ST_BF16, ST_F16};
+    char path[PATH_LEN], tmp[PATH_LEN];
+    tmp_path(path, "written.safetensors");
+    format_path(tmp, sizeof tmp, "%s.tmp", path);
+    for (int d = 0; d < 3; d++) {
+        int rc = safetensors_write(path, t, 2, dtypes[d], err, sizeof err);
+        CHECK(rc == 0, "%s", err);
+        SafeTensors st;
+        if (rc || safetensors_open(&st, path, err, sizeof err)) { CHECK(0, "%s", err); continue; }
+        const StTensor *a = safetensors_find(&st, "m.t"), *b = safetensors_find(&st, "v");
+        float got[6], want_m[6] = {1, 4, 2, 5, 3, 6};
+        CHECK(a && b && a->dtype == dtypes[d] && a->shape[0] == 3 && a->shape[1] == 2 && b->ndim == 1 && (st.data - st.map) % 8 == 0, "%s: header", ST_DTYPES[dtypes[d]].name);
+        CHECK(a && safetensors_read_f32(&st, a, got, err, sizeof err) == 0 && memcmp(got, want_m, sizeof want_m) == 0, "%s: transposed matrix", ST_DTYPES[dtypes[d]].name);
+        CHECK(b && safetensors_read_f32(&st, b, got, err, sizeof err) == 0, "%s", err);
+        for (int i = 0; i < 3; i++) {
+            float want = d == 0 ? v[i] : d == 1 ? bf16_to_f32(f32_to_bf16(v[i])) : f16_to_f32(f32_to_f16(v[i]));
+            CHECK(memcmp(&got[i], &want, 4) == 0, "%s: v[%d] = %g, expected %g", ST_DTYPES[dtypes[d]].name, i, got[i], want);
+        }
+        CHECK(d != 2 || got[2] == 65504.0f, "65505 rounds to the largest half");
+        safetensors_close(&st);
+    }
+    CHECK(file_size(tmp) < 0, "temporary file left");
+}
+
+// TMP/name/config.json with the given text; returns the folder.
+static const char* hf_dir(const char* name, const char* config) {
+    static char dir[PATH_LEN];
+    char path[PATH_LEN];
+    tmp_path(dir, name);
+    make_dirs(dir);
+    format_path(path, sizeof path, "%s/config.json", dir);
+    FILE* f = fopenCheck(path, "w");
+    fputs(config, f);
+    fclose(f);
+    return dir;
+}
+
+#define LLAMA_JSON(extra) "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 172, " \
+    "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"max_position_embeddings\": 128, \"vocab_size\": 300" extra "}"
+#define GPT2_JSON(extra) "{\"model_type\": \"gpt2\", \"n_embd\": 64, \"n_layer\": 2, \"n_head\": 4, \"n_positions\": 128, \"vocab_size\": 300, " \
+    "\"n_inner\": null" extra "}"
+
+// config.json: LlamaConfig's and GPT2Config's keys and defaults; what dstrain does not
+// implement is refused with the file and the key.
+static void test_hf_config_reads_and_refuses(void) {
+    ModelConfig m;
+    const char* d = hf_dir("cfg_llama", LLAMA_JSON(", \"num_key_value_heads\": 2, \"rms_norm_eps\": 1e-05, \"rope_theta\": 500000.0, "
+                                                   "\"bos_token_id\": null, \"eos_token_id\": [7, 9], \"pretraining_tp\": 2, \"attention_bias\": false"));
+    int rc = hf_config_read(d, &m, err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    CHECK(rc == 0 && m.arch == ARCH_LLAMA && m.channels == 64 && m.ffn_hidden == 172 && m.num_layers == 2 && m.num_heads == 4 && m.num_kv_heads == 2
+          && m.max_seq_len == 128 && m.vocab_size == 300 && m.padded_vocab_size == 384 && m.norm_eps == 1e-5f && m.rope_theta == 500000.0f
+          && !m.tied && m.bos_token == -1 && m.eos_token == 7 && m.init_std == 0.02f, "LLaMA fields");
+    d = hf_dir("cfg_llama_defaults", LLAMA_JSON(", \"tie_word_embeddings\": true"));
+    rc = hf_config_read(d, &m, err, sizeof err);
+    CHECK(rc == 0 && m.num_kv_heads == 4 && m.rope_theta == 10000.0f && m.norm_eps == 1e-6f && m.tied && m.bos_token == 1 && m.eos_token == 2, "LlamaConfig's defaults: %s", err);
+    d = hf_dir("cfg_gpt2", GPT2_JSON(""));
+    rc = hf_config_read(d, &m, err, sizeof err);
+    CHECK(rc == 0 && m.arch == ARCH_GPT2 && m.channels == 64 && m.ffn_hidden == 256 && m.max_seq_len == 128 && m.tied && m.norm_eps == 1e-5f
+          && m.bos_token == 50256 && m.eos_token == 50256 && m.padded_vocab_size == 384, "GPT2Config's defaults: %s", err);
+    struct { const char* name; const char* json; const char* want; } bad[] = {
+        {"attention_bias", LLAMA_JSON(", \"attention_bias\": true"), "key 'attention_bias' is true: biases in the attention projections are not supported"},
+        {"mlp_bias", LLAMA_JSON(", \"mlp_bias\": true"), "key 'mlp_bias' is true"},
+        {"kv_heads", LLAMA_JSON(", \"num_key_value_heads\": 3"), "key 'num_key_value_heads' (3) must divide 'num_attention_heads' (4)"},
+        {"rope_scaling", LLAMA_JSON(", \"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}"), "key 'rope_scaling' is set: scaled rotary embeddings are not supported yet"},
+        {"head_dim", LLAMA_JSON(", \"head_dim\": 32"), "key 'head_dim' is 32, not hidden_size / num_attention_heads = 16"},
+        {"hidden_act", LLAMA_JSON(", \"hidden_act\": \"gelu\""), "key 'hidden_act' is \"gelu\": only \"silu\""},
+        {"arch", "{\"model_type\": \"llama\", \"architectures\": [\"LlamaForSequenceClassification\"]}", "key 'architectures' is [\"LlamaForSequenceClassification\"]"},
+        {"type", "{\"model_type\": \"mistral\"}", "model_type \"mistral\" is not supported (supported: \"llama\""},
+        {"no_type", "{\"hidden_size\": 64}", "missing key 'model_type'"},
+        {"missing", "{\"model_type\": \"llama\", \"hidden_size\": 64}", "missing key 'intermediate_size'"},
+        {"wrong_type", "{\"model_type\": \"llama\", \"hidden_size\": \"64\"}", "key 'hidden_size' must be an integer in 1..65536, got a string"},
+        {"eps", LLAMA_JSON(", \"rms_norm_eps\": 2"), "norm epsilon must be in (0, 1), got 2"},
+        {"eos", LLAMA_JSON(", \"eos_token_id\": -3"), "key 'eos_token_id' must be a token id"},
+        {"n_inner", "{\"model_type\": \"gpt2\", \"n_embd\": 64, \"n_layer\": 2, \"n_head\": 4, \"n_positions\": 128, \"vocab_size\": 300, \"n_inner\": 100}",
+         "key 'n_inner' is 100: only null or 4 * n_embd = 256 is supported"},
+        {"activation", GPT2_JSON(", \"activation_function\": \"relu\""), "key 'activation_function' is \"relu\""},
+        {"untied", GPT2_JSON(", \"tie_word_embeddings\": false"), "key 'tie_word_embeddings' is false"},
+        {"layer_idx", GPT2_JSON(", \"scale_attn_by_inverse_layer_idx\": true"), "key 'scale_attn_by_inverse_layer_idx' is true"},
+        {"upcast", GPT2_JSON(", \"reorder_and_upcast_attn\": true"), "key 'reorder_and_upcast_attn' is true"},
+        {"malformed", "{\"model_type\": llama}", "malformed JSON: line 1, column 16"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char name[64], file[PATH_LEN + 64];
+        snprintf(name, sizeof name, "cfg_%s", bad[i].name);
+        d = hf_dir(name, bad[i].json);
+        snprintf(file, sizeof file, "'%s/config.json'", d);
+        rc = hf_config_read(d, &m, err, sizeof err);
+        CHECK_ERR(rc, err, file);
+        CHECK_ERR(rc, err, bad[i].want);
+    }
+}
+
+// Random weights everywhere but the padding rows (zero), as training leaves them.
+static float* random_params(const ModelConfig* c, uint64_t seed) {
+    size_t n = model_num_params(c);
+    float* p = (float*)mallocCheck(n * sizeof(float));
+    Rng rng;
+    rng_seed(&rng, seed);
+    rng_normal_fill(&rng, p, n, 1.0f);
+    ParamTable t = param_table(c);
+    for (int i = 0; i < t.count; i++) {
+        const ParamTensor* x = &t.tensors[i];
+        if (x->init_rows) memset(p + x->offset + x->init_rows * c->channels, 0, (x->size - x->init_rows * c->channels) * sizeof(float));
+    }
+    param_table_free(&t);
+    return p;
+}
+
+static int same_config(const ModelConfig* a, const ModelConfig* b) {
+    return a->arch == b->arch && a->max_seq_len == b->max_seq_len && a->vocab_size == b->vocab_size && a->padded_vocab_size == b->padded_vocab_size
+        && a->num_layers == b->num_layers && a->num_heads == b->num_heads && a->num_kv_heads == b->num_kv_heads && a->channels == b->channels
+        && a->ffn_hidden == b->ffn_hidden && a->tied == b->tied && a->norm_eps == b->norm_eps && (a->arch == ARCH_GPT2 || a->rope_theta == b->rope_theta)
+        && a->init_std == b->init_std && a->bos_token == b->bos_token && a->eos_token == b->eos_token;
+}
+
+// hf_write then hf_config_read and hf_weights_read give back the configuration and every
+// weight, for both architectures, tied and untied, in one file and in shards.
+static void test_hf_write_read_round_trip(void) {
+    ModelConfig llama = llama_config(2, 4, 2, 16, 24, 32, 300), tied = llama_config(1, 2, 1, 8, 12, 16, 130), gpt2 = gpt2_config(2, 2, 8, 16, 200);
+    llama.norm_eps = 1e-5f; llama.rope_theta = 5e5f; llama.init_std = 0.006f; llama.bos_token = 0; llama.eos_token = 299;
+    tied.tied = 1;
+    const ModelConfig* cases[3] = {&llama, &tied, &gpt2};
+    const char* names[3] = {"hf_llama", "hf_tied", "hf_gpt2"};
+    for (int k = 0; k < 3; k++) {
+        for (int sharded = 0; sharded < 2; sharded++) {
+            char dir[PATH_LEN], index[PATH_LEN];
+            format_path(dir, sizeof dir, "%s/%s%s", TMP, names[k], sharded ? "_sharded" : "");
+            size_t n = model_num_params(cases[k]);
+            float *p = random_params(cases[k], 11 + k), *q = (float*)mallocCheck(n * sizeof(float));
+            ModelConfig r;
+            int rc = hf_write(dir, cases[k], p, sharded ? 2000 : (size_t)1 << 30, NULL, err, sizeof err);
+            CHECK(rc == 0, "%s: %s", dir, err);
+            format_path(index, sizeof index, "%s/model.safetensors.index.json", dir);
+            CHECK((file_size(index) >= 0) == sharded, "%s: index", dir);
+            CHECK(hf_config_read(dir, &r, err, sizeof err) == 0 && same_config(&r, cases[k]), "%s: config: %s", dir, err);
+            CHECK(hf_weights_read(dir, cases[k], q, err, sizeof err) == 0 && memcmp(p, q, n * sizeof(float)) == 0, "%s: weights: %s", dir, err);
+            free(p);
+            free(q);
+        }
+    }
+}
+
+// A file whose every value says where it comes from (tensor * 10000 + element) is read, and
+// the flat buffer checked against the layout param_table documents, written out here by
+// hand: LLaMA's q/k/v and gate/up stacked in that order, GPT-2's Conv1D weights transposed,
+// the padding rows zero. The file lists the tensors in reverse, so order does not matter.
+typedef struct { const char* name; int ndim; int64_t rows, cols; } HfSpec;
+
+static float hf_value(int tensor, size_t element) { return (float)tensor * 10000.0f + (float)element; }
+
+static int hf_spec_index(const HfSpec* s, int n, const char* name) {
+    for (int i = 0; i < n; i++) if (strcmp(s[i].name, name) == 0) return i;
+    return -1;
+}
+
+// Writes DIR/model.safetensors of the specs (reversed) and config.json of c; reads it back into p.
+static int hf_placed(const char* name, const ModelConfig* c, const HfSpec* s, int n, float* p) {
+    float** data = (float**)mallocCheck((size_t)n * sizeof(float*));
+    StWrite* w = (StWrite*)mallocCheck((size_t)n * sizeof(StWrite));
+    for (int i = 0; i < n; i++) {
+        size_t numel = (size_t)s[i].rows * (s[i].ndim == 2 ? (size_t)s[i].cols : 1);
+        data[i] = (float*)mallocCheck(numel * sizeof(float));
+        for (size_t e = 0; e < numel; e++) data[i][e] = hf_value(i, e);
+        StWrite x = {s[i].name, s[i].ndim, {s[i].rows, s[i].cols}, data[i], 0};
+        w[n - 1 - i] = x;
+    }
+    TextBuf config = {NULL, 0, 0};
+    hf_config_text(c, &config);
+    char dir[PATH_LEN], path[PATH_LEN];
+    format_path(dir, sizeof dir, "%s", hf_dir(name, config.s));
+    format_path(path, sizeof path, "%s/model.safetensors", dir);
+    int rc = safetensors_write(path, w, n, ST_F32, err, sizeof err);
+    if (rc == 0) rc = hf_weights_read(dir, c, p, err, sizeof err);
+    for (int i = 0; i < n; i++) free(data[i]);
+    free(data);
+    free(w);
+    free(config.s);
+    return rc;
+}
+
+// n values of p from tensor `name` of the file, starting at its element `from`; 0 if all match
+static int hf_misplaced(const float* p, const HfSpec* s, int ns, const char* name, size_t from, size_t n) {
+    int t = hf_spec_index(s, ns, name), wrong = 0;
+    for (size_t e = 0; e < n; e++) wrong += t < 0 || p[e] != hf_value(t, from + e);
+    if (wrong) printf("    %s: %d of %zu values misplaced\n", name, wrong, n);
+    return wrong;
+}
+
+static void test_hf_names_map_onto_the_parameter_table(void) {
+    // LLaMA: C 16, 4 heads of 4, 2 key/value heads (KV = 8), F 24, V 300 (padded 384), 2 layers, untied
+    ModelConfig c = llama_config(2, 4, 2, 16, 24, 32, 300);
+    HfSpec ls[32] = {{"model.embed_tokens.weight", 2, 300, 16}, {"model.norm.weight", 1, 16, 0}, {"lm_head.weight", 2, 300, 16}};
+    int n = 3;
+    static char names[2][9][64];
+    const char* parts[9] = {"input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+    int64_t shapes[9][3] = {{1, 16, 0}, {2, 16, 16}, {2, 8, 16}, {2, 8, 16}, {2, 16, 16}, {1, 16, 0}, {2, 24, 16}, {2, 24, 16}, {2, 16, 24}};
+    for (int l = 0; l < 2; l++) {
+        for (int i = 0; i < 9; i++) {
+            snprintf(names[l][i], sizeof names[l][i], "model.layers.%d.%s.weight", l, parts[i]);
+            HfSpec x = {names[l][i], (int)shapes[i][0], shapes[i][1], shapes[i][2]};
+            ls[n++] = x;
+        }
+    }
+    size_t np = model_num_params(&c);
+    float* p = (float*)mallocCheck(np * sizeof(float));
+    int rc = hf_placed("hf_placed_llama", &c, ls, n, p);
+    CHECK(rc == 0, "%s", err);
+    ParamTable t = param_table(&c);
+    int wrong = 0;
+    const float* wte = p + param_named(&t, "wte")->offset;
+    const float* head = p + param_named(&t, "lm_head")->offset;
+    wrong += hf_misplaced(wte, ls, n, "model.embed_tokens.weight", 0, 300 * 16);
+    wrong += hf_misplaced(head, ls, n, "lm_head.weight", 0, 300 * 16);
+    for (int e = 300 * 16; e < 384 * 16; e++) wrong += wte[e] != 0 || head[e] != 0;
+    wrong += hf_misplaced(p + param_named(&t, "lnfw")->offset, ls, n, "model.norm.weight", 0, 16);
+    for (int l = 0; l < 2; l++) {
+        const float* qkv = p + param_layer(&t, l, LLAMA_QKVW)->offset;
+        const float* fc = p + param_layer(&t, l, LLAMA_FCW)->offset;
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_LN1W)->offset, ls, n, names[l][0], 0, 16);
+        wrong += hf_misplaced(qkv, ls, n, names[l][1], 0, 16 * 16);            // rows 0..15: q
+        wrong += hf_misplaced(qkv + 16 * 16, ls, n, names[l][2], 0, 8 * 16);   // rows 16..23: k
+        wrong += hf_misplaced(qkv + 24 * 16, ls, n, names[l][3], 0, 8 * 16);   // rows 24..31: v
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_ATTPROJW)->offset, ls, n, names[l][4], 0, 16 * 16);
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_LN2W)->offset, ls, n, names[l][5], 0, 16);
+        wrong += hf_misplaced(fc, ls, n, names[l][6], 0, 24 * 16);             // rows 0..23: gate
+        wrong += hf_misplaced(fc + 24 * 16, ls, n, names[l][7], 0, 24 * 16);   // rows 24..47: up
+        wrong += hf_misplaced(p + param_layer(&t, l, LLAMA_FCPROJW)->offset, ls, n, names[l][8], 0, 16 * 24);
+    }
+    CHECK(rc == 0 && wrong == 0, "LLaMA: %d values misplaced", wrong);
+    param_table_free(&t);
+    free(p);
+
+    // GPT-2: C 8, 2 heads, maxT 16, V 200 (padded 256), 1 layer; names without "transformer."
+    // and Conv1D weights (in, out)
+    ModelConfig g = gpt2_config(1, 2, 8, 16, 200);
+    HfSpec gs[] = {{"wte.weight", 2, 200, 8}, {"wpe.weight", 2, 16, 8}, {"h.0.ln_1.weight", 1, 8, 0}, {"h.0.ln_1.bias", 1, 8, 0},
+                   {"h.0.attn.c_attn.weight", 2, 8, 24}, {"h.0.attn.c_attn.bias", 1, 24, 0}, {"h.0.attn.c_proj.weight", 2, 8, 8},
+                   {"h.0.attn.c_proj.bias", 1, 8, 0}, {"h.0.ln_2.weight", 1, 8, 0}, {"h.0.ln_2.bias", 1, 8, 0},
+                   {"h.0.mlp.c_fc.weight", 2, 8, 32}, {"h.0.mlp.c_fc.bias", 1, 32, 0}, {"h.0.mlp.c_proj.weight", 2, 32, 8},
+                   {"h.0.mlp.c_proj.bias", 1, 8, 0}, {"ln_f.weight", 1, 8, 0}, {"ln_f.bias", 1, 8, 0}, {"h.0.attn.masked_bias", 1, 1, 0}};
+    int ng = (int)(sizeof gs / sizeof gs[0]);
+    np = model_num_params(&g);
+    p = (float*)mallocCheck(np * sizeof(float));
+    rc = hf_placed("hf_placed_gpt2", &g, gs, ng, p);
+    CHECK(rc == 0, "%s", err);
+    t = param_table(&g);
+    wrong = 0;
+    wte = p + param_named(&t, "wte")->offset;
+    wrong += hf_misplaced(wte, gs, ng, "wte.weight", 0, 200 * 8);
+    for (int e = 200 * 8; e < 256 * 8; e++) wrong += wte[e] != 0;
+    wrong += hf_misplaced(p + param_named(&t, "wpe")->offset, gs, ng, "wpe.weight", 0, 16 * 8);
+    const char* direct[][2] = {{"layer0.ln1w", "h.0.ln_1.weight"}, {"layer0.ln1b", "h.0.ln_1.bias"}, {"layer0.qkvb", "h.0.attn.c_attn.bias"},
+                               {"layer0.attprojb", "h.0.attn.c_proj.bias"}, {"layer0.ln2w", "h.0.ln_2.weight"}, {"layer0.ln2b", "h.0.ln_2.bias"},
+                               {"layer0.fcb", "h.0.mlp.c_fc.bias"}, {"layer0.fcprojb", "h.0.mlp.c_proj.bias"}, {"lnfw", "ln_f.weight"}, {"lnfb", "ln_f.bias"}};
+    for (size_t i = 0; i < sizeof direct / sizeof direct[0]; i++) {
+        const ParamTensor* x = param_named(&t, direct[i][0]);
+        wrong += hf_misplaced(p + x->offset, gs, ng, direct[i][1], 0, x->size);
+    }
+    const char* conv[][2] = {{"layer0.qkvw", "h.0.attn.c_attn.weight"}, {"layer0.attprojw", "h.0.attn.c_proj.weight"},
+                             {"layer0.fcw", "h.0.mlp.c_fc.weight"}, {"layer0.fcprojw", "h.0.mlp.c_proj.weight"}};
+    for (size_t i = 0; i < sizeof conv / sizeof conv[0]; i++) { // ours (out, in)[o][k] = the file's (in, out)[k][o]
+        const ParamTensor* x = param_named(&t, conv[i][0]);
+        int s = hf_spec_index(gs, ng, conv[i][1]);
+        size_t in = (size_t)gs[s].rows, out = (size_t)gs[s].cols;
+        for (size_t o = 0; o < out; o++) for (size_t k = 0; k < in; k++) wrong += p[x->offset + o * in + k] != hf_value(s, k * out + o);
+    }
+    CHECK(rc == 0 && wrong == 0, "GPT-2: %d values misplaced", wrong);
+    param_table_free(&t);
+    free(p);
+}
+
+// Weights that do not match config.json are refused by file and tensor: one missing, one of
+// another shape; an export never replaces a folder that dstrain did not write.
+static void test_hf_weights_refused(void) {
+    ModelConfig c = llama_config(2, 4, 2, 16, 24, 32, 300), wide = c;
+    wide.ffn_hidden = 32;
+    char dir[PATH_LEN], path[PATH_LEN], want[2 * PATH_LEN + 256];
+    size_t n = model_num_params(&c);
+    float *p = random_params(&c, 3), *q = (float*)mallocCheck(model_num_params(&wide) * sizeof(float));
+    // all tensors but one
+    HfTensor* t;
+    int count = hf_tensors(&c, &t);
+    StWrite* w = (StWrite*)mallocCheck((size_t)count * sizeof(StWrite));
+    int k = 0;
+    for (int i = 0; i < count; i++) {
+        if (strcmp(t[i].name, "model.layers.1.mlp.up_proj.weight") == 0) continue;
+        StWrite x = {t[i].name, t[i].ndim, {t[i].shape[0], t[i].shape[1]}, p + t[i].offset, 0};
+        w[k++] = x;
+    }
+    TextBuf config = {NULL, 0, 0};
+    hf_config_text(&c, &config);
+    format_path(dir, sizeof dir, "%s", hf_dir("hf_missing", config.s));
+    format_path(path, sizeof path, "%s/model.safetensors", dir);
+    CHECK(safetensors_write(path, w, k, ST_F32, err, sizeof err) == 0, "%s", err);
+    snprintf(want, sizeof want, "'%s': missing tensor 'model.layers.1.mlp.up_proj.weight' (shape [24, 16])", path);
+    CHECK_ERR(hf_weights_read(dir, &c, q, err, sizeof err), err, want);
+    // ... and one tensor more, which the model does not have
+    StWrite extra = {"model.layers.0.self_attn.q_proj.bias", 1, {16, 0}, p, 0};
+    w[k++] = extra;
+    CHECK(safetensors_write(path, w, k, ST_F32, err, sizeof err) == 0, "%s", err);
+    snprintf(want, sizeof want, "safetensors file '%s': tensor 'model.layers.0.self_attn.q_proj.bias' is not a parameter of the llama model", path);
+    CHECK_ERR(hf_weights_read(dir, &c, q, err, sizeof err), err, want);
+    // weights of a wider MLP than config.json says
+    float* pw = random_params(&wide, 4);
+    format_path(dir, sizeof dir, "%s/hf_wide", TMP);
+    CHECK(hf_write(dir, &wide, pw, (size_t)1 << 30, NULL, err, sizeof err) == 0, "%s", err);
+    format_path(path, sizeof path, "%s/config.json", dir);
+    CHECK(write_text(path, config.s, err, sizeof err) == 0, "%s", err);
+    ModelConfig r;
+    CHECK(hf_config_read(dir, &r, err, sizeof err) == 0 && r.ffn_hidden == 24, "%s", err);
+    snprintf(want, sizeof want, "safetensors file '%s/model.safetensors': tensor 'model.layers.0.mlp.gate_proj.weight' has shape [32, 16], but config.json's model needs [24, 16]", dir);
+    CHECK_ERR(hf_weights_read(dir, &r, q, err, sizeof err), err, want);
+    format_path(dir, sizeof dir, "%s/hf_none", TMP);
+    make_dirs(dir);
+    CHECK_ERR(hf_weights_read(dir, &c, q, err, sizeof err), err, "no model.safetensors or model.safetensors.index.json");
+    // a folder of someone else's files is not replaced; dstrain's own export is
+    format_path(path, sizeof path, "%s/notes.txt", dir);
+    CHECK(write_text(path, "mine", err, sizeof err) == 0, "%s", err);
+    CHECK_ERR(hf_write(dir, &c, p, (size_t)1 << 30, NULL, err, sizeof err), err, "is not empty and not an earlier export of dstrain");
+    CHECK(file_size(path) == 4, "the folder's file is untouched");
+    format_path(dir, sizeof dir, "%s/hf_wide", TMP);
+    CHECK(hf_write(dir, &c, p, (size_t)1 << 30, NULL, err, sizeof err) == 0, "%s", err);
+    CHECK(hf_weights_read(dir, &c, q, err, sizeof err) == 0 && memcmp(p, q, n * sizeof(float)) == 0, "an earlier export replaced: %s", err);
+    free(config.s);
+    free(w);
+    free(t);
+    free(p);
+    free(pw);
+    free(q);
+}
+
+// ----------------------------------------------------------------------------
 // tokenizer
 
 static void test_tokenizer_reads_and_refuses_truncation(void) {
@@ -720,6 +1195,13 @@ int main(int argc, char** argv) {
     RUN(test_optimizer_partitions_load_on_any_world_size);
     RUN(test_checkpoint_commit_keeps_previous_on_crash);
     RUN(test_state_file_roundtrip);
+    RUN(test_half_and_bfloat16_conversions_exact);
+    RUN(test_safetensors_reads_and_validates);
+    RUN(test_safetensors_writer_round_trip);
+    RUN(test_hf_config_reads_and_refuses);
+    RUN(test_hf_write_read_round_trip);
+    RUN(test_hf_names_map_onto_the_parameter_table);
+    RUN(test_hf_weights_refused);
     RUN(test_tokenizer_reads_and_refuses_truncation);
     RUN(test_launch_env_torchrun_and_slurm);
     RUN(test_tcp_rendezvous_reaches_every_rank);
