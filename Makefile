@@ -38,6 +38,10 @@ REFERENCE = dev/data/gpt2_reference.bin
 # dev/reference.py's other configurations: attention over several tiles, head sizes 32 to 128
 REFERENCE_CONFIGS = t100_hs32 t130_hs64 t130_hs128
 REFERENCES = $(REFERENCE) $(foreach c,$(REFERENCE_CONFIGS),dev/data/gpt2_reference_$(c).bin)
+# dev/reference_hf.py's: models built by Hugging Face transformers (LLaMA untied and tied with
+# groups of 4, and GPT-2), each with its Hugging Face directory beside it (the path without .bin)
+HF_REFERENCE_CONFIGS = hf_gpt2 llama llama_t100_gqa4
+HF_REFERENCES = $(foreach c,$(HF_REFERENCE_CONFIGS),dev/data/$(c)_reference.bin)
 
 .PHONY: train data test clean bench-cpu
 
@@ -82,8 +86,11 @@ $(REFERENCE): dev/reference.py
 dev/data/gpt2_reference_%.bin: dev/reference.py
 	$(PYTHON_TORCH) dev/reference.py --config $* --out $@
 
-test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCES) $(DATA)
-	@bash tests/run.sh $(REFERENCES)
+$(HF_REFERENCES): dev/data/%_reference.bin: dev/reference_hf.py dev/reference.py
+	$(PYTHON_TORCH) dev/reference_hf.py --config $* --out $@
+
+test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCES) $(HF_REFERENCES) $(DATA)
+	@bash tests/run.sh $(REFERENCES) $(HF_REFERENCES)
 
 bench-cpu: train_gpt_cpu
 	bash dev/bench/cpu.sh

@@ -34,8 +34,6 @@ typedef struct {
     Model model;
 } Fixture;
 
-static ModelConfig reference_model_config(const Reference* ref) { return gpt2_config(ref->L, ref->H, ref->C, ref->maxT, ref->V); }
-
 static void test_layout_matches_reference(Fixture* f) {
     const Reference* ref = &f->ref;
     CHECK(f->model.num_params == (size_t)ref->num_params, "parameter count %zu vs reference %d", f->model.num_params, ref->num_params);

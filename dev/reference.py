@@ -18,10 +18,15 @@ GPT.parameters() enumerates the tensors in exactly this order (the modules below
 declared in it), so flattening parameters() gives the layout.
 
 Reference file (little-endian, blocks back to back):
-    int32   header[256]   magic 20261127, version 1, V, Vp, maxT, L, H, C, B, T, ga, steps,
-                          num_params, warmup_num_steps, warmup_type (0 log, 1 linear)
+    int32   header[256]   magic 20261127, version, V, Vp, maxT, L, H, C, B, T, ga, steps,
+                          num_params, warmup_num_steps, warmup_type (0 log, 1 linear),
+                          version 2 adds: arch (1 GPT-2, 2 LLaMA), num_kv_heads, ffn_hidden,
+                          tied, hf_dir (1: a Hugging Face directory of the initial weights
+                          sits next to the file, at its path without ".bin"); the rest 0
     float32 hparams[16]   lr, beta1, beta2, eps, weight_decay, grad_clip,
-                          warmup_min_lr, warmup_max_lr
+                          warmup_min_lr, warmup_max_lr,
+                          version 2 adds: norm_eps, rope_theta (0 for GPT-2),
+                          initializer_range; the rest 0
     float32 params[num_params]          initial weights
     int32   inputs[ga][B][T], targets[ga][B][T]
     float32 logits[B][T][V], loss, grads[num_params]
@@ -31,6 +36,10 @@ Reference file (little-endian, blocks back to back):
     float32 losses_B[steps], grad_norms_B[steps], lrs_B[steps], params_final_B[num_params]
 Run A uses AdamW (DeepSpeed's default adam_w_mode = true); run B uses Adam with L2
 weight decay (adam_w_mode = false). Both start from the same initial weights.
+Version 1 is GPT-2 with its constants: num_kv_heads = H, ffn_hidden = 4 C, tied, LayerNorm
+epsilon 1e-5, initializer_range 0.02. This script writes version 1 (its files stay byte for
+byte what they were); dev/reference_hf.py writes version 2, with models built by Hugging Face
+transformers (LLaMA, and GPT-2 as transformers has it) and the training loop below.
 """
 
 import argparse
@@ -47,7 +56,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MAGIC = 20261127
-VERSION = 1
+VERSION_GPT2 = 1  # GPT-2 with its constants (the header's first 15 words)
+VERSION = 2       # any architecture: adds arch, num_kv_heads, ffn_hidden, tied, ... (above)
+ARCH_GPT2, ARCH_LLAMA = 1, 2
 WARMUP_TYPES = ("log", "linear")  # index = header[14]
 
 
@@ -176,6 +187,10 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return logits, loss
 
+    def flat(self, grads=False):
+        """The parameters (or their gradients) in the flat layout."""
+        return flatten(p.grad if grads else p for p in self.parameters())
+
 
 def flatten(tensors):
     """Concatenate tensors into one flat float32 tensor (the parameter layout)."""
@@ -214,8 +229,9 @@ def warmup_lr(it, tc):
 
 def train(model, inputs, targets, tc, steps, adam_w_mode):
     """Train `model` in place for `steps` optimizer steps, each over all micro batches
-    in inputs/targets (ga, B, T). Returns per-step losses, grad norms (before clipping)
-    and learning rates, as float32 arrays, and the final flat parameters."""
+    in inputs/targets (ga, B, T). `model(x, y)` returns (logits, mean loss) and
+    `model.flat()` the flat parameters. Returns per-step losses, grad norms (before
+    clipping) and learning rates, as float32 arrays, and the final flat parameters."""
     params = list(model.parameters())
     # adam_w_mode false is Adam with L2 decay: g += wd * p before the moments
     optimizer_class = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
@@ -245,7 +261,7 @@ def train(model, inputs, targets, tc, steps, adam_w_mode):
         losses.append(sum(micro_losses) / ga)
         norms.append(norm)
         lrs.append(lr)
-    return [np.array(a, dtype=np.float32) for a in (losses, norms, lrs)] + [flatten(params)]
+    return [np.array(a, dtype=np.float32) for a in (losses, norms, lrs)] + [model.flat()]
 
 
 # ----------------------------------------------------------------------------
@@ -290,6 +306,82 @@ CONFIGS = {
 }
 
 
+@dataclass
+class ModelFields:
+    """What the header records of the model (version 1: the first six only)."""
+    V: int
+    Vp: int
+    maxT: int
+    L: int
+    H: int
+    C: int
+    arch: int = ARCH_GPT2
+    num_kv_heads: int = 0
+    ffn_hidden: int = 0
+    tied: int = 1
+    hf_dir: int = 0
+    norm_eps: float = 1e-5
+    rope_theta: float = 0.0
+    initializer_range: float = 0.02
+
+
+def gpt2_fields(config):
+    return ModelFields(config.vocab_size, config.padded_vocab_size, config.max_seq_len,
+                       config.num_layers, config.num_heads, config.channels,
+                       num_kv_heads=config.num_heads, ffn_hidden=4 * config.channels)
+
+
+def write_reference(path, model, fields, version, inputs, targets, tc, steps, t0):
+    """Computes what the reference file holds with `model` (see train() for what it must
+    provide) from its current weights, writes it to `path` and prints a summary."""
+    ga, B, T = inputs.shape
+    params = model.flat()
+
+    # micro batch 0 at the initial weights
+    logits, loss = model(inputs[0], targets[0])
+    loss.backward()
+    grads = model.flat(grads=True)
+
+    # the two training runs are independent: one thread each (torch releases the GIL)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(train, copy.deepcopy(model), inputs, targets, tc, steps,
+                               adam_w_mode) for adam_w_mode in (True, False)]
+        run_a, run_b = [future.result() for future in futures]
+
+    f = fields
+    header = np.zeros(256, dtype=np.int32)
+    header[:15] = [MAGIC, version, f.V, f.Vp, f.maxT, f.L, f.H, f.C, B, T, ga, steps,
+                   params.numel(), tc.warmup_num_steps, WARMUP_TYPES.index(tc.warmup_type)]
+    hparams = np.zeros(16, dtype=np.float32)
+    hparams[:8] = [tc.lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.grad_clip,
+                   tc.warmup_min_lr, tc.warmup_max_lr]
+    if version >= 2:
+        header[15:20] = [f.arch, f.num_kv_heads, f.ffn_hidden, f.tied, f.hf_dir]
+        hparams[8:11] = [f.norm_eps, f.rope_theta, f.initializer_range]
+    else:
+        assert (f.arch, f.num_kv_heads, f.ffn_hidden, f.tied, f.norm_eps, f.initializer_range) \
+            == (ARCH_GPT2, f.H, 4 * f.C, 1, 1e-5, 0.02) and not f.hf_dir, \
+            "version 1 is GPT-2 with its constants"
+    blocks = [header, hparams, params, inputs, targets, logits, loss, grads, *run_a, *run_b]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as out:
+        for block in blocks:
+            if isinstance(block, torch.Tensor):
+                block = block.detach().numpy()
+            dtype = "<i4" if np.issubdtype(np.asarray(block).dtype, np.integer) else "<f4"
+            out.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
+
+    print(f"wrote {path}: {os.path.getsize(path):,} bytes, {params.numel():,} parameters,"
+          f" {time.time() - t0:.1f} s")
+    print(f"micro batch 0 loss at the initial weights: {loss.item():.6f}")
+    for name, (losses, norms, lrs, _) in (("A (AdamW)", run_a), ("B (Adam, L2)", run_b)):
+        print(f"run {name}: clip {tc.grad_clip}")
+        for step in range(steps):
+            clipped = "clipped" if norms[step] + 1e-6 > tc.grad_clip else ""
+            print(f"  step {step}: loss {losses[step]:.6f}  grad norm {norms[step]:.4f}"
+                  f"  lr {lrs[step]:.3e}  {clipped}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,52 +400,13 @@ def main():
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # a fixed thread count keeps the sums, and the file, reproducible
     rc = CONFIGS[args.config]
-    config, B, T, ga, steps = rc.model, rc.B, rc.T, rc.ga, rc.steps
-    tc = TrainConfig(grad_clip=rc.grad_clip)
-    V = config.vocab_size
-
+    config = rc.model
     model = GPT(config)
     model.reset_parameters()
-    params = flatten(model.parameters())
-    inputs = torch.randint(0, V, (ga, B, T))
-    targets = torch.randint(0, V, (ga, B, T))
-
-    # micro batch 0 at the initial weights
-    logits, loss = model(inputs[0], targets[0])
-    loss.backward()
-    grads = flatten(p.grad for p in model.parameters())
-
-    # the two training runs are independent: one thread each (torch releases the GIL)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(train, copy.deepcopy(model), inputs, targets, tc, steps,
-                               adam_w_mode) for adam_w_mode in (True, False)]
-        run_a, run_b = [future.result() for future in futures]
-
-    header = np.zeros(256, dtype=np.int32)
-    header[:15] = [MAGIC, VERSION, V, config.padded_vocab_size, config.max_seq_len,
-                   config.num_layers, config.num_heads, config.channels, B, T, ga, steps,
-                   params.numel(), tc.warmup_num_steps, WARMUP_TYPES.index(tc.warmup_type)]
-    hparams = np.zeros(16, dtype=np.float32)
-    hparams[:8] = [tc.lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.grad_clip,
-                   tc.warmup_min_lr, tc.warmup_max_lr]
-    blocks = [header, hparams, params, inputs, targets, logits, loss, grads, *run_a, *run_b]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "wb") as f:
-        for block in blocks:
-            if isinstance(block, torch.Tensor):
-                block = block.detach().numpy()
-            dtype = "<i4" if np.issubdtype(np.asarray(block).dtype, np.integer) else "<f4"
-            f.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
-
-    print(f"wrote {args.out}: {os.path.getsize(args.out):,} bytes, {params.numel():,} parameters,"
-          f" {time.time() - t0:.1f} s")
-    print(f"micro batch 0 loss at the initial weights: {loss.item():.6f}")
-    for name, (losses, norms, lrs, _) in (("A (AdamW)", run_a), ("B (Adam, L2)", run_b)):
-        print(f"run {name}: clip {tc.grad_clip}")
-        for step in range(steps):
-            clipped = "clipped" if norms[step] + 1e-6 > tc.grad_clip else ""
-            print(f"  step {step}: loss {losses[step]:.6f}  grad norm {norms[step]:.4f}"
-                  f"  lr {lrs[step]:.3e}  {clipped}")
+    inputs = torch.randint(0, config.vocab_size, (rc.ga, rc.B, rc.T))
+    targets = torch.randint(0, config.vocab_size, (rc.ga, rc.B, rc.T))
+    write_reference(args.out, model, gpt2_fields(config), VERSION_GPT2, inputs, targets,
+                    TrainConfig(grad_clip=rc.grad_clip), rc.steps, t0)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 # Runs every test program and prints the combined "N passed, N failed, N skipped" last.
 # Each program prints its own summary line; a program that crashes counts as a failure.
 # Arguments: the PyTorch reference files for test_gpt and the GPU tests (`make test` passes
-# every configuration of dev/reference.py; default: the ones in dev/data).
+# every configuration of dev/reference.py and dev/reference_hf.py; default: the ones in dev/data).
 set -u
 cd "$(dirname "$0")/.."
 . tests/lib.sh test_dstrain  # the counters, and $TMP for test_dstrain's files
 python3 tests/schedule_reference.py "$TMP/sched"
 refs=("$@")
-[ $# -gt 0 ] || refs=(dev/data/gpt2_reference*.bin)
+[ $# -gt 0 ] || refs=(dev/data/*reference*.bin)
 
 skipped=0
 # count OUTPUT STATUS NAME: adds a program's last "N passed, N failed[, N skipped]" line to
