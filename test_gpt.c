@@ -1,10 +1,17 @@
 /*
-test_gpt.c: the CPU trainer against the independent PyTorch reference written by
-dev/reference.py: its base configuration (GPT-2, 2 layers, 4 heads, 64 channels, T = 64,
-GPT-2's vocabulary), or any other (`make test` runs all: T 100 and 130, head sizes 32 to
-128, a 1000-token vocabulary), one file per run.
+test_gpt.c: the CPU trainer against an independent reference, one file per run:
+  - dev/reference.py (our GPT-2 written in PyTorch): its base configuration (2 layers,
+    4 heads, 64 channels, T = 64, GPT-2's vocabulary) and T 100 and 130 with head sizes 32
+    to 128 and a 1000-token vocabulary;
+  - dev/reference_hf.py (models built by Hugging Face transformers, saved with
+    save_pretrained beside the file): LlamaForCausalLM with grouped-query attention
+    (groups of 2; groups of 4 at T 100, rotary positions past 64, tied, rope_theta 5e5) and
+    GPT2LMHeadModel. For these the weights are also read from the saved directory the way
+    --hf-model reads it, and written back the way --hf-out writes it.
+`make test` runs all of them.
 
     /usr/bin/python3 dev/reference.py && make test_gpt && ./test_gpt dev/data/gpt2_reference.bin
+    /usr/bin/python3 dev/reference_hf.py --config llama && ./test_gpt dev/data/llama_reference.bin
 
 Error measure, per tensor: max |ours - torch| / max |torch| (relative to the tensor's
 scale, so elements that happen to be near zero do not dominate).
@@ -14,8 +21,10 @@ Tolerances (fp32 on both sides, same math, different summation order):
     about 1e-6 (sums of random-signed errors grow as the square root of their length, as
     the sums themselves do), an order of magnitude under the bound.
   - every gradient tensor: 1e-4. Gradients pass through the softmax of 50257 classes,
-    the attention softmax and LayerNorm backward, each of which cancels large terms;
-    observed errors are about 1e-6..1e-5.
+    the attention softmax and LayerNorm (RMSNorm) backward, each of which cancels large
+    terms; observed errors are about 1e-6..1e-5. LLaMA adds the rotary angles (sin and cos
+    of t * theta^(-2i/hs) in fp32 on both sides, a few ulps apart) and SwiGLU: no new
+    cancellation, the same bound.
   - each of the 10 step losses: 1e-5, as for the loss; the AdamW update is elementwise and
     the clipping factor agrees to fp32 rounding.
   - final weights after 10 steps: 1e-4 of the tensor's scale. Adam's m / sqrt(v) amplifies
@@ -32,11 +41,36 @@ Tolerances (fp32 on both sides, same math, different summation order):
 typedef struct {
     Reference ref;
     Model model;
+    char tmp[PATH_LEN]; // a folder of this run's own
 } Fixture;
 
 static void test_layout_matches_reference(Fixture* f) {
     const Reference* ref = &f->ref;
     CHECK(f->model.num_params == (size_t)ref->num_params, "parameter count %zu vs reference %d", f->model.num_params, ref->num_params);
+}
+
+// The reference's Hugging Face directory (transformers' save_pretrained) read the way
+// --hf-model reads it gives the reference's configuration and, bit for bit, its weights;
+// written back (--hf-out) and read again, the same. The tests below then run on weights
+// that came through the importer. (tests/test_hf.py loads exports in transformers.)
+static void test_hugging_face_directory_in_and_out(Fixture* f) {
+    const Reference* ref = &f->ref;
+    char err[1024], out[PATH_LEN];
+    ModelConfig want = reference_model_config(ref), got;
+    CHECK(hf_config_read(ref->hf_dir, &got, err, sizeof err) == 0, "%s", err);
+    want.bos_token = got.bos_token; want.eos_token = got.eos_token; // token ids: the reference file does not record them
+    CHECK(memcmp(&want, &got, sizeof want) == 0, "config.json of %s is not the reference's configuration", ref->hf_dir);
+    float* w = (float*)mallocCheck(ref->num_params * sizeof(float));
+    CHECK(hf_weights_read(ref->hf_dir, &got, w, err, sizeof err) == 0, "%s", err);
+    CHECK_BITWISE(w, ref->params, (size_t)ref->num_params, "weights read from the Hugging Face directory");
+    format_path(out, sizeof out, "%s/export", f->tmp);
+    CHECK(hf_write(out, &got, w, 4096, NULL, err, sizeof err) == 0, "%s", err); // 4 KB shards: an index and several files
+    ModelConfig back;
+    memset(w, 0, ref->num_params * sizeof(float));
+    CHECK(hf_config_read(out, &back, err, sizeof err) == 0 && memcmp(&back, &got, sizeof back) == 0, "exported config.json: %s", err);
+    CHECK(hf_weights_read(out, &back, w, err, sizeof err) == 0, "%s", err);
+    CHECK_BITWISE(w, ref->params, (size_t)ref->num_params, "weights written back and read again");
+    free(w);
 }
 
 static void test_forward_logits_and_loss(Fixture* f) {
@@ -231,7 +265,10 @@ int main(int argc, char** argv) {
     model_build(&f.model, &c, ref->B, ref->T);
     printf("reference: %s: %d layers, %d heads, %d channels, B %d, T %d, %d micro batches, %d steps\n", path, ref->L, ref->H, ref->C, ref->B, ref->T,
            ref->ga, ref->steps);
+    format_path(f.tmp, sizeof f.tmp, "/tmp/test_gpt.XXXXXX");
+    if (mkdtemp(f.tmp) == NULL) fatal("cannot make a temporary folder: %s", strerror(errno));
     RUN_WITH(test_layout_matches_reference, &f);
+    if (ref->hf_dir) RUN_WITH(test_hugging_face_directory_in_and_out, &f); // the references transformers wrote
     RUN_WITH(test_forward_logits_and_loss, &f);
     RUN_WITH(test_backward_every_gradient_tensor, &f);
     RUN_WITH(test_ten_adamw_steps_with_clipping_and_warmup, &f);
@@ -241,5 +278,8 @@ int main(int argc, char** argv) {
     RUN_WITH(test_fp16_scaling_gives_the_fp32_update, &f);
     RUN_WITH(test_injected_overflows_skip_exactly_those_steps, &f);
     model_free(&f.model);
+    char cmd[PATH_LEN + 16];
+    format_path(cmd, sizeof cmd, "rm -rf '%s'", f.tmp);
+    if (system(cmd) != 0) printf("note: could not remove %s\n", f.tmp);
     return test_summary();
 }
