@@ -44,4 +44,57 @@ PY
 plan deepseek-llm-7b-base 6910365696 8
 plan deepseek-llm-67b-base 67425001472 64
 
+# --- the worked example, small ------------------------------------------------------------
+MODEL=$TMP/tiny-deepseek
+"$PY_TORCH" tests/make_tiny_hf.py $MODEL ../shared/data/wikitext/wiki.valid.raw > $TMP/make.log 2>&1 \
+    || [ -f ../shared/data/wikitext/wiki.valid.raw ] || bad "no WikiText raw text in ../shared/data/wikitext"
+if python3 data/prepare.py --dataset wikitext --tokenizer $MODEL --out-dir $TMP/data > $TMP/prepare.log 2>&1 \
+    && ls $TMP/data/wikitext-tiny-deepseek_train_000000.bin $TMP/data/tiny-deepseek_tokenizer.bin > /dev/null; then
+    ok "WikiText tokenized with the model's own tokenizer ($(grep -m1 'train:' $TMP/prepare.log | sed 's/ in .*//'))"
+else bad "WikiText tokenized with the model's own tokenizer" "$(tail -3 $TMP/prepare.log)"; fi
+# one epoch with the sample DeepSpeed config, unchanged (fp16 dynamic loss scaling, AdamW 5e-5, ZeRO-2)
+$BIN --hf-model $MODEL -c configs/ds_config.json --seq-len 64 --epochs 1 \
+    --train-data "$TMP/data/wikitext-tiny-deepseek_train_*.bin" --val-data "$TMP/data/wikitext-tiny-deepseek_val_*.bin" \
+    --val-every 0 --val-batches 8 --tokenizer $TMP/data/tiny-deepseek_tokenizer.bin --sample-tokens 32 \
+    --checkpoint-dir $TMP/ckpt --log $TMP/job.jsonl --hf-out $TMP/out > $TMP/job.log 2>&1; rc=$?
+sample=$(sed -n '/^sample (32 tokens/,/^---$/p' $TMP/job.log | sed -n '3,$p' | grep -v '^---$' | tr -d '\n')
+if [ $rc -eq 0 ] && grep -q "epochs: 1 x" $TMP/job.log && [ ${#sample} -gt 20 ]; then
+    ok "fine-tuned one epoch with configs/ds_config.json; a sample decoded with the model's tokenizer: ${sample:0:60}..."
+else bad "fine-tuned one epoch with configs/ds_config.json, with a sample" "exit $rc" "$(grep -m2 -e error -e sample $TMP/job.log)"; fi
+# transformers loads the export; on dstrain's validation sequences (the first 8 x 4 of the
+# split, in order) its loss is dstrain's final validation loss, and lower than the model's
+# before fine-tuning
+verdict=$("$PY_TORCH" - $MODEL $TMP/out $TMP/data/wikitext-tiny-deepseek_val_000000.bin $TMP/job.jsonl 2>&1 <<'PY'
+import json, struct, sys
+import torch, transformers
+before, after, shard, log = sys.argv[1:]
+T, n = 64, 32
+with open(shard, "rb") as f:
+    header = struct.unpack("<256i", f.read(1024))
+    tokens = torch.tensor(struct.unpack(f"<{header[2]}H", f.read(2 * header[2])), dtype=torch.long)
+seqs = torch.stack([tokens[i * T:i * T + T + 1] for i in range(n)])
+def loss(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(seqs[b:b + 4, :T]).logits.flatten(0, 1), seqs[b:b + 4, 1:].flatten()).item()
+                  for b in range(0, n, 4)]
+    return sum(losses) / len(losses)
+ours = [json.loads(l)["val_loss"] for l in open(log) if '"val"' in l][-1]
+trained, untrained = loss(after), loss(before)
+tok = transformers.AutoTokenizer.from_pretrained(after)
+problems = []
+if abs(trained - ours) > 1e-5 * abs(ours):  # fp32 on both sides: logits agree to about 1e-6
+    problems.append(f"transformers' loss of the export {trained:.7f} != dstrain's {ours:.7f}")
+if not trained < untrained:
+    problems.append(f"no learning: {untrained:.4f} before, {trained:.4f} after")
+if tok("The game").input_ids[0] != tok.bos_token_id:
+    problems.append("the exported tokenizer does not start with BOS")
+print("; ".join(problems) or f"ok {untrained:.4f} {trained:.4f}")
+PY
+)
+if [[ $verdict == ok* ]]; then
+    read -r _ before after <<<"$verdict"
+    ok "the export loads in transformers with its tokenizer; validation loss $before before, $after after, as dstrain measured it"
+else bad "the export loads in transformers and gives dstrain's validation loss" "$verdict"; fi
+
 summary
