@@ -1257,19 +1257,67 @@ void model_init_params(float* params, const ModelConfig* c, uint64_t seed) {
 }
 
 // ----------------------------------------------------------------------------
-// tokens: llm.c's shard format (int32 header[256]: magic 20240520, version 1, token
-// count; then uint16 tokens), memory-mapped, validated on open.
+// tokens: llm.c's two shard formats, memory-mapped, validated on open. Both start with
+// int32 header[256] = {magic, version, token count, 0...}; then the tokens:
+//   magic 20240520, version 1: uint16 tokens (GPT-2, any vocabulary up to 65,536)
+//   magic 20240801, version 7: uint32 tokens (llm.c's LLaMA-3 scripts; larger vocabularies)
 
-#define SHARD_MAGIC 20240520
+#define SHARD_MAGIC 20240520   // uint16 tokens
+#define SHARD_VERSION 1
+#define SHARD32_MAGIC 20240801 // uint32 tokens
+#define SHARD32_VERSION 7
 #define SHARD_HEADER_BYTES (256 * sizeof(int32_t))
 
 typedef struct {
     char* path;
     void* map;
     size_t map_bytes;
-    const uint16_t* tokens;
+    const void* tokens;    // num_tokens ids of token_bytes each (uint16 or uint32)
+    int token_bytes;       // 2 or 4
     size_t num_tokens;
 } TokenShard;
+
+// token i of a shard of either width
+uint32_t shard_token(const TokenShard* s, size_t i) {
+    return s->token_bytes == 2 ? ((const uint16_t*)s->tokens)[i] : ((const uint32_t*)s->tokens)[i];
+}
+
+// Checks a shard's header against its size. Returns the token width (2 or 4), or -1.
+int shard_check_header(const int32_t* header, long long bytes, const char* path, char* err, size_t errlen) {
+    int width, version;
+    if (header[0] == SHARD_MAGIC) { width = 2; version = SHARD_VERSION; }
+    else if (header[0] == SHARD32_MAGIC) { width = 4; version = SHARD32_VERSION; }
+    else return fail(err, errlen, "data shard '%s': bad magic %d (expected %d for uint16 tokens or %d for uint32): not a token shard", path, header[0], SHARD_MAGIC, SHARD32_MAGIC);
+    if (header[1] != version) return fail(err, errlen, "data shard '%s': unsupported version %d (expected %d with magic %d)", path, header[1], version, header[0]);
+    if (header[2] <= 0) return fail(err, errlen, "data shard '%s': header says %d tokens", path, header[2]);
+    long long expected = (long long)SHARD_HEADER_BYTES + (long long)width * header[2];
+    if (expected != bytes) {
+        return fail(err, errlen, "data shard '%s': header says %d tokens of %d bytes (%lld bytes) but the file has %lld bytes (truncated?)", path, header[2], width, expected, bytes);
+    }
+    return width;
+}
+
+// Position of the first token id >= vocab_size, or n when there is none (OpenMP: shards
+// are read once on open, and a 100M-token shard should not take a second).
+size_t shard_first_bad_token(const TokenShard* s, uint32_t vocab_size) {
+    size_t n = s->num_tokens, first_bad = n;
+    if (s->token_bytes == 2) {
+        const uint16_t* t = (const uint16_t*)s->tokens;
+        #pragma omp parallel for reduction(min:first_bad)
+        for (size_t i = 0; i < n; i++) if (t[i] >= vocab_size && i < first_bad) first_bad = i;
+    } else {
+        const uint32_t* t = (const uint32_t*)s->tokens;
+        #pragma omp parallel for reduction(min:first_bad)
+        for (size_t i = 0; i < n; i++) if (t[i] >= vocab_size && i < first_bad) first_bad = i;
+    }
+    return first_bad;
+}
+
+void shard_close(TokenShard* s) {
+    if (s->map) munmap(s->map, s->map_bytes);
+    free(s->path);
+    memset(s, 0, sizeof(*s));
+}
 
 int shard_open(TokenShard* s, const char* path, int vocab_size, char* err, size_t errlen) {
     memset(s, 0, sizeof(*s));
@@ -1282,38 +1330,22 @@ int shard_open(TokenShard* s, const char* path, int vocab_size, char* err, size_
     close(fd);
     if (map == MAP_FAILED) return fail(err, errlen, "data shard '%s': mmap failed: %s", path, strerror(errno));
     const int32_t* header = (const int32_t*)map;
-    int rc = 0;
-    if (header[0] != SHARD_MAGIC) rc = fail(err, errlen, "data shard '%s': bad magic %d (expected %d): not a token shard", path, header[0], SHARD_MAGIC);
-    else if (header[1] != 1) rc = fail(err, errlen, "data shard '%s': unsupported version %d (expected 1)", path, header[1]);
-    else if (header[2] <= 0) rc = fail(err, errlen, "data shard '%s': header says %d tokens", path, header[2]);
-    else if ((long long)SHARD_HEADER_BYTES + 2LL * header[2] != bytes) {
-        rc = fail(err, errlen, "data shard '%s': header says %d tokens (%lld bytes) but the file has %lld bytes (truncated?)", path, header[2], (long long)SHARD_HEADER_BYTES + 2LL * header[2], bytes);
-    }
-    if (rc) { munmap(map, (size_t)bytes); return rc; }
+    int width = shard_check_header(header, bytes, path, err, errlen);
+    if (width < 0) { munmap(map, (size_t)bytes); return -1; }
     s->path = strdup_check(path);
     s->map = map;
     s->map_bytes = (size_t)bytes;
-    s->tokens = (const uint16_t*)((const char*)map + SHARD_HEADER_BYTES);
+    s->tokens = (const char*)map + SHARD_HEADER_BYTES;
+    s->token_bytes = width;
     s->num_tokens = (size_t)header[2];
-    // every token id must index the vocabulary: find the first one that does not
-    size_t first_bad = s->num_tokens;
-    #pragma omp parallel for reduction(min:first_bad)
-    for (size_t i = 0; i < s->num_tokens; i++) {
-        if (s->tokens[i] >= vocab_size && i < first_bad) first_bad = i;
+    // every token id must index the model's vocabulary
+    size_t bad = shard_first_bad_token(s, (uint32_t)vocab_size);
+    if (bad < s->num_tokens) {
+        int rc = fail(err, errlen, "data shard '%s': token id %u at position %zu is outside the vocabulary (size %d)", path, shard_token(s, bad), bad, vocab_size);
+        shard_close(s);
+        return rc;
     }
-    if (first_bad < s->num_tokens) {
-        rc = fail(err, errlen, "data shard '%s': token id %d at position %zu is outside the vocabulary (size %d)", path, s->tokens[first_bad], first_bad, vocab_size);
-        munmap(map, (size_t)bytes);
-        free(s->path);
-        memset(s, 0, sizeof(*s));
-    }
-    return rc;
-}
-
-void shard_close(TokenShard* s) {
-    if (s->map) munmap(s->map, s->map_bytes);
-    free(s->path);
-    memset(s, 0, sizeof(*s));
+    return 0;
 }
 
 // ----------------------------------------------------------------------------
@@ -1324,6 +1356,8 @@ void shard_close(TokenShard* s) {
 // each, so ranks are disjoint and the step's set of sequences is the same for every
 // split of the global batch into ranks, micro batches and accumulation steps. The tail
 // of an epoch shorter than a global batch is dropped.
+// The shards of one dataset all have the same token width (uint16 or uint32): a mix
+// means files from two tokenizers or two writers, so it is refused.
 // Gathering a micro batch is a copy of B x T tokens from memory-mapped shards: OpenMP
 // threads copy its sequences in parallel, and the pages of the next micro batch are
 // requested from the kernel ahead of time (madvise), so that disk reads overlap the step
@@ -1334,6 +1368,7 @@ typedef struct {
     size_t global_batch;       // sequences per optimizer step, all ranks
     int num_shards;
     TokenShard* shards;
+    int token_bytes;           // of every shard: 2 (uint16) or 4 (uint32)
     size_t* first_seq;         // first global sequence index of each shard (+ total)
     size_t num_seqs;
     size_t seqs_per_epoch;     // num_seqs rounded down to whole global batches
@@ -1360,11 +1395,11 @@ void dataloader_permute(DataLoader* L, int64_t epoch) {
     L->perm_epoch = epoch;
 }
 
-// the T+1 tokens of sequence `seq` (global index) in their shard
-const uint16_t* dataloader_sequence(const DataLoader* L, size_t seq) {
+// the T+1 tokens of sequence `seq` (global index) in their shard, L->token_bytes each
+const void* dataloader_sequence(const DataLoader* L, size_t seq) {
     int lo = 0, hi = L->num_shards - 1;
     while (lo < hi) { int mid = (lo + hi + 1) / 2; if (L->first_seq[mid] <= seq) lo = mid; else hi = mid - 1; }
-    return L->shards[lo].tokens + (seq - L->first_seq[lo]) * (size_t)L->T;
+    return (const char*)L->shards[lo].tokens + (seq - L->first_seq[lo]) * (size_t)L->T * L->token_bytes;
 }
 
 // the global index of this rank's sequence b of the micro batch at (epoch, cursor)
@@ -1381,10 +1416,16 @@ void dataloader_gather(DataLoader* L, int* inputs, int* targets) {
     dataloader_permute(L, L->epoch); // before the threads, which then only read the order
     #pragma omp parallel for if ((size_t)L->B * L->T >= 65536)
     for (int b = 0; b < L->B; b++) {
-        const uint16_t* tok = dataloader_sequence(L, dataloader_seq_index(L, L->epoch, L->cursor, b));
+        const void* seq = dataloader_sequence(L, dataloader_seq_index(L, L->epoch, L->cursor, b));
         int* in = inputs + (size_t)b * L->T;
         int* tg = targets + (size_t)b * L->T;
-        for (int t = 0; t < L->T; t++) { in[t] = tok[t]; tg[t] = tok[t + 1]; }
+        if (L->token_bytes == 2) { // one loop per width, so each stays a plain widening copy
+            const uint16_t* tok = (const uint16_t*)seq;
+            for (int t = 0; t < L->T; t++) { in[t] = tok[t]; tg[t] = tok[t + 1]; }
+        } else {
+            const uint32_t* tok = (const uint32_t*)seq;
+            for (int t = 0; t < L->T; t++) { in[t] = (int)tok[t]; tg[t] = (int)tok[t + 1]; }
+        }
     }
 }
 
@@ -1394,7 +1435,7 @@ void dataloader_advise(DataLoader* L, int64_t epoch, size_t cursor) {
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     for (int b = 0; b < L->B; b++) {
         uintptr_t start = (uintptr_t)dataloader_sequence(L, dataloader_seq_index(L, epoch, cursor, b));
-        uintptr_t end = start + ((size_t)L->T + 1) * sizeof(uint16_t);
+        uintptr_t end = start + ((size_t)L->T + 1) * L->token_bytes;
         start &= ~(page - 1);
         madvise((void*)start, end - start, MADV_WILLNEED);
     }
@@ -1419,10 +1460,17 @@ int dataloader_init(DataLoader* L, const char* pattern, int B, int T, int rank, 
     L->first_seq = (size_t*)callocCheck(L->num_shards + 1, sizeof(size_t));
     for (int i = 0; i < L->num_shards; i++) {
         if (shard_open(&L->shards[i], g.gl_pathv[i], vocab_size, err, errlen)) { globfree(&g); return -1; }
+        if (L->shards[i].token_bytes != L->shards[0].token_bytes) {
+            fail(err, errlen, "'%s' mixes token widths: '%s' has %s tokens, '%s' %s (one dataset, one tokenizer: prepare its shards together)",
+                 pattern, g.gl_pathv[0], L->shards[0].token_bytes == 2 ? "uint16" : "uint32", g.gl_pathv[i], L->shards[i].token_bytes == 2 ? "uint16" : "uint32");
+            globfree(&g);
+            return -1;
+        }
         size_t seqs = L->shards[i].num_tokens > (size_t)T ? (L->shards[i].num_tokens - 1) / T : 0;
         L->first_seq[i + 1] = L->first_seq[i] + seqs;
     }
     globfree(&g);
+    L->token_bytes = L->shards[0].token_bytes;
     L->num_seqs = L->first_seq[L->num_shards];
     L->seqs_per_epoch = L->num_seqs / global_batch * global_batch;
     if (L->seqs_per_epoch == 0) {
@@ -1471,17 +1519,33 @@ size_t dataloader_num_tokens(const DataLoader* L) {
 }
 
 // ----------------------------------------------------------------------------
-// tokenizer: decode only, llm.c's format (uint32 header[256]: magic 20240328, version
-// 2, vocab size, EOT id; then per token a uint8 length and its bytes).
+// tokenizer: decode only, llm.c's format: uint32 header[256] = {magic 20240328, version
+// 2, vocab size, start token id, 0...}; then each token id's bytes, length-prefixed:
+// a uint8 length 1..255 and that many bytes (llm.c's encoding), or, for what that cannot
+// say, a 0 byte, a uint32 length (0 for an empty token, or more than 255) and the bytes.
+// A file whose tokens are all 1..255 bytes long is exactly llm.c's. The header's "EOT"
+// field is the token each document starts with in the shards, which samples start from:
+// <|endoftext|> for GPT-2, the BOS token of a LLaMA/DeepSeek tokenizer.
 
 #define TOKENIZER_MAGIC 20240328
 #define TOKENIZER_VERSION 2
+#define TOKENIZER_MAX_TOKEN_BYTES (1 << 20) // a sanity bound on the escaped lengths
 
 typedef struct {
     int vocab_size;
-    int eot_token;
-    char** tokens;
+    int eot_token;    // the document start token (see above)
+    char** tokens;    // NUL-terminated (a token with a NUL byte prints up to it)
 } Tokenizer;
+
+// Reads token i's length prefix. Returns the length, or -1.
+long tokenizer_read_length(FILE* f) {
+    unsigned char len;
+    if (fread(&len, 1, 1, f) != 1) return -1;
+    if (len > 0) return len;
+    uint32_t long_len;
+    if (fread(&long_len, sizeof long_len, 1, f) != 1 || long_len > TOKENIZER_MAX_TOKEN_BYTES) return -1;
+    return (long)long_len;
+}
 
 int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t errlen) {
     memset(tk, 0, sizeof(*tk));
@@ -1492,16 +1556,16 @@ int tokenizer_load(Tokenizer* tk, const char* path, char* err, size_t errlen) {
     if (fread(header, sizeof(uint32_t), 256, f) != 256) rc = fail(err, errlen, "tokenizer '%s': truncated header", path);
     else if (header[0] != TOKENIZER_MAGIC) rc = fail(err, errlen, "tokenizer '%s': bad magic %u (expected %d)", path, header[0], TOKENIZER_MAGIC);
     else if (header[1] != TOKENIZER_VERSION) rc = fail(err, errlen, "tokenizer '%s': unsupported version %u (expected %d)", path, header[1], TOKENIZER_VERSION);
-    else if (header[2] < 1 || header[2] > 1u << 20 || header[3] >= header[2]) rc = fail(err, errlen, "tokenizer '%s': bad vocab size %u or EOT id %u", path, header[2], header[3]);
+    else if (header[2] < 1 || header[2] > MAX_VOCAB_SIZE || header[3] >= header[2]) rc = fail(err, errlen, "tokenizer '%s': bad vocab size %u (1..%d) or start token id %u", path, header[2], MAX_VOCAB_SIZE, header[3]);
     if (rc) { fclose(f); return rc; }
     tk->vocab_size = (int)header[2];
     tk->eot_token = (int)header[3];
     tk->tokens = (char**)callocCheck(tk->vocab_size, sizeof(char*));
     for (int i = 0; i < tk->vocab_size && rc == 0; i++) {
-        unsigned char len;
-        if (fread(&len, 1, 1, f) != 1 || len == 0) { rc = fail(err, errlen, "tokenizer '%s': truncated or invalid at token %d", path, i); break; }
-        tk->tokens[i] = (char*)mallocCheck(len + 1);
-        if (fread(tk->tokens[i], 1, len, f) != len) rc = fail(err, errlen, "tokenizer '%s': truncated at token %d", path, i);
+        long len = tokenizer_read_length(f);
+        if (len < 0) { rc = fail(err, errlen, "tokenizer '%s': truncated or invalid length at token %d", path, i); break; }
+        tk->tokens[i] = (char*)mallocCheck((size_t)len + 1);
+        if (fread(tk->tokens[i], 1, (size_t)len, f) != (size_t)len) rc = fail(err, errlen, "tokenizer '%s': truncated at token %d", path, i);
         tk->tokens[i][len] = '\0';
     }
     if (rc == 0 && fgetc(f) != EOF) rc = fail(err, errlen, "tokenizer '%s': unexpected bytes after %d tokens", path, tk->vocab_size);

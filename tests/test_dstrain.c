@@ -353,16 +353,25 @@ static void test_step_plan_skip_and_clip(void) {
 // ----------------------------------------------------------------------------
 // data loader
 
-// Shard whose token i is `first + i` (mod 65536): a sequence is identified by its first token.
-static const char* write_shard(const char* name, int first, int n, int magic, int version, int header_count) {
+// Shard of n tokens of `width` bytes whose token i is `first + i` (mod 65536 for uint16):
+// a sequence is identified by its first token.
+static const char* write_shard_width(const char* name, int width, uint32_t first, int n, int magic, int version, int header_count) {
     static char path[PATH_LEN];
     FILE* f = fopenCheck(tmp_path(path, name), "wb");
     int32_t header[256] = {0};
     header[0] = magic; header[1] = version; header[2] = header_count;
     fwrite(header, sizeof header, 1, f);
-    for (int i = 0; i < n; i++) { uint16_t t = (uint16_t)(first + i); fwrite(&t, 2, 1, f); }
+    for (int i = 0; i < n; i++) {
+        uint16_t t16 = (uint16_t)(first + i);
+        uint32_t t32 = first + (uint32_t)i;
+        fwrite(width == 2 ? (void*)&t16 : (void*)&t32, width, 1, f);
+    }
     fclose(f);
     return path;
+}
+
+static const char* write_shard(const char* name, int first, int n, int magic, int version, int header_count) {
+    return write_shard_width(name, 2, (uint32_t)first, n, magic, version, header_count);
 }
 
 static void write_three_shards(void) {
@@ -482,7 +491,7 @@ static void test_loader_refuses_bad_data(void) {
     CHECK_ERR(rc, err, "unsupported version 3");
     format_path(path, sizeof path, "%s", write_shard("truncated.bin", 0, 90, SHARD_MAGIC, 1, 100));
     rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
-    CHECK_ERR(rc, err, "header says 100 tokens (1224 bytes) but the file has 1204 bytes");
+    CHECK_ERR(rc, err, "header says 100 tokens of 2 bytes (1224 bytes) but the file has 1204 bytes");
     format_path(path, sizeof path, "%s", write_shard("range.bin", 50250, 100, SHARD_MAGIC, 1, 100));
     rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, GPT2_VOCAB_SIZE, err, sizeof err);
     CHECK_ERR(rc, err, "token id 50257 at position 7 is outside the vocabulary (size 50257)");
@@ -494,6 +503,82 @@ static void test_loader_refuses_bad_data(void) {
     fclose(f);
     rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
     CHECK_ERR(rc, err, "shorter than the 1024-byte header");
+}
+
+// uint32 shards (llm.c's LLaMA-3 format) with ids above 65,535, up to the 2^24 limit: the
+// loader hands out exactly the ids in the files, in order (validation) and shuffled.
+static void test_loader_reads_uint32_shards(void) {
+    const uint32_t firsts[2] = {70000, MAX_VOCAB_SIZE - 600}; // the last id is 2^24 - 1
+    write_shard_width("u32_a.bin", 4, firsts[0], 1001, SHARD32_MAGIC, SHARD32_VERSION, 1001); // 100 sequences of 10+1
+    write_shard_width("u32_b.bin", 4, firsts[1], 600, SHARD32_MAGIC, SHARD32_VERSION, 600);   // 59 sequences
+    char pattern[PATH_LEN];
+    format_path(pattern, sizeof pattern, "%s/u32_*.bin", TMP);
+    const int T = 10;
+    DataLoader L;
+    int rc = dataloader_init(&L, pattern, 1, T, 0, 1, 1, 0, 0, MAX_VOCAB_SIZE, err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    if (rc) return;
+    CHECK(L.token_bytes == 4 && L.num_seqs == 159, "uint32 tokens, 159 sequences (got width %d, %zu)", L.token_bytes, L.num_seqs);
+    int exact = 1;
+    for (size_t s = 0; s < L.num_seqs; s++) { // validation order: the files' order
+        dataloader_next(&L);
+        uint32_t first = s < 100 ? firsts[0] + (uint32_t)s * T : firsts[1] + (uint32_t)(s - 100) * T;
+        for (int t = 0; t < T; t++) exact &= L.inputs[t] == (int)(first + t) && L.targets[t] == (int)(first + t + 1);
+    }
+    CHECK(exact, "every sequence holds the file's ids, targets shifted by one");
+    dataloader_free(&L);
+    // shuffled, 4 sequences a batch: each sequence once in an epoch, ids intact
+    rc = dataloader_init(&L, pattern, 4, T, 0, 1, 4, 1, 5, MAX_VOCAB_SIZE, err, sizeof err);
+    CHECK(rc == 0, "%s", err);
+    if (rc) return;
+    int seen[159] = {0}, intact = 1;
+    for (size_t k = 0; k < L.seqs_per_epoch / 4; k++) {
+        dataloader_next(&L);
+        for (int b = 0; b < 4; b++) {
+            uint32_t first = (uint32_t)L.inputs[b * T];
+            int s = first < firsts[1] ? (int)((first - firsts[0]) / T) : 100 + (int)((first - firsts[1]) / T);
+            if (s >= 0 && s < 159) seen[s]++;
+            for (int t = 0; t < T; t++) intact &= L.inputs[b * T + t] == (int)(first + t) && L.targets[b * T + t] == (int)(first + t + 1);
+        }
+    }
+    int once = 1, total = 0;
+    for (int s = 0; s < 159; s++) { once &= seen[s] <= 1; total += seen[s]; }
+    CHECK(intact && once && total == 156, "shuffled: sequences intact, 156 distinct ones (159 rounded down to whole batches), got %d", total);
+    dataloader_free(&L);
+    // ids past the vocabulary (here the model's 100,000) are refused, naming the file
+    format_path(pattern, sizeof pattern, "%s", write_shard_width("bad32_range.bin", 4, 99990, 100, SHARD32_MAGIC, SHARD32_VERSION, 100));
+    rc = dataloader_init(&L, pattern, 1, 4, 0, 1, 1, 0, 0, 100000, err, sizeof err);
+    CHECK_ERR(rc, err, names_tmp("data shard ", "bad32_range.bin"));
+    CHECK_ERR(rc, err, "token id 100000 at position 10 is outside the vocabulary (size 100000)");
+}
+
+static void test_loader_refuses_bad_uint32_shards(void) {
+    DataLoader L;
+    char path[PATH_LEN];
+    struct { const char* name; int magic, version, n, count; const char* want; } bad[] = {
+        {"bad32_version.bin", SHARD32_MAGIC, 1, 100, 100, "unsupported version 1 (expected 7 with magic 20240801)"},
+        {"bad16_version7.bin", SHARD_MAGIC, 7, 100, 100, "unsupported version 7 (expected 1 with magic 20240520)"},
+        {"bad32_truncated.bin", SHARD32_MAGIC, 7, 95, 100, "header says 100 tokens of 4 bytes (1424 bytes) but the file has 1404 bytes"},
+        {"bad32_long.bin", SHARD32_MAGIC, 7, 100, 50, "header says 50 tokens of 4 bytes (1224 bytes) but the file has 1424 bytes"},
+        {"bad32_magic.bin", 20240802, 7, 100, 100, "bad magic 20240802 (expected 20240520 for uint16 tokens or 20240801 for uint32)"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        format_path(path, sizeof path, "%s", write_shard_width(bad[i].name, 4, 0, bad[i].n, bad[i].magic, bad[i].version, bad[i].count));
+        int rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, MAX_VOCAB_SIZE, err, sizeof err);
+        CHECK_ERR(rc, err, names_tmp("data shard ", bad[i].name));
+        CHECK_ERR(rc, err, bad[i].want);
+    }
+    // an id of 2^24 is past every vocabulary
+    format_path(path, sizeof path, "%s", write_shard_width("bad32_huge.bin", 4, MAX_VOCAB_SIZE - 5, 100, SHARD32_MAGIC, SHARD32_VERSION, 100));
+    int rc = dataloader_init(&L, path, 1, 4, 0, 1, 1, 0, 0, MAX_VOCAB_SIZE, err, sizeof err);
+    CHECK_ERR(rc, err, "token id 16777216 at position 5 is outside the vocabulary (size 16777216)");
+    // one dataset, one token width
+    write_shard_width("mix_a.bin", 2, 0, 100, SHARD_MAGIC, SHARD_VERSION, 100);
+    write_shard_width("mix_b.bin", 4, 0, 100, SHARD32_MAGIC, SHARD32_VERSION, 100);
+    rc = dataloader_init(&L, tmp_path(path, "mix_*.bin"), 1, 4, 0, 1, 1, 0, 0, 65536, err, sizeof err);
+    CHECK_ERR(rc, err, "mixes token widths");
+    CHECK_ERR(rc, err, "mix_a.bin' has uint16 tokens");
+    CHECK_ERR(rc, err, "mix_b.bin' uint32");
 }
 
 // ----------------------------------------------------------------------------
@@ -1107,6 +1192,43 @@ static void test_tokenizer_reads_and_refuses_truncation(void) {
     CHECK(truncate(path, 1024 + 4) == 0, "truncate");
     CHECK_ERR(tokenizer_load(&tk, path, err, sizeof err), err, "truncated at token 1");
     tokenizer_free(&tk);
+    // a vocabulary above 65,535 with an empty token and one longer than 255 bytes: both
+    // written as a 0 byte and a uint32 length; the others as llm.c writes them
+    const int V = 70000;
+    f = fopenCheck(path, "wb");
+    uint32_t big[256] = {TOKENIZER_MAGIC, TOKENIZER_VERSION, V, 69000};
+    fwrite(big, sizeof big, 1, f);
+    char long_token[301];
+    memset(long_token, 'x', 300);
+    long_token[300] = '\0';
+    for (int i = 0; i < V; i++) {
+        char word[32];
+        snprintf(word, sizeof word, "t%d", i);
+        const char* bytes = i == 5 ? "" : i == 66000 ? long_token : word;
+        uint32_t n = (uint32_t)strlen(bytes);
+        unsigned char n8 = n >= 1 && n <= 255 ? (unsigned char)n : 0;
+        fwrite(&n8, 1, 1, f);
+        if (n8 == 0) fwrite(&n, 4, 1, f);
+        fwrite(bytes, 1, n, f);
+    }
+    fclose(f);
+    int loaded = tokenizer_load(&tk, path, err, sizeof err) == 0;
+    CHECK(loaded, "%s", err);
+    if (loaded) {
+        CHECK(tk.vocab_size == V && tk.eot_token == 69000, "vocab %d, start token %d", tk.vocab_size, tk.eot_token);
+        CHECK(strcmp(tokenizer_decode(&tk, 5), "") == 0 && strcmp(tokenizer_decode(&tk, 66000), long_token) == 0, "empty and 300-byte tokens");
+        CHECK(strcmp(tokenizer_decode(&tk, 4), "t4") == 0 && strcmp(tokenizer_decode(&tk, 69999), "t69999") == 0, "ids above 65,535");
+    }
+    tokenizer_free(&tk);
+    CHECK(truncate(path, 1024 + 5 * 3 + 3) == 0, "truncate"); // in token 5's uint32 length
+    CHECK_ERR(tokenizer_load(&tk, path, err, sizeof err), err, "truncated or invalid length at token 5");
+    tokenizer_free(&tk);
+    big[2] = MAX_VOCAB_SIZE + 1;
+    f = fopenCheck(path, "wb");
+    fwrite(big, sizeof big, 1, f);
+    fclose(f);
+    CHECK_ERR(tokenizer_load(&tk, path, err, sizeof err), err, "bad vocab size 16777217 (1..16777216)");
+    tokenizer_free(&tk);
     // the real GPT-2 tokenizer, where `make data` wrote it
     if (tokenizer_load(&tk, "data/gpt2_tokenizer.bin", err, sizeof err) == 0) {
         CHECK(tk.vocab_size == GPT2_VOCAB_SIZE && tk.eot_token == GPT2_VOCAB_SIZE - 1 && strcmp(tokenizer_decode(&tk, 50256), "<|endoftext|>") == 0, "GPT-2 EOT");
@@ -1191,6 +1313,8 @@ int main(int argc, char** argv) {
     RUN(test_loader_step_contents_independent_of_split);
     RUN(test_loader_seek_resumes_and_epochs_reshuffle);
     RUN(test_loader_refuses_bad_data);
+    RUN(test_loader_reads_uint32_shards);
+    RUN(test_loader_refuses_bad_uint32_shards);
     RUN(test_model_file_roundtrip_and_truncation);
     RUN(test_optimizer_partitions_load_on_any_world_size);
     RUN(test_checkpoint_commit_keeps_previous_on_crash);
