@@ -48,16 +48,18 @@ plan deepseek-llm-67b-base 67425001472 64
 MODEL=$TMP/tiny-deepseek
 "$PY_TORCH" tests/make_tiny_hf.py $MODEL ../shared/data/wikitext/wiki.valid.raw > $TMP/make.log 2>&1 \
     || [ -f ../shared/data/wikitext/wiki.valid.raw ] || bad "no WikiText raw text in ../shared/data/wikitext"
-if python3 data/prepare.py --dataset wikitext --tokenizer $MODEL --out-dir $TMP/data > $TMP/prepare.log 2>&1 \
-    && ls $TMP/data/wikitext-tiny-deepseek_train_000000.bin $TMP/data/tiny-deepseek_tokenizer.bin > /dev/null; then
+# (the decode-only tokenizer file goes where prepare.py says: data/tiny-deepseek_tokenizer.bin)
+python3 data/prepare.py --dataset wikitext --tokenizer $MODEL --out-dir $TMP/data > $TMP/prepare.log 2>&1
+DECODE=$(grep -oE '[^ ]*tiny-deepseek_tokenizer\.bin' $TMP/prepare.log | head -1)
+if [ -f $TMP/data/wikitext-tiny-deepseek_train_000000.bin ] && [ -f "$DECODE" ]; then
     ok "WikiText tokenized with the model's own tokenizer ($(grep -m1 'train:' $TMP/prepare.log | sed 's/ in .*//'))"
 else bad "WikiText tokenized with the model's own tokenizer" "$(tail -3 $TMP/prepare.log)"; fi
 # one epoch with the sample DeepSpeed config, unchanged (fp16 dynamic loss scaling, AdamW 5e-5, ZeRO-2)
 $BIN --hf-model $MODEL -c configs/ds_config.json --seq-len 64 --epochs 1 \
     --train-data "$TMP/data/wikitext-tiny-deepseek_train_*.bin" --val-data "$TMP/data/wikitext-tiny-deepseek_val_*.bin" \
-    --val-every 0 --val-batches 8 --tokenizer $TMP/data/tiny-deepseek_tokenizer.bin --sample-tokens 32 \
+    --val-every 0 --val-batches 8 --tokenizer "$DECODE" --sample-tokens 32 \
     --checkpoint-dir $TMP/ckpt --log $TMP/job.jsonl --hf-out $TMP/out > $TMP/job.log 2>&1; rc=$?
-sample=$(sed -n '/^sample (32 tokens/,/^---$/p' $TMP/job.log | sed -n '3,$p' | grep -v '^---$' | tr -d '\n')
+sample=$(awk '/^sample \(32 tokens/ {on = 1; next} on && /^---$/ {if (++n == 2) exit; next} on {print}' $TMP/job.log | tr -d '\n')
 if [ $rc -eq 0 ] && grep -q "epochs: 1 x" $TMP/job.log && [ ${#sample} -gt 20 ]; then
     ok "fine-tuned one epoch with configs/ds_config.json; a sample decoded with the model's tokenizer: ${sample:0:60}..."
 else bad "fine-tuned one epoch with configs/ds_config.json, with a sample" "exit $rc" "$(grep -m2 -e error -e sample $TMP/job.log)"; fi
@@ -92,6 +94,7 @@ if tok("The game").input_ids[0] != tok.bos_token_id:
 print("; ".join(problems) or f"ok {untrained:.4f} {trained:.4f}")
 PY
 )
+verdict=$(tail -1 <<<"$verdict") # transformers' warnings come first
 if [[ $verdict == ok* ]]; then
     read -r _ before after <<<"$verdict"
     ok "the export loads in transformers with its tokenizer; validation loss $before before, $after after, as dstrain measured it"
