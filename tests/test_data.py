@@ -1,13 +1,14 @@
 """
-Tests of data/prepare.py (GPT-2 tokens, shards, parallel tokenization) and
-data/download.py (downloads).
+Tests of data/prepare.py (GPT-2 tokens, a model's own tokenizer, shards, parallel
+tokenization, the decode-only tokenizer file) and data/download.py (downloads).
 
     python3 tests/test_data.py
 
-Needs tiktoken and the local data in ../shared/data (the WikiText valid and test splits,
-GPT-2's encoder.json and vocab.bpe); no network: downloads are tested against an HTTP
-server on 127.0.0.1 that this test starts. Prints one line per check, then
-"N passed, N failed"; exits non-zero when a check fails.
+Needs tiktoken, Hugging Face's tokenizers (the model tokenizers are built here, trained
+on Tiny Shakespeare) and the local data in ../shared/data (the WikiText valid and test
+splits, GPT-2's encoder.json and vocab.bpe, Tiny Shakespeare); no network: downloads are
+tested against an HTTP server on 127.0.0.1 that this test starts. Prints one line per
+check, then "N passed, N failed"; exits non-zero when a check fails.
 """
 
 import hashlib
@@ -67,11 +68,12 @@ def reference_encoding(tmp):
 
 
 def read_shard(path):
-    """(header ints, tokens) of a shard file, checking what the C loader checks."""
+    """(header ints, tokens) of a shard file of either format (uint16 or uint32 tokens)."""
     with open(path, "rb") as f:
         data = f.read()
     header = struct.unpack("<256i", data[:1024])
-    tokens = list(struct.unpack(f"<{(len(data) - 1024) // 2}H", data[1024:]))
+    width, code = (4, "I") if header[0] == 20240801 else (2, "H")
+    tokens = list(struct.unpack(f"<{(len(data) - 1024) // width}{code}", data[1024:]))
     return header, tokens
 
 
@@ -161,6 +163,7 @@ def test_tokens(ref, encoding):
     """(a) Every article of the local valid and test splits, tokenized by prepare.py's
     path (1 and 2 workers, small tasks so that long articles are cut into pieces), equals
     tiktoken's gpt2 encoding."""
+    encoding = prepare.GPT2Tokenizer(encoding)
     for split in ("valid", "test"):
         path = os.path.join(WIKITEXT_DIR, f"wiki.{split}.raw")
         articles = prepare.read_documents(path, "wikitext")
@@ -234,7 +237,8 @@ def test_shard_sizes(encoding):
     for workers in (1, 2):
         out = os.path.join(TMP, f"shards-w{workers}")
         os.makedirs(out)
-        counts, nbytes, _, _ = prepare.write_shards(encoding, files, 0, len(articles), out, "v",
+        counts, nbytes, _, _ = prepare.write_shards(prepare.GPT2Tokenizer(encoding), files, 0,
+                                                    len(articles), out, "v",
                                                     "val", 100_000, workers, 65536)
         shards = prepare.split_shards(out, "v", "val")
         streams[workers] = [open(f, "rb").read() for f in shards]
@@ -313,6 +317,315 @@ def test_text_and_dir(ref):
           "shards written before it are removed",
           rc != 0 and "latin1.txt: not UTF-8" in log and "byte 3" in log
           and os.listdir(out) == ["tok.bin"], f"{os.listdir(out)} {log[-2000:]}")
+
+
+# ----------------------------------------------------------------------------
+# a model's own tokenizer (--tokenizer DIR), with tokenizers built here by the tokenizers
+# package: byte-level BPE as DeepSeek's, the same with a vocabulary past 65,535 (uint32
+# shards), SentencePiece-style BPE with byte fallback as LLaMA-2's
+
+BOS_DS, EOS_DS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"  # DeepSeek's
+
+
+def train_bpe(pre_tokenizer, special_tokens, vocab_size=2000):
+    """A BPE tokenizer trained on Tiny Shakespeare."""
+    from tokenizers import Tokenizer, models, trainers
+    with open(os.path.join(SHARED, "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        text = f.read()
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizer
+    extra = {"initial_alphabet": pre_tokenizer.alphabet()} if hasattr(pre_tokenizer, "alphabet") else {}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  show_progress=False, **extra)
+    tokenizer.train_from_iterator([text[i:i + 10000] for i in range(0, len(text), 10000)], trainer)
+    return tokenizer
+
+
+def save_model_tokenizer(folder, tokenizer, config):
+    os.makedirs(folder)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    if config is not None:
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False)
+    return folder
+
+
+def byte_level_tokenizer(folder, big=False):
+    """DeepSeek-style: ByteLevel pre-tokenizer and decoder, BOS <｜begin▁of▁sentence｜>
+    (a {"content": ...} dict in tokenizer_config.json, add_bos_token true). big: 64,000
+    added tokens, then three words that Shakespeare uses (ids 66,000-66,002), and EOS
+    after every document (add_eos_token true)."""
+    from tokenizers import pre_tokenizers, decoders
+    tokenizer = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), [BOS_DS, EOS_DS])
+    tokenizer.decoder = decoders.ByteLevel()
+    config = {"add_bos_token": True, "add_eos_token": big, "tokenizer_class": "LlamaTokenizerFast",
+              "bos_token": {"__type": "AddedToken", "content": BOS_DS, "special": True},
+              "eos_token": {"__type": "AddedToken", "content": EOS_DS, "special": True}}
+    if big:
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(64000)] + ["ROMEO", "JULIET", "thee"])
+    return save_model_tokenizer(folder, tokenizer, config)
+
+
+def sentencepiece_tokenizer(folder):
+    """LLaMA-2-style: Metaspace pre-tokenizer, <0x00>..<0xFF> byte-fallback tokens,
+    decoder Replace("\u2581", " "), ByteFallback, Fuse, Strip; BOS "<s>" (a string)."""
+    from tokenizers import Tokenizer, pre_tokenizers, decoders
+    tokenizer = train_bpe(pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
+                          ["<unk>", "<s>", "</s>"])
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    n = len(vocab)
+    vocab.update({f"<0x{b:02X}>": n + b for b in range(256)})
+    spec["model"].update(byte_fallback=True, unk_token="<unk>", fuse_unk=True)
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+              "tokenizer_class": "LlamaTokenizerFast"}
+    return save_model_tokenizer(folder, tokenizer, config)
+
+
+def model_corpus():
+    """Tiny Shakespeare, then paragraphs that the tokenizers were not trained on: other
+    scripts, emoji, a literal special token, runs of spaces and blank-ish lines."""
+    path = os.path.join(TMP, "model-corpus.txt")
+    with open(os.path.join(SHARED, "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
+        text = f.read()
+    text += ("\n\nCafé, naïve, Ærøskøbing; 中文 and 日本語 text, emoji 🙂🚀, math ∑ x².\n\n"
+             f"A literal {BOS_DS} and <s> and <0x41> in the text.\n\n"
+             "    indented    with   runs of spaces\t\tand tabs \n\n"
+             "ROMEO and JULIET: thee, thee, thee.\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def read_tokenizer_file(path):
+    """(header, list of each token's bytes) of a decode-only tokenizer file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    header = struct.unpack("<256I", data[:1024])
+    pos, tokens = 1024, []
+    for _ in range(header[2]):
+        n = data[pos]
+        pos += 1
+        if n == 0:
+            n = struct.unpack("<I", data[pos:pos + 4])[0]
+            pos += 4
+        tokens.append(data[pos:pos + n])
+        pos += n
+    assert pos == len(data), f"{path}: {len(data) - pos} bytes after the last token"
+    return header, tokens
+
+
+def check_model_tokenizer(label, folder, bos, eos=None, uint32=False, worker_counts=(1, 3)):
+    """prepare.py --tokenizer on the corpus: every document's tokens are BOS + tokenizers'
+    own encoding (+ EOS), for every worker count byte for byte; the shard format fits
+    the vocabulary; the decode-only file decodes every id as tokenizers does."""
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    bos_id, eos_id = reference.token_to_id(bos), eos and reference.token_to_id(eos)
+    corpus = model_corpus()
+    documents = prepare.read_documents(corpus, "paragraphs")
+    n_val = prepare.split_count(len(documents), 0.1)
+    per_document = [[bos_id] + reference.encode(d, add_special_tokens=False).ids
+                    + ([eos_id] if eos else []) for d in documents]
+    expected = sum(per_document, [])
+    expected_val = sum(per_document[len(documents) - n_val:], [])
+    shards = {}
+    for workers in worker_counts:
+        out = os.path.join(TMP, f"{label}-w{workers}")
+        rc, log = run_prepare("--text", corpus, "--documents", "paragraphs", "--tokenizer", folder,
+                              "--out-dir", out, "--workers", str(workers),
+                              "--tokenizer-out", os.path.join(out, "tok.bin"))
+        name = f"text-{os.path.basename(folder)}"
+        paths = [os.path.join(out, f"{name}_{s}_000000.bin") for s in ("train", "val")]
+        check(f"{label}: prepare.py --tokenizer --workers {workers}: exit 0, names the shards "
+              f"{name}_*", rc == 0 and all(os.path.isfile(p) and p in log for p in paths), log[-3000:])
+        if rc != 0:
+            return
+        shards[workers] = [open(p, "rb").read() for p in paths]
+    (header, train), (_, val) = read_shard(paths[0]), read_shard(paths[1])
+    stream = train + val
+    fmt = (20240801, 7) if uint32 else (20240520, 1)
+    check(f"{label}: {'uint32' if uint32 else 'uint16'} shards (header {fmt[0]}, {fmt[1]})",
+          header[:3] == fmt + (len(train),), str(header[:3]))
+    check(f"{label}: shards = {'BOS + tokens + EOS' if eos else 'BOS + tokens'} of each of the "
+          f"{len(documents)} documents, tokenizers' own encoding, in order",
+          stream == expected, f"{len(stream)} tokens, expected {len(expected)}")
+    check(f"{label}: the last {n_val} documents validate", val == expected_val)
+    if uint32:
+        check(f"{label}: ids above 65,535 reach the shards", max(stream) > 65535, str(max(stream)))
+    check(f"{label}: shards byte-identical for {worker_counts} workers",
+          all(s == shards[worker_counts[0]] for s in shards.values()))
+    # the decode-only file against tokenizers' decode
+    tok_header, tokens = read_tokenizer_file(os.path.join(out, "tok.bin"))
+    vocab_size = max(reference.get_vocab(with_added_tokens=True).values()) + 1
+    check(f"{label}: tokenizer file header {{20240328, 2, {vocab_size}, BOS {bos_id}}}",
+          tok_header[:4] == (20240328, 2, vocab_size, bos_id), str(tok_header[:4]))
+    text = b"".join(tokens[t] for t in stream)
+    check(f"{label}: tokenizer file: the shards' tokens' bytes, concatenated, are tokenizers' "
+          "decode of them", text.decode("utf-8", "replace")
+          == reference.decode(stream, skip_special_tokens=False))
+    bos_text = reference.decode([bos_id], skip_special_tokens=False)
+    wrong, partial = [], 0
+    for i, data in enumerate(tokens):
+        try:
+            piece = data.decode("utf-8")
+        except UnicodeDecodeError:
+            partial += 1  # a byte token or part of a character: the concatenation checks it
+            continue
+        if reference.decode([bos_id, i], skip_special_tokens=False) != bos_text + piece:
+            wrong.append((i, reference.id_to_token(i), data))
+    check(f"{label}: tokenizer file: each of the {len(tokens) - partial} ids that are whole "
+          f"characters decodes as tokenizers decodes it after BOS ({partial} partial)",
+          not wrong, repr(wrong[:5]))
+    return tokens
+
+
+def test_model_tokenizers():
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        check("the tokenizers package is installed (python3 -m pip install tokenizers)", False)
+        return
+    folder = byte_level_tokenizer(os.path.join(TMP, "bytelevel"))
+    check_model_tokenizer("byte-level BPE", folder, BOS_DS)
+    # a document longer than a task is never cut (each piece would get a BOS)
+    from tokenizers import Tokenizer
+    reference = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    corpus = model_corpus()
+    with open(corpus, encoding="utf-8") as f:
+        whole = f.read()
+    stdout, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        tok = prepare.hf_tokenizer(folder)
+    finally:
+        sys.stdout = stdout
+    data = b"".join(d for d, _ in prepare.tokenize(tok, [(corpus, [0])], 0, 1, 2, 65536))
+    check("byte-level BPE: a 1.1 MB document in tasks of 64 KB on 2 workers is one encoding",
+          list(struct.unpack(f"<{len(data) // 2}H", data))
+          == [reference.token_to_id(BOS_DS)] + reference.encode(whole, add_special_tokens=False).ids)
+    rc, log = run_prepare("--tokenizer", folder, "--offline", "--workers", "1",
+                          "--tokenizer-out", os.path.join(TMP, "bl.bin"),
+                          "--out-dir", os.path.join(TMP, "bl-wikitext"))
+    check("byte-level BPE: WikiText with --out-dir: shards named wikitext-bytelevel_*",
+          rc == 0 and os.path.isfile(os.path.join(TMP, "bl-wikitext",
+                                                  "wikitext-bytelevel_val_000000.bin")),
+          log[-2000:])
+    folder = byte_level_tokenizer(os.path.join(TMP, "biglevel"), big=True)
+    check_model_tokenizer("66,001 tokens", folder, BOS_DS, EOS_DS, uint32=True, worker_counts=(1, 2))
+    folder = sentencepiece_tokenizer(os.path.join(TMP, "sentencepiece"))
+    tokens = check_model_tokenizer("SentencePiece-style", folder, "<s>")
+    if tokens:
+        from tokenizers import Tokenizer
+        reference = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        ok = all(tokens[reference.token_to_id(f"<0x{b:02X}>")] == bytes([b]) for b in range(256))
+        ok = ok and tokens[reference.token_to_id("\u2581the")] == b" the"
+        check("SentencePiece-style: <0xNN> is byte NN, \"\u2581the\" is \" the\"", ok)
+        stream = reference.encode("中文 🙂").ids
+        check("SentencePiece-style: characters it never saw are byte tokens",
+              sum(reference.id_to_token(i).startswith("<0x") for i in stream) >= 10,
+              str([reference.id_to_token(i) for i in stream]))
+    test_bos_rules()
+    test_refused_tokenizers()
+
+
+def test_bos_rules():
+    """BOS/EOS as transformers 4's AutoTokenizer adds them (checked by hand against
+    transformers 4.57; transformers 5 ignores add_bos_token/add_eos_token where there is
+    a tokenizer.json): add_bos_token/add_eos_token for LLaMA's tokenizer class (or no
+    class), else tokenizer.json's post-processor; a tokenizer that adds nothing gets its
+    BOS (or EOS, as GPT-2's) put in front."""
+    from tokenizers import Tokenizer, pre_tokenizers, decoders, processors
+    documents = ["First document.\n", "Second one, 'll see.\n\n", ""]
+    path = os.path.join(TMP, "three.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(documents))
+    files = [(path, [0, len(documents[0]), len(documents[0]) + len(documents[1])])]
+
+    def stream_of(folder):
+        buffer = io.StringIO()
+        stdout, sys.stdout = sys.stdout, buffer
+        try:
+            tok = prepare.hf_tokenizer(folder)
+        finally:
+            sys.stdout = stdout
+        data = b"".join(d for d, _ in prepare.tokenize(tok, files, 0, 2, 1))
+        return list(struct.unpack(f"<{len(data) // 2}H", data)), tok, buffer.getvalue()
+
+    base = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                     ["<s>", "</s>", "<|endoftext|>"], 500)
+    base.decoder = decoders.ByteLevel()
+    plain = base.to_str()  # no post-processor
+    ids = [base.encode(d, add_special_tokens=False).ids for d in documents[:2]]
+    s, e, eot = base.token_to_id("<s>"), base.token_to_id("</s>"), base.token_to_id("<|endoftext|>")
+    base.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", s), ("</s>", e)])
+    stream, tok, _ = stream_of(save_model_tokenizer(os.path.join(TMP, "template"), base, None))
+    check("BOS rules: no tokenizer_config.json: tokenizer.json's post-processor (<s> $A </s>)",
+          stream == [s] + ids[0] + [e] + [s] + ids[1] + [e] and tok.start == s and not tok.prepend,
+          str(stream[:8]))
+    stream, tok, log = stream_of(save_model_tokenizer(os.path.join(TMP, "template-off"), base,
+                                                      {"add_bos_token": True, "bos_token": "<s>"}))
+    check("BOS rules: add_bos_token in tokenizer_config.json (no tokenizer_class: LLaMA's) "
+          "replaces the post-processor, and says what transformers 5 would do",
+          stream == [s] + ids[0] + [s] + ids[1] and "note: transformers 5" in log, log)
+    stream, tok, _ = stream_of(save_model_tokenizer(
+        os.path.join(TMP, "template-generic"), base,
+        {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    check("BOS rules: PreTrainedTokenizerFast ignores add_bos_token/add_eos_token: the "
+          "post-processor decides", stream == [s] + ids[0] + [e] + [s] + ids[1] + [e], str(stream[:8]))
+    base = Tokenizer.from_str(plain)
+    stream, tok, _ = stream_of(save_model_tokenizer(
+        os.path.join(TMP, "plain-llama"), base,
+        {"add_eos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+         "tokenizer_class": "LlamaTokenizerFast"}))
+    check("BOS rules: LlamaTokenizerFast, no post-processor: add_eos_token true, add_bos_token "
+          "true by default",
+          stream == [s] + ids[0] + [e] + [s] + ids[1] + [e], str(stream[:8]))
+    stream, tok, log = stream_of(save_model_tokenizer(
+        os.path.join(TMP, "gpt2-like"), base, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    check("BOS rules: a tokenizer that adds no BOS (GPT-2's): its BOS in front, and says so",
+          stream == [eot] + ids[0] + [eot] + ids[1] and tok.prepend and "put in front" in log, log)
+    stream, tok, _ = stream_of(save_model_tokenizer(os.path.join(TMP, "eos-only"), base,
+                                                    {"eos_token": "</s>"}))
+    check("BOS rules: no BOS at all: the EOS starts documents", stream == [e] + ids[0] + [e] + ids[1])
+
+
+def test_refused_tokenizers():
+    from tokenizers import pre_tokenizers, decoders
+    text = os.path.join(TMP, "refused.txt")
+    with open(text, "w", encoding="utf-8") as f:
+        f.write("Some text.\n")
+    base = train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), ["<s>"], 300)
+    base.decoder = decoders.WordPiece()
+    folder = save_model_tokenizer(os.path.join(TMP, "wordpiece"), base,
+                                  {"add_bos_token": True, "bos_token": "<s>"})
+    rc, log = run_prepare("--tokenizer", folder, "--text", text,
+                          "--out-dir", os.path.join(TMP, "wp-out"))
+    check("refused: a WordPiece decoder, naming the file and the decoder",
+          rc != 0 and "tokenizer.json: decoder 'WordPiece' is not supported" in log, log[-1000:])
+    folder = save_model_tokenizer(os.path.join(TMP, "nobos"), base,
+                                  {"add_bos_token": True, "bos_token": "<nope>"})
+    rc, log = run_prepare("--tokenizer", folder, "--text", text)
+    check("refused: a bos_token that is no token, naming tokenizer_config.json",
+          rc != 0 and "tokenizer_config.json: bos_token '<nope>' is not a token" in log, log[-1000:])
+    base.decoder = decoders.ByteLevel()
+    folder = save_model_tokenizer(os.path.join(TMP, "named", "gpt2"), base, {"bos_token": "<s>"})
+    rc, log = run_prepare("--tokenizer", folder, "--text", text)
+    check("refused: a tokenizer folder called gpt2 would overwrite data/gpt2_tokenizer.bin",
+          rc != 0 and "give --tokenizer-name or --tokenizer-out" in log, log[-1000:])
+    out = os.path.join(TMP, "named-out")
+    rc, log = run_prepare("--tokenizer", folder, "--tokenizer-name", "gpt2-hf", "--text", text,
+                          "--val-fraction", "0", "--out-dir", out,
+                          "--tokenizer-out", os.path.join(out, "tok.bin"))
+    check("--tokenizer-name names the shards",
+          rc == 0 and os.path.isfile(os.path.join(out, "text-gpt2-hf_train_000000.bin")), log[-1000:])
+    rc, log = run_prepare("--tokenizer", TMP, "--text", text)
+    check("refused: a folder without tokenizer.json",
+          rc != 0 and "tokenizer.json not found" in log, log[-1000:])
 
 
 # ----------------------------------------------------------------------------
@@ -582,7 +895,7 @@ def main():
             sys.stdout = stdout
         for test in (test_articles, lambda: test_safe_cuts(ref), lambda: test_tokens(ref, encoding),
                      lambda: test_prepare_command(ref), lambda: test_shard_sizes(encoding),
-                     lambda: test_text_and_dir(ref), test_download):
+                     lambda: test_text_and_dir(ref), test_model_tokenizers, test_download):
             try:
                 test()
             except Exception as e:  # a crash in one group fails it, the others still run

@@ -78,16 +78,18 @@ def main():
     def tiktoken_batch(n):
         return lambda: sum(map(len, encoding.encode_ordinary_batch(articles, num_threads=n)))
 
+    gpt2 = prepare.GPT2Tokenizer(encoding)
+
     def ours(n):
         def run():
-            data = b"".join(d for d, _ in prepare.tokenize(encoding, files, 0, len(articles), n))
+            data = b"".join(d for d, _ in prepare.tokenize(gpt2, files, 0, len(articles), n))
             assert data == reference, "prepare.py's tokens differ from tiktoken's"
             return len(data) // 2 - len(articles)  # without the EOT tokens, like tiktoken's
         return run
 
     def ours_threads(n):
         def run():
-            prepare.set_encoding(encoding)
+            prepare.set_tokenizer(gpt2)
             tasks = prepare.make_tasks(prepare.segments(files, 0, len(articles), prepare.TASK_BYTES),
                                        prepare.TASK_BYTES)
             with ThreadPoolExecutor(n) as pool:
