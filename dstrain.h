@@ -3178,7 +3178,7 @@ void print_usage(const char* prog) {
            "  --dataset NAME              the shards of `make data DATASET=NAME` (wikitext, wikitext-103, tinyshakespeare)\n"
            "  --train-data PATTERN        training shards, a glob (default %s)\n"
            "  --val-data PATTERN          validation shards (default %s; \"\" = none)\n"
-           "  --tokenizer FILE            GPT-2 tokenizer for the sample (default %s)\n"
+           "  --tokenizer FILE            decode-only tokenizer for the sample, from data/prepare.py (default %s)\n"
            "  --steps N                   optimizer steps to train to (default %lld)\n"
            "  --epochs N                  instead of --steps: N passes over the training data (steps = N x sequences / train_batch_size)\n"
            "  --seed N                    seed for weights and data order (default %llu)\n"
