@@ -1,22 +1,27 @@
 /*
-train_gpt.c: the CPU reference trainer. GPT-2 in fp32 with OpenMP, trained the way
-DeepSpeed trains it (ds_config.json, AdamW, schedules, clipping, gradient accumulation,
-fp16 loss scaling semantics). Everything that is not model math (config, batch rules,
-schedules, loss scaler, data loader, checkpoints, logs, command line) is in dstrain.h.
+train_gpt.c: the CPU reference trainer. GPT-2 and LLaMA (DeepSeek-LLM: Hugging Face's
+LlamaForCausalLM) in fp32 with OpenMP, trained the way DeepSpeed trains them
+(ds_config.json, AdamW, schedules, clipping, gradient accumulation, fp16 loss scaling
+semantics). Everything that is not model math (config, batch rules, schedules, loss
+scaler, data loader, checkpoints, Hugging Face files, logs, command line) is in dstrain.h.
 
 Each layer is a pair of functions, xxx_forward / xxx_backward, with the tensor shapes in
 a comment; backward functions accumulate into gradients with +=.
 
 Sections, in order; train_gpt.cu has the same ones in the same order, with the same names,
-and its own GPU-only ones between them:
+and its own GPU-only ones between them (the LLaMA sections marked * come to the GPU with
+its LLaMA kernels):
     encoder            token and position embeddings
     layernorm
+    rmsnorm *          LLaMA's norm
     matmul             the plain loops that define it, and the functions the layers call
-    attention          causal self-attention
+    attention          causal self-attention, grouped-query (key/value heads shared)
+    rope *             rotary position embeddings
     gelu               tanh approximation
+    swiglu *           LLaMA's MLP activation
     residual           (CPU only: the GPU adds the residual inside its matmul)
     classifier         softmax and cross-entropy
-    GPT-2              weights, activations, forward, backward
+    the model          GPT-2 and LLaMA in one layer loop: weights, activations, forward, backward
     fast matmul        (CPU only) the blocked AVX-512 GEMM behind matmul
     optimizer buffers  the arithmetic of dstrain.h's ZeRO on host memory
     the trainer        the model behind dstrain.h's ModelOps, and main
