@@ -1139,6 +1139,9 @@ ModelConfig llama_config(int layers, int heads, int kv_heads, int dim, int ffn_h
 enum { GPT2_LN1W, GPT2_LN1B, GPT2_QKVW, GPT2_QKVB, GPT2_ATTPROJW, GPT2_ATTPROJB,
        GPT2_LN2W, GPT2_LN2B, GPT2_FCW, GPT2_FCB, GPT2_FCPROJW, GPT2_FCPROJB, GPT2_LAYER_TENSORS };
 enum { LLAMA_LN1W, LLAMA_QKVW, LLAMA_ATTPROJW, LLAMA_LN2W, LLAMA_FCW, LLAMA_FCPROJW, LLAMA_LAYER_TENSORS };
+// The trainers point a layer's tensors into GPT-2's slots (LayerWeights); LLaMA's go to these,
+// and its bias slots stay empty.
+static const int LLAMA_GPT2_SLOT[LLAMA_LAYER_TENSORS] = {GPT2_LN1W, GPT2_QKVW, GPT2_ATTPROJW, GPT2_LN2W, GPT2_FCW, GPT2_FCPROJW};
 
 typedef struct {
     char name[32];
@@ -1228,11 +1231,31 @@ const ParamTensor* param_layer(const ParamTable* p, int layer, int which) {
     return &p->tensors[p->first_layer + layer * p->per_layer + which];
 }
 
+// the widths of a layer's fused products: QKV = (NH + 2 NKV) hs, the [q; k; v] rows (3C for
+// GPT-2), and F2 = F (GPT-2) or 2F (LLaMA's [gate; up])
+size_t qkv_width(const ModelConfig* c) { return (size_t)(c->num_heads + 2 * c->num_kv_heads) * (c->channels / c->num_heads); }
+size_t fc_width(const ModelConfig* c) { return (c->arch == ARCH_LLAMA ? 2 : 1) * (size_t)c->ffn_hidden; }
+
 size_t model_num_params(const ModelConfig* c) {
     ParamTable p = param_table(c);
     size_t total = p.num_params;
     param_table_free(&p);
     return total;
+}
+
+// Rotary embeddings (LLaMA): cos, sin (maxT, hs/2) of the angles t * theta^(-2i/hs), each
+// rounded as transformers rounds them in fp32 (inv_freq = 1 / theta^(2i/hs), angle =
+// t * inv_freq), computed once on the host by both trainers so that they rotate by the same bits.
+void rope_tables(float* cos_t, float* sin_t, int maxT, int hs, float theta) {
+    int half = hs / 2;
+    for (int i = 0; i < half; i++) {
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hs);
+        for (int t = 0; t < maxT; t++) {
+            float angle = (float)t * inv_freq;
+            cos_t[t * half + i] = cosf(angle);
+            sin_t[t * half + i] = sinf(angle);
+        }
+    }
 }
 
 // Initialisation from a seed: one RNG stream in layout order, so it does not depend on
@@ -4092,9 +4115,9 @@ void print_plan(const Trainer* tr, int N) {
         double states = m.params + m.grads + m.master + m.moments, buffers = m.buckets + m.held_grads;
         double deepspeed = stage == 0 ? 16 * psi : stage == 1 ? 4 * psi + 12 * psi / N : 2 * psi + 14 * psi / N;
         printf("%-6d %9.2f %9.2f %9.2f %9.2f %11.2f %12.2f %12.2f %11.2f\n", stage, m.params / GB, m.grads / GB, (m.master + m.moments) / GB,
-               buffers / GB, states / GB, deepspeed / GB, act / GB, (states + buffers + (isnan(act) ? 0 : act)) / GB);
+               buffers / GB, states / GB, deepspeed / GB, act / GB, (states + buffers + act) / GB);
     }
-    printf("(buffers: ZeRO-2's gradient buckets (reduce_bucket_size %lld) and the gradient regions backward fills; activations: NAN = not estimated by this trainer)\n",
+    printf("(buffers: ZeRO-2's gradient buckets (reduce_bucket_size %lld) and the gradient regions backward fills; activations: what this trainer allocates for the micro batch and sequence length)\n",
            (long long)c->reduce_bucket_size);
 }
 

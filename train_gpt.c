@@ -9,16 +9,15 @@ Each layer is a pair of functions, xxx_forward / xxx_backward, with the tensor s
 a comment; backward functions accumulate into gradients with +=.
 
 Sections, in order; train_gpt.cu has the same ones in the same order, with the same names,
-and its own GPU-only ones between them (the LLaMA sections marked * come to the GPU with
-its LLaMA kernels):
+and its own GPU-only ones between them:
     encoder            token and position embeddings
     layernorm
-    rmsnorm *          LLaMA's norm
+    rmsnorm            LLaMA's norm
     matmul             the plain loops that define it, and the functions the layers call
     attention          causal self-attention, grouped-query (key/value heads shared)
-    rope *             rotary position embeddings
+    rope               rotary position embeddings
     gelu               tanh approximation
-    swiglu *           LLaMA's MLP activation
+    swiglu             LLaMA's MLP activation
     residual           (CPU only: the GPU adds the residual inside its matmul)
     classifier         softmax and cross-entropy
     the model          GPT-2 and LLaMA in one layer loop: weights, activations, forward, backward
@@ -332,20 +331,6 @@ void attention_backward(float* dqkv, float* datt, const float* dout, const float
 // rope: rotary position embeddings (LLaMA), in transformers' rotate_half layout: channel i
 // of the first half of a head pairs with channel i + hs/2, rotated by t * theta^(-2i/hs)
 
-// cos, sin (maxT, hs/2) of the angles, each rounded as transformers rounds them in fp32:
-// inv_freq = 1 / theta^(2i/hs), angle = t * inv_freq
-void rope_tables(float* cos_t, float* sin_t, int maxT, int hs, float theta) {
-    int half = hs / 2;
-    for (int i = 0; i < half; i++) {
-        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hs);
-        for (int t = 0; t < maxT; t++) {
-            float angle = (float)t * inv_freq;
-            cos_t[t * half + i] = cosf(angle);
-            sin_t[t * half + i] = sinf(angle);
-        }
-    }
-}
-
 // Rotates the q and k heads of qkv (B,T,QKV) in place: x1' = x1 cos - x2 sin,
 // x2' = x2 cos + x1 sin (x1, x2: a head's two halves). direction -1 rotates back, which
 // is the backward pass (a rotation's transpose is its inverse): dqkv's q and k in place.
@@ -489,9 +474,6 @@ typedef struct {
     float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
 } LayerWeights; // GPT2_LAYER_TENSORS pointers, in GPT-2's layout order; LLaMA's biases NULL
 
-// where each of LLaMA's layer tensors (LLAMA_* order) goes in LayerWeights
-static const int LLAMA_IN_LAYER_WEIGHTS[LLAMA_LAYER_TENSORS] = {GPT2_LN1W, GPT2_QKVW, GPT2_ATTPROJW, GPT2_LN2W, GPT2_FCW, GPT2_FCPROJW};
-
 typedef struct {
     float* wte;
     float* wpe;          // GPT-2 only
@@ -510,7 +492,7 @@ static void point_weights(Weights* w, float* base, const ModelConfig* c) {
     w->layer = (LayerWeights*)callocCheck(c->num_layers, sizeof(LayerWeights));
     for (int l = 0; l < c->num_layers; l++) {
         float** p = (float**)&w->layer[l];
-        for (int i = 0; i < t.per_layer; i++) p[c->arch == ARCH_LLAMA ? LLAMA_IN_LAYER_WEIGHTS[i] : i] = base + param_layer(&t, l, i)->offset;
+        for (int i = 0; i < t.per_layer; i++) p[c->arch == ARCH_LLAMA ? LLAMA_GPT2_SLOT[i] : i] = base + param_layer(&t, l, i)->offset;
     }
     w->lnfw = base + param_named(&t, "lnfw")->offset;
     w->lnfb = lnfb ? base + lnfb->offset : NULL;
@@ -556,9 +538,6 @@ typedef struct {
     size_t num_floats;
 } Activations;
 
-// the widths of a layer's fused products
-static size_t qkv_width(const ModelConfig* c) { return (size_t)(c->num_heads + 2 * c->num_kv_heads) * (c->channels / c->num_heads); }
-static size_t fc_width(const ModelConfig* c) { return (c->arch == ARCH_LLAMA ? 2 : 1) * (size_t)c->ffn_hidden; }
 
 // Points a's tensors into `base` and returns their floats; base NULL: only counts them.
 static size_t activations_layout(Activations* a, const ModelConfig* c, int B, int T, int for_grads, float* base) {
