@@ -1,12 +1,16 @@
 /*
-test_gpt.cu: the GPU trainer against the independent PyTorch reference written by
-dev/reference.py (the files test_gpt.c reads), in the precision it was built with. The base
+test_gpt.cu: the GPU trainer against the independent references test_gpt.c reads, in the
+precision it was built with: PyTorch's GPT-2 (dev/reference.py) and Hugging Face
+transformers' models (dev/reference_hf.py: LlamaForCausalLM and GPT2LMHeadModel). The base
 configuration (GPT-2, 2 layers, 4 heads, 64 channels, T = 64, GPT-2's vocabulary) is one
 tile of the attention kernels; the others (T 100 and 130, head sizes 32, 64 and 128, a
 1000-token vocabulary) take the online-softmax rescale, the causal mask inside a partial
-tile and the backward over several tiles. One file per run, one binary per precision:
+tile and the backward over several tiles; the LLaMA ones add RMSNorm, rotary embeddings,
+SwiGLU, an untied lm_head and grouped-query attention with groups of 2 (T 64) and of 4
+(T 100, a partial tile). One file per run, one binary per precision:
 
     /usr/bin/python3 dev/reference.py [--config t130_hs64]
+    /usr/bin/python3 dev/reference_hf.py --config llama_t100_gqa4
     make test_gpt_cu_fp32 test_gpt_cu_fp16 test_gpt_cu_bf16
     ./test_gpt_cu_bf16 dev/data/gpt2_reference.bin
 
@@ -27,17 +31,21 @@ Tolerances.
   fp16 2^-11); every rounding of a value to floatX adds at most u to its relative error, and
   to first order these errors add up along the computation, so a value computed through n
   roundings is within n u. Counting the roundings on the longest path, for L layers:
-    forward, n_fwd = 5 + 13 L: the embeddings (the weights' rounding, then the sum); per
+    GPT-2 forward, n_fwd = 5 + 13 L: the embeddings (the weights' rounding, then the sum); per
       layer 13: ln1; qkv weights, qkv; the attention probabilities P and output; projection
       weights, residual2; ln2; fc weights, fch; GELU; fcproj weights, residual3; then lnf,
       wte's rounding and the logits.
       logits: n_fwd u.
       loss: the loss of a row moves by at most twice the largest logit error (once through
       the log-sum-exp, once through the target's logit), so 2 (n_fwd u) max|logit| / loss.
-    backward, n_bwd = n_fwd + 3 + 10 L: dlogits, dlnf, the residual gradient; per layer 10:
+    GPT-2 backward, n_bwd = n_fwd + 3 + 10 L: dlogits, dlnf, the residual gradient; per layer 10:
       the fcproj input gradient, GELU's, dln2, the residual gradient, datty; in attention
       P and dS, then dqkv; dln1, the residual gradient. Weight gradients are fp32.
       every gradient tensor: n_bwd u; grad norms likewise.
+    LLaMA: the embedding is only the weights' rounding (no positions to add), and each
+      layer has one more rounding each way: rope's rotation of q and k in forward (the norms,
+      SwiGLU and lm_head take GPT-2's LayerNorm, GELU and wte places), and of dq and dk in
+      backward; so n_fwd = 4 + 14 L, n_bwd = n_fwd + 3 + 11 L.
     each step's loss: the loss bound, plus the gradients' relative error n_bwd u applied to
       the decrease the updates achieved so far, |loss_0 - loss_s| (Adam's update is
       invariant to the gradient's scale, so a relative error in the gradient moves each
@@ -91,7 +99,8 @@ static Tolerances tolerances(const Reference* ref) {
     tol.logits = 1e-5; tol.loss = 1e-5; tol.grad = 1e-4; tol.norm = 1e-4;
 #else
     double u = strcmp(PRECISION_NAME, "fp16") == 0 ? ldexp(1.0, -11) : ldexp(1.0, -8);
-    int n_fwd = 5 + 13 * ref->L, n_bwd = n_fwd + 3 + 10 * ref->L;
+    int llama = ref->arch == ARCH_LLAMA; // one rounding fewer at the embedding, one more per layer each way (rope)
+    int n_fwd = 5 - llama + (13 + llama) * ref->L, n_bwd = n_fwd + 3 + (10 + llama) * ref->L;
     double max_logit = 0.0;
     for (size_t i = 0; i < (size_t)ref->B * ref->T * ref->V; i++) max_logit = fmax(max_logit, fabs(ref->logits[i]));
     tol.logits = n_fwd * u;
@@ -123,7 +132,7 @@ static double step_loss_tolerance(const Reference* ref, const Tolerances* tol, i
 typedef struct {
     Reference ref;
     Tolerances tol;
-    GPT2* model;
+    Model* model;
     Options options;
     float* host_grads;  // num_params
     float* host_logits; // B*T*Vp
@@ -172,7 +181,7 @@ static void micro_batch_gradients(Trainer* tr, const Reference* ref, const Model
 }
 
 // the GPU model's gradient; FP16 backpropagates it times 2^16, as loss scaling does
-static void reference_gradients(Trainer* tr, const Reference* ref, GPT2* m, float* grads) {
+static void reference_gradients(Trainer* tr, const Reference* ref, Model* m, float* grads) {
     micro_batch_gradients(tr, ref, &GPU_OPS, m, strcmp(PRECISION_NAME, "fp16") == 0 ? 65536.0f : 1.0f, grads);
 }
 
@@ -246,7 +255,7 @@ static void reference_from_cpu(Reference* r) {
 
 static void test_layout_matches_reference(Fixture* f) {
     const Reference* ref = &f->ref;
-    GPT2* model = f->model;
+    Model* model = f->model;
     CHECK(model->num_params == (size_t)ref->num_params, "parameter count %zu vs reference %d", model->num_params, ref->num_params);
 }
 
@@ -269,12 +278,12 @@ static void test_config_must_ask_for_the_build_precision(void) {
 static void test_forward_logits_and_loss(Fixture* f) {
     const Reference* ref = &f->ref;
     const Tolerances* tol = &f->tol;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     DSConfig cfg = gpu_reference_config(ref, 1);
     setup_run(&tr, ref, &GPU_OPS, model, &cfg);
-    gpt2_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
-    float loss = (float)gpt2_take_loss(model);
+    model_forward(model, ref->inputs, ref->targets, ref->B, ref->T);
+    float loss = (float)model_take_loss(model);
     download_floatX(f->host_logits, model->act.logits, (size_t)ref->B * ref->T * ref->Vp);
     TensorErr e_logits = tensor_err_strided(f->host_logits, ref->logits, (size_t)ref->B * ref->T, ref->V, ref->Vp, ref->V);
     double e_loss = rel_err(loss, ref->loss, 0);
@@ -288,7 +297,7 @@ static void test_forward_logits_and_loss(Fixture* f) {
 static void test_backward_every_gradient_tensor(Fixture* f) {
     const Reference* ref = &f->ref;
     const Tolerances* tol = &f->tol;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     reference_gradients(&tr, ref, model, f->host_grads);
     ParamTable table = param_table(&model->config);
@@ -307,16 +316,16 @@ static void test_backward_every_gradient_tensor(Fixture* f) {
     zero_free(&tr.zero);
 }
 
-// --recompute recomputes LayerNorm and GELU outputs with the kernels that made them, so the
+// --recompute recomputes the norm and MLP activation outputs with the kernels that made them, so the
 // gradients are the same bits as when they are stored
 static void test_recompute_gives_identical_gradients(Fixture* f) {
     const Reference* ref = &f->ref;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     Options o = f->options;
     o.recompute = 1;
     ModelConfig c = model->config;
-    GPT2* r = (GPT2*)gpu_build(&c, ref->B, ref->T, &o);
+    Model* r = (Model*)gpu_build(&c, ref->B, ref->T, &o);
     float* stored = (float*)mallocCheck(model->num_params * sizeof(float));
     reference_gradients(&tr, ref, model, stored);
     reference_gradients(&tr, ref, r, f->host_grads);
@@ -356,7 +365,7 @@ static void test_ten_adam_l2_steps_adam_w_mode_false(Fixture* f) { check_trainin
 
 static void test_two_runs_are_bit_identical(Fixture* f) {
     const Reference* ref = &f->ref;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     float l1[64], n1[64], r1[64], l2[64], n2[64], r2[64];
     train_reference_run(&tr, f, 1, l1, n1, r1);
@@ -376,7 +385,7 @@ static void test_two_runs_are_bit_identical(Fixture* f) {
 // the restore repeat bit for bit. This needs set_weights to refresh the floatX weights.
 static void test_save_restore_round_trip_is_bit_identical(Fixture* f) {
     const Reference* ref = &f->ref;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     int first = ref->steps / 2, rest = ref->steps - first;
     float l[64], n[64], r[64], l2[64], n2[64], r2[64];
@@ -410,7 +419,7 @@ static void test_save_restore_round_trip_is_bit_identical(Fixture* f) {
 // static fp16 scale, 4 steps with an overflow at the second equal 3 clean steps bit for bit.
 static void test_injected_overflow_skips_exactly_that_step(Fixture* f) {
     const Reference* ref = &f->ref;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     float l[64], n[64], r[64];
     DSConfig cfg = gpu_reference_config(ref, 1);
@@ -435,7 +444,7 @@ static void test_injected_overflow_skips_exactly_that_step(Fixture* f) {
 // The global-norm and inf/nan kernels against the host, and an injected inf or nan seen.
 static void test_grad_stats_match_host_and_see_inf_nan(Fixture* f) {
     const Reference* ref = &f->ref;
-    GPT2* model = f->model;
+    Model* model = f->model;
     Trainer tr = {};
     reference_gradients(&tr, ref, model, f->host_grads);
     DEVICE_BUFFERS.to_host(f->host_grads, tr.zero.grads, tr.num_params); // as the step logic sees them (scaled)
@@ -482,11 +491,6 @@ int main(int argc, char** argv) {
     }
     const char* path = argc > 1 ? argv[1] : "dev/data/gpt2_reference.bin";
     reference_load(ref, path);
-    if (ref->arch != ARCH_GPT2) { // the GPU trainer's LLaMA kernels come later
-        printf("skipped: %s: a %s reference; the GPU trainer runs GPT-2 only\n", path, arch_name(ref->arch));
-        printf("0 passed, 0 failed, 1 skipped\n");
-        return 0;
-    }
     // the attention kernels' shared memory grows with the head size; a device with too little
     // (FP32 at head size 128 on an H100) cannot run the model: the GPU trainer refuses it
     cuda_setup();
@@ -500,11 +504,11 @@ int main(int argc, char** argv) {
     f.tol = tolerances(ref);
     ModelConfig c = reference_model_config(ref);
     options_defaults(&f.options);
-    f.model = (GPT2*)gpu_build(&c, ref->B, ref->T, &f.options);
+    f.model = (Model*)gpu_build(&c, ref->B, ref->T, &f.options);
     f.host_grads = (float*)mallocCheck(f.model->num_params * sizeof(float));
     f.host_logits = (float*)mallocCheck((size_t)ref->B * ref->T * ref->Vp * sizeof(float));
-    printf("reference: %s: %d layers, %d heads, %d channels, B %d, T %d, %d micro batches, %d steps; %s build on %s\n", path, ref->L, ref->H, ref->C,
-           ref->B, ref->T, ref->ga, ref->steps, PRECISION_NAME, device_prop.name);
+    printf("reference: %s: %s, %d layers, %d heads (%d key/value), %d channels, B %d, T %d, %d micro batches, %d steps; %s build on %s\n", path,
+           arch_name(ref->arch), ref->L, ref->H, ref->num_kv_heads, ref->C, ref->B, ref->T, ref->ga, ref->steps, PRECISION_NAME, device_prop.name);
     RUN_WITH(test_layout_matches_reference, &f);
     RUN(test_config_must_ask_for_the_build_precision);
     RUN_WITH(test_forward_logits_and_loss, &f);

@@ -1,7 +1,8 @@
 /*
-train_gpt.cu: the GPU trainer. GPT-2 as explicit CUDA kernels (forward and backward), matrix
-products through cuBLASLt, a flash-attention-style causal attention kernel, fused AdamW,
-trained the way DeepSpeed trains it. Everything that is not model math (config, batch rules,
+train_gpt.cu: the GPU trainer. GPT-2 and LLaMA (DeepSeek-LLM: Hugging Face's
+LlamaForCausalLM) as explicit CUDA kernels (forward and backward), matrix products through
+cuBLASLt, a flash-attention-style causal attention kernel with grouped-query attention, fused
+AdamW, trained the way DeepSpeed trains them. Everything that is not model math (config, batch rules,
 loss scaler, step logic, data loader, checkpoints, logs, command line, the training loop) is
 in dstrain.h and shared with the CPU trainer, train_gpt.c, which is the reference for every
 layer here: both compute the same function, layer by layer.
@@ -14,12 +15,15 @@ and its own CPU-only ones between them:
     reductions                     (GPU only) warp and block sums
     encoder                        token and position embeddings
     layernorm
-    column sums                    (GPU only) bias and LayerNorm weight gradients
+    column sums                    (GPU only) bias and norm weight gradients
+    rmsnorm                        LLaMA's norm
     matmul                         cuBLASLt
-    attention                      causal self-attention, flash-attention style
+    attention                      causal self-attention, flash-attention style, grouped-query
+    rope                           rotary position embeddings
     gelu                           tanh approximation
+    swiglu                         LLaMA's MLP activation
     classifier                     softmax and cross-entropy
-    GPT-2                          weights, activations, forward, backward
+    the model                      GPT-2 and LLaMA in one layer loop: weights, activations, forward, backward
     optimizer buffers              the arithmetic of dstrain.h's ZeRO, on the device
     device statistics              (GPU only) MFU and memory
     several GPUs                   (GPU only) NCCL, host staging through MPI, gpu_init_comm
@@ -46,17 +50,19 @@ Precision, chosen at build time (-DENABLE_FP32 / -DENABLE_FP16 / -DENABLE_BF16, 
     counts both as an overflow (GRAD_OVERFLOW_AT), so the step is skipped as there.
 
 Layer structure (shapes in each kernel's comment). Per layer, with residual stream x:
-    ln1 = LN(x); qkv = ln1 W_qkv^T + b; y = attention(qkv); x2 = x + y W_proj^T + b
-    ln2 = LN(x2); h = ln2 W_fc^T + b; g = GELU(h); x3 = x2 + g W_fcproj^T + b
+    GPT-2: ln1 = LN(x); qkv = ln1 W_qkv^T + b; y = attention(qkv); x2 = x + y W_proj^T + b
+           ln2 = LN(x2); h = ln2 W_fc^T + b; g = GELU(h); x3 = x2 + g W_fcproj^T + b
+    LLaMA: ln1 = RMSNorm(x); qkv = rope(ln1 W_qkv^T); y = attention(qkv); x2 = x + y W_proj^T
+           ln2 = RMSNorm(x2); [gate | up] = ln2 W_fc^T; g = silu(gate) up; x3 = x2 + g W_fcproj^T
 The residual additions happen inside the projection matrix products (cuBLASLt's C input
 with beta = 1 and the bias epilogue): D = A B + bias + residual in one pass, rounded once.
 GELU is our own kernel (tanh approximation, as PyTorch's approximate="tanh"): cuBLASLt's
 GELU epilogue does not document which GELU it evaluates nor how accurately, and the FP32
 build must agree with PyTorch to 1e-5; --recompute needs the kernel anyway.
 
-Determinism: no floating-point atomics anywhere. Every reduction (LayerNorm and bias
-gradients, the embedding gradient, the attention gradients, the global norm) has a fixed
-order, so two identical runs are bit-identical.
+Determinism: no floating-point atomics anywhere. Every reduction (norm and bias gradients,
+the embedding gradient, the attention gradients, shared key/value heads included, the global
+norm) has a fixed order, so two identical runs are bit-identical.
 */
 #include "dstrain.h"
 #include <cublasLt.h>
@@ -221,15 +227,19 @@ __device__ float block_max(float v) {
 // ----------------------------------------------------------------------------
 // encoder: token and position embeddings
 
-// out (B,T,C) = wte[inp] + wpe[t]; one thread per pack of X_PER_PACK channels
+// out (B,T,C) = wte[inp] + wpe[t]; wpe NULL (LLaMA: positions are rotary, in attention):
+// wte[inp]. One thread per pack of X_PER_PACK channels.
 __global__ void encoder_forward_kernel(floatX* out, const int* inp, const floatX* wte, const floatX* wpe, int BT, int T, int C) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     int packs = C / X_PER_PACK;
     if (i >= (size_t)BT * packs) return;
     size_t bt = i / packs;
     int c = (int)(i % packs) * X_PER_PACK, t = (int)(bt % T);
-    PackX we = *(const PackX*)(wte + (size_t)inp[bt] * C + c), pe = *(const PackX*)(wpe + (size_t)t * C + c), o;
-    for (int k = 0; k < X_PER_PACK; k++) o.v[k] = to_floatX(to_float(we.v[k]) + to_float(pe.v[k]));
+    PackX o = *(const PackX*)(wte + (size_t)inp[bt] * C + c);
+    if (wpe) {
+        PackX pe = *(const PackX*)(wpe + (size_t)t * C + c);
+        for (int k = 0; k < X_PER_PACK; k++) o.v[k] = to_floatX(to_float(o.v[k]) + to_float(pe.v[k]));
+    }
     *(PackX*)(out + bt * C + c) = o;
 }
 
@@ -309,10 +319,11 @@ static int token_buckets_upload(TokenBuckets* tb, const int* inp, int BT, int V)
 }
 
 // tb: the buckets of this batch's tokens (token_buckets_upload, nb of them, done by forward
-// so that backward does no host work)
+// so that backward does no host work); dwpe NULL: no position embedding (LLaMA)
 static void encoder_backward(float* dwte, float* dwpe, const floatX* dout, int B, int T, int C, const TokenBuckets* tb, int nb) {
     encoder_backward_wte_kernel<<<dim3(nb, ceil_div(C, 256)), 256, 0, stream>>>(dwte, dout, tb->device, tb->device + 3 * nb, C);
     launchCheck();
+    if (!dwpe) return;
     encoder_backward_wpe_kernel<<<ceil_div((size_t)T * C, 256), 256, 0, stream>>>(dwpe, dout, B, T, C);
     launchCheck();
 }
@@ -320,9 +331,9 @@ static void encoder_backward(float* dwte, float* dwpe, const floatX* dout, int B
 // ----------------------------------------------------------------------------
 // layernorm
 
-// out (N,C) = (inp - mean) * rstd * weight + bias per row, eps 1e-5; saves mean, rstd (N).
+// out (N,C) = (inp - mean) * rstd * weight + bias per row; saves mean, rstd (N).
 // One warp per row; --recompute calls it again in backward and gets the same bits.
-__global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C) {
+__global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C, float eps) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const floatX* x = inp + (size_t)row * C;
@@ -338,7 +349,7 @@ __global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd, 
         PackX v = *(const PackX*)(x + p * X_PER_PACK);
         for (int k = 0; k < X_PER_PACK; k++) { float d = to_float(v.v[k]) - m; var += d * d; }
     }
-    float s = 1.0f / sqrtf(warp_sum(var) / C + 1e-5f);
+    float s = 1.0f / sqrtf(warp_sum(var) / C + eps);
     for (int p = lane; p < packs; p += 32) {
         int c = p * X_PER_PACK;
         PackX v = *(const PackX*)(x + c), w = *(const PackX*)(weight + c), b = *(const PackX*)(bias + c), o;
@@ -348,8 +359,8 @@ __global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd, 
     if (lane == 0) { mean[row] = m; rstd[row] = s; }
 }
 
-static void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C) {
-    layernorm_forward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(out, mean, rstd, inp, weight, bias, N, C);
+static void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight, const floatX* bias, int N, int C, float eps) {
+    layernorm_forward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(out, mean, rstd, inp, weight, bias, N, C, eps);
     launchCheck();
 }
 
@@ -385,10 +396,11 @@ __global__ void layernorm_backward_kernel(floatX* dinp, const floatX* dout, cons
 }
 
 // ----------------------------------------------------------------------------
-// column sums: bias gradients and LayerNorm weight gradients, deterministic.
+// column sums: bias gradients and norm weight gradients, deterministic.
 // Rows are cut into chunks of COLSUM_ROWS; a first kernel writes each chunk's sums, a second
-// adds the chunks in order. partial (chunks, 2, C): slot 0 = sum of dout * norm (LayerNorm
-// only: norm = (inp - mean) * rstd), slot 1 = sum of dout.
+// adds the chunks in order. partial (chunks, 2, C): slot 0 = sum of dout * norm (norms only:
+// norm = (inp - mean) * rstd for LayerNorm, inp * rstd for RMSNorm, whose mean is NULL),
+// slot 1 = sum of dout.
 
 #define COLSUM_ROWS 128
 
@@ -402,7 +414,7 @@ __global__ void column_sums_kernel(float* partial, const floatX* dout, const flo
         for (int n = chunk * COLSUM_ROWS + threadIdx.y; n < end; n += 8) {
             float d = to_float(dout[(size_t)n * C + c]);
             s += d;
-            if (inp) s_norm += d * (to_float(inp[(size_t)n * C + c]) - mean[n]) * rstd[n];
+            if (inp) s_norm += d * (to_float(inp[(size_t)n * C + c]) - (mean ? mean[n] : 0.0f)) * rstd[n];
         }
     }
     sums[0][threadIdx.y][threadIdx.x] = s_norm;
@@ -415,7 +427,7 @@ __global__ void column_sums_kernel(float* partial, const floatX* dout, const flo
     }
 }
 
-// dst_norm (C) += sum of slot 0 over chunks (if not NULL), dst (C) += sum of slot 1
+// dst_norm (C) += sum of slot 0 over chunks, dst (C) += sum of slot 1 (each if not NULL)
 __global__ void column_sums_finalize_kernel(float* dst_norm, float* dst, const float* partial, int chunks, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -425,7 +437,7 @@ __global__ void column_sums_finalize_kernel(float* dst_norm, float* dst, const f
         s += partial[((size_t)k * 2 + 1) * C + c];
     }
     if (dst_norm) dst_norm[c] += s_norm;
-    dst[c] += s;
+    if (dst) dst[c] += s;
 }
 
 static size_t column_sums_scratch_floats(int N, int C) { return ceil_div(N, COLSUM_ROWS) * 2 * (size_t)C; }
@@ -444,6 +456,70 @@ static void layernorm_backward(floatX* dinp, float* dweight, float* dbias, const
     layernorm_backward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, mean, rstd, N, C);
     launchCheck();
     column_sums(dweight, dbias, dout, inp, mean, rstd, N, C, scratch);
+}
+
+// ----------------------------------------------------------------------------
+// rmsnorm (LLaMA)
+
+// out (N,C) = inp * rstd * weight, rstd = 1 / sqrt(mean(inp^2) + eps) per row, as
+// transformers' LlamaRMSNorm; saves rstd (N). One warp per row, as layernorm_forward_kernel.
+__global__ void rmsnorm_forward_kernel(floatX* out, float* rstd, const floatX* inp, const floatX* weight, int N, int C, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const floatX* x = inp + (size_t)row * C;
+    int packs = C / X_PER_PACK;
+    float sumsq = 0.0f;
+    for (int p = lane; p < packs; p += 32) {
+        PackX v = *(const PackX*)(x + p * X_PER_PACK);
+        for (int k = 0; k < X_PER_PACK; k++) sumsq += to_float(v.v[k]) * to_float(v.v[k]);
+    }
+    float s = 1.0f / sqrtf(warp_sum(sumsq) / C + eps);
+    for (int p = lane; p < packs; p += 32) {
+        int c = p * X_PER_PACK;
+        PackX v = *(const PackX*)(x + c), w = *(const PackX*)(weight + c), o;
+        for (int k = 0; k < X_PER_PACK; k++) o.v[k] = to_floatX(to_float(w.v[k]) * (to_float(v.v[k]) * s));
+        *(PackX*)(out + (size_t)row * C + c) = o;
+    }
+    if (lane == 0) rstd[row] = s;
+}
+
+static void rmsnorm_forward(floatX* out, float* rstd, const floatX* inp, const floatX* weight, int N, int C, float eps) {
+    rmsnorm_forward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(out, rstd, inp, weight, N, C, eps);
+    launchCheck();
+}
+
+// dinp (N,C) += rstd * (dnorm - norm * mean(dnorm * norm)), dnorm = dout * weight, norm = inp * rstd.
+// One warp per row.
+__global__ void rmsnorm_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd, int N, int C) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    size_t off = (size_t)row * C;
+    float s = rstd[row];
+    int packs = C / X_PER_PACK;
+    float dnorm_norm_sum = 0.0f;
+    for (int p = lane; p < packs; p += 32) {
+        int c = p * X_PER_PACK;
+        PackX d = *(const PackX*)(dout + off + c), x = *(const PackX*)(inp + off + c), w = *(const PackX*)(weight + c);
+        for (int k = 0; k < X_PER_PACK; k++) dnorm_norm_sum += to_float(d.v[k]) * to_float(w.v[k]) * (to_float(x.v[k]) * s);
+    }
+    float b = warp_sum(dnorm_norm_sum) / C;
+    for (int p = lane; p < packs; p += 32) {
+        int c = p * X_PER_PACK;
+        PackX d = *(const PackX*)(dout + off + c), x = *(const PackX*)(inp + off + c), w = *(const PackX*)(weight + c);
+        PackX o = *(const PackX*)(dinp + off + c);
+        for (int k = 0; k < X_PER_PACK; k++) {
+            o.v[k] = to_floatX(to_float(o.v[k]) + s * (to_float(d.v[k]) * to_float(w.v[k]) - to_float(x.v[k]) * s * b));
+        }
+        *(PackX*)(dinp + off + c) = o;
+    }
+}
+
+// dinp (N,C) += RMSNorm backward; dweight (C) += sum dout * inp * rstd
+static void rmsnorm_backward(floatX* dinp, float* dweight, const floatX* dout, const floatX* inp, const floatX* weight, const float* rstd,
+                             int N, int C, float* scratch) {
+    rmsnorm_backward_kernel<<<ceil_div(N, 8), 256, 0, stream>>>(dinp, dout, inp, weight, rstd, N, C);
+    launchCheck();
+    column_sums(dweight, NULL, dout, inp, NULL, rstd, N, C, scratch);
 }
 
 // ----------------------------------------------------------------------------
@@ -590,13 +666,20 @@ static void bias_backward(float* dbias, const floatX* dout, int N, int OC, float
 // accumulators (O, dK, dV, dQ) live in shared memory, not in fragments, so that one code
 // path serves the tensor cores and the fp32 build; keeping them in registers is the first
 // thing to try for speed.
+// Grouped-query attention (LLaMA): a query head reads its group's key/value head where qkv
+// holds it, without copies; the dK/dV kernel runs one block per key/value head and adds its
+// group's query heads in order, so that the shared gradients need no atomics either.
 // Requirements (checked at build): head size hs a multiple of 16, at most 128.
 
 #define ATT_TILE 64
 #define ATT_WARPS 4
 #define ATT_THREADS (32 * ATT_WARPS)
 #define ATT_LDS (ATT_TILE + 4) // row stride of the fp32 score tiles
+#if defined(ENABLE_FP32)
+#define ATT_LDP ATT_LDS        // FP32: P and dS overwrite S in place (att_smem_layout)
+#else
 #define ATT_LDP (ATT_TILE + 8) // row stride of the floatX probability tiles
+#endif
 __host__ __device__ inline int att_ldx(int hs) { return hs + 8; } // floatX (64 x hs) tiles: keeps WMMA's 32-byte alignment
 __host__ __device__ inline int att_lda(int hs) { return hs + 4; } // fp32 (16 x hs) accumulators
 __host__ __device__ inline int align128(int bytes) { return (bytes + 127) / 128 * 128; }
@@ -620,7 +703,14 @@ __host__ __device__ inline AttSmem att_smem_layout(int hs, int n_tiles, int n_ac
     L.prob_stride = align128(16 * ATT_LDP * (int)sizeof(floatX));
     L.acc_stride = align128(16 * att_lda(hs) * (int)sizeof(float));
     L.score = off; off += ATT_WARPS * L.score_stride;
+#if defined(ENABLE_FP32)
+    // fp32 P and dS have S's shape and stride, and each lane overwrites only the S values it
+    // has read: they share S's tile, which makes room for head size 128 in an H100's 227 KB
+    L.prob = L.score;
+    L.prob_stride = L.score_stride;
+#else
     L.prob = off; off += ATT_WARPS * L.prob_stride;
+#endif
     for (int i = 0; i < 2; i++) { L.acc[i] = off; if (i < n_acc) off += ATT_WARPS * L.acc_stride; }
     L.bytes = off;
     return L;
@@ -630,6 +720,18 @@ __host__ __device__ inline AttSmem att_smem_layout(int hs, int n_tiles, int n_ac
 #define ATT_FWD_LAYOUT(hs) att_smem_layout(hs, 3, 1)
 #define ATT_DKDV_LAYOUT(hs) att_smem_layout(hs, 4, 2)
 #define ATT_DQ_LAYOUT(hs) att_smem_layout(hs, 4, 1)
+
+// The heads' columns in qkv (B,T,QKV): per position the NH query heads, then the NKV key
+// heads, then the NKV value heads, QKV = (NH + 2 NKV) hs (GPT-2: NKV = NH, 3C). Query head h
+// reads key/value head h / group, group = NH / NKV.
+struct AttHeads {
+    int NH, NKV, hs;
+    __host__ __device__ size_t row() const { return (size_t)(NH + 2 * NKV) * hs; }
+    __host__ __device__ int group() const { return NH / NKV; }
+    __host__ __device__ size_t q(int h) const { return (size_t)h * hs; }
+    __host__ __device__ size_t k(int kvh) const { return (size_t)(NH + kvh) * hs; }
+    __host__ __device__ size_t v(int kvh) const { return (size_t)(NH + NKV + kvh) * hs; }
+};
 
 enum { B_ROWS, B_TRANSPOSED };
 
@@ -686,23 +788,24 @@ __device__ void att_load_tile(floatX* dst, const floatX* src, size_t ld_src, int
 // backward recomputes exactly forward's scaled scores
 __device__ inline float att_log2_scale(int hs) { return 1.4426950408889634f / sqrtf((float)hs); }
 
-// out (B,T,C) = softmax(q k^T / sqrt(hs), causal) v per head; lse (B,NH,T) = log2 of the sum of
-// exp2(s * log2(e) / sqrt(hs)) over the query's keys (base-2 log-sum-exp, for backward).
-// qkv (B,T,3C) = [q | k | v], head h in channels h*hs .. (h+1)*hs-1 of each.
+// out (B,T,C) = softmax(q k^T / sqrt(hs), causal) v per head, C = NH hs; lse (B,NH,T) = log2 of
+// the sum of exp2(s * log2(e) / sqrt(hs)) over the query's keys (base-2 log-sum-exp, for
+// backward). qkv (B,T,QKV): the heads' columns as AttHeads says.
 // grid (ceil(T/64), B*NH), block ATT_THREADS: 64 queries of one (b, h), the longest rows first.
-__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, int C, int NH, int hs) {
+__global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(floatX* out, float* lse, const floatX* qkv, int T, AttHeads hd) {
     extern __shared__ __align__(128) char smem[];
+    int NH = hd.NH, hs = hd.hs, C = NH * hs;
     const AttSmem L = ATT_FWD_LAYOUT(hs);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH, kvh = h / hd.group();
     int q0 = qt * ATT_TILE, ldx = att_ldx(hs), lda = att_lda(hs);
     floatX *Qs = (floatX*)(smem + L.tile[0]), *Ks = (floatX*)(smem + L.tile[1]), *Vs = (floatX*)(smem + L.tile[2]);
     float* S = (float*)(smem + L.score + warp * L.score_stride);
     floatX* P = (floatX*)(smem + L.prob + warp * L.prob_stride);
     float* O = (float*)(smem + L.acc[0] + warp * L.acc_stride);
-    size_t C3 = 3 * (size_t)C;
-    const floatX* q = qkv + (size_t)b * T * C3 + h * hs;
-    att_load_tile(Qs, q, C3, q0, T, hs);
+    size_t QKV = hd.row();
+    const floatX* seq = qkv + (size_t)b * T * QKV;
+    att_load_tile(Qs, seq + hd.q(h), QKV, q0, T, hs);
     for (int i = lane; i < 16 * hs; i += 32) O[(i / hs) * lda + i % hs] = 0.0f;
     int r = lane / 2, half = lane % 2;     // this lane's row of the warp's tile, and which 32 columns
     int tq = q0 + warp * 16 + r;           // its query
@@ -710,8 +813,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_forward_kernel(floatX* 
     for (int kt = 0; kt <= qt; kt++) {
         int k0 = kt * ATT_TILE;
         __syncthreads(); // every warp is done with the previous K, V (and Q is loaded)
-        att_load_tile(Ks, q + C, C3, k0, T, hs);
-        att_load_tile(Vs, q + 2 * C, C3, k0, T, hs);
+        att_load_tile(Ks, seq + hd.k(kvh), QKV, k0, T, hs);
+        att_load_tile(Vs, seq + hd.v(kvh), QKV, k0, T, hs);
         __syncthreads();
         warp_mma<B_TRANSPOSED>(S, ATT_LDS, Qs + warp * 16 * ldx, ldx, Ks, ldx, ATT_TILE, hs, false);
         __syncwarp();
@@ -758,93 +861,99 @@ __global__ void attention_backward_prep_kernel(float* D, const floatX* dout, con
     if (lane == 0) D[((bt / T) * NH + h) * T + bt % T] = s;
 }
 
-// dK and dV (the k and v parts of dqkv (B,T,3C)) of 64 keys of one (b, h): over the query
-// tiles from the diagonal on, with S^T = K Q^T, P^T = exp2(S^T scale - lse),
-// dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D) / sqrt(hs), dK += dS^T Q.
-// grid (ceil(T/64), B*NH), block ATT_THREADS; warp w owns keys k0 + 16w .. k0 + 16w + 15.
+// dK and dV (the k and v parts of dqkv (B,T,QKV)) of 64 keys of one (b, key/value head): for
+// each query head of its group in order, over the query tiles from the diagonal on, with
+// S^T = K Q^T, P^T = exp2(S^T scale - lse), dV += P^T dO, dP^T = V dO^T,
+// dS^T = P^T (dP^T - D) / sqrt(hs), dK += dS^T Q.
+// grid (ceil(T/64), B*NKV), block ATT_THREADS; warp w owns keys k0 + 16w .. k0 + 16w + 15.
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dkdv_kernel(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* D,
-                                                                              int T, int C, int NH, int hs) {
+                                                                              int T, AttHeads hd) {
     extern __shared__ __align__(128) char smem[];
+    int NH = hd.NH, hs = hd.hs, C = NH * hs;
     const AttSmem L = ATT_DKDV_LAYOUT(hs);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int kt = blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int kt = blockIdx.x, b = blockIdx.y / hd.NKV, kvh = blockIdx.y % hd.NKV;
     int k0 = kt * ATT_TILE, ldx = att_ldx(hs), lda = att_lda(hs);
     floatX *Ks = (floatX*)(smem + L.tile[0]), *Vs = (floatX*)(smem + L.tile[1]), *Qs = (floatX*)(smem + L.tile[2]), *dOs = (floatX*)(smem + L.tile[3]);
     float *lse_s = (float*)(smem + L.rowvec[0]), *D_s = (float*)(smem + L.rowvec[1]);
     float* S = (float*)(smem + L.score + warp * L.score_stride);
     floatX* P = (floatX*)(smem + L.prob + warp * L.prob_stride);
     float *dK = (float*)(smem + L.acc[0] + warp * L.acc_stride), *dV = (float*)(smem + L.acc[1] + warp * L.acc_stride);
-    size_t C3 = 3 * (size_t)C;
-    const floatX* q = qkv + (size_t)b * T * C3 + h * hs;
-    const floatX* dO = dout + (size_t)b * T * C + h * hs;
-    const float *lse_bh = lse + ((size_t)b * NH + h) * T, *D_bh = D + ((size_t)b * NH + h) * T;
-    att_load_tile(Ks, q + C, C3, k0, T, hs);
-    att_load_tile(Vs, q + 2 * C, C3, k0, T, hs);
+    size_t QKV = hd.row();
+    const floatX* seq = qkv + (size_t)b * T * QKV;
+    att_load_tile(Ks, seq + hd.k(kvh), QKV, k0, T, hs);
+    att_load_tile(Vs, seq + hd.v(kvh), QKV, k0, T, hs);
     for (int i = lane; i < 16 * hs; i += 32) { dK[(i / hs) * lda + i % hs] = 0.0f; dV[(i / hs) * lda + i % hs] = 0.0f; }
     int r = lane / 2, half = lane % 2;
     int tk = k0 + warp * 16 + r; // this lane's key
     float scale = 1.0f / sqrtf((float)hs), scale2 = att_log2_scale(hs);
     int num_tiles = (T + ATT_TILE - 1) / ATT_TILE;
-    for (int qt = kt; qt < num_tiles; qt++) {
-        int q0 = qt * ATT_TILE;
-        __syncthreads(); // every warp is done with the previous Q, dO, lse, D
-        att_load_tile(Qs, q, C3, q0, T, hs);
-        att_load_tile(dOs, dO, C, q0, T, hs);
-        if (threadIdx.x < ATT_TILE) {
-            int t = q0 + threadIdx.x;
-            lse_s[threadIdx.x] = t < T ? lse_bh[t] : 0.0f;
-            D_s[threadIdx.x] = t < T ? D_bh[t] : 0.0f;
+    for (int h = kvh * hd.group(); h < (kvh + 1) * hd.group(); h++) {
+        const floatX* dO = dout + (size_t)b * T * C + h * hs;
+        const float *lse_bh = lse + ((size_t)b * NH + h) * T, *D_bh = D + ((size_t)b * NH + h) * T;
+        for (int qt = kt; qt < num_tiles; qt++) {
+            int q0 = qt * ATT_TILE;
+            __syncthreads(); // every warp is done with the previous Q, dO, lse, D
+            att_load_tile(Qs, seq + hd.q(h), QKV, q0, T, hs);
+            att_load_tile(dOs, dO, C, q0, T, hs);
+            if (threadIdx.x < ATT_TILE) {
+                int t = q0 + threadIdx.x;
+                lse_s[threadIdx.x] = t < T ? lse_bh[t] : 0.0f;
+                D_s[threadIdx.x] = t < T ? D_bh[t] : 0.0f;
+            }
+            __syncthreads();
+            warp_mma<B_TRANSPOSED>(S, ATT_LDS, Ks + warp * 16 * ldx, ldx, Qs, ldx, ATT_TILE, hs, false); // S^T
+            __syncwarp();
+            float p[32];
+            #pragma unroll
+            for (int j = 0; j < 32; j++) {
+                int c = half * 32 + j, tq = q0 + c;
+                p[j] = tk <= tq && tq < T ? exp2f(S[r * ATT_LDS + c] * scale2 - lse_s[c]) : 0.0f;
+                P[r * ATT_LDP + c] = to_floatX(p[j]);
+            }
+            __syncwarp();
+            warp_mma<B_ROWS>(dV, lda, P, ATT_LDP, dOs, ldx, hs, ATT_TILE, true);                     // dV += P^T dO
+            __syncwarp(); // FP32: every lane has read P, which the next product overwrites
+            warp_mma<B_TRANSPOSED>(S, ATT_LDS, Vs + warp * 16 * ldx, ldx, dOs, ldx, ATT_TILE, hs, false); // dP^T = V dO^T
+            __syncwarp();
+            #pragma unroll
+            for (int j = 0; j < 32; j++) {
+                int c = half * 32 + j;
+                P[r * ATT_LDP + c] = to_floatX(p[j] * (S[r * ATT_LDS + c] - D_s[c]) * scale); // dS^T
+            }
+            __syncwarp();
+            warp_mma<B_ROWS>(dK, lda, P, ATT_LDP, Qs, ldx, hs, ATT_TILE, true);                      // dK += dS^T Q
         }
-        __syncthreads();
-        warp_mma<B_TRANSPOSED>(S, ATT_LDS, Ks + warp * 16 * ldx, ldx, Qs, ldx, ATT_TILE, hs, false); // S^T
-        __syncwarp();
-        float p[32];
-        #pragma unroll
-        for (int j = 0; j < 32; j++) {
-            int c = half * 32 + j, tq = q0 + c;
-            p[j] = tk <= tq && tq < T ? exp2f(S[r * ATT_LDS + c] * scale2 - lse_s[c]) : 0.0f;
-            P[r * ATT_LDP + c] = to_floatX(p[j]);
-        }
-        __syncwarp();
-        warp_mma<B_ROWS>(dV, lda, P, ATT_LDP, dOs, ldx, hs, ATT_TILE, true);                     // dV += P^T dO
-        warp_mma<B_TRANSPOSED>(S, ATT_LDS, Vs + warp * 16 * ldx, ldx, dOs, ldx, ATT_TILE, hs, false); // dP^T = V dO^T
-        __syncwarp();
-        #pragma unroll
-        for (int j = 0; j < 32; j++) {
-            int c = half * 32 + j;
-            P[r * ATT_LDP + c] = to_floatX(p[j] * (S[r * ATT_LDS + c] - D_s[c]) * scale); // dS^T
-        }
-        __syncwarp();
-        warp_mma<B_ROWS>(dK, lda, P, ATT_LDP, Qs, ldx, hs, ATT_TILE, true);                      // dK += dS^T Q
     }
     __syncwarp();
     if (tk < T) {
-        floatX* d = dqkv + ((size_t)b * T + tk) * C3 + h * hs;
+        floatX* d = dqkv + ((size_t)b * T + tk) * QKV;
         for (int i = half; i < hs; i += 2) {
-            d[C + i] = to_floatX(dK[r * lda + i]);
-            d[2 * C + i] = to_floatX(dV[r * lda + i]);
+            d[hd.k(kvh) + i] = to_floatX(dK[r * lda + i]);
+            d[hd.v(kvh) + i] = to_floatX(dV[r * lda + i]);
         }
     }
 }
 
-// dQ (the q part of dqkv (B,T,3C)) of 64 queries of one (b, h): over the key tiles up to the
+// dQ (the q part of dqkv (B,T,QKV)) of 64 queries of one (b, h): over the key tiles up to the
 // diagonal, with S = Q K^T, P = exp2(S scale - lse), dP = dO V^T, dS = P (dP - D) / sqrt(hs),
 // dQ += dS K. grid (ceil(T/64), B*NH), the longest rows first; warp w owns 16 of the queries.
 __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(floatX* dqkv, const floatX* dout, const floatX* qkv, const float* lse, const float* D,
-                                                                            int T, int C, int NH, int hs) {
+                                                                            int T, AttHeads hd) {
     extern __shared__ __align__(128) char smem[];
+    int NH = hd.NH, hs = hd.hs, C = NH * hs;
     const AttSmem L = ATT_DQ_LAYOUT(hs);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH;
+    int qt = gridDim.x - 1 - blockIdx.x, b = blockIdx.y / NH, h = blockIdx.y % NH, kvh = h / hd.group();
     int q0 = qt * ATT_TILE, ldx = att_ldx(hs), lda = att_lda(hs);
     floatX *Qs = (floatX*)(smem + L.tile[0]), *dOs = (floatX*)(smem + L.tile[1]), *Ks = (floatX*)(smem + L.tile[2]), *Vs = (floatX*)(smem + L.tile[3]);
     float *lse_s = (float*)(smem + L.rowvec[0]), *D_s = (float*)(smem + L.rowvec[1]);
     float* S = (float*)(smem + L.score + warp * L.score_stride);
     floatX* P = (floatX*)(smem + L.prob + warp * L.prob_stride);
     float* dQ = (float*)(smem + L.acc[0] + warp * L.acc_stride);
-    size_t C3 = 3 * (size_t)C;
-    const floatX* q = qkv + (size_t)b * T * C3 + h * hs;
-    att_load_tile(Qs, q, C3, q0, T, hs);
+    size_t QKV = hd.row();
+    const floatX* seq = qkv + (size_t)b * T * QKV;
+    att_load_tile(Qs, seq + hd.q(h), QKV, q0, T, hs);
     att_load_tile(dOs, dout + (size_t)b * T * C + h * hs, C, q0, T, hs);
     if (threadIdx.x < ATT_TILE) {
         int t = q0 + threadIdx.x;
@@ -858,8 +967,8 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(floa
     for (int kt = 0; kt <= qt; kt++) {
         int k0 = kt * ATT_TILE;
         __syncthreads(); // every warp is done with the previous K, V (and Q, dO, lse, D are loaded)
-        att_load_tile(Ks, q + C, C3, k0, T, hs);
-        att_load_tile(Vs, q + 2 * C, C3, k0, T, hs);
+        att_load_tile(Ks, seq + hd.k(kvh), QKV, k0, T, hs);
+        att_load_tile(Vs, seq + hd.v(kvh), QKV, k0, T, hs);
         __syncthreads();
         warp_mma<B_TRANSPOSED>(S, ATT_LDS, Qs + warp * 16 * ldx, ldx, Ks, ldx, ATT_TILE, hs, false); // S
         __syncwarp();
@@ -882,7 +991,7 @@ __global__ void __launch_bounds__(ATT_THREADS) attention_backward_dq_kernel(floa
     }
     __syncwarp();
     if (tq < T) {
-        floatX* d = dqkv + ((size_t)b * T + tq) * C3 + h * hs;
+        floatX* d = dqkv + ((size_t)b * T + tq) * QKV + hd.q(h);
         for (int i = half; i < hs; i += 2) d[i] = to_floatX(dQ[r * lda + i]);
     }
 }
@@ -904,24 +1013,54 @@ static void attention_setup(int hs) {
     }
 }
 
-// out (B,T,C), lse (B,NH,T) from qkv (B,T,3C)
-static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    dim3 grid(ceil_div(T, ATT_TILE), B * NH);
-    attention_forward_kernel<<<grid, ATT_THREADS, ATT_FWD_LAYOUT(hs).bytes, stream>>>(out, lse, qkv, T, C, NH, hs);
+// out (B,T,C), lse (B,NH,T) from qkv (B,T,QKV), C = NH hs
+static void attention_forward(floatX* out, float* lse, const floatX* qkv, int B, int T, AttHeads hd) {
+    dim3 grid(ceil_div(T, ATT_TILE), B * hd.NH);
+    attention_forward_kernel<<<grid, ATT_THREADS, ATT_FWD_LAYOUT(hd.hs).bytes, stream>>>(out, lse, qkv, T, hd);
     launchCheck();
 }
 
-// dqkv (B,T,3C) = gradient from dout (B,T,C), given qkv, out and lse of the forward; D (B,NH,T) is scratch
-static void attention_backward(floatX* dqkv, float* D, const floatX* dout, const floatX* qkv, const floatX* out, const float* lse, int B, int T, int C, int NH) {
-    int hs = C / NH;
+// dqkv (B,T,QKV) = gradient from dout (B,T,C), given qkv, out and lse of the forward; D (B,NH,T) is scratch
+static void attention_backward(floatX* dqkv, float* D, const floatX* dout, const floatX* qkv, const floatX* out, const float* lse, int B, int T, AttHeads hd) {
+    int NH = hd.NH, hs = hd.hs;
     size_t warps = (size_t)B * T * NH;
-    attention_backward_prep_kernel<<<ceil_div(warps * 32, 256), 256, 0, stream>>>(D, dout, out, B * T, T, C, NH, hs);
+    attention_backward_prep_kernel<<<ceil_div(warps * 32, 256), 256, 0, stream>>>(D, dout, out, B * T, T, NH * hs, NH, hs);
     launchCheck();
-    dim3 grid(ceil_div(T, ATT_TILE), B * NH);
-    attention_backward_dkdv_kernel<<<grid, ATT_THREADS, ATT_DKDV_LAYOUT(hs).bytes, stream>>>(dqkv, dout, qkv, lse, D, T, C, NH, hs);
+    attention_backward_dkdv_kernel<<<dim3(ceil_div(T, ATT_TILE), B * hd.NKV), ATT_THREADS, ATT_DKDV_LAYOUT(hs).bytes, stream>>>(dqkv, dout, qkv, lse, D, T, hd);
     launchCheck();
-    attention_backward_dq_kernel<<<grid, ATT_THREADS, ATT_DQ_LAYOUT(hs).bytes, stream>>>(dqkv, dout, qkv, lse, D, T, C, NH, hs);
+    attention_backward_dq_kernel<<<dim3(ceil_div(T, ATT_TILE), B * NH), ATT_THREADS, ATT_DQ_LAYOUT(hs).bytes, stream>>>(dqkv, dout, qkv, lse, D, T, hd);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// rope: rotary position embeddings (LLaMA), in transformers' rotate_half layout: channel i
+// of the first half of a head pairs with channel i + hs/2, rotated by t * theta^(-2i/hs).
+// The tables come from dstrain.h's rope_tables, the CPU trainer's, uploaded once.
+// One pass over q and k, in place, after the qkv product: attention's backward needs the
+// rotated q and k anyway, and rotating them at each tile load instead would redo it for every
+// query tile that reads a key tile.
+
+// Rotates the q and k heads of qkv (B,T,QKV) in place: x1' = x1 cos - x2 sin,
+// x2' = x2 cos + x1 sin (x1, x2: a head's two halves); direction -1 rotates back, which is
+// the backward pass on dqkv (a rotation's transpose is its inverse). cos, sin (T, hs/2).
+// One thread per (b, t, head, i < hs/2), over the NH + NKV q and k heads, which are contiguous.
+__global__ void rope_kernel(floatX* qkv, const float* cos_t, const float* sin_t, int BT, int T, AttHeads hd, float direction) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int half = hd.hs / 2, heads = hd.NH + hd.NKV;
+    if (i >= (size_t)BT * heads * half) return;
+    int c = (int)(i % half), h = (int)(i / half % heads);
+    size_t bt = i / half / heads;
+    int t = (int)(bt % T);
+    floatX* x = qkv + bt * hd.row() + (size_t)h * hd.hs;
+    float x1 = to_float(x[c]), x2 = to_float(x[c + half]);
+    float cs = cos_t[t * half + c], sn = direction * sin_t[t * half + c];
+    x[c] = to_floatX(x1 * cs - x2 * sn);
+    x[c + half] = to_floatX(x2 * cs + x1 * sn);
+}
+
+static void rope_rotate(floatX* qkv, const float* cos_t, const float* sin_t, int B, int T, AttHeads hd, float direction) {
+    size_t n = (size_t)B * T * (hd.NH + hd.NKV) * (hd.hs / 2);
+    rope_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(qkv, cos_t, sin_t, B * T, T, hd, direction);
     launchCheck();
 }
 
@@ -963,6 +1102,42 @@ static void gelu_forward(floatX* out, const floatX* inp, size_t N) {
 
 static void gelu_backward(floatX* d, const floatX* inp, size_t N) {
     gelu_backward_kernel<<<ceil_div(N / X_PER_PACK, 256), 256, 0, stream>>>(d, inp, N);
+    launchCheck();
+}
+
+// ----------------------------------------------------------------------------
+// swiglu (LLaMA's MLP): silu(gate) * up. One thread per element: F need not be a multiple
+// of a pack (the reference model's 172 is not).
+
+// out (N,F) = silu(gate) * up, gate and up the two halves of each row of fch (N,2F) (the fused
+// [gate_proj; up_proj] product); silu(x) = x * sigmoid(x)
+__global__ void swiglu_forward_kernel(floatX* out, const floatX* fch, int N, int F) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * F) return;
+    size_t n = i / F, c = i % F;
+    float gate = to_float(fch[n * 2 * F + c]), up = to_float(fch[n * 2 * F + F + c]);
+    out[i] = to_floatX(gate * (1.0f / (1.0f + expf(-gate))) * up);
+}
+
+// dfch (N,2F) = the gradient of (gate, up) from dout (N,F), given fch (written, not added:
+// the product that follows reads it whole)
+__global__ void swiglu_backward_kernel(floatX* dfch, const floatX* fch, const floatX* dout, int N, int F) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)N * F) return;
+    size_t n = i / F, c = i % F;
+    float gate = to_float(fch[n * 2 * F + c]), up = to_float(fch[n * 2 * F + F + c]), d = to_float(dout[i]);
+    float sig = 1.0f / (1.0f + expf(-gate));
+    dfch[n * 2 * F + c] = to_floatX(d * up * sig * (1.0f + gate * (1.0f - sig))); // silu' = sig (1 + x (1 - sig))
+    dfch[n * 2 * F + F + c] = to_floatX(d * (gate * sig));
+}
+
+static void swiglu_forward(floatX* out, const floatX* fch, int N, int F) {
+    swiglu_forward_kernel<<<ceil_div((size_t)N * F, 256), 256, 0, stream>>>(out, fch, N, F);
+    launchCheck();
+}
+
+static void swiglu_backward(floatX* dfch, const floatX* fch, const floatX* dout, int N, int F) {
+    swiglu_backward_kernel<<<ceil_div((size_t)N * F, 256), 256, 0, stream>>>(dfch, fch, dout, N, F);
     launchCheck();
 }
 
@@ -1036,37 +1211,50 @@ static void classifier_backward(floatX* logits, const float* lse, const int* tar
 }
 
 // ----------------------------------------------------------------------------
-// GPT-2 (parameter layout and initialisation: dstrain.h, param_table)
+// the model: GPT-2 and LLaMA in one layer loop, as in train_gpt.c (parameter layout and
+// initialisation: dstrain.h, param_table). The architectures differ in three places, each an
+// `if` below:
+//   norm        LayerNorm with bias (GPT-2)       RMSNorm (LLaMA)
+//   positions   learned wpe added to the input    rotary, applied to q and k
+//   MLP         GELU(fc(x))                       silu(gate(x)) * up(x)
+// and LLaMA has no biases, grouped-query attention and (unless tied) its own lm_head.
 
 template <typename T> struct LayerWeights {
-    T *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb; // layout order
+    T *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb; // GPT-2's slots; LLaMA's biases NULL
 };
+
+#define NO_TENSOR SIZE_MAX // an offset of a tensor the architecture does not have
 
 // Where the tensors are in the flat buffer (element offsets, from dstrain.h's table). The
 // layers are contiguous and alike, so one layer's tensors are found from its start: the
 // weights in the model's floatX buffer and the gradient regions ZeRO hands to backward.
 typedef struct {
-    size_t wte, wte_n, wpe, wpe_n; // token and position embeddings
-    size_t layer0, layer_n;        // layer l's parameters: [layer0 + l layer_n, + layer_n)
-    size_t in_layer[GPT2_LAYER_TENSORS];
-    size_t lnf;                    // lnfw, then lnfb: 2C
+    size_t wte, wte_n;                   // token embedding (Vp,C)
+    size_t wpe, wpe_n;                   // position embedding: GPT-2; NO_TENSOR, 0 for LLaMA
+    size_t layer0, layer_n;              // layer l's parameters: [layer0 + l layer_n, + layer_n)
+    size_t in_layer[GPT2_LAYER_TENSORS]; // in LayerWeights' slots; NO_TENSOR where the architecture has none
+    size_t lnf, lnf_n;                   // lnfw (C), then GPT-2's lnfb (C)
+    size_t lm_head;                      // the classifier's weights (Vp,C): wte when tied
 } Layout;
 
-static void gpt2_layout(Layout* o, const ModelConfig* c) {
+static void model_layout(Layout* o, const ModelConfig* c) {
     ParamTable t = param_table(c);
-    const ParamTensor *wte = param_named(&t, "wte"), *wpe = param_named(&t, "wpe");
+    const ParamTensor *wte = param_named(&t, "wte"), *wpe = param_find(&t, "wpe"), *lnfb = param_find(&t, "lnfb"), *lm_head = param_find(&t, "lm_head");
     o->wte = wte->offset; o->wte_n = wte->size;
-    o->wpe = wpe->offset; o->wpe_n = wpe->size;
+    o->wpe = wpe ? wpe->offset : NO_TENSOR; o->wpe_n = wpe ? wpe->size : 0;
     o->layer0 = param_layer(&t, 0, 0)->offset;
     o->layer_n = 0;
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
-        o->in_layer[i] = param_layer(&t, 0, i)->offset - o->layer0;
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) o->in_layer[i] = NO_TENSOR;
+    for (int i = 0; i < t.per_layer; i++) {
+        o->in_layer[c->arch == ARCH_LLAMA ? LLAMA_GPT2_SLOT[i] : i] = param_layer(&t, 0, i)->offset - o->layer0;
         o->layer_n += param_layer(&t, 0, i)->size;
     }
     o->lnf = param_named(&t, "lnfw")->offset;
+    o->lnf_n = (lnfb ? 2 : 1) * (size_t)c->channels;
+    o->lm_head = lm_head ? lm_head->offset : o->wte;
     for (int l = 0; l < c->num_layers; l++) {
-        for (int i = 0; i < GPT2_LAYER_TENSORS; i++) {
-            if (param_layer(&t, l, i)->offset != o->layer0 + l * o->layer_n + o->in_layer[i]) fatal("internal: GPT-2 layers are not alike in the flat layout");
+        for (int i = 0; i < t.per_layer; i++) {
+            if (param_layer(&t, l, i)->offset - param_layer(&t, 0, i)->offset != l * o->layer_n) fatal("internal: the layers are not alike in the flat layout");
         }
     }
     param_table_free(&t);
@@ -1075,63 +1263,117 @@ static void gpt2_layout(Layout* o, const ModelConfig* c) {
 // Points a layer's tensors into `base`, the first element of the layer (weights or gradients).
 template <typename T> static void point_layer(LayerWeights<T>* lw, T* base, const Layout* o) {
     T** p = (T**)lw;
-    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = base + o->in_layer[i];
+    for (int i = 0; i < GPT2_LAYER_TENSORS; i++) p[i] = o->in_layer[i] == NO_TENSOR ? NULL : base + o->in_layer[i];
 }
 
+
 // Activations kept by forward for backward, per layer (a layer's slice starts at a multiple
-// of 128 elements). With --recompute, ln1, ln2 and fch_gelu hold one layer and backward
+// of 128 elements). With --recompute, ln1, ln2 and fch_act hold one layer and backward
 // recomputes them. Then the backward scratch, one layer's worth, reused by every layer.
+// QKV = qkv_width, F2 = fc_width (dstrain.h). A tensor the architecture does not use is NULL.
 typedef struct {
     floatX* encoded;     // (B,T,C): layer 0's input
     floatX* ln1;         // (L,B,T,C)
-    float* ln1_mean;     // (L,B,T)
+    float* ln1_mean;     // (L,B,T) GPT-2
     float* ln1_rstd;     // (L,B,T)
-    floatX* qkv;         // (L,B,T,3C)
+    floatX* qkv;         // (L,B,T,QKV), q and k rotated (LLaMA)
     floatX* atty;        // (L,B,T,C)
     float* att_lse;      // (L,B,NH,T)
     floatX* residual2;   // (L,B,T,C)
     floatX* ln2;         // (L,B,T,C)
-    float* ln2_mean;     // (L,B,T)
+    float* ln2_mean;     // (L,B,T) GPT-2
     float* ln2_rstd;     // (L,B,T)
-    floatX* fch;         // (L,B,T,4C) before GELU
-    floatX* fch_gelu;    // (L,B,T,4C)
+    floatX* fch;         // (L,B,T,F2) before the activation
+    floatX* fch_act;     // (L,B,T,F) GELU(fch) or silu(gate) * up
     floatX* residual3;   // (L,B,T,C): layer l's output, layer l+1's input
     floatX* lnf;         // (B,T,C)
-    float* lnf_mean;     // (B,T)
+    float* lnf_mean;     // (B,T) GPT-2
     float* lnf_rstd;     // (B,T)
     floatX* logits;      // (B,T,Vp), turned into their gradient by backward
     float* logits_lse;   // (B,T)
     float* losses;       // (B,T)
     // backward scratch
     floatX* dresidual;   // (B,T,C): the residual stream's gradient
-    floatX* dln;         // (B,T,C): gradient of a LayerNorm output
+    floatX* dln;         // (B,T,C): gradient of a norm output
     floatX* datty;       // (B,T,C)
-    floatX* dqkv;        // (B,T,3C)
-    floatX* dfch;        // (B,T,4C): of fch_gelu, then (in place) of fch
+    floatX* dqkv;        // (B,T,QKV)
+    floatX* dfch;        // (B,T,F2): of fch (GPT-2: of fch_act first, GELU's backward is in place)
+    floatX* dfch_act;    // (B,T,F): of fch_act (LLaMA)
     float* att_D;        // (B,NH,T)
     float* colsum;       // column-sum partials
 } Activations;
 
+// elements from one layer's slice of a per-layer tensor to the next
+typedef struct { size_t C, QKV, F2, F, N, lse; } LayerStrides;
+
+static LayerStrides layer_strides(const ModelConfig* c, int B, int T) {
+    size_t BT = (size_t)B * T;
+    LayerStrides s = {round_up(BT * c->channels, 128), round_up(BT * qkv_width(c), 128), round_up(BT * fc_width(c), 128),
+                      round_up(BT * c->ffn_hidden, 128), round_up(BT, 128), round_up(BT * c->num_heads, 128)};
+    return s;
+}
+
+typedef struct { void** ptr; size_t count, elem_size; } ActTensor;
+#define ACT_TENSOR(field, count) {(void**)&a->field, (count), sizeof(*a->field)}
+#define MAX_ACT_TENSORS 32
+
+// The activation tensors of config c at capacity (B, T) into t: where each pointer goes and
+// its size (count 0: not in this architecture). Returns how many. Allocation, freeing and
+// --plan all walk this one list.
+static int activation_tensors(ActTensor* t, Activations* a, const ModelConfig* c, int B, int T, int recompute) {
+    LayerStrides s = layer_strides(c, B, T);
+    size_t L = c->num_layers, Lr = recompute ? 1 : L; // layers kept of what --recompute recomputes
+    size_t BT = (size_t)B * T, C = c->channels, F = c->ffn_hidden, Vp = c->padded_vocab_size;
+    size_t gpt2 = c->arch == ARCH_GPT2, llama = c->arch == ARCH_LLAMA;
+    size_t widest_sum = gpt2 ? F : C; // the column sums: biases up to F wide (GPT-2), norm weights C
+    ActTensor list[] = {
+        ACT_TENSOR(encoded, BT * C), ACT_TENSOR(ln1, Lr * s.C), ACT_TENSOR(ln1_mean, gpt2 * L * s.N), ACT_TENSOR(ln1_rstd, L * s.N),
+        ACT_TENSOR(qkv, L * s.QKV), ACT_TENSOR(atty, L * s.C), ACT_TENSOR(att_lse, L * s.lse), ACT_TENSOR(residual2, L * s.C),
+        ACT_TENSOR(ln2, Lr * s.C), ACT_TENSOR(ln2_mean, gpt2 * L * s.N), ACT_TENSOR(ln2_rstd, L * s.N), ACT_TENSOR(fch, L * s.F2),
+        ACT_TENSOR(fch_act, Lr * s.F), ACT_TENSOR(residual3, L * s.C), ACT_TENSOR(lnf, BT * C), ACT_TENSOR(lnf_mean, gpt2 * BT),
+        ACT_TENSOR(lnf_rstd, BT), ACT_TENSOR(logits, BT * Vp), ACT_TENSOR(logits_lse, BT), ACT_TENSOR(losses, BT),
+        ACT_TENSOR(dresidual, BT * C), ACT_TENSOR(dln, BT * C), ACT_TENSOR(datty, BT * C), ACT_TENSOR(dqkv, BT * qkv_width(c)),
+        ACT_TENSOR(dfch, BT * fc_width(c)), ACT_TENSOR(dfch_act, llama * BT * F), ACT_TENSOR(att_D, BT * c->num_heads),
+        ACT_TENSOR(colsum, column_sums_scratch_floats((int)BT, (int)widest_sum)),
+    };
+    int n = (int)(sizeof(list) / sizeof(list[0]));
+    if (n > MAX_ACT_TENSORS) fatal("internal: more than %d activation tensors", MAX_ACT_TENSORS);
+    memcpy(t, list, sizeof list);
+    return n;
+}
+
+// bytes of the activations and backward scratch, as model_build allocates them
+static size_t activations_bytes(const ModelConfig* c, int B, int T, int recompute) {
+    Activations a;
+    ActTensor t[MAX_ACT_TENSORS];
+    int n = activation_tensors(t, &a, c, B, T, recompute);
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += round_up(t[i].count * t[i].elem_size, 256);
+    return total;
+}
+
 typedef struct {
     ModelConfig config;
     Layout layout;
+    AttHeads heads;
     size_t num_params;
     int max_B, max_T, recompute;
     floatX* params;        // the working weights the kernels read (ZeRO keeps the fp32 master)
+    float *rope_cos, *rope_sin; // (max_T, hs/2) LLaMA
     Activations act;
     size_t act_bytes;      // activations and backward scratch
-    size_t lstride_C, lstride_3C, lstride_4C, lstride_N, lstride_lse; // per-layer strides (elements)
+    LayerStrides stride;
     int* inputs;           // (B,T) on the device
     int* targets;          // (B,T) on the device
     int last_B, last_T;    // of the last forward
     TokenBuckets buckets;  // encoder backward: the last forward's tokens sorted into buckets
     int num_buckets;
-    double* loss_sum;      // device: the mean losses of the forwards since gpt2_take_loss
+    double* loss_sum;      // device: the mean losses of the forwards since model_take_loss
     double* loss_sum_host; // pinned: its copy after each forward, complete at loss_copied
     cudaEvent_t loss_copied;
     floatX* logits_row;    // pinned (Vp): for probs
     float* probs_host;     // (Vp)
-} GPT2;
+} Model;
 
 // one device buffer of `count` elements, counted in *total (if not NULL)
 template <typename T> static T* device_alloc(size_t count, size_t* total) {
@@ -1142,83 +1384,53 @@ template <typename T> static T* device_alloc(size_t count, size_t* total) {
     return p;
 }
 
-static void activations_alloc(GPT2* m, int B, int T) {
-    const ModelConfig* c = &m->config;
-    size_t L = c->num_layers, BT = (size_t)B * T, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, Vp = c->padded_vocab_size;
-    size_t Lr = m->recompute ? 1 : L; // layers kept of what --recompute recomputes
-    m->lstride_C = round_up(BT * C, 128);
-    m->lstride_3C = round_up(BT * 3 * C, 128);
-    m->lstride_4C = round_up(BT * F, 128);
-    m->lstride_N = round_up(BT, 128);
-    m->lstride_lse = round_up((size_t)B * NH * T, 128);
-    Activations* a = &m->act;
-    size_t* total = &m->act_bytes;
-    *total = 0;
-    a->encoded = device_alloc<floatX>(BT * C, total);
-    a->ln1 = device_alloc<floatX>(Lr * m->lstride_C, total);
-    a->ln1_mean = device_alloc<float>(L * m->lstride_N, total);
-    a->ln1_rstd = device_alloc<float>(L * m->lstride_N, total);
-    a->qkv = device_alloc<floatX>(L * m->lstride_3C, total);
-    a->atty = device_alloc<floatX>(L * m->lstride_C, total);
-    a->att_lse = device_alloc<float>(L * m->lstride_lse, total);
-    a->residual2 = device_alloc<floatX>(L * m->lstride_C, total);
-    a->ln2 = device_alloc<floatX>(Lr * m->lstride_C, total);
-    a->ln2_mean = device_alloc<float>(L * m->lstride_N, total);
-    a->ln2_rstd = device_alloc<float>(L * m->lstride_N, total);
-    a->fch = device_alloc<floatX>(L * m->lstride_4C, total);
-    a->fch_gelu = device_alloc<floatX>(Lr * m->lstride_4C, total);
-    a->residual3 = device_alloc<floatX>(L * m->lstride_C, total);
-    a->lnf = device_alloc<floatX>(BT * C, total);
-    a->lnf_mean = device_alloc<float>(BT, total);
-    a->lnf_rstd = device_alloc<float>(BT, total);
-    a->logits = device_alloc<floatX>(BT * Vp, total);
-    a->logits_lse = device_alloc<float>(BT, total);
-    a->losses = device_alloc<float>(BT, total);
-    a->dresidual = device_alloc<floatX>(BT * C, total);
-    a->dln = device_alloc<floatX>(BT * C, total);
-    a->datty = device_alloc<floatX>(BT * C, total);
-    a->dqkv = device_alloc<floatX>(BT * 3 * C, total);
-    a->dfch = device_alloc<floatX>(BT * F, total);
-    a->att_D = device_alloc<float>((size_t)B * NH * T, total);
-    a->colsum = device_alloc<float>(column_sums_scratch_floats((int)BT, (int)F), total); // F = 4C is the widest
+static void activations_alloc(Model* m, int B, int T) {
+    ActTensor t[MAX_ACT_TENSORS];
+    int n = activation_tensors(t, &m->act, &m->config, B, T, m->recompute);
+    m->stride = layer_strides(&m->config, B, T);
+    m->act_bytes = 0;
+    for (int i = 0; i < n; i++) *t[i].ptr = t[i].count ? device_alloc<char>(t[i].count * t[i].elem_size, &m->act_bytes) : NULL;
 }
 
-static void activations_free(Activations* a) {
-    void* p[] = {a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att_lse, a->residual2, a->ln2, a->ln2_mean, a->ln2_rstd,
-                 a->fch, a->fch_gelu, a->residual3, a->lnf, a->lnf_mean, a->lnf_rstd, a->logits, a->logits_lse, a->losses,
-                 a->dresidual, a->dln, a->datty, a->dqkv, a->dfch, a->att_D, a->colsum};
-    for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) cudaCheck(cudaFree(p[i]));
+static void activations_free(Model* m) {
+    ActTensor t[MAX_ACT_TENSORS];
+    int n = activation_tensors(t, &m->act, &m->config, m->max_B, m->max_T, m->recompute);
+    for (int i = 0; i < n; i++) cudaCheck(cudaFree(*t[i].ptr));
 }
 
 // Layer l's activations: its slices of the per-layer tensors.
 typedef struct {
     const floatX* residual; // the layer's input: encoded, or the previous layer's residual3
-    floatX *ln1, *qkv, *atty, *residual2, *ln2, *fch, *fch_gelu, *residual3;
+    floatX *ln1, *qkv, *atty, *residual2, *ln2, *fch, *fch_act, *residual3;
     float *ln1_mean, *ln1_rstd, *lse, *ln2_mean, *ln2_rstd;
 } LayerActivations;
 
-static LayerActivations layer_activations(const GPT2* m, int l) {
+// layer l's slice of tensor t, n elements per layer; NULL stays NULL (LLaMA has no means)
+template <typename T> static T* layer_slice(T* t, size_t l, size_t n) { return t ? t + l * n : NULL; }
+
+static LayerActivations layer_activations(const Model* m, int l) {
     const Activations* a = &m->act;
+    const LayerStrides* s = &m->stride;
     size_t r = m->recompute ? 0 : (size_t)l; // what --recompute recomputes has one slice
     LayerActivations la;
-    la.residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * m->lstride_C;
-    la.ln1 = a->ln1 + r * m->lstride_C;
-    la.qkv = a->qkv + l * m->lstride_3C;
-    la.atty = a->atty + l * m->lstride_C;
-    la.residual2 = a->residual2 + l * m->lstride_C;
-    la.ln2 = a->ln2 + r * m->lstride_C;
-    la.fch = a->fch + l * m->lstride_4C;
-    la.fch_gelu = a->fch_gelu + r * m->lstride_4C;
-    la.residual3 = a->residual3 + l * m->lstride_C;
-    la.ln1_mean = a->ln1_mean + l * m->lstride_N;
-    la.ln1_rstd = a->ln1_rstd + l * m->lstride_N;
-    la.lse = a->att_lse + l * m->lstride_lse;
-    la.ln2_mean = a->ln2_mean + l * m->lstride_N;
-    la.ln2_rstd = a->ln2_rstd + l * m->lstride_N;
+    la.residual = l == 0 ? a->encoded : a->residual3 + (l - 1) * s->C;
+    la.ln1 = a->ln1 + r * s->C;
+    la.qkv = a->qkv + l * s->QKV;
+    la.atty = a->atty + l * s->C;
+    la.residual2 = a->residual2 + l * s->C;
+    la.ln2 = a->ln2 + r * s->C;
+    la.fch = a->fch + l * s->F2;
+    la.fch_act = a->fch_act + r * s->F;
+    la.residual3 = a->residual3 + l * s->C;
+    la.ln1_mean = layer_slice(a->ln1_mean, l, s->N);
+    la.ln1_rstd = a->ln1_rstd + l * s->N;
+    la.lse = a->att_lse + l * s->lse;
+    la.ln2_mean = layer_slice(a->ln2_mean, l, s->N);
+    la.ln2_rstd = a->ln2_rstd + l * s->N;
     return la;
 }
 
-static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T, int recompute) {
+static void model_build(Model* m, const ModelConfig* c, int B, int T, int recompute) {
     cuda_setup();
     memset(m, 0, sizeof(*m));
     m->config = *c;
@@ -1227,11 +1439,21 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T, int recomput
     m->recompute = recompute;
     if (T > c->max_seq_len) fatal("GPU trainer: sequence length %d exceeds the model's %d positions", T, c->max_seq_len);
     if ((size_t)B * c->num_heads > 65535) fatal("GPU trainer: micro batch %d x %d heads exceeds the attention grid's 65535 blocks", B, c->num_heads);
-    attention_setup(c->channels / c->num_heads); // also makes C a multiple of 16, which the packed kernels need
-    gpt2_layout(&m->layout, c);
+    m->heads = AttHeads{c->num_heads, c->num_kv_heads, c->channels / c->num_heads};
+    attention_setup(m->heads.hs); // also makes C a multiple of 16, which the packed kernels need
+    model_layout(&m->layout, c);
     m->num_params = model_num_params(c);
     size_t BT = (size_t)B * T;
     m->params = device_alloc<floatX>(m->num_params, NULL); // ZeRO's report counts the weights
+    if (c->arch == ARCH_LLAMA) {
+        size_t n = (size_t)T * (m->heads.hs / 2);
+        float* host = (float*)mallocCheck(2 * n * sizeof(float));
+        rope_tables(host, host + n, T, m->heads.hs, c->rope_theta);
+        m->rope_cos = device_alloc<float>(2 * n, NULL);
+        m->rope_sin = m->rope_cos + n;
+        cudaCheck(cudaMemcpy(m->rope_cos, host, 2 * n * sizeof(float), cudaMemcpyHostToDevice));
+        free(host);
+    }
     activations_alloc(m, B, T);
     m->inputs = device_alloc<int>(BT, NULL);
     m->targets = device_alloc<int>(BT, NULL);
@@ -1245,11 +1467,11 @@ static void gpt2_build(GPT2* m, const ModelConfig* c, int B, int T, int recomput
     m->probs_host = (float*)callocCheck(c->padded_vocab_size, sizeof(float));
 }
 
-static void gpt2_free(GPT2* m) {
+static void model_free(Model* m) {
     cudaCheck(cudaStreamSynchronize(stream));
-    void* p[] = {m->params, m->inputs, m->targets, m->loss_sum};
+    void* p[] = {m->params, m->rope_cos, m->inputs, m->targets, m->loss_sum};
     for (size_t i = 0; i < sizeof(p) / sizeof(p[0]); i++) cudaCheck(cudaFree(p[i]));
-    activations_free(&m->act);
+    activations_free(m);
     token_buckets_free(&m->buckets);
     cudaCheck(cudaFreeHost(m->loss_sum_host));
     cudaCheck(cudaEventDestroy(m->loss_copied));
@@ -1258,9 +1480,30 @@ static void gpt2_free(GPT2* m) {
     matmul_plans_free();
 }
 
+// the architecture's norm: LayerNorm (mean saved) or RMSNorm
+static void norm_forward(const Model* m, floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* w, const floatX* b, int N) {
+    const ModelConfig* c = &m->config;
+    if (c->arch == ARCH_LLAMA) rmsnorm_forward(out, rstd, inp, w, N, c->channels, c->norm_eps);
+    else layernorm_forward(out, mean, rstd, inp, w, b, N, c->channels, c->norm_eps);
+}
+
+static void norm_backward(const Model* m, floatX* dinp, float* dw, float* db, const floatX* dout, const floatX* inp, const floatX* w,
+                          const float* mean, const float* rstd, int N, float* scratch) {
+    const ModelConfig* c = &m->config;
+    if (c->arch == ARCH_LLAMA) rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, c->channels, scratch);
+    else layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, c->channels, scratch);
+}
+
+// the MLP's activation: fch_act (N,F) = GELU(fch) or silu(gate) * up
+static void mlp_activation_forward(const Model* m, floatX* fch_act, const floatX* fch, int N) {
+    int F = m->config.ffn_hidden;
+    if (m->config.arch == ARCH_LLAMA) swiglu_forward(fch_act, fch, N, F);
+    else gelu_forward(fch_act, fch, (size_t)N * F);
+}
+
 // Runs the model on inputs (B,T); with targets, adds the mean loss to the loss sum that
-// gpt2_take_loss reads. The host does not wait for the device.
-static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, int T) {
+// model_take_loss reads. The host does not wait for the device.
+static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T) {
     const ModelConfig* c = &m->config;
     const Layout* o = &m->layout;
     if (B > m->max_B || T > m->max_T) fatal("forward: batch (%d, %d) exceeds capacity (%d, %d)", B, T, m->max_B, m->max_T);
@@ -1268,7 +1511,8 @@ static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, 
         if (inputs[i] < 0 || inputs[i] >= c->vocab_size) fatal("input token %d at position %d is outside the vocabulary (%d)", inputs[i], i, c->vocab_size);
         if (targets && (targets[i] < 0 || targets[i] >= c->vocab_size)) fatal("target token %d at position %d is outside the vocabulary (%d)", targets[i], i, c->vocab_size);
     }
-    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, V = c->vocab_size, Vp = c->padded_vocab_size, llama = c->arch == ARCH_LLAMA;
+    int QKV = (int)qkv_width(c), F2 = (int)fc_width(c);
     int BT = B * T;
     m->last_B = B;
     m->last_T = T;
@@ -1278,24 +1522,24 @@ static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, 
         m->num_buckets = token_buckets_upload(&m->buckets, inputs, BT, V); // for backward, which then needs no host work
     }
     Activations* a = &m->act;
-    const floatX* wte = m->params + o->wte;
-    encoder_forward(a->encoded, m->inputs, wte, m->params + o->wpe, B, T, C);
+    encoder_forward(a->encoded, m->inputs, m->params + o->wte, o->wpe == NO_TENSOR ? NULL : m->params + o->wpe, B, T, C);
     for (int l = 0; l < L; l++) {
         LayerWeights<floatX> w;
         point_layer(&w, m->params + o->layer0 + l * o->layer_n, o);
         LayerActivations la = layer_activations(m, l);
-        layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w.ln1w, w.ln1b, BT, C);
-        matmul_forward(la.qkv, la.ln1, w.qkvw, w.qkvb, NULL, BT, C, 3 * C);
-        attention_forward(la.atty, la.lse, la.qkv, B, T, C, NH);
+        norm_forward(m, la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w.ln1w, w.ln1b, BT);
+        matmul_forward(la.qkv, la.ln1, w.qkvw, w.qkvb, NULL, BT, C, QKV);
+        if (llama) rope_rotate(la.qkv, m->rope_cos, m->rope_sin, B, T, m->heads, 1.0f);
+        attention_forward(la.atty, la.lse, la.qkv, B, T, m->heads);
         matmul_forward(la.residual2, la.atty, w.attprojw, w.attprojb, la.residual, BT, C, C);
-        layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w.ln2w, w.ln2b, BT, C);
-        matmul_forward(la.fch, la.ln2, w.fcw, w.fcb, NULL, BT, C, F);
-        gelu_forward(la.fch_gelu, la.fch, (size_t)BT * F);
-        matmul_forward(la.residual3, la.fch_gelu, w.fcprojw, w.fcprojb, la.residual2, BT, F, C);
+        norm_forward(m, la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w.ln2w, w.ln2b, BT);
+        matmul_forward(la.fch, la.ln2, w.fcw, w.fcb, NULL, BT, C, F2);
+        mlp_activation_forward(m, la.fch_act, la.fch, BT);
+        matmul_forward(la.residual3, la.fch_act, w.fcprojw, w.fcprojb, la.residual2, BT, F, C);
     }
     const floatX* lnfw = m->params + o->lnf;
-    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, L - 1).residual3, lnfw, lnfw + C, BT, C);
-    matmul_forward(a->logits, a->lnf, wte, NULL, NULL, BT, C, Vp); // tied output layer
+    norm_forward(m, a->lnf, a->lnf_mean, a->lnf_rstd, layer_activations(m, L - 1).residual3, lnfw, llama ? NULL : lnfw + C, BT);
+    matmul_forward(a->logits, a->lnf, m->params + o->lm_head, NULL, NULL, BT, C, Vp);
     if (!targets) return;
     classifier_forward(a->losses, a->logits_lse, a->logits, m->targets, BT, V, Vp);
     loss_accumulate(m->loss_sum, a->losses, BT);
@@ -1305,7 +1549,7 @@ static void gpt2_forward(GPT2* m, const int* inputs, const int* targets, int B, 
 
 // The sum of the mean losses of the forwards since the last call, which starts a new sum.
 // In a training step the gradient statistics have waited for the device already.
-static double gpt2_take_loss(GPT2* m) {
+static double model_take_loss(Model* m) {
     event_wait(m->loss_copied, "the forward pass");
     double sum = *m->loss_sum_host;
     *m->loss_sum_host = 0.0;
@@ -1315,28 +1559,31 @@ static double gpt2_take_loss(GPT2* m) {
 
 // The gradient of dloss_scale * (mean loss of the last forward, which had targets),
 // accumulated (+=) into the buffers the sink gives for each region of parameters, handed
-// back from the end of the flat buffer to its start: final LayerNorm, layers L-1 .. 0,
-// positions, and last the token embedding, which receives the classifier's gradient first.
+// back from the end of the flat buffer to its start: lm_head (untied), the final norm,
+// layers L-1 .. 0, positions (GPT-2), and last the token embedding. A tied embedding is taken
+// first, for the classifier's gradient, and handed back last.
 // inputs: those of that forward, which already sorted them for the embedding's scatter.
-static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
+static void model_backward(Model* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) {
     (void)inputs;
     const ModelConfig* c = &m->config;
     const Layout* o = &m->layout;
     if (B != m->last_B || T != m->last_T) fatal("backward: batch (%d, %d) is not that of the last forward (%d, %d)", B, T, m->last_B, m->last_T);
-    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int L = c->num_layers, C = c->channels, F = c->ffn_hidden, V = c->vocab_size, Vp = c->padded_vocab_size, llama = c->arch == ARCH_LLAMA;
+    int QKV = (int)qkv_width(c), F2 = (int)fc_width(c);
     int BT = B * T;
     Activations* a = &m->act;
     float* scratch = a->colsum;
     floatX* dres = a->dresidual;
-    const floatX *wte = m->params + o->wte, *lnfw = m->params + o->lnf;
-    float* dwte = sink->region(sink, o->wte, o->wte_n);
-    float* dlnf = sink->region(sink, o->lnf, 2 * (size_t)C);
+    const floatX* lnfw = m->params + o->lnf;
+    float* dhead = sink->region(sink, o->lm_head, o->wte_n); // lm_head has wte's shape
     classifier_backward(a->logits, a->logits_lse, m->targets, dloss_scale / BT, BT, V, Vp);
-    matmul_backward_weight(dwte, a->logits, a->lnf, BT, C, Vp);
-    matmul_backward_input(a->dln, a->logits, wte, BT, C, Vp);
+    matmul_backward_weight(dhead, a->logits, a->lnf, BT, C, Vp);
+    matmul_backward_input(a->dln, a->logits, m->params + o->lm_head, BT, C, Vp);
+    if (!c->tied) sink->done(sink, o->lm_head, o->wte_n);
+    float* dlnf = sink->region(sink, o->lnf, o->lnf_n);
     cudaCheck(cudaMemsetAsync(dres, 0, (size_t)BT * C * sizeof(floatX), stream));
-    layernorm_backward(dres, dlnf, dlnf + C, a->dln, layer_activations(m, L - 1).residual3, lnfw, a->lnf_mean, a->lnf_rstd, BT, C, scratch);
-    sink->done(sink, o->lnf, 2 * (size_t)C);
+    norm_backward(m, dres, dlnf, llama ? NULL : dlnf + C, a->dln, layer_activations(m, L - 1).residual3, lnfw, a->lnf_mean, a->lnf_rstd, BT, scratch);
+    sink->done(sink, o->lnf, o->lnf_n);
     for (int l = L - 1; l >= 0; l--) {
         size_t off = o->layer0 + l * o->layer_n;
         LayerWeights<floatX> w;
@@ -1344,32 +1591,39 @@ static void gpt2_backward(GPT2* m, const int* inputs, int B, int T, float dloss_
         point_layer(&w, m->params + off, o);
         point_layer(&g, sink->region(sink, off, o->layer_n), o);
         LayerActivations la = layer_activations(m, l);
-        // residual3 = residual2 + fcproj(gelu(fc(ln2))): dres is the gradient of residual3 and of the fcproj output
-        if (m->recompute) gelu_forward(la.fch_gelu, la.fch, (size_t)BT * F);
-        matmul_backward_weight(g.fcprojw, dres, la.fch_gelu, BT, F, C);
-        bias_backward(g.fcprojb, dres, BT, C, scratch);
-        matmul_backward_input(a->dfch, dres, w.fcprojw, BT, F, C);
-        gelu_backward(a->dfch, la.fch, (size_t)BT * F);
-        if (m->recompute) layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w.ln2w, w.ln2b, BT, C);
-        matmul_backward_weight(g.fcw, a->dfch, la.ln2, BT, C, F);
-        bias_backward(g.fcb, a->dfch, BT, F, scratch);
-        matmul_backward_input(a->dln, a->dfch, w.fcw, BT, C, F);
-        layernorm_backward(dres, g.ln2w, g.ln2b, a->dln, la.residual2, w.ln2w, la.ln2_mean, la.ln2_rstd, BT, C, scratch);
-        // residual2 = residual + attproj(attention(qkv(ln1))): dres is now the gradient of residual2
+        // residual3 = residual2 + fcproj(act(fc(ln2))): dres is the gradient of residual3 and of the fcproj output
+        if (m->recompute) mlp_activation_forward(m, la.fch_act, la.fch, BT);
+        matmul_backward_weight(g.fcprojw, dres, la.fch_act, BT, F, C);
+        if (g.fcprojb) bias_backward(g.fcprojb, dres, BT, C, scratch);
+        if (llama) {
+            matmul_backward_input(a->dfch_act, dres, w.fcprojw, BT, F, C);
+            swiglu_backward(a->dfch, la.fch, a->dfch_act, BT, F);
+        } else {
+            matmul_backward_input(a->dfch, dres, w.fcprojw, BT, F, C);
+            gelu_backward(a->dfch, la.fch, (size_t)BT * F);
+        }
+        if (m->recompute) norm_forward(m, la.ln2, la.ln2_mean, la.ln2_rstd, la.residual2, w.ln2w, w.ln2b, BT);
+        matmul_backward_weight(g.fcw, a->dfch, la.ln2, BT, C, F2);
+        if (g.fcb) bias_backward(g.fcb, a->dfch, BT, F2, scratch);
+        matmul_backward_input(a->dln, a->dfch, w.fcw, BT, C, F2);
+        norm_backward(m, dres, g.ln2w, g.ln2b, a->dln, la.residual2, w.ln2w, la.ln2_mean, la.ln2_rstd, BT, scratch);
+        // residual2 = residual + attproj(attention(rope(qkv(ln1)))): dres is now the gradient of residual2
         matmul_backward_weight(g.attprojw, dres, la.atty, BT, C, C);
-        bias_backward(g.attprojb, dres, BT, C, scratch);
+        if (g.attprojb) bias_backward(g.attprojb, dres, BT, C, scratch);
         matmul_backward_input(a->datty, dres, w.attprojw, BT, C, C);
-        attention_backward(a->dqkv, a->att_D, a->datty, la.qkv, la.atty, la.lse, B, T, C, NH);
-        if (m->recompute) layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w.ln1w, w.ln1b, BT, C);
-        matmul_backward_weight(g.qkvw, a->dqkv, la.ln1, BT, C, 3 * C);
-        bias_backward(g.qkvb, a->dqkv, BT, 3 * C, scratch);
-        matmul_backward_input(a->dln, a->dqkv, w.qkvw, BT, C, 3 * C);
-        layernorm_backward(dres, g.ln1w, g.ln1b, a->dln, la.residual, w.ln1w, la.ln1_mean, la.ln1_rstd, BT, C, scratch);
+        attention_backward(a->dqkv, a->att_D, a->datty, la.qkv, la.atty, la.lse, B, T, m->heads);
+        if (llama) rope_rotate(a->dqkv, m->rope_cos, m->rope_sin, B, T, m->heads, -1.0f);
+        if (m->recompute) norm_forward(m, la.ln1, la.ln1_mean, la.ln1_rstd, la.residual, w.ln1w, w.ln1b, BT);
+        matmul_backward_weight(g.qkvw, a->dqkv, la.ln1, BT, C, QKV);
+        if (g.qkvb) bias_backward(g.qkvb, a->dqkv, BT, QKV, scratch);
+        matmul_backward_input(a->dln, a->dqkv, w.qkvw, BT, C, QKV);
+        norm_backward(m, dres, g.ln1w, g.ln1b, a->dln, la.residual, w.ln1w, la.ln1_mean, la.ln1_rstd, BT, scratch);
         sink->done(sink, off, o->layer_n);
     }
-    float* dwpe = sink->region(sink, o->wpe, o->wpe_n);
+    float* dwpe = o->wpe == NO_TENSOR ? NULL : sink->region(sink, o->wpe, o->wpe_n);
+    float* dwte = c->tied ? dhead : sink->region(sink, o->wte, o->wte_n);
     encoder_backward(dwte, dwpe, dres, B, T, C, &m->buckets, m->num_buckets);
-    sink->done(sink, o->wpe, o->wpe_n);
+    if (dwpe) sink->done(sink, o->wpe, o->wpe_n);
     sink->done(sink, o->wte, o->wte_n);
 }
 
@@ -1556,12 +1810,15 @@ static double peak_tflops(const char* device_name) {
 }
 
 // Model FLOPs per token of a training step: 6 N for the matrix products of forward (2 N)
-// and backward (4 N) over all N parameters (the tied wte counted once, for the classifier),
-// plus 12 L T C for attention's two (T,T) products, forward and backward, without
-// discounting the causal mask (PaLM's convention; the --recompute work is not counted).
-static double flops_per_token(const GPT2* m) {
+// and backward (4 N) over the N parameters that take part in one: all but the embeddings
+// that are only looked up (GPT-2's positions, and the token embedding when lm_head is its
+// own; a tied wte counts once, for the classifier); plus 12 L T C for attention's two (T,T)
+// products, forward and backward, C = NH hs, without discounting the causal mask (PaLM's
+// convention; the --recompute work is not counted).
+static double flops_per_token(const Model* m) {
     const ModelConfig* c = &m->config;
-    return 6.0 * m->num_params + 12.0 * c->num_layers * (double)m->max_T * c->channels;
+    double looked_up = (double)m->layout.wpe_n + (c->tied ? 0.0 : (double)m->layout.wte_n);
+    return 6.0 * (m->num_params - looked_up) + 12.0 * c->num_layers * (double)m->max_T * c->channels;
 }
 
 // ----------------------------------------------------------------------------
@@ -1873,27 +2130,23 @@ static void gpu_init_comm(Comm* c, int* argc, char*** argv, double timeout_s) {
 // the trainer: the model behind dstrain.h's ModelOps; the training driver is train_main
 
 static void* gpu_build(const ModelConfig* c, int B, int T, const Options* opt) {
-    if (c->arch != ARCH_GPT2) {
-        fatal("the GPU trainer trains GPT-2 only so far; the %s architecture (RMSNorm, rotary embeddings, grouped-query attention, "
-              "SwiGLU) trains on the CPU trainer: make train_gpt_cpu && ./train_gpt_cpu ...", arch_name(c->arch));
-    }
-    GPT2* m = (GPT2*)mallocCheck(sizeof(GPT2));
-    gpt2_build(m, c, B, T, opt->recompute);
+    Model* m = (Model*)mallocCheck(sizeof(Model));
+    model_build(m, c, B, T, opt->recompute);
     return m;
 }
-static size_t gpu_num_params(void* m) { return ((GPT2*)m)->num_params; }
-static void* gpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(floatX); return ((GPT2*)model)->params; }
+static size_t gpu_num_params(void* m) { return ((Model*)m)->num_params; }
+static void* gpu_weights(void* model, size_t* elem_size) { *elem_size = sizeof(floatX); return ((Model*)model)->params; }
 
 // the working weights [offset, offset + n) from the fp32 master (a device buffer of ZeRO's)
-static void gpu_set_weights(void* model, size_t offset, const float* master, size_t n) { weights_from_master(((GPT2*)model)->params + offset, master, n); }
+static void gpu_set_weights(void* model, size_t offset, const float* master, size_t n) { weights_from_master(((Model*)model)->params + offset, master, n); }
 
-static void gpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { gpt2_forward((GPT2*)m, inputs, targets, B, T); }
-static double gpu_take_loss(void* m) { return gpt2_take_loss((GPT2*)m); }
-static void gpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { gpt2_backward((GPT2*)m, inputs, B, T, dloss_scale, sink); }
+static void gpu_forward(void* m, const int* inputs, const int* targets, int B, int T) { model_forward((Model*)m, inputs, targets, B, T); }
+static double gpu_take_loss(void* m) { return model_take_loss((Model*)m); }
+static void gpu_backward(void* m, const int* inputs, int B, int T, float dloss_scale, GradSink* sink) { model_backward((Model*)m, inputs, B, T, dloss_scale, sink); }
 
 // softmax of the last forward's logits at (0, position), over the V real tokens, on the host
 static const float* gpu_probs(void* model, int position) {
-    GPT2* m = (GPT2*)model;
+    Model* m = (Model*)model;
     int V = m->config.vocab_size, Vp = m->config.padded_vocab_size;
     cudaCheck(cudaMemcpyAsync(m->logits_row, m->act.logits + (size_t)position * Vp, Vp * sizeof(floatX), cudaMemcpyDeviceToHost, stream));
     cudaCheck(cudaStreamSynchronize(stream));
@@ -1907,7 +2160,7 @@ static const float* gpu_probs(void* model, int position) {
 
 // the model's own buffers (ZeRO reports the weights, gradients, master and moments), and the device
 static void gpu_describe_memory(void* model) {
-    GPT2* m = (GPT2*)model;
+    Model* m = (Model*)model;
     printf("  activations and backward scratch: %.1f MB (micro batch %d, sequence %d, --recompute %s); cuBLASLt workspace %.1f MB\n",
            m->act_bytes / 1e6, m->max_B, m->max_T, m->recompute ? "on" : "off", CUBLASLT_WORKSPACE_BYTES / 1e6);
     size_t free_b, total_b;
@@ -1916,7 +2169,7 @@ static void gpu_describe_memory(void* model) {
 }
 
 static void gpu_device_stats(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb) {
-    GPT2* m = (GPT2*)model;
+    Model* m = (Model*)model;
     static int warned = 0;
     double peak = peak_tflops(device_prop.name);
     if (isnan(peak) && !warned) {
@@ -1929,7 +2182,7 @@ static void gpu_device_stats(void* model, double step_seconds, double tokens_per
     *memory_gb = (total_b - free_b) / 1e9;
 }
 
-static void gpu_free(void* model) { gpt2_free((GPT2*)model); free(model); }
+static void gpu_free(void* model) { model_free((Model*)model); free(model); }
 
 // The ds_config must ask for the precision this binary was built for. Returns 0, or -1
 // with the reason and the command that builds the right binary in err.
@@ -1964,11 +2217,11 @@ static void gpu_describe_run(const DSConfig* c, const Comm* comm) {
     }
 }
 
-// --plan: the working weights' size; the GPU trainer does not estimate its activations yet (NAN)
+// --plan: the working weights' size, and the activations, backward scratch and cuBLASLt
+// workspace that model_build would allocate
 static double gpu_plan_memory(const ModelConfig* c, int B, int T, const Options* opt, size_t* weight_bytes) {
-    (void)c; (void)B; (void)T; (void)opt;
     *weight_bytes = sizeof(floatX);
-    return NAN;
+    return (double)activations_bytes(c, B, T, opt->recompute) + CUBLASLT_WORKSPACE_BYTES;
 }
 
 static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", gpu_init_comm, gpu_describe_run, &DEVICE_BUFFERS, gpu_build,

@@ -18,8 +18,8 @@ static void check_size(int N, int C) {
     cudaCheck(cudaMalloc(&d_rstd, N * sizeof(float)));
     cudaCheck(cudaMalloc(&d_scratch, column_sums_scratch_floats(N, C) * sizeof(float)));
     float *out = (float*)mallocCheck(NC * sizeof(float)), *mean = (float*)mallocCheck(N * sizeof(float)), *rstd = (float*)mallocCheck(N * sizeof(float));
-    layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C);
-    cpu::layernorm_forward(out, mean, rstd, inp, w, b, N, C, 1e-5f); // GPT-2's epsilon, the kernel's constant
+    layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C, 1e-5f);
+    cpu::layernorm_forward(out, mean, rstd, inp, w, b, N, C, 1e-5f); // GPT-2's epsilon
     float *g_out = host_float(d_out, NC), *g_mean = host_float(d_mean, N), *g_rstd = host_float(d_rstd, N);
     check("forward: out", g_out, out, NC, tolerance(1, 0, C));
     check("forward: mean", g_mean, mean, N, tolerance(0, 0, C));
@@ -57,9 +57,9 @@ static void benchmark(int N, int C) {
     cudaCheck(cudaMemset(d_inp, 0, NC * sizeof(floatX)));
     cudaCheck(cudaMemset(d_w, 0, C * sizeof(floatX)));
     cudaCheck(cudaMemset(d_b, 0, C * sizeof(floatX)));
-    double ms = bench_ms(20, [&] { layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C); });
+    double ms = bench_ms(20, [&] { layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C, 1e-5f); });
     report("layernorm_forward", ms, 2.0 * NC * sizeof(floatX), 0);
-    layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C);
+    layernorm_forward(d_out, d_mean, d_rstd, d_inp, d_w, d_b, N, C, 1e-5f);
     ms = bench_ms(20, [&] { layernorm_backward(d_out, d_dw, d_db, d_inp, d_inp, d_w, d_mean, d_rstd, N, C, d_scratch); });
     report("layernorm_backward (dinp + column sums)", ms, 6.0 * NC * sizeof(floatX), 0);
     void* d[] = {d_inp, d_out, d_w, d_b, d_mean, d_rstd, d_dw, d_db, d_scratch};
