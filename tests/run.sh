@@ -49,6 +49,7 @@ run bash tests/test_hf_job.sh
 run python3 tests/test_data.py
 run bash tests/test_build.sh
 run bash tests/test_gpu_ranks.sh
+run bash tests/test_gpu_llama.sh
 
 # The GPU code under the CUDA emulator (../shared/cuda-emu/README.md), where there is no GPU:
 # test_gpt.cu on every reference and each dev/cuda check, in FP32, FP16 and BF16, each on a
