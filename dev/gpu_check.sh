@@ -4,11 +4,16 @@
 # deadline cuts from the end):
 #   1. build every CUDA target for this GPU's architecture (make cuda, the trainer in each
 #      precision, and the CPU trainer);
-#   2. test_gpt_cu in FP32, FP16 and BF16 against the reference file;
+#   2. test_gpt_cu in FP32, FP16 and BF16 against the reference file, and against the
+#      transformers LLaMA reference (grouped-query attention, T 100) where there is one;
 #   3. every dev/cuda kernel check (correctness against the CPU trainer, and benchmarks);
 #   4. GPT-2 124M (12 layers, 12 heads, 768 channels, T 1024, micro batch 16), 10 steps in
 #      each precision and once with --recompute: ms/step, tokens/s, MFU, memory, on
-#      synthetic token shards it writes itself (no network, no dataset);
+#      synthetic token shards it writes itself (no network, no dataset); then LLaMA at
+#      DeepSeek-Coder 1.3B's shape (hidden 2048, 24 layers, 16 heads, intermediate 5504,
+#      vocabulary 32256), T 2048, micro batch 8, in BF16 and FP16, loaded through --hf-model
+#      from a Hugging Face directory it writes (norm weights 1, matrices 0: speed does not
+#      depend on the values), with the memory per GPU next to ZeRO's formula;
 #   5. ZeRO-2 with 2 ranks sharing this GPU against 1 rank, and a GPU checkpoint resumed by
 #      the CPU trainer;
 #   6. compute-sanitizer memcheck and racecheck on test_gpt_cu in FP32 and BF16.
@@ -20,7 +25,10 @@
 # longer fits is skipped and reported as such. REFERENCE defaults to
 # dev/data/gpt2_reference.bin; if it is missing, dev/reference.py writes it with the first
 # of python3 (PATH) and /usr/bin/python3 that has PyTorch, else the CPU trainer does
-# (test_gpt_cu_fp32 --write-cpu-reference). Logs go to a new mktemp -d folder; where $OUT
+# (test_gpt_cu_fp32 --write-cpu-reference). The LLaMA reference is
+# dev/data/llama_t100_gqa4_reference.bin (make test writes it), or dev/reference_hf.py
+# writes it where that Python also has transformers; otherwise its rows are skipped. Logs
+# go to a new mktemp -d folder; where $OUT
 # is set, the summary and a tarball of the logs are copied there too (2 files). Exit
 # status 0 when everything that ran passed.
 set -u
@@ -167,6 +175,21 @@ for p in fp32 fp16 bf16; do
     [ -n "$counts" ] || demote "no 'N passed, N failed' line"
     record "test_gpt_cu_$p" "${counts:+$counts, }reference: $ref_kind"
 done
+llama_ref=dev/data/llama_t100_gqa4_reference.bin
+if [ ! -f "$llama_ref" ] && [ -n "$torch_py" ] && timeout 60 "$torch_py" -c "import transformers, safetensors" 2> /dev/null; then
+    step reference_llama 120 20 "$torch_py" dev/reference_hf.py --config llama_t100_gqa4 --out "$llama_ref" || rm -f "$llama_ref"
+    record "reference (transformers)" "$llama_ref"
+fi
+for p in fp32 fp16 bf16; do
+    if [ ! -f "$llama_ref" ]; then
+        row "test_gpt_cu_$p LLaMA" SKIP 0 "no $llama_ref (make test writes it; or transformers for dev/reference_hf.py)"
+        continue
+    fi
+    step "test_gpt_cu_${p}_llama" 90 15 "./test_gpt_cu_$p" "$llama_ref"
+    counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+    [ -n "$counts" ] || demote "no 'N passed, N failed' line"
+    record "test_gpt_cu_$p LLaMA" "${counts:+$counts, }GQA groups of 4, T 100"
+done
 
 echo "== kernel checks (dev/cuda)"
 kernels=0
@@ -180,22 +203,22 @@ done
 ((kernels > 0)) || row "dev/cuda" FAIL 0 "make cuda built no kernel checks"
 
 # synthetic data in llm.c's shard format: int32 header[256] (magic 20240520, version 1,
-# token count), then uint16 tokens
+# token count), then uint16 tokens below the vocabulary size (default GPT-2's)
 # shellcheck disable=SC2317 # run by step
-write_shard() { # $1 path
-    "$py" - "$1" << 'EOF'
+write_shard() { # $1 path, $2 vocabulary size
+    "$py" - "$1" "${2:-50257}" << 'EOF'
 import random, struct, sys
 from array import array
 n = 1 << 21
 rng = random.Random(1337)
-tokens = array("H", (rng.randrange(50257) for _ in range(n)))
+tokens = array("H", (rng.randrange(int(sys.argv[2])) for _ in range(n)))
 with open(sys.argv[1], "wb") as f:
     f.write(struct.pack("<256i", 20240520, 1, n, *([0] * 253)))
     tokens.tofile(f)
 EOF
 }
-write_config() { # $1 file, $2 precision keys
-    printf '{"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, %s "zero_optimization": {"stage": 0}}\n' "$2" > "$1"
+write_config() { # $1 file, $2 precision keys, $3 micro batch (default 16)
+    printf '{"train_micro_batch_size_per_gpu": %d, "gradient_accumulation_steps": 1, %s "zero_optimization": {"stage": 0}}\n' "${3:-16}" "$2" > "$1"
 }
 # the means of steps 4-10 of a run's JSON-lines log (steps 1-3 warm up): one summary cell
 bench_numbers() { # $1 log
@@ -231,6 +254,68 @@ elif step shard 60 20 write_shard "$logs/bench_train_000000.bin"; then
     bench fp32 fp32
 else
     record "124M benchmark" "writing the synthetic data"
+fi
+
+# A Hugging Face directory of DeepSeek-Coder 1.3B's shape: config.json and one bf16
+# model.safetensors, norm weights 1 and every matrix 0, as a sparse file written at once.
+# shellcheck disable=SC2317 # run by step
+write_llama_dir() { # $1 directory
+    "$py" - "$1" << 'EOF'
+import json, math, os, struct, sys
+d = sys.argv[1]
+os.makedirs(d, exist_ok=True)
+L, C, H, KV, F, V = 24, 2048, 16, 16, 5504, 32256
+json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": C, "num_hidden_layers": L,
+           "num_attention_heads": H, "num_key_value_heads": KV, "intermediate_size": F, "vocab_size": V,
+           "max_position_embeddings": 16384, "rope_theta": 100000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "initializer_range": 0.02}, open(os.path.join(d, "config.json"), "w"))
+kv = KV * (C // H)
+shapes = [("model.embed_tokens.weight", [V, C])]
+for l in range(L):
+    p = f"model.layers.{l}."
+    shapes += [(p + "input_layernorm.weight", [C]), (p + "self_attn.q_proj.weight", [C, C]), (p + "self_attn.k_proj.weight", [kv, C]),
+               (p + "self_attn.v_proj.weight", [kv, C]), (p + "self_attn.o_proj.weight", [C, C]),
+               (p + "post_attention_layernorm.weight", [C]), (p + "mlp.gate_proj.weight", [F, C]),
+               (p + "mlp.up_proj.weight", [F, C]), (p + "mlp.down_proj.weight", [C, F])]
+shapes += [("model.norm.weight", [C]), ("lm_head.weight", [V, C])]
+header, end, norms = {}, 0, []
+for name, shape in shapes:
+    size = 2 * math.prod(shape)
+    header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [end, end + size]}
+    if len(shape) == 1:
+        norms.append((end, shape[0]))
+    end += size
+h = json.dumps(header).encode()
+h += b" " * (-len(h) % 8)
+with open(os.path.join(d, "model.safetensors"), "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for offset, n in norms:
+        f.seek(8 + len(h) + offset)
+        f.write(b"\x80\x3f" * n)  # bf16 1.0
+    f.truncate(8 + len(h) + end)
+EOF
+}
+bench_llama() { # $1 name, $2 precision, extra flags after
+    local name=$1 p=$2 numbers formula
+    shift 2
+    rm -f "$logs/llama_$name.jsonl"
+    step "bench_llama_$name" 120 40 "./train_gpt_cu_$p" -c "$logs/llama_$p.json" --hf-model "$logs/llama_1.3b" --seq-len 2048 --steps 10 \
+        --train-data "$logs/llama_train_*.bin" --val-data "" --checkpoint-dir "" --sample-tokens 0 --log "$logs/llama_$name.jsonl" "$@"
+    numbers=$(bench_numbers "$logs/llama_$name.jsonl" 2> /dev/null) || demote "no steps 4-10 in its log"
+    formula=$(grep -m1 -o 'formula for stage.*' "$log")
+    record "1.3B LLaMA $name" "$numbers${formula:+; ZeRO $formula}"
+}
+
+echo "== benchmark: LLaMA at DeepSeek-Coder 1.3B's shape, T 2048, micro batch 8, 10 steps (means of steps 4-10)"
+write_config "$logs/llama_fp16.json" '"fp16": {"enabled": true},' 8
+write_config "$logs/llama_bf16.json" '"bf16": {"enabled": true},' 8
+if [ -z "$py" ]; then
+    row "1.3B LLaMA benchmark" SKIP 0 "no python3 to write the model and the data"
+elif step llama_files 60 20 bash -c "$(declare -f write_shard write_llama_dir); write_shard '$logs/llama_train_000000.bin' 32256 && write_llama_dir '$logs/llama_1.3b'"; then
+    bench_llama bf16 bf16
+    bench_llama fp16 fp16
+else
+    record "1.3B LLaMA benchmark" "writing the model directory and data"
 fi
 
 # ZeRO on one GPU and checkpoints shared with the CPU trainer, on a small model:
