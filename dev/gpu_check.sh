@@ -165,31 +165,28 @@ if [ ! -f "$ref" ]; then # no PyTorch: the same configuration computed by the CP
     step cpu_reference 120 10 ./test_gpt_cu_fp32 --write-cpu-reference "$ref" || rm -f "$ref"
     record "reference (CPU trainer)" "${torch_py:+dev/reference.py failed; }no PyTorch reference"
 fi
-for p in fp32 fp16 bf16; do
-    if [ ! -f "$ref" ]; then
-        row "test_gpt_cu_$p" FAIL 0 "no reference file"
-        continue
-    fi
-    step "test_gpt_cu_$p" 90 15 "./test_gpt_cu_$p" "$ref"
-    counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
-    [ -n "$counts" ] || demote "no 'N passed, N failed' line"
-    record "test_gpt_cu_$p" "${counts:+$counts, }reference: $ref_kind"
-done
+# reference_tests FILE NAME KEY MISSING WHY: test_gpt_cu in each precision on FILE, rows
+# "test_gpt_cu_<p>NAME"; without the file, rows MISSING (FAIL or SKIP) saying WHY
+reference_tests() {
+    local file=$1 name=$2 key=$3 missing=$4 why=$5 p counts
+    for p in fp32 fp16 bf16; do
+        if [ ! -f "$file" ]; then
+            row "test_gpt_cu_$p$name" "$missing" 0 "$why"
+            continue
+        fi
+        step "test_gpt_cu_$p${name// /_}" 90 15 "./test_gpt_cu_$p" "$file"
+        counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
+        [ -n "$counts" ] || demote "no 'N passed, N failed' line"
+        record "test_gpt_cu_$p$name" "${counts:+$counts, }$key"
+    done
+}
+reference_tests "$ref" "" "reference: $ref_kind" FAIL "no reference file"
 llama_ref=dev/data/llama_t100_gqa4_reference.bin
 if [ ! -f "$llama_ref" ] && [ -n "$torch_py" ] && timeout 60 "$torch_py" -c "import transformers, safetensors" 2> /dev/null; then
     step reference_llama 120 20 "$torch_py" dev/reference_hf.py --config llama_t100_gqa4 --out "$llama_ref" || rm -f "$llama_ref"
     record "reference (transformers)" "$llama_ref"
 fi
-for p in fp32 fp16 bf16; do
-    if [ ! -f "$llama_ref" ]; then
-        row "test_gpt_cu_$p LLaMA" SKIP 0 "no $llama_ref (make test writes it; or transformers for dev/reference_hf.py)"
-        continue
-    fi
-    step "test_gpt_cu_${p}_llama" 90 15 "./test_gpt_cu_$p" "$llama_ref"
-    counts=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$log" | tail -n 1)
-    [ -n "$counts" ] || demote "no 'N passed, N failed' line"
-    record "test_gpt_cu_$p LLaMA" "${counts:+$counts, }GQA groups of 4, T 100"
-done
+reference_tests "$llama_ref" " LLaMA" "GQA groups of 4, T 100" SKIP "no $llama_ref (make test writes it; or transformers for dev/reference_hf.py)"
 
 echo "== kernel checks (dev/cuda)"
 kernels=0
