@@ -8,6 +8,7 @@
 #   - a checkpoint saved by 2 ranks resumes on 1 (elastic) with the losses 2 ranks got;
 #   - --hf-out on the GPU writes what the CPU trainer writes from the same checkpoint, byte
 #     for byte (the export's loading in transformers is tests/test_hf.py's).
+#   - --plan for DeepSeek-LLM 7B counts the activations a reader counts from the shapes.
 # Skipped, with the reason, without the emulator, Open MPI or the model directory.
 set -u
 cd "$(dirname "$0")/.."
@@ -67,5 +68,25 @@ if [ -f "$TMP/export_gpu/model.safetensors" ] && cmp -s "$TMP/export_gpu/model.s
     && cmp -s "$TMP/export_gpu/config.json" "$TMP/export_cpu/config.json"; then
     ok "--hf-out on the GPU: byte for byte the CPU trainer's export of the same checkpoint"
 else bad "--hf-out on the GPU: byte for byte the CPU trainer's export of the same checkpoint" "$(ls "$TMP"/export_* 2>&1 | head -5)" "$(tail -3 "$TMP/gpu1.log")" "$(tail -3 "$TMP/export_cpu.log")"; fi
+
+# --plan 8 for DeepSeek-LLM 7B (micro batch 1, T 512; FP32 build): the activations column
+# against the tensors the GPU trainer keeps, counted here from the shapes (each buffer a
+# multiple of 256 bytes already at these sizes), plus cuBLASLt's 32 MiB workspace
+out=$("$bin" --hf-model tests/data/deepseek-llm-7b-base --plan 8 --micro-batch 1 --seq-len 512 2>&1)
+verdict=$(python3 - <<PY
+L, C, NH, F, Vp, BT, x = 30, 4096, 32, 11008, 102400, 512, 4  # x: bytes of an FP32 build's activation
+per_layer = x * (8 * C + 3 * F) + 4 * (2 + NH)  # per token: ln1 qkv(3C) atty residual2 ln2 fch(2F) fch_act(F) residual3; 2 rstd, lse
+rest = x * (2 * C + Vp) + 4 * 3                 # per token: encoded lnf logits; lnf rstd, logits lse, loss
+scratch = x * (6 * C + 3 * F) + 4 * NH          # per token: dresidual dln datty dqkv(3C) dfch(2F) dfch_act(F); attention D
+column_sums = 4 * (BT // 128) * 2 * C
+want = (BT * (L * per_layer + rest + scratch) + column_sums + 32 * 2**20) / 1e9
+rows = [l.split() for l in """$out""".splitlines() if l.split()[:1] in (["0"], ["1"], ["2"])]
+got = [float(r[7]) for r in rows]
+print("ok" if len(got) == 3 and all(abs(g - want) < 0.006 for g in got) and "4-byte working weights" in """$out"""
+      else f"activations {got} GB, counted {want:.3f} GB")
+PY
+)
+if [ "$verdict" = ok ]; then ok "--plan 8 for DeepSeek-LLM 7B: the GPU trainer's activations as counted from the shapes"
+else bad "--plan 8 for DeepSeek-LLM 7B: the GPU trainer's activations as counted from the shapes" "$verdict" "$(tail -6 <<<"$out")"; fi
 
 summary
