@@ -287,7 +287,7 @@ typedef struct {
     int reduce_scatter;             // true
     int allgather_partitions;       // true
     // logging
-    int64_t steps_per_print;        // 0 = never
+    int64_t steps_per_print;        // 0 = not given: the console prints every step
     int wall_clock_breakdown;       // false
     // batch: -1 = not given; resolved by ds_resolve_batch
     int64_t train_batch_size;
@@ -2885,24 +2885,38 @@ int hf_write(const char* dir, const ModelConfig* mc, const float* params, size_t
 }
 
 // ----------------------------------------------------------------------------
-// logging: one line per step on stdout, the same as a JSON object per line in --log.
+// logging: a JSON object per step in --log; on stdout a line per step, or, when the config
+// sets steps_per_print (DeepSpeed's cadence, for runs of many steps), a line every that
+// many steps (and at the first and last) summing up the steps since the last line.
+
+enum { PHASE_FORWARD, PHASE_BACKWARD, PHASE_REDUCE, PHASE_OPTIMIZER, PHASE_DATA, NUM_PHASES };
+static const char* PHASE_NAMES[NUM_PHASES] = {"forward", "backward", "reduce", "optimizer", "data"};
 
 typedef struct {
     FILE* jsonl;
     double start_time;
     int64_t first_step;     // step the run started (or resumed) at, for the ETA
+    int64_t print_every;    // steps between console lines (1: every step)
+    // the steps since the last console line: how many, and the sums of their numbers
+    int64_t window_steps;
+    double window_loss, window_ms, window_tokens, window_phase_ms[NUM_PHASES];
 } Logger;
 
-void logger_open(Logger* lg, const char* path, int append, int64_t first_step) {
+void logger_open(Logger* lg, const char* path, int append, int64_t first_step, int64_t print_every) {
     memset(lg, 0, sizeof(*lg));
     lg->start_time = wall_seconds();
     lg->first_step = first_step;
+    lg->print_every = print_every > 0 ? print_every : 1;
     if (path) lg->jsonl = fopenCheck(path, append ? "a" : "w");
 }
 
 typedef struct {
     int64_t step, total_steps;
-    double loss, lr, grad_norm, ms, tokens_per_s, data_wait_ms;
+    double epoch;      // epochs of data seen after this step (1.5: halfway through the second)
+    int64_t tokens;    // tokens trained on so far, all ranks
+    double loss, lr, grad_norm, ms, tokens_per_s;
+    double phase_ms[NUM_PHASES]; // forward, backward, gradient reduction, optimizer, waiting for data
+    int breakdown;     // wall_clock_breakdown: the phases other than data were timed after the device finished them
     int fp16;
     double loss_scale;
     int64_t skipped;
@@ -2912,24 +2926,52 @@ typedef struct {
     double bytes_sent; // by this rank in the step's collectives; NAN on one rank
 } StepLog;
 
-void log_step(Logger* lg, const StepLog* s) {
-    double elapsed = wall_seconds() - lg->start_time;
+// The console line of the steps since the last one: the loss is their mean, ms and tok/s
+// their rate; norm, scale and the rest are the last step's.
+static void print_window(const Logger* lg, const StepLog* s) {
+    double elapsed = wall_seconds() - lg->start_time, n = (double)lg->window_steps;
     int64_t done = s->step - lg->first_step;
-    char eta[32];
+    char eta[32], loss_note[48] = "";
     format_duration(done > 0 ? elapsed / done * (s->total_steps - s->step) : 0, eta, sizeof eta);
-    printf("step %5lld/%lld | loss %.6f | lr %.3e | norm %8.4f | %7.1f ms | %7.0f tok/s | data %.1f ms",
-           (long long)s->step, (long long)s->total_steps, s->loss, s->lr, s->grad_norm, s->ms, s->tokens_per_s, s->data_wait_ms);
+    if (lg->window_steps > 1) snprintf(loss_note, sizeof loss_note, " (mean of %lld steps)", (long long)lg->window_steps);
+    printf("step %5lld/%lld | epoch %.2f | loss %.6f%s | lr %.3e | norm %8.4f | %7.1f ms | %7.0f tok/s | data %.1f ms", (long long)s->step,
+           (long long)s->total_steps, s->epoch, lg->window_loss / n, loss_note, s->lr, s->grad_norm, lg->window_ms / n,
+           lg->window_tokens / (lg->window_ms / 1e3), lg->window_phase_ms[PHASE_DATA] / n);
     if (s->fp16) printf(" | scale %g | skipped %lld%s", s->loss_scale, (long long)s->skipped, s->overflow ? " (overflow)" : "");
     if (isfinite(s->mfu)) printf(" | mfu %.1f%%", 100 * s->mfu);
     if (isfinite(s->memory_gb)) printf(" | mem %.2f GB", s->memory_gb);
     if (isfinite(s->bytes_sent)) printf(" | sent %.1f MB", s->bytes_sent / 1e6);
     printf(" | eta %s\n", eta);
+    if (s->breakdown) {
+        printf("time (ms per step) |");
+        for (int p = 0; p < NUM_PHASES; p++) printf(" %s: %.2f |", PHASE_NAMES[p], lg->window_phase_ms[p] / n);
+        printf(" other: %.2f\n", (lg->window_ms - lg->window_phase_ms[PHASE_FORWARD] - lg->window_phase_ms[PHASE_BACKWARD] -
+                                   lg->window_phase_ms[PHASE_REDUCE] - lg->window_phase_ms[PHASE_OPTIMIZER] - lg->window_phase_ms[PHASE_DATA]) / n);
+    }
     fflush(stdout);
+}
+
+void log_step(Logger* lg, const StepLog* s) {
+    lg->window_steps++;
+    lg->window_loss += s->loss;
+    lg->window_ms += s->ms;
+    lg->window_tokens += s->tokens_per_s * s->ms / 1e3;
+    for (int p = 0; p < NUM_PHASES; p++) lg->window_phase_ms[p] += s->phase_ms[p];
+    if (s->step % lg->print_every == 0 || s->step == lg->first_step + 1 || s->step == s->total_steps) {
+        print_window(lg, s);
+        lg->window_steps = 0;
+        lg->window_loss = lg->window_ms = lg->window_tokens = 0.0;
+        for (int p = 0; p < NUM_PHASES; p++) lg->window_phase_ms[p] = 0.0;
+    }
     if (lg->jsonl) {
         char norm[32] = "null"; // a skipped step has no norm
         if (isfinite(s->grad_norm)) snprintf(norm, sizeof norm, "%.9g", s->grad_norm);
-        fprintf(lg->jsonl, "{\"type\": \"train\", \"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %s, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"data_wait_ms\": %.3f",
-                (long long)s->step, s->loss, s->lr, norm, s->ms, s->tokens_per_s, s->data_wait_ms);
+        fprintf(lg->jsonl, "{\"type\": \"train\", \"step\": %lld, \"epoch\": %.6f, \"tokens\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %s, "
+                "\"ms\": %.3f, \"tokens_per_s\": %.1f, \"data_wait_ms\": %.3f", (long long)s->step, s->epoch, (long long)s->tokens, s->loss, s->lr, norm,
+                s->ms, s->tokens_per_s, s->phase_ms[PHASE_DATA]);
+        if (s->breakdown) {
+            for (int p = 0; p < PHASE_DATA; p++) fprintf(lg->jsonl, ", \"%s_ms\": %.3f", PHASE_NAMES[p], s->phase_ms[p]);
+        }
         if (s->fp16) fprintf(lg->jsonl, ", \"loss_scale\": %.9g, \"skipped\": %lld, \"overflow\": %s", s->loss_scale, (long long)s->skipped, s->overflow ? "true" : "false");
         if (isfinite(s->mfu)) fprintf(lg->jsonl, ", \"mfu\": %.4f", s->mfu);
         if (isfinite(s->memory_gb)) fprintf(lg->jsonl, ", \"memory_gb\": %.3f", s->memory_gb);
@@ -3379,7 +3421,8 @@ void print_config(const DSConfig* c, int world_size) {
     }
     printf("  zero_optimization: stage %lld, reduce_bucket_size %lld, allgather_bucket_size %lld, overlap_comm %s\n",
            (long long)c->zero_stage, (long long)c->reduce_bucket_size, (long long)c->allgather_bucket_size, c->overlap_comm ? "true" : "false");
-    if (c->steps_per_print) printf("  steps_per_print: %lld\n", (long long)c->steps_per_print);
+    if (c->steps_per_print) printf("  steps_per_print: %lld (the console's cadence; --log has every step)\n", (long long)c->steps_per_print);
+    if (c->wall_clock_breakdown) printf("  wall_clock_breakdown: each phase timed after the device finished it\n");
 }
 
 // ----------------------------------------------------------------------------
@@ -3642,6 +3685,9 @@ typedef struct {
     double (*plan_memory)(const ModelConfig* c, int B, int T, const Options* opt, size_t* weight_bytes);
     // optional (NULL on the CPU): MFU and device memory of the step just taken
     void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb);
+    // optional (NULL on the CPU): waits until the device has done the work issued so far
+    // (wall_clock_breakdown times each phase after it, as DeepSpeed's timers synchronise)
+    void (*synchronize)(void* model);
     void (*free)(void* model);
 } ModelOps;
 
@@ -3704,11 +3750,20 @@ typedef struct {
     FaultPlan faults;                        // test-only, from DSTRAIN_INJECT_INF
     int B, T, ga;
     int64_t last_saved;                      // step of the last checkpoint this run wrote
-    double forward_ms, backward_ms, step_ms; // this step's phases, for wall_clock_breakdown
-    double data_wait_ms;
+    double phase_ms[NUM_PHASES];             // this step's phases (PHASE_*)
 } Trainer;
 
 double ms_since(double t0) { return (wall_seconds() - t0) * 1e3; }
+
+// Adds the time since *t0 to phase `phase` of this step and starts the next phase's clock.
+// With wall_clock_breakdown the device finishes the phase's work first, so the time is the
+// phase's own, not only its launch (the GPU trainer's host does not wait otherwise).
+void phase_done(Trainer* tr, int phase, double* t0) {
+    if (tr->cfg.wall_clock_breakdown && tr->ops->synchronize) tr->ops->synchronize(tr->model);
+    double now = wall_seconds();
+    tr->phase_ms[phase] += (now - *t0) * 1e3;
+    *t0 = now;
+}
 
 // The updated master partitions become every rank's working weights: each rank writes its
 // own, then an all-gather in chunks of allgather_bucket_size elements.
@@ -3738,6 +3793,7 @@ void zero_share_weights(Trainer* tr) {
 StepPlan optimizer_step(Trainer* tr, float* mean_loss) {
     Zero* z = &tr->zero;
     Comm* c = &tr->comm;
+    double t0 = wall_seconds();
     float* g = zero_reduce_gradients(z);
     fault_plan_apply(&tr->faults, z->buf, g, z->lo, z->n, tr->state.step + 1);
     int nonfinite;
@@ -3750,11 +3806,13 @@ StepPlan optimizer_step(Trainer* tr, float* mean_loss) {
         else c->allreduce_f64(c, &stats[2], 1, 0, "all-reduce of the loss"); // stage 0: every rank holds the same full gradient
     }
     *mean_loss = (float)(stats[2] / c->world_size);
+    phase_done(tr, PHASE_REDUCE, &t0);
     StepPlan plan = step_plan(&tr->state, &tr->cfg, stats[0] != 0, stats[1]);
     if (!plan.skip) {
         z->buf->adamw(z->master, z->m, z->v, g, z->n, &plan, &tr->cfg);
         zero_share_weights(tr);
     }
+    phase_done(tr, PHASE_OPTIMIZER, &t0);
     if (step_finish(&tr->state, &plan, c->rank == 0)) {
         fatal("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run. (fp16 overflowed at the minimum scale %g: "
               "this often happens when fine-tuning a model trained in bf16; try bf16, or a lower learning rate)", tr->state.scaler.min_scale);
@@ -3764,27 +3822,24 @@ StepPlan optimizer_step(Trainer* tr, float* mean_loss) {
 
 // One optimizer step: ga micro batches forward and backward, then the optimizer step.
 // Returns the mean loss of the micro batches over all ranks.
+// The phases' times are in tr->phase_ms.
 float train_step(Trainer* tr, StepPlan* plan) {
-    double t0;
-    tr->forward_ms = tr->backward_ms = tr->data_wait_ms = 0.0;
+    for (int p = 0; p < NUM_PHASES; p++) tr->phase_ms[p] = 0.0;
     zero_begin_step(&tr->zero);
     float loss_scale = (float)tr->state.scaler.scale;
     for (int micro = 0; micro < tr->ga; micro++) {
         dataloader_next(&tr->train);
-        tr->data_wait_ms += tr->train.last_wait * 1e3;
-        t0 = wall_seconds();
+        tr->phase_ms[PHASE_DATA] += tr->train.last_wait * 1e3;
+        double t0 = wall_seconds();
         tr->ops->forward(tr->model, tr->train.inputs, tr->train.targets, tr->B, tr->T);
-        tr->forward_ms += ms_since(t0);
-        t0 = wall_seconds();
+        phase_done(tr, PHASE_FORWARD, &t0);
         // DeepSpeed backpropagates loss * scale / ga: the gradient of the step's mean loss, scaled
         tr->ops->backward(tr->model, tr->train.inputs, tr->B, tr->T, loss_scale / tr->ga, &tr->zero.sink);
         zero_end_backward(&tr->zero);
-        tr->backward_ms += ms_since(t0);
+        phase_done(tr, PHASE_BACKWARD, &t0);
     }
-    t0 = wall_seconds();
     float loss;
     *plan = optimizer_step(tr, &loss);
-    tr->step_ms = ms_since(t0);
     return loss;
 }
 
@@ -3989,18 +4044,13 @@ void open_data(Trainer* tr) {
 
 void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     int64_t tokens_per_step = tr->cfg.train_batch_size * tr->T;
-    StepLog sl = {tr->state.step, tr->opt.steps, loss, plan->lr, plan->grad_norm, ms, tokens_per_step / (ms / 1e3),
-                  tr->data_wait_ms, tr->cfg.fp16_enabled, plan->scale, tr->state.skipped, plan->overflow, NAN, NAN,
-                  tr->comm.world_size > 1 ? tr->comm.bytes_sent : NAN};
+    double steps_per_epoch = (double)tr->train.seqs_per_epoch / (double)tr->cfg.train_batch_size;
+    StepLog sl = {tr->state.step, tr->opt.steps, tr->state.step / steps_per_epoch, tr->state.step * tokens_per_step, loss, plan->lr,
+                  plan->grad_norm, ms, tokens_per_step / (ms / 1e3), {0}, tr->cfg.wall_clock_breakdown, tr->cfg.fp16_enabled, plan->scale,
+                  tr->state.skipped, plan->overflow, NAN, NAN, tr->comm.world_size > 1 ? tr->comm.bytes_sent : NAN};
+    memcpy(sl.phase_ms, tr->phase_ms, sizeof sl.phase_ms);
     if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb);
     log_step(&tr->log, &sl);
-    if (tr->cfg.wall_clock_breakdown) {
-        printf("time (ms) | forward: %.2f | backward: %.2f | step: %.2f\n", tr->forward_ms, tr->backward_ms, tr->step_ms);
-    }
-    if (tr->cfg.steps_per_print && tr->state.step % tr->cfg.steps_per_print == 0) {
-        printf("step=%lld, skipped=%lld, lr=[%g], mom=[(%g, %g)]\n", (long long)tr->state.step, (long long)tr->state.skipped,
-               lr_at(&tr->cfg, tr->state.sched_it), tr->cfg.betas[0], tr->cfg.betas[1]);
-    }
 }
 
 // --hf-out after training: the full fp32 master weights as a Hugging Face directory. Every
@@ -4182,7 +4232,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     if (tr.opt.resume) load_checkpoint(&tr, resume_folder, &resume_state);
     else init_weights(&tr);
     Logger* lg = &tr.log;
-    logger_open(lg, tr.comm.rank == 0 ? tr.opt.log_path : NULL, tr.opt.resume, tr.state.step);
+    logger_open(lg, tr.comm.rank == 0 ? tr.opt.log_path : NULL, tr.opt.resume, tr.state.step, tr.cfg.steps_per_print);
 
     printf("training: steps %lld to %lld, %lld tokens per step\n", (long long)tr.state.step + 1, (long long)tr.opt.steps, (long long)(tr.cfg.train_batch_size * tr.T));
     while (tr.state.step < tr.opt.steps) {

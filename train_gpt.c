@@ -1051,7 +1051,7 @@ static void cpu_describe_run(const DSConfig* c, const Comm* comm) {
 }
 
 static const ModelOps CPU_OPS = {"CPU trainer (fp32, OpenMP)", comm_init_host, cpu_describe_run, &HOST_BUFFERS, cpu_build, cpu_num_params,
-                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_take_loss, cpu_backward, cpu_probs, cpu_describe_memory, cpu_plan_memory, NULL, cpu_free};
+                                 cpu_weights, cpu_set_weights, cpu_forward, cpu_take_loss, cpu_backward, cpu_probs, cpu_describe_memory, cpu_plan_memory, NULL, NULL, cpu_free};
 
 #ifndef TESTING
 int main(int argc, char** argv) {

@@ -2182,6 +2182,8 @@ static void gpu_device_stats(void* model, double step_seconds, double tokens_per
     *memory_gb = (total_b - free_b) / 1e9;
 }
 
+static void gpu_synchronize(void* model) { (void)model; stream_wait("a phase of wall_clock_breakdown"); }
+
 static void gpu_free(void* model) { model_free((Model*)model); free(model); }
 
 // The ds_config must ask for the precision this binary was built for. Returns 0, or -1
@@ -2226,7 +2228,7 @@ static double gpu_plan_memory(const ModelConfig* c, int B, int T, const Options*
 
 static const ModelOps GPU_OPS = {"GPU trainer (" PRECISION_NAME ", CUDA)", gpu_init_comm, gpu_describe_run, &DEVICE_BUFFERS, gpu_build,
                                  gpu_num_params, gpu_weights, gpu_set_weights, gpu_forward, gpu_take_loss, gpu_backward, gpu_probs, gpu_describe_memory, gpu_plan_memory,
-                                 gpu_device_stats, gpu_free};
+                                 gpu_device_stats, gpu_synchronize, gpu_free};
 
 #ifndef TESTING
 int main(int argc, char** argv) {

@@ -157,4 +157,46 @@ expect_error "overflow at the minimum scale is fatal, with a hint" "Current loss
 expect_error "bad fault spec names the variable" "DSTRAIN_INJECT_INF: no parameter tensor named 'nope'" \
     env DSTRAIN_INJECT_INF=2@nope $BIN "${TINY[@]}" --steps 2 --checkpoint-dir ""
 
+# --- what the console and the log show ----------------------------------------------------
+# steps_per_print 5 (DeepSpeed's cadence): a console line at the first step, every 5th and the
+# last, each with the mean loss of the steps since the line before; the log has every step,
+# with its epoch and tokens. wall_clock_breakdown: each step's phases measured in the log,
+# their means on the console.
+printf '{"train_micro_batch_size_per_gpu": 2, "steps_per_print": 5, "wall_clock_breakdown": true}\n' > $TMP/print.json
+out=$($BIN -c $TMP/print.json "${TINY[@]}" --steps 12 --checkpoint-dir "" --log $TMP/print.jsonl 2>&1); rc=$?
+echo "$out" > $TMP/print.out
+verdict=$(python3 - $TMP/print.jsonl $TMP/print.out <<'PY'
+import json, re, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"train"' in l]
+out = open(sys.argv[2]).read()
+console = re.findall(r"^step +(\d+)/12 \| epoch [\d.]+ \| loss ([\d.]+)", out, re.M)
+problems = []
+if [r["step"] for r in rows] != list(range(1, 13)):
+    problems.append("the log does not have steps 1 to 12")
+elif [int(s) for s, _ in console] != [1, 5, 10, 12]:
+    problems.append(f"console lines at steps {[s for s, _ in console]}, not 1 5 10 12")
+else:
+    for (s, printed), steps in zip(console, ([1], [2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12])):
+        mean = sum(rows[i - 1]["loss"] for i in steps) / len(steps)
+        if abs(float(printed) - mean) > 2e-6 * mean:
+            problems.append(f"step {s}: printed loss {printed}, the mean of steps {steps} is {mean:.6f}")
+    for r in rows:
+        phases = [r[k] for k in ("forward_ms", "backward_ms", "reduce_ms", "optimizer_ms", "data_wait_ms")]
+        if r["tokens"] != 64 * r["step"] or abs(r["epoch"] - r["step"] * rows[0]["epoch"]) > 1e-5:
+            problems.append(f"step {r['step']}: tokens {r['tokens']}, epoch {r['epoch']}")
+        if min(phases) < 0 or phases[0] <= 0 or phases[1] <= 0 or not 0.5 * r["ms"] <= sum(phases) <= r["ms"]:
+            problems.append(f"step {r['step']}: phases {phases} ms of a {r['ms']} ms step")
+    if len(re.findall(r"^time \(ms per step\) \| forward: [\d.]+ \| backward: [\d.]+ \| reduce: [\d.]+ \| optimizer: [\d.]+ \| data: [\d.]+ \| other: ", out, re.M)) != 4:
+        problems.append("not 4 console lines of phase times")
+print("; ".join(problems[:3]) or "ok")
+PY
+)
+if [ $rc -eq 0 ] && [ "$verdict" = ok ]; then ok "steps_per_print: the console's cadence, mean losses; wall_clock_breakdown: measured phases"
+else bad "steps_per_print: the console's cadence, mean losses; wall_clock_breakdown: measured phases" "exit $rc: $verdict"; fi
+# without the keys: a console line every step, no phase times
+out=$($BIN "${TINY[@]}" --micro-batch 2 --steps 3 --checkpoint-dir "" --log $TMP/plain.jsonl 2>&1); rc=$?
+if [ $rc -eq 0 ] && [ "$(grep -cE '^step +[123]/3 \| epoch' <<<"$out")" = 3 ] && ! grep -q "time (ms" <<<"$out" && ! grep -q forward_ms $TMP/plain.jsonl; then
+    ok "without steps_per_print a console line every step, without wall_clock_breakdown no phase times"
+else bad "without steps_per_print a console line every step, without wall_clock_breakdown no phase times" "exit $rc" "$(grep -E '^step' <<<"$out")"; fi
+
 summary
