@@ -43,7 +43,7 @@ REFERENCES = $(REFERENCE) $(foreach c,$(REFERENCE_CONFIGS),dev/data/gpt2_referen
 HF_REFERENCE_CONFIGS = hf_gpt2 llama llama_t100_gqa4
 HF_REFERENCES = $(foreach c,$(HF_REFERENCE_CONFIGS),dev/data/$(c)_reference.bin)
 
-.PHONY: train data test clean bench-cpu
+.PHONY: train data test run-tests clean bench-cpu
 
 train: train_gpt data
 
@@ -89,7 +89,13 @@ dev/data/gpt2_reference_%.bin: dev/reference.py
 $(HF_REFERENCES): dev/data/%_reference.bin: dev/reference_hf.py dev/reference.py
 	$(PYTHON_TORCH) dev/reference_hf.py --config $* --out $@
 
-test: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCES) $(HF_REFERENCES) $(DATA)
+# make test: first what the tests need (tests/setup.sh: installs what is missing when run as
+# root, or says the command that would), then everything they use, then the tests
+test:
+	@PYTHON="$(PYTHON)" PYTHON_TORCH="$(PYTHON_TORCH)" bash tests/setup.sh
+	@$(MAKE) --no-print-directory run-tests
+
+run-tests: train_gpt_cpu test_compare test_gpt test_dstrain $(REFERENCES) $(HF_REFERENCES) $(DATA)
 	@bash tests/run.sh $(REFERENCES) $(HF_REFERENCES)
 
 bench-cpu: train_gpt_cpu
