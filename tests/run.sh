@@ -47,6 +47,7 @@ run bash tests/test_zero.sh
 run bash tests/test_zero.sh llama
 run bash tests/test_hf_job.sh
 run python3 tests/test_data.py
+run python3 tests/test_plot.py
 run bash tests/test_build.sh
 run bash tests/test_gpu_ranks.sh
 run bash tests/test_gpu_llama.sh
