@@ -28,7 +28,8 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
                        safetensors_write; f16/bf16 <-> f32
     hugging face ..... hf_config_read, hf_weights_read, hf_write: config.json, safetensors
                        (sharded with an index), tokenizer files; hf_tensors maps the names
-    logging .......... Logger, StepLog: a line per step, and the same as JSON lines
+    logging .......... Logger, StepLog: a line per step, and the same as JSON lines;
+                       RankReport: each rank's memory and utilisation at the end
   PART 3: plumbing
     json ............. json_parse: a JSON reader whose errors give line and column
     command line ..... Options, parse_args, load_effective_config, print_config
@@ -37,7 +38,8 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
                        mpirun, torchrun, the DeepSpeed launcher, Slurm
   PART 4: the training driver
     training driver .. ModelOps (what a trainer supplies), Trainer, train_step, evaluate,
-                       save_checkpoint, load_checkpoint, train_main
+                       save_checkpoint, load_checkpoint, RankUsage and report_ranks,
+                       train_main
 */
 
 #ifndef DSTRAIN_H
@@ -56,6 +58,7 @@ and its name, so searching for "// ds_config:" (say) jumps to it.
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -717,6 +720,8 @@ int step_finish(TrainState* st, const StepPlan* p, int verbose) {
 // with an error naming the collective and the rank, instead of hanging.
 // Buffers are float32 (reduce) or raw bytes (all-gather); counts may differ per rank.
 
+#define COMM_MAX_SCALARS 64 // the most doubles one allreduce_f64 takes (the step's statistics are a few)
+
 typedef struct Comm Comm;
 struct Comm {
     const char* backend;
@@ -724,7 +729,7 @@ struct Comm {
     double timeout_s;
     double bytes_sent;     // by this rank since the last reset (ring-algorithm volume), for the log
     void* impl;
-    // dst = op(v over ranks), n doubles on the host; op_max: max instead of sum
+    // dst = op(v over ranks), n <= COMM_MAX_SCALARS doubles on the host; op_max: max instead of sum
     void (*allreduce_f64)(Comm* c, double* v, int n, int op_max, const char* what);
     // in place sum of n floats over ranks
     void (*allreduce_f32)(Comm* c, float* buf, size_t n, const char* what);
@@ -2923,6 +2928,7 @@ typedef struct {
     int overflow;
     double mfu;        // model FLOPs utilisation in [0, 1]; NAN where unknown (CPU, unknown GPU)
     double memory_gb;  // device memory in use; NAN where not measured
+    double utilisation; // the device's busy fraction in [0, 1] (NVML); NAN where not measured
     double bytes_sent; // by this rank in the step's collectives; NAN on one rank
 } StepLog;
 
@@ -2940,6 +2946,7 @@ static void print_window(const Logger* lg, const StepLog* s) {
     if (s->fp16) printf(" | scale %g | skipped %lld%s", s->loss_scale, (long long)s->skipped, s->overflow ? " (overflow)" : "");
     if (isfinite(s->mfu)) printf(" | mfu %.1f%%", 100 * s->mfu);
     if (isfinite(s->memory_gb)) printf(" | mem %.2f GB", s->memory_gb);
+    if (isfinite(s->utilisation)) printf(" | util %.0f%%", 100 * s->utilisation);
     if (isfinite(s->bytes_sent)) printf(" | sent %.1f MB", s->bytes_sent / 1e6);
     printf(" | eta %s\n", eta);
     if (s->breakdown) {
@@ -2975,6 +2982,7 @@ void log_step(Logger* lg, const StepLog* s) {
         if (s->fp16) fprintf(lg->jsonl, ", \"loss_scale\": %.9g, \"skipped\": %lld, \"overflow\": %s", s->loss_scale, (long long)s->skipped, s->overflow ? "true" : "false");
         if (isfinite(s->mfu)) fprintf(lg->jsonl, ", \"mfu\": %.4f", s->mfu);
         if (isfinite(s->memory_gb)) fprintf(lg->jsonl, ", \"memory_gb\": %.3f", s->memory_gb);
+        if (isfinite(s->utilisation)) fprintf(lg->jsonl, ", \"utilisation\": %.3f", s->utilisation);
         if (isfinite(s->bytes_sent)) fprintf(lg->jsonl, ", \"bytes_sent\": %.0f", s->bytes_sent);
         fprintf(lg->jsonl, "}\n");
         fflush(lg->jsonl);
@@ -2986,6 +2994,33 @@ void log_val(Logger* lg, int64_t step, double val_loss, int batches) {
     fflush(stdout);
     if (lg->jsonl) {
         fprintf(lg->jsonl, "{\"type\": \"val\", \"step\": %lld, \"val_loss\": %.9g, \"batches\": %d}\n", (long long)step, val_loss, batches);
+        fflush(lg->jsonl);
+    }
+}
+
+// What one rank measured of its run (report_ranks gathers them). device: peak device memory
+// in use and the device's mean utilisation (NAN: no NVML); host: peak RSS, and CPU time over
+// wall time divided by the threads (100%: every thread busy the whole time).
+typedef struct { double peak_memory_gb, utilisation, threads; } RankReport;
+
+// rank 0 reports every rank's measurements of steps [first, last]
+void log_rank(Logger* lg, int rank, const RankReport* r, int device, int64_t first, int64_t last) {
+    if (device) {
+        char util[64] = "n/a (no NVML)";
+        if (isfinite(r->utilisation)) snprintf(util, sizeof util, "%.0f%% (NVML, mean of steps %lld-%lld)", 100 * r->utilisation, (long long)first, (long long)last);
+        printf("rank %d: peak memory %.3f GB (device memory in use), utilisation %s\n", rank, r->peak_memory_gb, util);
+    } else {
+        printf("rank %d: peak memory %.3f GB (RSS), utilisation %.0f%% of %.0f thread(s) (CPU time over wall time, steps %lld-%lld)\n",
+               rank, r->peak_memory_gb, 100 * r->utilisation, r->threads, (long long)first, (long long)last);
+    }
+    fflush(stdout);
+    if (lg->jsonl) {
+        char u[32] = "null";
+        if (isfinite(r->utilisation)) snprintf(u, sizeof u, "%.4f", r->utilisation);
+        fprintf(lg->jsonl, "{\"type\": \"rank\", \"rank\": %d, \"measured\": \"%s\", \"peak_memory_gb\": %.4f, \"utilisation\": %s",
+                rank, device ? "device" : "host", r->peak_memory_gb, u);
+        if (!device) fprintf(lg->jsonl, ", \"threads\": %.0f", r->threads);
+        fprintf(lg->jsonl, ", \"first_step\": %lld, \"last_step\": %lld}\n", (long long)first, (long long)last);
         fflush(lg->jsonl);
     }
 }
@@ -3683,8 +3718,9 @@ typedef struct {
     void (*describe_memory)(void* model);                  // activations and other buffers of the model
     // for --plan, without allocating: bytes of activations for (B, T) (NAN: not known), and of a working weight
     double (*plan_memory)(const ModelConfig* c, int B, int T, const Options* opt, size_t* weight_bytes);
-    // optional (NULL on the CPU): MFU and device memory of the step just taken
-    void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb);
+    // optional (NULL on the CPU): MFU, device memory in use and device utilisation (NAN:
+    // unknown) after the step just taken; the driver keeps the peak memory and the mean utilisation
+    void (*device_stats)(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb, double* utilisation);
     // optional (NULL on the CPU): waits until the device has done the work issued so far
     // (wall_clock_breakdown times each phase after it, as DeepSpeed's timers synchronise)
     void (*synchronize)(void* model);
@@ -3733,6 +3769,53 @@ void fault_plan_apply(const FaultPlan* f, const BufferOps* buf, float* g, size_t
     }
 }
 
+// What each rank measures of its own run, for report_ranks at the end (dev/bench/scaling.sh
+// reads it): peak memory over the whole run, and utilisation over the steps after the
+// first (warm-up, as benchmarks time them; the only step of a one-step run).
+//   host (ModelOps.device_stats NULL): peak RSS (getrusage's ru_maxrss: model states,
+//     activations, the data pages read, MPI's buffers, the program), and CPU time (user +
+//     system, every thread of the process) over wall time divided by the OpenMP threads.
+//     A thread spinning for work, or a rank polling in a collective, counts as busy.
+//   device: the largest memory_gb and the mean utilisation device_stats gave after each step.
+typedef struct {
+    int64_t from_step;        // first measured step
+    double wall0, cpu0;       // host: seconds when it began
+    double peak_memory_gb;    // device
+    double busy_sum;          // device: sum of the utilisation samples, and their count
+    int busy_samples;
+} RankUsage;
+
+// user + system CPU seconds of every thread of this process
+double cpu_seconds(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_utime.tv_sec + u.ru_utime.tv_usec * 1e-6 + u.ru_stime.tv_sec + u.ru_stime.tv_usec * 1e-6;
+}
+
+int openmp_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Measuring (again) from step next_step on; the peak memory is kept.
+void rank_usage_start(RankUsage* u, int64_t next_step) {
+    u->from_step = next_step;
+    u->wall0 = wall_seconds();
+    u->cpu0 = cpu_seconds();
+    u->busy_sum = 0.0;
+    u->busy_samples = 0;
+}
+
+// After each step: the device's samples; after the run's first step, when more follow, anew.
+void rank_usage_step(RankUsage* u, const StepLog* s, int64_t first_step) {
+    if (isfinite(s->memory_gb) && s->memory_gb > u->peak_memory_gb) u->peak_memory_gb = s->memory_gb;
+    if (s->step == first_step + 1 && s->step < s->total_steps) { rank_usage_start(u, s->step + 1); return; }
+    if (isfinite(s->utilisation)) { u->busy_sum += s->utilisation; u->busy_samples++; }
+}
+
 typedef struct {
     Options opt;
     DSConfig cfg;
@@ -3748,6 +3831,7 @@ typedef struct {
     Rng rng;                                 // sampling
     Logger log;
     FaultPlan faults;                        // test-only, from DSTRAIN_INJECT_INF
+    RankUsage usage;                         // this rank's memory and utilisation, for report_ranks
     int B, T, ga;
     int64_t last_saved;                      // step of the last checkpoint this run wrote
     double phase_ms[NUM_PHASES];             // this step's phases (PHASE_*)
@@ -4047,10 +4131,41 @@ void log_train_step(Trainer* tr, const StepPlan* plan, float loss, double ms) {
     double steps_per_epoch = (double)tr->train.seqs_per_epoch / (double)tr->cfg.train_batch_size;
     StepLog sl = {tr->state.step, tr->opt.steps, tr->state.step / steps_per_epoch, tr->state.step * tokens_per_step, loss, plan->lr,
                   plan->grad_norm, ms, tokens_per_step / (ms / 1e3), {0}, tr->cfg.wall_clock_breakdown, tr->cfg.fp16_enabled, plan->scale,
-                  tr->state.skipped, plan->overflow, NAN, NAN, tr->comm.world_size > 1 ? tr->comm.bytes_sent : NAN};
+                  tr->state.skipped, plan->overflow, NAN, NAN, NAN, tr->comm.world_size > 1 ? tr->comm.bytes_sent : NAN};
     memcpy(sl.phase_ms, tr->phase_ms, sizeof sl.phase_ms);
-    if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb);
+    if (tr->ops->device_stats) tr->ops->device_stats(tr->model, ms / 1e3, (double)tokens_per_step, &sl.mfu, &sl.memory_gb, &sl.utilisation);
+    rank_usage_step(&tr->usage, &sl, tr->log.first_step);
     log_step(&tr->log, &sl);
+}
+
+// After the training loop: every rank's peak memory and utilisation (RankUsage), gathered
+// through the host all-reduce (each rank fills its own three slots, the others hold zeros),
+// printed by rank 0 one line per rank and logged as {"type": "rank"} records.
+void report_ranks(Trainer* tr) {
+    RankUsage* u = &tr->usage;
+    Comm* c = &tr->comm;
+    int device = tr->ops->device_stats != NULL, n = 3 * c->world_size;
+    double* all = (double*)callocCheck(n, sizeof(double)); // (world, 3): peak memory GB, utilisation, threads
+    double* mine = all + 3 * c->rank;
+    if (device) {
+        mine[0] = u->peak_memory_gb;
+        mine[1] = u->busy_samples ? u->busy_sum / u->busy_samples : NAN;
+    } else {
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        mine[0] = ru.ru_maxrss * 1024.0 / 1e9; // ru_maxrss is in KiB on Linux
+        double cpu = cpu_seconds() - u->cpu0, wall = wall_seconds() - u->wall0; // the CPU interval inside the wall one
+        mine[2] = openmp_threads();
+        mine[1] = cpu / wall / mine[2];
+    }
+    for (int i = 0; i < n; i += COMM_MAX_SCALARS) {
+        c->allreduce_f64(c, all + i, n - i < COMM_MAX_SCALARS ? n - i : COMM_MAX_SCALARS, 0, "all-reduce of the ranks' memory and utilisation");
+    }
+    for (int r = 0; c->rank == 0 && r < c->world_size; r++) {
+        RankReport rep = {all[3 * r], all[3 * r + 1], all[3 * r + 2]};
+        log_rank(&tr->log, r, &rep, device, u->from_step, tr->state.step);
+    }
+    free(all);
 }
 
 // --hf-out after training: the full fp32 master weights as a Hugging Face directory. Every
@@ -4235,6 +4350,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
     logger_open(lg, tr.comm.rank == 0 ? tr.opt.log_path : NULL, tr.opt.resume, tr.state.step, tr.cfg.steps_per_print);
 
     printf("training: steps %lld to %lld, %lld tokens per step\n", (long long)tr.state.step + 1, (long long)tr.opt.steps, (long long)(tr.cfg.train_batch_size * tr.T));
+    rank_usage_start(&tr.usage, tr.state.step + 1);
     while (tr.state.step < tr.opt.steps) {
         double t0 = wall_seconds();
         StepPlan plan;
@@ -4248,6 +4364,7 @@ int train_main(int argc, char** argv, const ModelOps* ops) {
         }
         if (tr.opt.checkpoint_dir[0] && tr.opt.save_every && tr.state.step % tr.opt.save_every == 0) save_checkpoint(&tr);
     }
+    if (tr.state.step > tr.log.first_step) report_ranks(&tr); // not when a resumed run had nothing left to train
     if (tr.opt.checkpoint_dir[0] && tr.last_saved != tr.state.step) save_checkpoint(&tr);
     if (tr.opt.hf_out) export_hf(&tr);
     if (tr.opt.sample_tokens > 0 && tr.comm.rank == 0) {

@@ -25,7 +25,7 @@ and its own CPU-only ones between them:
     classifier                     softmax and cross-entropy
     the model                      GPT-2 and LLaMA in one layer loop: weights, activations, forward, backward
     optimizer buffers              the arithmetic of dstrain.h's ZeRO, on the device
-    device statistics              (GPU only) MFU and memory
+    device statistics              (GPU only) MFU, memory, utilisation (NVML, loaded at run time)
     several GPUs                   (GPU only) NCCL, host staging through MPI, gpu_init_comm
     the trainer                    the model behind dstrain.h's ModelOps, and main
 
@@ -69,6 +69,7 @@ norm) has a fixed order, so two identical runs are bit-identical.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <mma.h>
 #include <type_traits>
 #ifdef USE_NCCL
@@ -1785,7 +1786,7 @@ static const BufferOps DEVICE_BUFFERS = {buffer_alloc, buffer_release, buffer_co
                                          buffer_stats, adamw_update, buffer_to_host, buffer_from_host};
 
 // ----------------------------------------------------------------------------
-// device statistics: MFU and memory
+// device statistics: MFU, memory and utilisation
 
 // Peak dense throughput (TFLOP/s) per precision of this build, by device name. fp32 is the
 // CUDA-core rate: the FP32 build does not use TF32. Names with "NVL" (lower clocks and
@@ -1821,6 +1822,34 @@ static double flops_per_token(const Model* m) {
     return 6.0 * (m->num_params - looked_up) + 12.0 * c->num_layers * (double)m->max_T * c->channels;
 }
 
+// The GPU's utilisation from NVML (the fraction of the last sample period, 1/6 s to 1 s, in
+// which a kernel ran), NAN where there is none: libnvidia-ml comes with the driver, so it
+// is opened at run time and neither the build nor the run needs it. The GPU is found by
+// its PCI address, which CUDA_VISIBLE_DEVICES does not renumber.
+typedef struct { unsigned int gpu, memory; } NvmlUtilization; // nvml.h's nvmlUtilization_t
+typedef int (*NvmlInit)(void);                                  // nvmlReturn_t: 0 is success
+typedef int (*NvmlHandleByPci)(const char* pci_bus_id, void** device);
+typedef int (*NvmlUtilizationRates)(void* device, NvmlUtilization* u);
+
+static double nvml_utilisation(void) {
+    static int tried = 0;
+    static void* device = NULL;
+    static NvmlUtilizationRates rates = NULL;
+    if (!tried) {
+        tried = 1;
+        void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+        NvmlInit init = lib ? (NvmlInit)dlsym(lib, "nvmlInit_v2") : NULL;
+        NvmlHandleByPci by_pci = lib ? (NvmlHandleByPci)dlsym(lib, "nvmlDeviceGetHandleByPciBusId_v2") : NULL;
+        rates = lib ? (NvmlUtilizationRates)dlsym(lib, "nvmlDeviceGetUtilizationRates") : NULL;
+        char pci[32];
+        snprintf(pci, sizeof pci, "%08x:%02x:%02x.0", device_prop.pciDomainID, device_prop.pciBusID, device_prop.pciDeviceID);
+        if (init == NULL || by_pci == NULL || rates == NULL || init() != 0 || by_pci(pci, &device) != 0) device = NULL;
+    }
+    NvmlUtilization u;
+    if (device == NULL || rates(device, &u) != 0) return NAN;
+    return u.gpu / 100.0;
+}
+
 // ----------------------------------------------------------------------------
 // several GPUs: the ranks of the GPU trainer and the backends between them, behind
 // dstrain.h's Comm: NCCL between GPUs (one per local rank), and MPI with host staging
@@ -1844,7 +1873,6 @@ typedef struct {
 } NcclImpl;
 
 typedef struct { cudaEvent_t done; } NcclRequest;
-#define NCCL_SCALARS 64 // the most host scalars one all-reduce takes (the step's statistics are a few)
 
 static void nccl_check(ncclResult_t r, const char* what, int line) {
     if (r != ncclSuccess) fatal("NCCL error in %s (train_gpt.cu:%d): %s", what, line, ncclGetErrorString(r));
@@ -1891,7 +1919,7 @@ static void nccl_wait_abort(void) { ncclCommAbort(nccl_active->comm); }
 
 static void nccl_allreduce_f64(Comm* c, double* v, int count, int op_max, const char* what) {
     NcclImpl* n = (NcclImpl*)c->impl;
-    if (count > NCCL_SCALARS) fatal("internal: %s: %d scalars, at most %d", what, count, NCCL_SCALARS);
+    if (count > COMM_MAX_SCALARS) fatal("internal: %s: %d scalars, at most %d", what, count, COMM_MAX_SCALARS);
     nccl_begin(c);
     memcpy(n->host_scalars, v, count * sizeof(double));
     cudaCheck(cudaMemcpyAsync(n->scalars, n->host_scalars, count * sizeof(double), cudaMemcpyHostToDevice, n->stream));
@@ -1967,8 +1995,8 @@ static void comm_init_nccl(Comm* c, int rank, int world, int local_rank, const n
     *c = m;
     n->compute = compute;
     cudaCheck(cudaStreamCreateWithFlags(&n->stream, cudaStreamNonBlocking));
-    cudaCheck(cudaMalloc(&n->scalars, NCCL_SCALARS * sizeof(double)));
-    cudaCheck(cudaMallocHost(&n->host_scalars, NCCL_SCALARS * sizeof(double)));
+    cudaCheck(cudaMalloc(&n->scalars, COMM_MAX_SCALARS * sizeof(double)));
+    cudaCheck(cudaMallocHost(&n->host_scalars, COMM_MAX_SCALARS * sizeof(double)));
     ncclCheck(ncclCommInitRank(&n->comm, world, *id, rank), "ncclCommInitRank");
     nccl_active = n;
     device_wait_check = nccl_wait_check;
@@ -2168,7 +2196,7 @@ static void gpu_describe_memory(void* model) {
     printf("  device: %.2f GB in use of %.2f GB\n", (total_b - free_b) / 1e9, total_b / 1e9);
 }
 
-static void gpu_device_stats(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb) {
+static void gpu_device_stats(void* model, double step_seconds, double tokens_per_step, double* mfu, double* memory_gb, double* utilisation) {
     Model* m = (Model*)model;
     static int warned = 0;
     double peak = peak_tflops(device_prop.name);
@@ -2179,7 +2207,8 @@ static void gpu_device_stats(void* model, double step_seconds, double tokens_per
     *mfu = flops_per_token(m) * tokens_per_step / step_seconds / (peak * 1e12); // NAN when unknown
     size_t free_b, total_b;
     cudaCheck(cudaMemGetInfo(&free_b, &total_b));
-    *memory_gb = (total_b - free_b) / 1e9;
+    *memory_gb = (total_b - free_b) / 1e9; // the whole GPU's: ranks that share it count each other's
+    *utilisation = nvml_utilisation();
 }
 
 static void gpu_synchronize(void* model) { (void)model; stream_wait("a phase of wall_clock_breakdown"); }

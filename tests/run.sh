@@ -45,6 +45,7 @@ run bash tests/test_cli.sh
 run "${PYTHON_TORCH:-/usr/bin/python3}" tests/test_hf.py  # with transformers: Debian's PyTorch plus pip's transformers
 run bash tests/test_zero.sh
 run bash tests/test_zero.sh llama
+run bash tests/test_scaling.sh
 run bash tests/test_hf_job.sh
 run python3 tests/test_data.py
 run python3 tests/test_plot.py
