@@ -18,18 +18,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from compare import max_rel_diff_each, rel_diff  # noqa: E402
+from checks import check, summary  # noqa: E402
 
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
 
 
 REF = [0.5, -1.0, 2.0, 0.25, -4.0, 1.5, 3.0, -0.75]
@@ -112,8 +102,7 @@ def main():
     test_rel_diff()
     test_max_rel_diff_each()
     test_ckpt_compare()
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(summary())
 
 
 if __name__ == "__main__":

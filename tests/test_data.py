@@ -32,21 +32,10 @@ sys.path.insert(0, os.path.join(REPO, "data"))
 import download  # noqa: E402
 import prepare  # noqa: E402
 import tiktoken  # noqa: E402
+from checks import check, summary  # noqa: E402
 
 SHARED = prepare.SHARED_DATA
 WIKITEXT_DIR = os.path.join(SHARED, "wikitext")
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
-    sys.stdout.flush()
 
 
 def reference_encoding(tmp):
@@ -905,8 +894,7 @@ def main():
     finally:
         shutil.rmtree(TMP, ignore_errors=True)
         print(f"({time.time() - t0:.1f} s)")
-        print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(summary())
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "dev"))
 import plot  # noqa: E402
+from checks import check, counts, summary  # noqa: E402
 
 PLOT = os.path.join(REPO, "dev", "plot.py")
 TINY = ["--layers", "1", "--heads", "2", "--dim", "32", "--seq-len", "32", "--steps", "20",
@@ -31,18 +32,6 @@ TOKENS_PER_STEP = 2 * 32  # micro batch 2 x seq len 32, one rank
 FP16_CONFIG = {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True, "initial_scale_power": 32},
                "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 5, "total_num_steps": 20}}}
 OVERFLOW_STEPS = [4, 5, 13]
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-        print(f"ok   {name}")
-    else:
-        failed += 1
-        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
-    sys.stdout.flush()
 
 
 def train(tmp, name, *args, env=None):
@@ -141,13 +130,12 @@ def main():
     try:
         run(tmp)
     finally:
-        if failed:
+        if counts["failed"]:
             print(f"files kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"({time.time() - t0:.1f} s)")
-        print(f"{passed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(summary())
 
 
 if __name__ == "__main__":
