@@ -31,12 +31,18 @@ pip_flags() {
         && echo "--break-system-packages"
 }
 
+# pip_pins PYTHON: numpy at the version that Python has: a package that wants a newer numpy
+# (matplotlib does) must not upgrade it under Debian's PyTorch, which is built against it
+pip_pins() {
+    "$1" -c "import numpy; print('numpy==' + numpy.__version__)" 2> /dev/null
+}
+
 # the command that installs what is missing, as one line
 install_command() {
     local sudo=$1 cmd=()
     [ ${#apt[@]} -eq 0 ] || cmd+=("${sudo}apt-get install -y ${apt[*]}")
-    [ ${#pip_torch[@]} -eq 0 ] || cmd+=("${sudo}$PYTHON_TORCH -m pip install $(pip_flags "$PYTHON_TORCH") ${pip_torch[*]}")
-    [ ${#pip[@]} -eq 0 ] || cmd+=("$PYTHON -m pip install $(pip_flags "$PYTHON") ${pip[*]}")
+    [ ${#pip_torch[@]} -eq 0 ] || cmd+=("${sudo}$PYTHON_TORCH -m pip install $(pip_flags "$PYTHON_TORCH") ${pip_torch[*]} $(pip_pins "$PYTHON_TORCH")")
+    [ ${#pip[@]} -eq 0 ] || cmd+=("$PYTHON -m pip install $(pip_flags "$PYTHON") ${pip[*]} $(pip_pins "$PYTHON")")
     local IFS='&'
     echo "${cmd[*]}" | sed 's/&/ \&\& /g'
 }
@@ -57,11 +63,11 @@ fi
 missing # pip may have come with apt
 if [ ${#pip_torch[@]} -gt 0 ]; then
     echo "installing with pip into $PYTHON_TORCH: ${pip_torch[*]}"
-    "$PYTHON_TORCH" -m pip install --quiet $(pip_flags "$PYTHON_TORCH") "${pip_torch[@]}"
+    "$PYTHON_TORCH" -m pip install --quiet $(pip_flags "$PYTHON_TORCH") "${pip_torch[@]}" $(pip_pins "$PYTHON_TORCH")
 fi
 if [ ${#pip[@]} -gt 0 ]; then
     echo "installing with pip into $PYTHON: ${pip[*]}"
-    "$PYTHON" -m pip install --quiet $(pip_flags "$PYTHON") "${pip[@]}"
+    "$PYTHON" -m pip install --quiet $(pip_flags "$PYTHON") "${pip[@]}" $(pip_pins "$PYTHON")
 fi
 missing
 if [ ${#apt[@]} -gt 0 ] || [ ${#pip_torch[@]} -gt 0 ] || [ ${#pip[@]} -gt 0 ]; then
