@@ -44,6 +44,8 @@ HF_REFERENCE_CONFIGS = hf_gpt2 llama llama_t100_gqa4
 HF_REFERENCES = $(foreach c,$(HF_REFERENCE_CONFIGS),dev/data/$(c)_reference.bin)
 
 .PHONY: train data test run-tests clean bench-cpu
+# a recipe that fails half-way (dev/reference.py writing a file) leaves no target that looks done
+.DELETE_ON_ERROR:
 
 train: train_gpt data
 
@@ -77,7 +79,7 @@ ifneq ($(DATASET),wikitext)
 endif
 
 $(DATA): data/prepare.py
-	@$(PYTHON) -c "import tiktoken" 2>/dev/null || { echo "installing tiktoken (GPT-2's tokenizer) with pip"; $(PYTHON) -m pip install --quiet tiktoken; }
+	@$(PYTHON) -c "import tiktoken" 2>/dev/null || { echo "installing tiktoken (GPT-2's tokenizer) with pip"; PIP_BREAK_SYSTEM_PACKAGES=1 $(PYTHON) -m pip install --quiet tiktoken; }
 	$(PYTHON) data/prepare.py
 
 $(REFERENCE): dev/reference.py

@@ -17,6 +17,8 @@ PYTHON=${PYTHON:-python3}
 missing() {
     apt=() pip_torch=() pip=()
     command -v mpirun > /dev/null && command -v mpicc > /dev/null || apt+=(openmpi-bin libopenmpi-dev)
+    [ -x /usr/bin/time ] || apt+=(time)     # tests/test_hf_job.sh measures peak memory with it
+    command -v g++ > /dev/null || apt+=(g++) # the CUDA emulator builds with it
     "$PYTHON_TORCH" -c "import torch, numpy" 2> /dev/null || apt+=(python3-torch python3-numpy)
     "$PYTHON_TORCH" -m pip --version > /dev/null 2>&1 || apt+=(python3-pip)
     "$PYTHON_TORCH" -c "import transformers, safetensors" 2> /dev/null || pip_torch+=(transformers==4.44.2 safetensors)
@@ -24,12 +26,9 @@ missing() {
     for m in tiktoken tokenizers matplotlib; do "$PYTHON" -c "import $m" 2> /dev/null || pip+=("$m"); done
 }
 
-# pip_flags PYTHON: --break-system-packages where that Python is externally managed (PEP 668:
-# Debian's), as pip then refuses to install into it without the flag
-pip_flags() {
-    "$1" -c "import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED')))" 2> /dev/null \
-        && echo "--break-system-packages"
-}
+# pip into a Python that PEP 668 marks externally managed (Debian's) needs consent; given
+# through the environment it holds before that Python is installed, and other Pythons ignore it
+export PIP_BREAK_SYSTEM_PACKAGES=1
 
 # pip_pins PYTHON: numpy at the version that Python has: a package that wants a newer numpy
 # (matplotlib does) must not upgrade it under Debian's PyTorch, which is built against it
@@ -41,8 +40,10 @@ pip_pins() {
 install_command() {
     local sudo=$1 cmd=()
     [ ${#apt[@]} -eq 0 ] || cmd+=("${sudo}apt-get install -y ${apt[*]}")
-    [ ${#pip_torch[@]} -eq 0 ] || cmd+=("${sudo}$PYTHON_TORCH -m pip install $(pip_flags "$PYTHON_TORCH") ${pip_torch[*]} $(pip_pins "$PYTHON_TORCH")")
-    [ ${#pip[@]} -eq 0 ] || cmd+=("$PYTHON -m pip install $(pip_flags "$PYTHON") ${pip[*]} $(pip_pins "$PYTHON")")
+    # the numpy pin is worked out when the command runs, after apt-get has installed numpy
+    local pin="\"numpy==\$($PYTHON_TORCH -c 'import numpy; print(numpy.__version__)')\""
+    [ ${#pip_torch[@]} -eq 0 ] || cmd+=("${sudo}env PIP_BREAK_SYSTEM_PACKAGES=1 $PYTHON_TORCH -m pip install ${pip_torch[*]} $pin")
+    [ ${#pip[@]} -eq 0 ] || cmd+=("env PIP_BREAK_SYSTEM_PACKAGES=1 $PYTHON -m pip install ${pip[*]} $(pip_pins "$PYTHON")")
     local IFS='&'
     echo "${cmd[*]}" | sed 's/&/ \&\& /g'
 }
@@ -63,15 +64,15 @@ fi
 missing # pip may have come with apt
 if [ ${#pip_torch[@]} -gt 0 ]; then
     echo "installing with pip into $PYTHON_TORCH: ${pip_torch[*]}"
-    "$PYTHON_TORCH" -m pip install --quiet $(pip_flags "$PYTHON_TORCH") "${pip_torch[@]}" $(pip_pins "$PYTHON_TORCH")
+    "$PYTHON_TORCH" -m pip install --quiet "${pip_torch[@]}" $(pip_pins "$PYTHON_TORCH")
 fi
 if [ ${#pip[@]} -gt 0 ]; then
     echo "installing with pip into $PYTHON: ${pip[*]}"
-    "$PYTHON" -m pip install --quiet $(pip_flags "$PYTHON") "${pip[@]}" $(pip_pins "$PYTHON")
+    "$PYTHON" -m pip install --quiet "${pip[@]}" $(pip_pins "$PYTHON")
 fi
 missing
 if [ ${#apt[@]} -gt 0 ] || [ ${#pip_torch[@]} -gt 0 ] || [ ${#pip[@]} -gt 0 ]; then
-    echo "tests/setup.sh: still missing after installing: ${apt[*]} ${pip_torch[*]} ${pip[*]}; install them with:" >&2
+    echo "tests/setup.sh: still missing after installing:$(printf " %s" "${apt[@]}" "${pip_torch[@]}" "${pip[@]}"); install them with:" >&2
     echo "    $(install_command "")" >&2
     exit 1
 fi
